@@ -1,0 +1,279 @@
+package ext4ro
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync/atomic"
+)
+
+// Options tune Open. The zero value is a sensible default.
+type Options struct {
+	// Data, if set, serves file contents; metadata (superblock, group
+	// descriptors, inode tables, directories, extent and xattr blocks,
+	// symlink blocks) always comes from the reader given to Open. The
+	// guest agent points Data at the shared device and metadata at a
+	// generation.
+	Data io.ReaderAt
+	// Size is the image size in bytes, if known. A filesystem claiming
+	// more blocks than that is refused as truncated.
+	Size int64
+	// CacheBytes bounds the metadata block cache (default 64 MiB).
+	CacheBytes int64
+	// AllowDirtyJournal opens a filesystem whose journal needs recovery.
+	// The journal is not replayed: recently committed metadata changes
+	// are invisible and the on-disk state may be inconsistent, so reads
+	// can return stale data or corruption errors. Use it only to salvage.
+	AllowDirtyJournal bool
+	// SkipChecksums does not verify metadata checksums. For salvage.
+	SkipChecksums bool
+}
+
+// FS is an open, read-only ext2/3/4 filesystem. It is safe for concurrent
+// use by many goroutines. It holds no locks across I/O; its only shared
+// state is the block cache, which has its own locks.
+type FS struct {
+	meta, data io.ReaderAt
+	sb         *Superblock
+	bs         uint64 // block size
+	cache      *blockCache
+	csum       bool   // metadata_csum: verify crc32c checksums
+	gdtCsum    bool   // gdt_csum: crc16 on group descriptors
+	seed       uint32 // checksum seed
+	hashSigned bool   // directory hashes use signed chars
+	descPerBlk uint32
+	stats      stats
+}
+
+type stats struct {
+	htreeFallbacks atomic.Uint64
+}
+
+// Stats are counters of notable events since Open.
+type Stats struct {
+	// HtreeFallbacks counts lookups that found a damaged or unknown
+	// htree index and searched the directory linearly instead.
+	HtreeFallbacks uint64
+}
+
+// Stats returns the counters.
+func (f *FS) Stats() Stats {
+	return Stats{HtreeFallbacks: f.stats.htreeFallbacks.Load()}
+}
+
+// Open reads the superblock of the filesystem in r and checks that this
+// reader can read it. Nothing else is read until asked for.
+func Open(r io.ReaderAt, opts *Options) (*FS, error) {
+	if opts == nil {
+		opts = &Options{}
+	}
+	sb, err := readSuperblock(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := sb.checkFeatures(opts.AllowDirtyJournal); err != nil {
+		return nil, err
+	}
+	if opts.Size > 0 && sb.BlocksCount > uint64(opts.Size)/uint64(sb.BlockSize) {
+		return nil, fmt.Errorf("ext4ro: image is truncated: %d bytes hold %d of the filesystem's %d blocks: %w",
+			opts.Size, uint64(opts.Size)/uint64(sb.BlockSize), sb.BlocksCount, ErrCorrupt)
+	}
+	f := &FS{
+		meta:       r,
+		data:       r,
+		sb:         sb,
+		bs:         uint64(sb.BlockSize),
+		csum:       sb.roCompat(roCompatMetadataCsum) && !opts.SkipChecksums,
+		gdtCsum:    sb.roCompat(roCompatGdtCsum) && !sb.roCompat(roCompatMetadataCsum) && !opts.SkipChecksums,
+		hashSigned: sb.Flags&flagUnsignedHash == 0,
+		descPerBlk: sb.BlockSize / uint32(sb.DescSize),
+	}
+	if opts.Data != nil {
+		f.data = opts.Data
+	}
+	if sb.incompat(incompatCsumSeed) {
+		f.seed = sb.ChecksumSeed
+	} else {
+		f.seed = crc32c(^uint32(0), sb.UUID[:])
+	}
+	cacheBytes := opts.CacheBytes
+	if cacheBytes <= 0 {
+		cacheBytes = 64 << 20
+	}
+	f.cache = newBlockCache(int(max(cacheBytes/int64(f.bs), 64)))
+	// Read group 0's descriptor now so that a broken descriptor table
+	// fails Open rather than the first lookup.
+	if _, err := f.group(0); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// Superblock returns a copy of the parsed superblock.
+func (f *FS) Superblock() Superblock { return *f.sb }
+
+// BlockSize is the filesystem block size in bytes.
+func (f *FS) BlockSize() int { return int(f.bs) }
+
+// block returns filesystem block n from the metadata reader, through the
+// cache. The returned slice is shared and must not be modified.
+func (f *FS) block(n uint64) ([]byte, error) {
+	if n >= f.sb.BlocksCount {
+		return nil, corrupt("block pointer", 0, n, "beyond the end of the filesystem (%d blocks)", f.sb.BlocksCount)
+	}
+	if b, ok := f.cache.get(n); ok {
+		return b, nil
+	}
+	b := make([]byte, f.bs)
+	if _, err := f.meta.ReadAt(b, int64(n*f.bs)); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, corrupt("block pointer", 0, n, "beyond the end of the image")
+		}
+		return nil, fmt.Errorf("ext4ro: reading block %d: %w", n, err)
+	}
+	f.cache.add(n, b)
+	return b, nil
+}
+
+// Statfs is what statfs(2) reports for the filesystem.
+type Statfs struct {
+	BlockSize   uint32
+	Blocks      uint64
+	FreeBlocks  uint64
+	AvailBlocks uint64
+	Inodes      uint64
+	FreeInodes  uint64
+	NameLen     uint32
+}
+
+// Statfs reports sizes and free counts from the superblock.
+func (f *FS) Statfs() Statfs {
+	sb := f.sb
+	avail := uint64(0)
+	if sb.FreeBlocks > sb.ReservedBlocks {
+		avail = sb.FreeBlocks - sb.ReservedBlocks
+	}
+	return Statfs{
+		BlockSize:   sb.BlockSize,
+		Blocks:      sb.BlocksCount - uint64(sb.FirstDataBlock),
+		FreeBlocks:  sb.FreeBlocks,
+		AvailBlocks: avail,
+		Inodes:      uint64(sb.InodesCount),
+		FreeInodes:  uint64(sb.FreeInodes),
+		NameLen:     255,
+	}
+}
+
+// groupDesc is the part of a block group descriptor the reader uses.
+type groupDesc struct {
+	inodeTable   uint64
+	flags        uint16
+	itableUnused uint32
+}
+
+const bgInodeUninit = 0x1
+
+// group reads and verifies the descriptor of block group g.
+func (f *FS) group(g uint32) (groupDesc, error) {
+	sb := f.sb
+	if g >= sb.GroupCount() {
+		return groupDesc{}, fmt.Errorf("ext4ro: group %d out of range: %w", g, ErrInvalid)
+	}
+	blk := f.descBlock(g / f.descPerBlk)
+	b, err := f.block(blk)
+	if err != nil {
+		return groupDesc{}, err
+	}
+	off := (g % f.descPerBlk) * uint32(sb.DescSize)
+	d := b[off : off+uint32(sb.DescSize)]
+	le := binary.LittleEndian
+	switch {
+	case f.csum:
+		c := crc32cU32(f.seed, g)
+		c = crc32c(c, d[:0x1E])
+		c = crc32c(c, zero4[:2])
+		c = crc32c(c, d[0x20:])
+		if uint16(c) != le.Uint16(d[0x1E:]) {
+			return groupDesc{}, badChecksum(fmt.Sprintf("group descriptor %d", g), 0, blk)
+		}
+	case f.gdtCsum:
+		c := crc16(0xFFFF, sb.UUID[:])
+		var gb [4]byte
+		le.PutUint32(gb[:], g)
+		c = crc16(c, gb[:])
+		c = crc16(c, d[:0x1E])
+		if len(d) > 0x20 {
+			c = crc16(c, d[0x20:])
+		}
+		if c != le.Uint16(d[0x1E:]) {
+			return groupDesc{}, badChecksum(fmt.Sprintf("group descriptor %d", g), 0, blk)
+		}
+	}
+	gd := groupDesc{
+		inodeTable:   uint64(le.Uint32(d[0x8:])),
+		flags:        le.Uint16(d[0x12:]),
+		itableUnused: uint32(le.Uint16(d[0x1C:])),
+	}
+	if sb.DescSize >= 64 {
+		gd.inodeTable |= uint64(le.Uint32(d[0x28:])) << 32
+		gd.itableUnused |= uint32(le.Uint16(d[0x32:])) << 16
+	}
+	if !f.csum && !f.gdtCsum {
+		// Without checksums the kernel ignores these hints too.
+		gd.flags &^= bgInodeUninit
+		gd.itableUnused = 0
+	}
+	itBlocks := (uint64(sb.InodesPerGroup)*uint64(sb.InodeSize) + f.bs - 1) / f.bs
+	if gd.inodeTable < uint64(sb.FirstDataBlock) || gd.inodeTable+itBlocks > sb.BlocksCount {
+		return groupDesc{}, corrupt(fmt.Sprintf("group descriptor %d", g), 0, blk,
+			"inode table at block %d is outside the filesystem", gd.inodeTable)
+	}
+	return gd, nil
+}
+
+// descBlock returns the block holding the descriptors of the idx-th block
+// of descriptors, in the classic layout or meta_bg's.
+func (f *FS) descBlock(idx uint32) uint64 {
+	sb := f.sb
+	first := uint64(sb.FirstDataBlock) + 1
+	if !sb.incompat(incompatMetaBG) || idx < sb.FirstMetaBG {
+		return first + uint64(idx)
+	}
+	// meta_bg: descriptor block idx lives in the first group of its
+	// meta-group, after that group's superblock backup if it has one.
+	g := idx * f.descPerBlk
+	blk := uint64(g)*uint64(sb.BlocksPerGroup) + uint64(sb.FirstDataBlock)
+	if f.hasSuper(g) {
+		blk++
+	}
+	if f.bs == 1024 && idx == 0 && sb.FirstDataBlock == 0 {
+		blk++ // 1 KiB blocks with bigalloc: block 1 is the superblock
+	}
+	return blk
+}
+
+// hasSuper reports whether group g holds a superblock backup.
+func (f *FS) hasSuper(g uint32) bool {
+	sb := f.sb
+	if g == 0 {
+		return true
+	}
+	if sb.compat(compatSparse2) {
+		return g == sb.BackupBGs[0] || g == sb.BackupBGs[1]
+	}
+	if g <= 1 || !sb.roCompat(roCompatSparseSuper) {
+		return true
+	}
+	if g&1 == 0 {
+		return false
+	}
+	return isPow(g, 3) || isPow(g, 5) || isPow(g, 7)
+}
+
+func isPow(n, base uint32) bool {
+	for n%base == 0 {
+		n /= base
+	}
+	return n == 1
+}

@@ -1,0 +1,416 @@
+package guestagent
+
+import (
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/time/rate"
+
+	"github.com/leasefs/leasefs/ext4ro"
+)
+
+// FileSystem is a read-only FUSE filesystem over an ext4ro view. It uses
+// go-fuse's raw API: the FUSE node id of an inode is its ext4 inode number
+// (the root, ext4 inode 2, is FUSE's node 1), so the filesystem keeps no
+// per-inode state and any inode can be resolved straight from the image.
+// The kernel caches entries, attributes, listings and pages for as long as
+// Timeout says; whoever changes the view must invalidate what changed.
+type FileSystem struct {
+	fuse.RawFileSystem // ENOSYS for whatever is not implemented below
+
+	view    atomic.Pointer[ext4ro.FS]
+	timeout time.Duration
+	log     hclog.Logger
+	errLog  *rate.Limiter // of error log lines
+
+	mu      sync.Mutex
+	handles map[uint64]*ext4ro.Inode // open files and directories; guarded by mu
+	nextFh  uint64                   // guarded by mu
+}
+
+// Config configures a FileSystem.
+type Config struct {
+	// Timeout is how long the kernel may cache entries and attributes.
+	Timeout time.Duration
+	Logger  hclog.Logger
+}
+
+// NewFileSystem serves view.
+func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	fs := &FileSystem{
+		RawFileSystem: fuse.NewDefaultRawFileSystem(),
+		timeout:       cfg.Timeout,
+		log:           cfg.Logger,
+		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
+		handles:       make(map[uint64]*ext4ro.Inode),
+	}
+	fs.view.Store(view)
+	return fs
+}
+
+func (fs *FileSystem) String() string { return "leasefs" }
+
+const fuseRoot = 1
+
+func toIno(nodeID uint64) uint32 {
+	if nodeID == fuseRoot {
+		return ext4ro.RootIno
+	}
+	if nodeID == ext4ro.RootIno || nodeID > 1<<32-1 {
+		return 0 // never handed out
+	}
+	return uint32(nodeID)
+}
+
+func toNodeID(ino uint32) uint64 {
+	if ino == ext4ro.RootIno {
+		return fuseRoot
+	}
+	return uint64(ino)
+}
+
+// status maps an error to an errno: the one place where that happens on
+// the guest. Errors that mean damage or failure are logged, rate-limited.
+func (fs *FileSystem) status(op string, err error) fuse.Status {
+	if err == nil {
+		return fuse.OK
+	}
+	var st fuse.Status
+	switch {
+	case errors.Is(err, ext4ro.ErrNotExist):
+		return fuse.ENOENT
+	case errors.Is(err, ext4ro.ErrNotDir):
+		return fuse.ENOTDIR
+	case errors.Is(err, ext4ro.ErrIsDir):
+		return fuse.Status(syscall.EISDIR)
+	case errors.Is(err, ext4ro.ErrNameTooLong):
+		return fuse.Status(syscall.ENAMETOOLONG)
+	case errors.Is(err, ext4ro.ErrNoXattr):
+		return fuse.ENODATA
+	case errors.Is(err, ext4ro.ErrInvalid):
+		return fuse.EINVAL
+	case errors.Is(err, ext4ro.ErrEncrypted):
+		st = fuse.EACCES
+	case errors.Is(err, ext4ro.ErrCorrupt):
+		st = fuse.Status(syscall.EUCLEAN) // as the kernel's ext4 reports it
+	case errors.Is(err, ext4ro.ErrUnsupported):
+		st = fuse.ENOTSUP
+	default:
+		st = fuse.EIO
+	}
+	if fs.errLog.Allow() {
+		fs.log.Error("request failed", "op", op, "errno", syscall.Errno(st), "error", err)
+	}
+	return st
+}
+
+func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
+	v := fs.view.Load()
+	ino := toIno(nodeID)
+	if ino == 0 {
+		return nil, nil, fuse.Status(syscall.ESTALE)
+	}
+	in, err := v.Inode(ino)
+	if err != nil {
+		if errors.Is(err, ext4ro.ErrNotExist) {
+			return nil, nil, fuse.Status(syscall.ESTALE)
+		}
+		return nil, nil, fs.status("inode", err)
+	}
+	return v, in, fuse.OK
+}
+
+func (fs *FileSystem) fillAttr(v *ext4ro.FS, in *ext4ro.Inode, a *fuse.Attr) {
+	*a = fuse.Attr{
+		Ino:       uint64(in.Ino),
+		Size:      in.Size,
+		Blocks:    in.Blocks,
+		Atime:     uint64(in.Atime.Sec),
+		Atimensec: in.Atime.Nsec,
+		Mtime:     uint64(in.Mtime.Sec),
+		Mtimensec: in.Mtime.Nsec,
+		Ctime:     uint64(in.Ctime.Sec),
+		Ctimensec: in.Ctime.Nsec,
+		Mode:      in.Mode,
+		Nlink:     in.Nlink,
+		Owner:     fuse.Owner{Uid: in.Uid, Gid: in.Gid},
+		Rdev:      in.Rdev,
+		Blksize:   uint32(v.BlockSize()),
+	}
+}
+
+func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut) {
+	out.NodeId = toNodeID(in.Ino)
+	out.Generation = uint64(in.Generation)
+	out.SetEntryTimeout(fs.timeout)
+	out.SetAttrTimeout(fs.timeout)
+	fs.fillAttr(v, in, &out.Attr)
+}
+
+func (fs *FileSystem) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	v, dir, st := fs.inode(h.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	e, err := v.Lookup(dir, name)
+	if err != nil {
+		if errors.Is(err, ext4ro.ErrNotExist) {
+			// A negative entry (node 0) lets the kernel cache the
+			// miss; whoever changes the view invalidates it.
+			*out = fuse.EntryOut{}
+			out.SetEntryTimeout(fs.timeout)
+			return fuse.OK
+		}
+		return fs.status("lookup", err)
+	}
+	in, err := v.Inode(e.Ino)
+	if err != nil {
+		return fs.status("lookup", err)
+	}
+	fs.fillEntry(v, in, out)
+	return fuse.OK
+}
+
+// Forget needs nothing: node ids are inode numbers, not references.
+func (fs *FileSystem) Forget(nodeID, nlookup uint64) {}
+
+func (fs *FileSystem) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	v, ino, st := fs.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	out.SetTimeout(fs.timeout)
+	fs.fillAttr(v, ino, &out.Attr)
+	return fuse.OK
+}
+
+func (fs *FileSystem) Access(_ <-chan struct{}, in *fuse.AccessIn) fuse.Status {
+	if in.Mask&unixW_OK != 0 {
+		return fuse.EROFS
+	}
+	_, _, st := fs.inode(in.NodeId)
+	return st
+}
+
+const unixW_OK = 2
+
+func (fs *FileSystem) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
+	v, in, st := fs.inode(h.NodeId)
+	if !st.Ok() {
+		return nil, st
+	}
+	t, err := v.Readlink(in)
+	return t, fs.status("readlink", err)
+}
+
+func (fs *FileSystem) addHandle(in *ext4ro.Inode) uint64 {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	fs.nextFh++
+	fs.handles[fs.nextFh] = in
+	return fs.nextFh
+}
+
+func (fs *FileSystem) handle(fh uint64) *ext4ro.Inode {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	return fs.handles[fh]
+}
+
+func (fs *FileSystem) dropHandle(fh uint64) {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	delete(fs.handles, fh)
+}
+
+func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
+		return fuse.EROFS
+	}
+	_, ino, st := fs.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if ino.Encrypted() {
+		return fs.status("open", ext4ro.ErrEncrypted)
+	}
+	out.Fh = fs.addHandle(ino)
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	return fuse.OK
+}
+
+func (fs *FileSystem) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	ino := fs.handle(in.Fh)
+	if ino == nil {
+		return nil, fuse.EBADF
+	}
+	n, err := fs.view.Load().ReadAt(ino, buf[:min(len(buf), int(in.Size))], int64(in.Offset))
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, fs.status("read", err)
+	}
+	return fuse.ReadResultData(buf[:n]), fuse.OK
+}
+
+func (fs *FileSystem) Release(_ <-chan struct{}, in *fuse.ReleaseIn) { fs.dropHandle(in.Fh) }
+
+func (fs *FileSystem) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	_, ino, st := fs.inode(in.NodeId)
+	if !st.Ok() {
+		return st
+	}
+	if !ino.IsDir() {
+		return fuse.ENOTDIR
+	}
+	if ino.Encrypted() {
+		return fs.status("opendir", ext4ro.ErrEncrypted)
+	}
+	out.Fh = fs.addHandle(ino)
+	out.OpenFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR
+	return fuse.OK
+}
+
+func (fs *FileSystem) ReleaseDir(in *fuse.ReleaseIn) { fs.dropHandle(in.Fh) }
+
+func (fs *FileSystem) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	return fs.readDir(in, out, false)
+}
+
+func (fs *FileSystem) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	return fs.readDir(in, out, true)
+}
+
+// readDir lists from the cookie in in.Offset. Entry offsets are ext4ro
+// cookies, so a listing resumes exactly where the last one stopped.
+func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
+	dir := fs.handle(in.Fh)
+	if dir == nil {
+		return fuse.EBADF
+	}
+	v := fs.view.Load()
+	var ierr error
+	err := v.ReadDir(dir, in.Offset, func(e ext4ro.DirEntry) bool {
+		de := fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: e.Type, Off: e.Cookie}
+		if !plus {
+			return out.AddDirEntry(de)
+		}
+		var child *ext4ro.Inode
+		if e.Name != "." && e.Name != ".." {
+			if child, ierr = v.Inode(e.Ino); ierr != nil {
+				return false
+			}
+			de.Mode = child.Mode
+		}
+		eo := out.AddDirLookupEntry(de)
+		if eo == nil {
+			return false
+		}
+		if child != nil {
+			fs.fillEntry(v, child, eo)
+		}
+		return true
+	})
+	if err == nil {
+		err = ierr
+	}
+	return fs.status("readdir", err)
+}
+
+func (fs *FileSystem) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
+	v, in, st := fs.inode(h.NodeId)
+	if !st.Ok() {
+		return 0, st
+	}
+	val, err := v.GetXattr(in, attr)
+	if err != nil {
+		return 0, fs.status("getxattr", err)
+	}
+	if len(dest) < len(val) {
+		return uint32(len(val)), fuse.ERANGE
+	}
+	return uint32(copy(dest, val)), fuse.OK
+}
+
+func (fs *FileSystem) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
+	v, in, st := fs.inode(h.NodeId)
+	if !st.Ok() {
+		return 0, st
+	}
+	names, err := v.ListXattr(in)
+	if err != nil {
+		return 0, fs.status("listxattr", err)
+	}
+	var b []byte
+	for _, n := range names {
+		b = append(append(b, n...), 0)
+	}
+	if len(dest) < len(b) {
+		return uint32(len(b)), fuse.ERANGE
+	}
+	return uint32(copy(dest, b)), fuse.OK
+}
+
+func (fs *FileSystem) StatFs(_ <-chan struct{}, _ *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	s := fs.view.Load().Statfs()
+	*out = fuse.StatfsOut{
+		Blocks:  s.Blocks,
+		Bfree:   s.FreeBlocks,
+		Bavail:  s.AvailBlocks,
+		Files:   s.Inodes,
+		Ffree:   s.FreeInodes,
+		Bsize:   s.BlockSize,
+		Frsize:  s.BlockSize,
+		NameLen: s.NameLen,
+	}
+	return fuse.OK
+}
+
+// Every operation that would change the filesystem is EROFS.
+
+func (fs *FileSystem) SetAttr(<-chan struct{}, *fuse.SetAttrIn, *fuse.AttrOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Mknod(<-chan struct{}, *fuse.MknodIn, string, *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Mkdir(<-chan struct{}, *fuse.MkdirIn, string, *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Unlink(<-chan struct{}, *fuse.InHeader, string) fuse.Status { return fuse.EROFS }
+func (fs *FileSystem) Rmdir(<-chan struct{}, *fuse.InHeader, string) fuse.Status  { return fuse.EROFS }
+func (fs *FileSystem) Rename(<-chan struct{}, *fuse.RenameIn, string, string) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Link(<-chan struct{}, *fuse.LinkIn, string, *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Symlink(<-chan struct{}, *fuse.InHeader, string, string, *fuse.EntryOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Create(<-chan struct{}, *fuse.CreateIn, string, *fuse.CreateOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Tmpfile(<-chan struct{}, *fuse.CreateIn, *fuse.CreateOut) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) Write(<-chan struct{}, *fuse.WriteIn, []byte) (uint32, fuse.Status) {
+	return 0, fuse.EROFS
+}
+func (fs *FileSystem) CopyFileRange(<-chan struct{}, *fuse.CopyFileRangeIn) (uint32, fuse.Status) {
+	return 0, fuse.EROFS
+}
+func (fs *FileSystem) Fallocate(<-chan struct{}, *fuse.FallocateIn) fuse.Status { return fuse.EROFS }
+func (fs *FileSystem) SetXAttr(<-chan struct{}, *fuse.SetXAttrIn, string, []byte) fuse.Status {
+	return fuse.EROFS
+}
+func (fs *FileSystem) RemoveXAttr(<-chan struct{}, *fuse.InHeader, string) fuse.Status {
+	return fuse.EROFS
+}
