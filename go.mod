@@ -15,4 +15,5 @@ require (
 	github.com/mattn/go-colorable v0.1.12 // indirect
 	github.com/mattn/go-isatty v0.0.14 // indirect
 	github.com/stretchr/testify v1.10.0 // indirect
+	golang.org/x/text v0.43.0 // indirect
 )

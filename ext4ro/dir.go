@@ -104,15 +104,18 @@ func (f *FS) dirBlock(dir *Inode, lblk, phys uint64) ([]byte, error) {
 	if !f.csum {
 		return b, nil
 	}
-	if hasDirTail(b) {
-		if crc32c(f.inodeSeed(dir), b[:len(b)-tailSize]) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
-			return nil, badChecksum("directory block", dir.Ino, phys)
-		}
-		return b, nil
-	}
+	// Index blocks first: when the kernel turns a leaf into the htree
+	// root it leaves the old leaf's checksum tail in place, so the root
+	// can look like a leaf by its last bytes.
 	if dir.Flags&flagIndex != 0 && (lblk == 0 || isDxNode(b, f.bs)) {
 		if _, err := f.dxEntries(dir, b, phys, lblk == 0); err != nil {
 			return nil, err
+		}
+		return b, nil
+	}
+	if hasDirTail(b) {
+		if crc32c(f.inodeSeed(dir), b[:len(b)-tailSize]) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
+			return nil, badChecksum("directory block", dir.Ino, phys)
 		}
 		return b, nil
 	}
@@ -218,8 +221,9 @@ func (f *FS) Lookup(dir *Inode, name string) (DirEntry, error) {
 	case name == ".":
 		return DirEntry{Name: ".", Ino: dir.Ino, Type: S_IFDIR}, nil
 	}
-	if dir.Flags&flagIndex != 0 && f.sb.compat(compatDirIndex) && dir.Flags&flagCasefold == 0 && name != ".." && !dir.hasInlineData() {
-		e, err := f.htreeLookup(dir, []byte(name))
+	match := f.matcher(dir, name)
+	if dir.Flags&flagIndex != 0 && f.sb.compat(compatDirIndex) && name != ".." && !dir.hasInlineData() {
+		e, err := f.htreeLookup(dir, match)
 		if err == nil || errors.Is(err, ErrNotExist) {
 			return e, err
 		}
@@ -230,13 +234,13 @@ func (f *FS) Lookup(dir *Inode, name string) (DirEntry, error) {
 		// entry, so search them all, as the kernel does.
 		f.stats.htreeFallbacks.Add(1)
 	}
-	return f.linearLookup(dir, name)
+	return f.linearLookup(dir, match)
 }
 
-func (f *FS) linearLookup(dir *Inode, name string) (DirEntry, error) {
+func (f *FS) linearLookup(dir *Inode, m nameMatcher) (DirEntry, error) {
 	var found DirEntry
 	err := f.ReadDir(dir, 0, func(e DirEntry) bool {
-		if e.Name == name {
+		if m.match(e.Name) {
 			found = e
 			return false
 		}
@@ -246,7 +250,7 @@ func (f *FS) linearLookup(dir *Inode, name string) (DirEntry, error) {
 		return DirEntry{}, err
 	}
 	if found.Ino == 0 {
-		return DirEntry{}, fmt.Errorf("ext4ro: %q in directory inode %d: %w", name, dir.Ino, ErrNotExist)
+		return DirEntry{}, fmt.Errorf("ext4ro: %q in directory inode %d: %w", m.name, dir.Ino, ErrNotExist)
 	}
 	return found, nil
 }

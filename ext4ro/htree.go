@@ -98,7 +98,7 @@ type dxFrame struct {
 
 // htreeLookup finds name through the hash index. Any damage to the index
 // is an ErrCorrupt, on which the caller falls back to a linear search.
-func (f *FS) htreeLookup(dir *Inode, name []byte) (DirEntry, error) {
+func (f *FS) htreeLookup(dir *Inode, m nameMatcher) (DirEntry, error) {
 	root, rootPhys, err := f.dirBlockAt(dir, 0)
 	if err != nil {
 		return DirEntry{}, err
@@ -112,7 +112,7 @@ func (f *FS) htreeLookup(dir *Inode, name []byte) (DirEntry, error) {
 	if infoLen != 8 || levels >= maxLevels {
 		return DirEntry{}, corrupt("htree root", dir.Ino, rootPhys, "info length %d, %d levels", infoLen, levels)
 	}
-	hash, err := f.dirHash(name, version)
+	hash, err := f.dirHash([]byte(m.key), version)
 	if err != nil {
 		return DirEntry{}, corrupt("htree root", dir.Ino, rootPhys, "%v", err)
 	}
@@ -137,7 +137,7 @@ func (f *FS) htreeLookup(dir *Inode, name []byte) (DirEntry, error) {
 		}
 		var found DirEntry
 		err = parseDirents(leaf, f.hasFiletype(), dir.Ino, phys, func(_ int, e DirEntry) bool {
-			if e.Name == string(name) {
+			if m.match(e.Name) {
 				found = e
 				return false
 			}
@@ -157,7 +157,7 @@ func (f *FS) htreeLookup(dir *Inode, name []byte) (DirEntry, error) {
 			return DirEntry{}, err
 		}
 		if !ok || startHash&^1 != hash {
-			return DirEntry{}, fmt.Errorf("ext4ro: %q in directory inode %d: %w", name, dir.Ino, ErrNotExist)
+			return DirEntry{}, fmt.Errorf("ext4ro: %q in directory inode %d: %w", m.name, dir.Ino, ErrNotExist)
 		}
 	}
 }

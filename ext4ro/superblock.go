@@ -134,7 +134,7 @@ func parseSuperblock(b []byte) (*Superblock, error) {
 		MinExtraIsize:   le.Uint16(b[0x15C:]),
 		BackupBGs:       [2]uint32{le.Uint32(b[0x24C:]), le.Uint32(b[0x250:])},
 		ChecksumSeed:    le.Uint32(b[0x270:]),
-		Encoding:        le.Uint16(b[0x27E:]),
+		Encoding:        le.Uint16(b[0x27C:]),
 	}
 	copy(sb.UUID[:], b[0x68:0x78])
 	sb.VolumeName = string(bytes.TrimRight(b[0x78:0x88], "\x00"))
@@ -219,6 +219,9 @@ func (sb *Superblock) checkFeatures(allowDirtyJournal bool) error {
 			}
 		}
 		return fmt.Errorf("ext4ro: %w incompatible feature(s): %s", ErrUnsupported, strings.Join(names, ", "))
+	}
+	if sb.incompat(incompatCasefold) && sb.Encoding != encodingUTF8 {
+		return fmt.Errorf("ext4ro: %w casefold encoding %d (only utf8 is defined)", ErrUnsupported, sb.Encoding)
 	}
 	if sb.incompat(incompatRecover) && !allowDirtyJournal {
 		return fmt.Errorf("ext4ro: %w: the journal needs recovery (the filesystem was not cleanly unmounted "+

@@ -23,6 +23,9 @@ func Run(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
+// RequireTools needs the programs on PATH (see testenv.RequireTool).
+func RequireTools(t testing.TB, names ...string) { t.Helper(); testenv.RequireTool(t, names...) }
+
 // Mkfs makes an image file of sizeMB with mkfs.TYPE, populated from src
 // if src is not empty, with reproducible times, and returns its path.
 // args go to mkfs before the device (e.g. "-O", "^has_journal", "-b", "1024").

@@ -39,6 +39,7 @@ type TreeSpec struct {
 // and block-size boundaries, sparse files, hard links, symlinks of every
 // length class, special files, odd modes and owners, xattrs and POSIX
 // ACLs, long and non-UTF-8 names, deep nesting, and a large directory.
+// Without root it leaves out device nodes, owners and trusted.* xattrs.
 func Populate(t testing.TB, dir string, spec TreeSpec) {
 	t.Helper()
 	if spec.BlockSize == 0 {
@@ -74,7 +75,8 @@ func Populate(t testing.TB, dir string, spec TreeSpec) {
 	p.symlink("missing/target", "symlinks/dangling")
 	p.symlink("../sizes/f100", "symlinks/relative")
 
-	if !spec.NoSpecial {
+	root := os.Geteuid() == 0
+	if !spec.NoSpecial && root {
 		p.mkdir("special")
 		p.must(unix.Mkfifo(p.path("special/fifo"), 0o640))
 		p.must(unix.Mknod(p.path("special/null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))))
@@ -97,7 +99,9 @@ func Populate(t testing.TB, dir string, spec TreeSpec) {
 	for i, o := range [][2]int{{1000, 1000}, {65534, 65534}, {100000, 200000}, {70000, 0}} {
 		name := fmt.Sprintf("owners/o%d", i)
 		p.file(name, 3)
-		p.must(os.Lchown(p.path(name), o[0], o[1]))
+		if root {
+			p.must(os.Lchown(p.path(name), o[0], o[1]))
+		}
 	}
 
 	// Extended attributes: small ones in the inode, a large one that
@@ -105,7 +109,9 @@ func Populate(t testing.TB, dir string, spec TreeSpec) {
 	p.file("xattrs/small", 10)
 	p.xattr("xattrs/small", "user.a", []byte("1"))
 	p.xattr("xattrs/small", "user.empty", nil)
-	p.xattr("xattrs/small", "trusted.t", []byte("trusted value"))
+	if root {
+		p.xattr("xattrs/small", "trusted.t", []byte("trusted value"))
+	}
 	p.xattr("xattrs/small", "security.s", []byte("security value"))
 	p.file("xattrs/large", 10)
 	p.xattr("xattrs/large", "user.big", p.bytes(bs/2))
