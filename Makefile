@@ -30,7 +30,7 @@ lint:
 # Each fuzz target for FUZZTIME (go test allows one target per run).
 fuzz:
 	@for t in $$($(GO) test -list '^Fuzz' ./ext4ro | grep ^Fuzz); do \
-		echo "== $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./ext4ro || exit 1; done
+		echo "== $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./ext4ro || exit 1; done
 
 bench: build
 	@scripts/deps.sh bench

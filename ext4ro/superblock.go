@@ -183,7 +183,7 @@ func parseSuperblock(b []byte) (*Superblock, error) {
 	if uint64(sb.FirstDataBlock) >= sb.BlocksCount {
 		return nil, corrupt("superblock", 0, 0, "first data block %d is beyond the %d blocks", sb.FirstDataBlock, sb.BlocksCount)
 	}
-	if sb.BlocksCount > 1<<48 {
+	if sb.BlocksCount > 1<<48 || sb.BlocksCount > (1<<63-1)/uint64(sb.BlockSize) {
 		return nil, corrupt("superblock", 0, 0, "block count %d is beyond ext4's limit", sb.BlocksCount)
 	}
 	if uint64(sb.GroupCount())*uint64(sb.InodesPerGroup) != uint64(sb.InodesCount) {
