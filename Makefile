@@ -19,7 +19,7 @@ deps:
 # All tests. Privileged ones (FUSE, loop mounts) need root; under CI=true a
 # test that cannot run its privileged part fails instead of skipping.
 test: deps
-	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

@@ -55,7 +55,8 @@ func (f *FS) ReadDir(dir *Inode, cookie uint64, fn func(DirEntry) bool) error {
 		if next.logical > lblk {
 			lblk = next.logical
 		}
-		b, err := f.dirBlock(dir, lblk, next.physical+(lblk-next.logical))
+		ahead := min(readAheadBlocks, next.logical+next.length-lblk, nblocks-lblk)
+		b, err := f.dirBlock(dir, lblk, next.physical+(lblk-next.logical), ahead)
 		if err != nil {
 			return err
 		}
@@ -96,8 +97,10 @@ func (f *FS) hasFiletype() bool { return f.sb.incompat(incompatFiletype) }
 
 // dirBlock reads block lblk of directory dir (at device block phys) and
 // verifies its checksum.
-func (f *FS) dirBlock(dir *Inode, lblk, phys uint64) ([]byte, error) {
-	b, err := f.block(phys)
+// ahead is how many blocks of the directory, from this one, may be read
+// at once on a cache miss.
+func (f *FS) dirBlock(dir *Inode, lblk, phys, ahead uint64) ([]byte, error) {
+	b, err := f.blockAhead(phys, ahead)
 	if err != nil {
 		return nil, fmt.Errorf("directory inode %d: %w", dir.Ino, err)
 	}

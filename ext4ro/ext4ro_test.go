@@ -359,3 +359,76 @@ func compareWithSource(f *FS, in *Inode, path string) error {
 }
 
 func sortedCopy(s []string) []string { return slices.Sorted(slices.Values(s)) }
+
+// TestLargeDirThreeLevels: with large_dir the kernel grows an htree a
+// third level deep; every name is still found through the index.
+func TestLargeDirThreeLevels(t *testing.T) {
+	if testing.Short() {
+		t.Skip("creates 300,000 files")
+	}
+	img := imgtest.Mkfs(t, "ext4", "", 512, "-b", "1024", "-N", "320000", "-O", ext4Features+",large_dir")
+	rw := imgtest.KernelMount(t, img, "rw")
+	dir := filepath.Join(rw, "huge")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const n = 300000
+	name := func(i int) string { return fmt.Sprintf("%032x-%07d", uint64(i)*0x9E3779B97F4A7C15, i) }
+	for i := range n {
+		fd, err := unix.Open(filepath.Join(dir, name(i)), unix.O_CREAT|unix.O_WRONLY, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(fd)
+	}
+	imgtest.Unmount(t, rw)
+	imgtest.Fsck(t, img, "-n")
+
+	f := openImage(t, img, nil)
+	huge := resolve(t, f, "huge")
+	root, _, err := f.dirBlockAt(huge, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if levels := root[dxRootInfoOff+6]; levels != 2 {
+		t.Fatalf("the kernel built %d levels below the root; the test wants 2 (three in all)", levels)
+	}
+	rng := rand.New(rand.NewPCG(9, 9))
+	for range 3000 {
+		i := rng.IntN(n)
+		if _, err := f.Lookup(huge, name(i)); err != nil {
+			t.Fatalf("lookup %s: %v", name(i), err)
+		}
+	}
+	if _, err := f.Lookup(huge, name(n)); !errors.Is(err, ErrNotExist) {
+		t.Fatalf("lookup of a name never made: %v", err)
+	}
+	if got := len(listDir(t, f, huge)); got != n+2 {
+		t.Fatalf("%d entries listed, want %d", got, n+2)
+	}
+	if fb := f.Stats().HtreeFallbacks; fb != 0 {
+		t.Fatalf("%d lookups fell back to a linear search", fb)
+	}
+}
+
+// TestOutOfRangeNanoseconds: an extra time field whose nanoseconds are
+// 10^9 or more (only a damaged or hand-edited inode has one) reads as the
+// kernel's ext4 shows it: as stored, not clamped. (The kernel's FUSE layer
+// clamps it to 999999999 on the way to a guest process.)
+func TestOutOfRangeNanoseconds(t *testing.T) {
+	imgtest.RequireTools(t, "mkfs.ext4", "debugfs")
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := imgtest.Mkfs(t, "ext4", src, 16, "-I", "256", "-O", ext4Features)
+	imgtest.Debugfs(t, img, "sif f mtime_extra 0xfffffffd") // epoch 1, nsec 2^30-1
+	in := resolve(t, openImage(t, img, nil), "f")
+	var st unix.Stat_t
+	if err := unix.Lstat(filepath.Join(imgtest.KernelMount(t, img, "ro"), "f"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if in.Mtime.Sec != st.Mtim.Sec || int64(in.Mtime.Nsec) != st.Mtim.Nsec || in.Mtime.Nsec != 1<<30-1 {
+		t.Fatalf("mtime %+v, kernel %+v", in.Mtime, st.Mtim)
+	}
+}

@@ -86,7 +86,7 @@ func (f *FS) dirBlockAt(dir *Inode, lblk uint64) ([]byte, uint64, error) {
 	if phys == 0 {
 		return nil, 0, corrupt("htree", dir.Ino, 0, "points at a hole (block %d)", lblk)
 	}
-	b, err := f.dirBlock(dir, lblk, phys)
+	b, err := f.dirBlock(dir, lblk, phys, 1)
 	return b, phys, err
 }
 

@@ -137,7 +137,10 @@ func (f *FS) Inode(ino uint32) (*Inode, error) {
 	isz := uint64(sb.InodeSize)
 	off := uint64(idx) * isz
 	blk := gd.inodeTable + off/f.bs
-	b, err := f.block(blk)
+	// Read ahead in the used part of the table: neighbours are likely
+	// next (a directory's entries were mostly allocated together).
+	used := (uint64(sb.InodesPerGroup-min(gd.itableUnused, sb.InodesPerGroup))*isz + f.bs - 1) / f.bs
+	b, err := f.blockAhead(blk, min(readAheadBlocks, gd.inodeTable+used-blk))
 	if err != nil {
 		return nil, err
 	}
@@ -220,10 +223,7 @@ func (in *Inode) time(secOff, extraOff int) Timespec {
 	if in.fits(extraOff, 4) {
 		extra := le.Uint32(in.raw[extraOff:])
 		t.Sec += int64(extra&3) << 32
-		t.Nsec = extra >> 2
-		if t.Nsec >= 1e9 {
-			t.Nsec = 0 // as the kernel does with an invalid value
-		}
+		t.Nsec = extra >> 2 // not clamped below 1e9: the kernel shows it as stored
 	}
 	return t
 }

@@ -26,6 +26,7 @@ type FileSystem struct {
 
 	view    atomic.Pointer[ext4ro.FS]
 	timeout time.Duration
+	noOpen  bool
 	log     hclog.Logger
 	errLog  *rate.Limiter // of error log lines
 
@@ -38,7 +39,12 @@ type FileSystem struct {
 type Config struct {
 	// Timeout is how long the kernel may cache entries and attributes.
 	Timeout time.Duration
-	Logger  hclog.Logger
+	// NoOpen answers OPEN and OPENDIR with ENOSYS, after which the kernel
+	// opens files and directories without asking, keeping their page and
+	// listing caches: two round trips fewer per open. Only for a view
+	// that never changes and needs no per-open state (a static image).
+	NoOpen bool
+	Logger hclog.Logger
 }
 
 // NewFileSystem serves view.
@@ -49,6 +55,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 	fs := &FileSystem{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		timeout:       cfg.Timeout,
+		noOpen:        cfg.NoOpen,
 		log:           cfg.Logger,
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		handles:       make(map[uint64]*ext4ro.Inode),
@@ -220,10 +227,19 @@ func (fs *FileSystem) addHandle(in *ext4ro.Inode) uint64 {
 	return fs.nextFh
 }
 
-func (fs *FileSystem) handle(fh uint64) *ext4ro.Inode {
+// opened returns the inode of an open file or directory: from its handle,
+// or, when the kernel opens without asking (NoOpen), from its node id.
+func (fs *FileSystem) opened(nodeID, fh uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
+	if fs.noOpen {
+		return fs.inode(nodeID)
+	}
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	return fs.handles[fh]
+	in := fs.handles[fh]
+	fs.mu.Unlock()
+	if in == nil {
+		return nil, nil, fuse.EBADF
+	}
+	return fs.view.Load(), in, fuse.OK
 }
 
 func (fs *FileSystem) dropHandle(fh uint64) {
@@ -235,6 +251,9 @@ func (fs *FileSystem) dropHandle(fh uint64) {
 func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
 		return fuse.EROFS
+	}
+	if fs.noOpen {
+		return fuse.ENOSYS // the mount is read-only: writes never get here
 	}
 	_, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
@@ -249,11 +268,11 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 }
 
 func (fs *FileSystem) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	ino := fs.handle(in.Fh)
-	if ino == nil {
-		return nil, fuse.EBADF
+	v, ino, st := fs.opened(in.NodeId, in.Fh)
+	if !st.Ok() {
+		return nil, st
 	}
-	n, err := fs.view.Load().ReadAt(ino, buf[:min(len(buf), int(in.Size))], int64(in.Offset))
+	n, err := v.ReadAt(ino, buf[:min(len(buf), int(in.Size))], int64(in.Offset))
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, fs.status("read", err)
 	}
@@ -262,7 +281,14 @@ func (fs *FileSystem) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse
 
 func (fs *FileSystem) Release(_ <-chan struct{}, in *fuse.ReleaseIn) { fs.dropHandle(in.Fh) }
 
+// Flush has nothing to write back; ENOSYS tells the kernel to stop
+// sending it, which saves a round trip on every close.
+func (fs *FileSystem) Flush(<-chan struct{}, *fuse.FlushIn) fuse.Status { return fuse.ENOSYS }
+
 func (fs *FileSystem) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if fs.noOpen {
+		return fuse.ENOSYS
+	}
 	_, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -291,11 +317,13 @@ func (fs *FileSystem) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.
 // readDir lists from the cookie in in.Offset. Entry offsets are ext4ro
 // cookies, so a listing resumes exactly where the last one stopped.
 func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	dir := fs.handle(in.Fh)
-	if dir == nil {
-		return fuse.EBADF
+	v, dir, st := fs.opened(in.NodeId, in.Fh)
+	if !st.Ok() {
+		return st
 	}
-	v := fs.view.Load()
+	if !dir.IsDir() {
+		return fuse.ENOTDIR
+	}
 	var ierr error
 	err := v.ReadDir(dir, in.Offset, func(e ext4ro.DirEntry) bool {
 		de := fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: e.Type, Off: e.Cookie}

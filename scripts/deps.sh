@@ -9,7 +9,7 @@ case "${1:-test}" in
   bench) want+=(fuse2fs hyperfine) ;;
   *) echo "usage: $0 [test|demo|bench]" >&2; exit 2 ;;
 esac
-[ "${1:-test}" = test ] && want+=(fuse2fs)
+
 
 missing=()
 for p in "${want[@]}"; do

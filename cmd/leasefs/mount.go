@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -53,7 +54,7 @@ Flags:
 	fs.BoolVar(&c.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
 	fs.BoolVar(&c.debug, "debug", false, "log every FUSE request (implies --foreground)")
 	fs.StringVar(&c.logFile, "log", "", "append the server's log to this file (default: stderr in the foreground, none in the background)")
-	fs.IntVar(&c.cacheMB, "cache-mb", 64, "metadata block cache size in MiB")
+	fs.IntVar(&c.cacheMB, "cache-mb", 32, "metadata block cache size in MiB; the server's memory is held to about this plus 48 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
 	fs.IntVar(&c.readAheadKB, "readahead-kb", 4096, "kernel readahead for the mount in KiB (0: kernel default)")
 	fs.BoolVar(&c.allowDirtyJournal, "allow-dirty-journal", false,
 		"mount even if the journal needs recovery; it is not replayed, so recent changes are missing and reads may fail")
@@ -132,6 +133,12 @@ func mountForeground(ctx context.Context, c mountConfig, stderr io.Writer) (err 
 		logOut = f
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-mount", Output: logOut, Level: hclog.Info})
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// A soft bound: the block cache, FUSE request buffers in flight
+		// (up to 1 MiB each) and garbage. Without it the heap grows to
+		// twice what is live before the collector runs.
+		debug.SetMemoryLimit(int64(c.cacheMB+48) << 20)
+	}
 
 	img, err := os.Open(c.image)
 	if err != nil {
@@ -152,6 +159,7 @@ func mountForeground(ctx context.Context, c mountConfig, stderr io.Writer) (err 
 	}
 	fsys := guestagent.NewFileSystem(view, guestagent.Config{
 		Timeout: 24 * time.Hour, // a static image never changes
+		NoOpen:  true,
 		Logger:  log,
 	})
 	srv, err := guestagent.Mount(fsys, c.dir, guestagent.MountConfig{

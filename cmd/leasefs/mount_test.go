@@ -25,7 +25,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	leasefsBin = filepath.Join(dir, "leasefs")
-	if out, err := exec.Command("go", "build", "-o", leasefsBin, ".").CombinedOutput(); err != nil {
+	build := []string{"build", "-o", leasefsBin}
+	if raceEnabled {
+		build = append(build, "-race")
+	}
+	if out, err := exec.Command("go", append(build, ".")...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building leasefs: %v\n%s", err, out)
 		os.Exit(1)
 	}
@@ -139,6 +143,17 @@ func TestMountMatchesKernel(t *testing.T) {
 		{name: "ext3-1k", fstype: "ext3", args: []string{"-I", "128"},
 			spec: imgtest.TreeSpec{BlockSize: 1024, FarSparse: 100 << 20}},
 		{name: "ext2-4k", fstype: "ext2", args: nil},
+		{name: "ext4-debugfs-shaped", fstype: "ext4", args: []string{"-O", ext4, "-I", "256"},
+			shape: func(t *testing.T, img string) {
+				imgtest.Debugfs(t, img,
+					"sif sizes/f100 extra_isize 0", // a large inode without extra fields
+					"sif sizes/f59 ctime_extra 0x7",
+					"sif sizes/f1 generation 0xdeadbeef",
+					"sif sizes/f60 uid_hi 0xfffe",
+					"punch sizes/f1048583 5 40",
+					"fallocate sizes/f65537 20 30",
+					"ea_set xattrs/small user.debugfs set-by-debugfs")
+			}},
 		{name: "ext2-1k-sparse-super2", fstype: "ext2", args: []string{"-O", "sparse_super2"},
 			spec: imgtest.TreeSpec{BlockSize: 1024, FarSparse: 100 << 20}},
 	}
