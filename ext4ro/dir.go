@@ -1,10 +1,10 @@
 package ext4ro
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // DirEntry is one name in a directory.
@@ -217,7 +217,7 @@ func (f *FS) Lookup(dir *Inode, name string) (DirEntry, error) {
 		return DirEntry{}, err
 	}
 	switch {
-	case name == "" || bytes.IndexByte([]byte(name), '/') >= 0 || bytes.IndexByte([]byte(name), 0) >= 0:
+	case name == "" || strings.ContainsAny(name, "/\x00"):
 		return DirEntry{}, fmt.Errorf("ext4ro: name %q: %w", name, ErrInvalid)
 	case len(name) > maxNameLen:
 		return DirEntry{}, fmt.Errorf("ext4ro: name of %d bytes: %w", len(name), ErrNameTooLong)

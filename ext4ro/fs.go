@@ -66,7 +66,8 @@ func (f *FS) Stats() Stats {
 }
 
 // Open reads the superblock of the filesystem in r and checks that this
-// reader can read it. Nothing else is read until asked for.
+// reader can read it. Nothing else is read until asked for. r (and
+// Options.Data) must stay open for as long as the FS is used.
 func Open(r io.ReaderAt, opts *Options) (*FS, error) {
 	if opts == nil {
 		opts = &Options{}
