@@ -27,8 +27,8 @@
 // mistakes; EACCES for encrypted inodes; EUCLEAN (as the kernel's ext4
 // says "structure needs cleaning") for a corrupt image; ENOTSUP for what
 // the reader does not implement; EIO for failed I/O. The last four are
-// logged, at most ten lines a second. Every write operation is EROFS, and
-// the mount itself is read-only.
+// logged: a burst of ten lines, then at most one a second. Every write
+// operation is EROFS, and the mount itself is read-only.
 //
 // # What FUSE cannot show
 //
