@@ -1,0 +1,323 @@
+package vsockproto
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mdlayher/vsock"
+	"golang.org/x/sys/unix"
+)
+
+// Peer is who is on the other end of an accepted connection, as the
+// transport (not the peer) says.
+type Peer struct {
+	Kind string
+	CID  uint32 // vsock: the guest's CID, set by the hypervisor
+	VM   string // hvsock: the VM whose socket the connection came in on
+	PID  int32  // unix: SO_PEERCRED
+	UID  uint32
+	GID  uint32
+}
+
+func (p Peer) String() string {
+	switch p.Kind {
+	case KindVsock:
+		return fmt.Sprintf("cid %d", p.CID)
+	case KindHybrid:
+		return "vm " + p.VM
+	case KindUnix:
+		return fmt.Sprintf("pid %d uid %d", p.PID, p.UID)
+	}
+	return "unknown peer"
+}
+
+// ListenOptions configure Listen.
+type ListenOptions struct {
+	// VM names the VM a hybrid-vsock socket belongs to: the identity of
+	// every connection accepted on it. Default: the socket's path.
+	VM string
+	// TrustUID is a user besides root and ourselves that may own the
+	// directory a Unix or hybrid socket is made in (a jailed VMM's user).
+	TrustUID uint32
+	// Mode of the socket file; default 0660. The socket is given to the
+	// directory's owner, so a jailed VMM can connect to it.
+	Mode os.FileMode
+}
+
+// Listener accepts connections on one address.
+type Listener struct {
+	l     net.Listener
+	addr  Addr
+	peer  func(net.Conn) (Peer, error)
+	close func()
+}
+
+// Listen listens on a: vsock:PORT or vsock:CID:PORT, hvsock:PATH:PORT (on
+// the Unix socket PATH_PORT) or unix:PATH. A Unix socket is created with
+// no-follow operations relative to its directory: a stale socket is
+// replaced, anything else in its place (a planted symlink) is refused, and
+// so is a directory that others may write to or that someone untrusted
+// owns.
+func Listen(a Addr, opt ListenOptions) (*Listener, error) {
+	if opt.Mode == 0 {
+		opt.Mode = 0o660
+	}
+	switch a.Kind {
+	case KindVsock:
+		var l *vsock.Listener
+		var err error
+		if a.CID == AnyCID {
+			l, err = vsock.Listen(a.Port, nil)
+		} else {
+			l, err = vsock.ListenContextID(a.CID, a.Port, nil)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		return &Listener{l: l, addr: a, peer: vsockPeer, close: func() {}}, nil
+	case KindHybrid:
+		vm := opt.VM
+		if vm == "" {
+			vm = a.Path
+		}
+		path := fmt.Sprintf("%s_%d", a.Path, a.Port)
+		l, cleanup, err := listenUnix(path, opt)
+		if err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		peer := func(net.Conn) (Peer, error) { return Peer{Kind: KindHybrid, VM: vm}, nil }
+		return &Listener{l: l, addr: a, peer: peer, close: cleanup}, nil
+	case KindUnix:
+		l, cleanup, err := listenUnix(a.Path, opt)
+		if err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		return &Listener{l: l, addr: a, peer: unixPeer, close: cleanup}, nil
+	}
+	return nil, fmt.Errorf("listen: invalid address %+v", a)
+}
+
+// Accept waits for the next connection and says who it is from.
+func (l *Listener) Accept() (net.Conn, Peer, error) {
+	for {
+		nc, err := l.l.Accept()
+		if err != nil {
+			return nil, Peer{}, err
+		}
+		p, err := l.peer(nc)
+		if err != nil {
+			nc.Close() // a peer we cannot name is not served
+			continue
+		}
+		return nc, p, nil
+	}
+}
+
+// Addr returns the address listened on.
+func (l *Listener) Addr() Addr { return l.addr }
+
+// Close stops listening and removes a Unix socket it created.
+func (l *Listener) Close() error {
+	err := l.l.Close()
+	l.close()
+	return err
+}
+
+func vsockPeer(nc net.Conn) (Peer, error) {
+	a, ok := nc.RemoteAddr().(*vsock.Addr)
+	if !ok {
+		return Peer{}, fmt.Errorf("not a vsock connection")
+	}
+	return Peer{Kind: KindVsock, CID: a.ContextID}, nil
+}
+
+func unixPeer(nc net.Conn) (Peer, error) {
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		return Peer{}, fmt.Errorf("not a Unix connection")
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return Peer{}, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return Peer{}, err
+	}
+	if cerr != nil {
+		return Peer{}, cerr
+	}
+	return Peer{Kind: KindUnix, PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
+}
+
+// listenUnix makes a listening Unix socket at path without following a
+// symlink at its name (see Listen).
+func listenUnix(path string, opt ListenOptions) (net.Listener, func(), error) {
+	dir, name := filepath.Split(filepath.Clean(path))
+	if name == "" || name == "." || name == ".." {
+		return nil, nil, fmt.Errorf("%q names no socket", path)
+	}
+	if dir == "" {
+		dir = "."
+	}
+	dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(dfd)
+		}
+	}()
+	var st unix.Stat_t
+	if err := unix.Fstat(dfd, &st); err != nil {
+		return nil, nil, err
+	}
+	if st.Uid != 0 && st.Uid != uint32(os.Geteuid()) && st.Uid != opt.TrustUID {
+		return nil, nil, fmt.Errorf("directory %s is owned by uid %d, not by root, us or the trusted uid", dir, st.Uid)
+	}
+	if st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0 {
+		return nil, nil, fmt.Errorf("directory %s (mode %#o) is writable by others", dir, st.Mode&0o7777)
+	}
+	var old unix.Stat_t
+	switch err := unix.Fstatat(dfd, name, &old, unix.AT_SYMLINK_NOFOLLOW); {
+	case errors.Is(err, unix.ENOENT):
+	case err != nil:
+		return nil, nil, &os.PathError{Op: "stat", Path: path, Err: err}
+	case old.Mode&unix.S_IFMT != unix.S_IFSOCK:
+		return nil, nil, fmt.Errorf("%s exists and is not a socket (mode %#o): refusing to replace it", path, old.Mode)
+	default: // a stale socket from an earlier run
+		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return nil, nil, &os.PathError{Op: "remove stale socket", Path: path, Err: err}
+		}
+	}
+	// Bind through the directory fd, so no component is looked up again.
+	at := fmt.Sprintf("/proc/self/fd/%d/%s", dfd, name)
+	if len(at) >= len(unix.RawSockaddrUnix{}.Path) {
+		return nil, nil, fmt.Errorf("socket name %q is too long", name)
+	}
+	l, err := net.Listen("unix", at)
+	if err != nil {
+		return nil, nil, err
+	}
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	var mine unix.Stat_t
+	if err := unix.Fstatat(dfd, name, &mine, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		l.Close()
+		return nil, nil, err
+	}
+	_ = unix.Fchownat(dfd, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
+	if err := unix.Fchmodat(dfd, name, uint32(opt.Mode.Perm()), 0); err != nil {
+		l.Close()
+		return nil, nil, err
+	}
+	ok = true
+	cleanup := func() {
+		// Remove the socket only if it is still ours.
+		var now unix.Stat_t
+		if unix.Fstatat(dfd, name, &now, unix.AT_SYMLINK_NOFOLLOW) == nil && now.Ino == mine.Ino && now.Dev == mine.Dev {
+			_ = unix.Unlinkat(dfd, name, 0)
+		}
+		unix.Close(dfd)
+	}
+	return l, cleanup, nil
+}
+
+// DialTimeout bounds a dial whose context has no deadline, including the
+// hybrid-vsock CONNECT exchange.
+const DialTimeout = 5 * time.Second
+
+// maxOKLine bounds the VMM's answer to CONNECT.
+const maxOKLine = 64
+
+// Dial connects to a: vsock:CID:PORT, hvsock:PATH:PORT (through the VMM's
+// CONNECT handshake) or unix:PATH.
+func Dial(ctx context.Context, a Addr) (net.Conn, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DialTimeout)
+		defer cancel()
+	}
+	switch a.Kind {
+	case KindVsock:
+		if a.CID == AnyCID {
+			return nil, fmt.Errorf("dial %v: a dial needs a CID (vsock:CID:PORT)", a)
+		}
+		c, err := vsock.DialContext(ctx, a.CID, a.Port, nil)
+		if err != nil {
+			return nil, fmt.Errorf("dial %v: %w", a, err)
+		}
+		return c, nil
+	case KindUnix:
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", a.Path)
+	case KindHybrid:
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, "unix", a.Path)
+		if err != nil {
+			return nil, fmt.Errorf("dial %v: %w", a, err)
+		}
+		if err := hybridConnect(ctx, nc, a.Port); err != nil {
+			nc.Close()
+			return nil, fmt.Errorf("dial %v: %w", a, err)
+		}
+		return nc, nil
+	}
+	return nil, fmt.Errorf("dial: invalid address %+v", a)
+}
+
+// hybridConnect asks the VMM for the guest's port and reads its answer,
+// "OK <port>\n", a byte at a time so nothing after it is consumed.
+func hybridConnect(ctx context.Context, nc net.Conn, port uint32) error {
+	deadline, _ := ctx.Deadline()
+	if err := nc.SetDeadline(deadline); err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if _, err := fmt.Fprintf(nc, "CONNECT %d\n", port); err != nil {
+		return fmt.Errorf("CONNECT: %w", err)
+	}
+	line := make([]byte, 0, maxOKLine)
+	var b [1]byte
+	for {
+		if _, err := nc.Read(b[:]); err != nil {
+			return fmt.Errorf("waiting for OK after %q: %w", line, err)
+		}
+		line = append(line, b[0])
+		if b[0] == '\n' {
+			break
+		}
+		if len(line) == maxOKLine {
+			return fmt.Errorf("answer to CONNECT longer than %d bytes: %q", maxOKLine, line)
+		}
+	}
+	rest, ok := bytes.CutPrefix(line[:len(line)-1], []byte("OK "))
+	if !ok {
+		return fmt.Errorf("VMM answered %q to CONNECT %d", line, port)
+	}
+	if _, err := parseU32(string(rest)); err != nil {
+		return fmt.Errorf("VMM answered %q to CONNECT %d: not a port", line, port)
+	}
+	return nc.SetDeadline(time.Time{})
+}
+
+// DialHello dials a and runs the guest's handshake.
+func DialHello(ctx context.Context, a Addr, hello Hello, h Handler, opt Options) (*Conn, *Welcome, error) {
+	nc, err := Dial(ctx, a)
+	if err != nil {
+		return nil, nil, err
+	}
+	return Client(ctx, nc, hello, h, opt)
+}
