@@ -35,13 +35,6 @@ func (d *decoder) take(n int) []byte {
 	return b
 }
 
-func (d *decoder) u8() uint8 {
-	if b := d.take(1); b != nil {
-		return b[0]
-	}
-	return 0
-}
-
 func (d *decoder) u16() uint16 {
 	if b := d.take(2); b != nil {
 		return le.Uint16(b)

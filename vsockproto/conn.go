@@ -88,14 +88,14 @@ type Conn struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	wmu sync.Mutex // serialises frame writes; guards wbuf
+	wmu  sync.Mutex // serialises frame writes; guards wbuf
 	wbuf []byte
 
 	mu       sync.Mutex
-	nextID   uint64                 // guarded by mu
-	pending  map[uint64]call        // our requests awaiting replies; guarded by mu
-	inflight map[uint64]struct{}    // peer requests being handled; guarded by mu
-	err      error                  // why the connection ended; guarded by mu
+	nextID   uint64              // guarded by mu
+	pending  map[uint64]call     // our requests awaiting replies; guarded by mu
+	inflight map[uint64]struct{} // peer requests being handled; guarded by mu
+	err      error               // why the connection ended; guarded by mu
 
 	slots chan struct{} // one per outstanding request of ours
 

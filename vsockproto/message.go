@@ -301,7 +301,7 @@ func (m *Announce) decode(d *decoder) {
 // AnnounceAck answers Announce with the generation the guest is on.
 type AnnounceAck struct{ Generation uint64 }
 
-func (*AnnounceAck) Type() Type                { return TypeAnnounceAck }
+func (*AnnounceAck) Type() Type               { return TypeAnnounceAck }
 func (m *AnnounceAck) Append(b []byte) []byte { return putU64(b, m.Generation) }
 func (m *AnnounceAck) decode(d *decoder)      { m.Generation = d.u64() }
 
@@ -328,7 +328,7 @@ func (m *ReadMeta) decode(d *decoder) {
 // Meta answers ReadMeta: the blocks' bytes in request order.
 type Meta struct{ Data []byte }
 
-func (*Meta) Type() Type                { return TypeMeta }
+func (*Meta) Type() Type               { return TypeMeta }
 func (m *Meta) Append(b []byte) []byte { return append(b, m.Data...) }
 func (m *Meta) decode(d *decoder)      { m.Data = d.rest() }
 
@@ -383,7 +383,7 @@ func (m *Open) decode(d *decoder) {
 // Leased answers Open with a lease id.
 type Leased struct{ Lease uint64 }
 
-func (*Leased) Type() Type                { return TypeLeased }
+func (*Leased) Type() Type               { return TypeLeased }
 func (m *Leased) Append(b []byte) []byte { return putU64(b, m.Lease) }
 func (m *Leased) decode(d *decoder)      { m.Lease = d.u64() }
 
@@ -413,14 +413,14 @@ func (m *Read) decode(d *decoder) {
 // Data answers Read.
 type Data struct{ Data []byte }
 
-func (*Data) Type() Type                { return TypeData }
+func (*Data) Type() Type               { return TypeData }
 func (m *Data) Append(b []byte) []byte { return append(b, m.Data...) }
 func (m *Data) decode(d *decoder)      { m.Data = d.rest() }
 
 // Release ends a lease.
 type Release struct{ Lease uint64 }
 
-func (*Release) Type() Type                { return TypeRelease }
+func (*Release) Type() Type               { return TypeRelease }
 func (m *Release) Append(b []byte) []byte { return putU64(b, m.Lease) }
 func (m *Release) decode(d *decoder)      { m.Lease = d.u64() }
 
