@@ -1,0 +1,79 @@
+package lease
+
+import (
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// closer closes fds on its own goroutine. Closing the last fd of an
+// unlinked inode frees it, which waits while the filesystem is frozen;
+// nothing on the break path may wait for that, or a writer blocked in a
+// break would hold up the freeze that holds up the close.
+type closer struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	items []closeItem // guarded by mu
+	quit  bool        // guarded by mu
+	done  chan struct{}
+	count *atomic.Int64 // the coordinator's fd count
+}
+
+type closeItem struct {
+	fd, wd int
+	w      *watcher
+}
+
+func newCloser(count *atomic.Int64) *closer {
+	c := &closer{done: make(chan struct{}), count: count}
+	c.cond = sync.NewCond(&c.mu)
+	go c.run()
+	return c
+}
+
+func (c *closer) queue(fd, wd int, w *watcher) {
+	c.mu.Lock()
+	if c.quit { // after stop: a ReadAt that outlived Close
+		c.mu.Unlock()
+		unix.Close(fd)
+		c.count.Add(-1)
+		return
+	}
+	c.items = append(c.items, closeItem{fd, wd, w})
+	c.mu.Unlock()
+	c.cond.Signal()
+}
+
+func (c *closer) run() {
+	defer close(c.done)
+	for {
+		c.mu.Lock()
+		for len(c.items) == 0 && !c.quit {
+			c.cond.Wait()
+		}
+		items := c.items
+		c.items = nil
+		quit := c.quit
+		c.mu.Unlock()
+		for _, it := range items {
+			if it.wd >= 0 {
+				it.w.remove(it.wd)
+			}
+			unix.Close(it.fd)
+			c.count.Add(-1)
+		}
+		if quit && len(items) == 0 {
+			return
+		}
+	}
+}
+
+// stop closes what is queued and ends the goroutine.
+func (c *closer) stop() {
+	c.mu.Lock()
+	c.quit = true
+	c.mu.Unlock()
+	c.cond.Signal()
+	<-c.done
+}

@@ -1,0 +1,641 @@
+package lease
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// Config configures a Coordinator. Zero fields take the defaults.
+type Config struct {
+	// Root is a directory on the exported filesystem (its mount point);
+	// inodes are opened by handle relative to it.
+	Root string
+	// AckTimeout is how long guests have to acknowledge a break before
+	// their leases are revoked (5 s). It must be well below the kernel's
+	// /proc/sys/fs/lease-break-time.
+	AckTimeout time.Duration
+	// Grace is how long a detached session keeps its leases (30 s).
+	Grace time.Duration
+	// MaxPerSession caps the leases of one session (65,536).
+	MaxPerSession int
+	// MaxFiles caps the files held open across all sessions; the default
+	// is the fd limit less FDReserve.
+	MaxFiles int
+	// FDReserve is what MaxFiles leaves of the fd limit for everything
+	// else: sockets, the control listener, logs (256).
+	FDReserve int
+	// Signal is the real-time signal breaks arrive on (SIGRTMIN+8 = 42).
+	Signal int
+	Logger hclog.Logger
+}
+
+// Stats are the coordinator's counters and gauges.
+type Stats struct {
+	Files, Leases, Sessions int    // now
+	Breaks                  uint64 // breaks started by a writer
+	Modified                uint64 // breaks started by a modification seen after the fact
+	Rescans                 uint64 // full F_GETLEASE rescans after a signal queue overflow
+	Revoked                 uint64 // leases revoked at the ack deadline
+	QuotaRefusals           uint64
+	SpuriousSignals         uint64 // signals for fds that were not breaking
+}
+
+// Coordinator holds one fd and one kernel read lease per leased inode,
+// shared by every session that leases it. See the package documentation.
+type Coordinator struct {
+	cfg     Config
+	log     hclog.Logger
+	mountFD int
+	dev     uint64
+	bsize   uint64
+	sig     *signalThread
+	watch   *watcher
+	closer  *closer
+
+	mu       sync.Mutex
+	files    map[uint32]*file // by inode; guarded by mu
+	byFD     map[int]*file    // open fds only; guarded by mu
+	byWD     map[int]*file    // guarded by mu
+	grants   map[ID]*grant    // every session's; guarded by mu
+	sessions map[Token]*Session
+	rng      *mrand.ChaCha8 // lease ids; guarded by mu
+	closed   bool
+
+	fds atomic.Int64 // fds held, including those queued for closing
+
+	breaks, modified, rescans, revoked, quota, spurious atomic.Uint64
+}
+
+// ID identifies a lease on the session that holds it. IDs are random.
+type ID uint64
+
+// Token identifies a session; it is a secret capability for resuming it.
+type Token [16]byte
+
+type fileState uint8
+
+const (
+	opening  fileState = iota // being opened and leased by one Acquire
+	held                      // kernel lease held, grants active
+	breaking                  // a break is out to the holders
+	done                      // lease dropped, fd closed or closing
+)
+
+// file is one leased inode.
+type file struct {
+	ino, igen uint32
+	fd, wd    int
+	state     fileState
+	ready     chan struct{} // closed when opening ends
+	openErr   error         // why opening failed
+	early     bool          // a break signal arrived while opening
+	size      int64         // at lease time, to notice changes after an
+	mtime     unix.Timespec // inotify overflow
+	grants    []*grant      // active and breaking
+	pending   int           // breaking grants not yet acknowledged
+	timer     *time.Timer   // ack deadline
+	users     int           // ReadAt calls using fd now
+}
+
+type grantState uint8
+
+const (
+	active grantState = iota
+	breakingGrant
+	revoked
+)
+
+type grant struct {
+	id    ID
+	s     *Session
+	f     *file // nil once revoked
+	idx   int   // in f.grants
+	state grantState
+}
+
+// New starts a coordinator for the filesystem mounted at cfg.Root.
+func New(cfg Config) (*Coordinator, error) {
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 5 * time.Second
+	}
+	if cfg.Grace <= 0 {
+		cfg.Grace = 30 * time.Second
+	}
+	if cfg.MaxPerSession <= 0 {
+		cfg.MaxPerSession = 65536
+	}
+	if cfg.FDReserve <= 0 {
+		cfg.FDReserve = 256
+	}
+	if cfg.Signal == 0 {
+		cfg.Signal = 42
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Signal < 34 || cfg.Signal > 64 {
+		return nil, fmt.Errorf("lease: signal %d is not a real-time signal", cfg.Signal)
+	}
+	if bt, err := breakTime(); err == nil && cfg.AckTimeout > bt/2 {
+		return nil, fmt.Errorf("lease: ack timeout %v must be at most half the kernel's lease-break-time (%v)", cfg.AckTimeout, bt)
+	}
+	if cfg.MaxFiles <= 0 {
+		var rl unix.Rlimit
+		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+			return nil, err
+		}
+		cfg.MaxFiles = int(rl.Cur) - cfg.FDReserve
+		if cfg.MaxFiles < 1 {
+			return nil, fmt.Errorf("lease: fd limit %d leaves nothing after a reserve of %d", rl.Cur, cfg.FDReserve)
+		}
+	}
+	// Not O_PATH: open_by_handle_at does not accept one as its mount fd.
+	mfd, err := unix.Open(cfg.Root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: cfg.Root, Err: err}
+	}
+	var st unix.Stat_t
+	var sfs unix.Statfs_t
+	if err := unix.Fstat(mfd, &st); err != nil {
+		unix.Close(mfd)
+		return nil, err
+	}
+	if err := unix.Fstatfs(mfd, &sfs); err != nil {
+		unix.Close(mfd)
+		return nil, err
+	}
+	var seed [32]byte
+	_, _ = rand.Read(seed[:])
+	c := &Coordinator{
+		cfg: cfg, log: cfg.Logger, mountFD: mfd, dev: st.Dev, bsize: uint64(sfs.Bsize),
+		files: map[uint32]*file{}, byFD: map[int]*file{}, byWD: map[int]*file{},
+		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, rng: mrand.NewChaCha8(seed),
+	}
+	c.closer = newCloser(&c.fds)
+	if c.watch, err = newWatcher(c.onModify, c.onWatchOverflow); err != nil {
+		c.closer.stop()
+		unix.Close(mfd)
+		return nil, err
+	}
+	if c.sig, err = startSignalThread(cfg.Signal, c.onSignal, c.onOverflow); err != nil {
+		c.watch.close()
+		c.closer.stop()
+		unix.Close(mfd)
+		return nil, err
+	}
+	return c, nil
+}
+
+// breakTime reads /proc/sys/fs/lease-break-time.
+func breakTime() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/sys/fs/lease-break-time")
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	return time.Duration(n) * time.Second, err
+}
+
+// Close ends every session and lease and releases every fd.
+func (c *Coordinator) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	for _, s := range c.sessions {
+		c.endSession(s)
+	}
+	for _, f := range c.files {
+		if f.state != opening {
+			c.finish(f)
+		}
+	}
+	c.mu.Unlock()
+	c.sig.close()
+	c.closer.stop()
+	c.watch.close()
+	return unix.Close(c.mountFD)
+}
+
+// Stats returns the counters.
+func (c *Coordinator) Stats() Stats {
+	c.mu.Lock()
+	s := Stats{Files: len(c.files), Leases: len(c.grants), Sessions: len(c.sessions)}
+	c.mu.Unlock()
+	s.Breaks, s.Modified, s.Rescans = c.breaks.Load(), c.modified.Load(), c.rescans.Load()
+	s.Revoked, s.QuotaRefusals, s.SpuriousSignals = c.revoked.Load(), c.quota.Load(), c.spurious.Load()
+	return s
+}
+
+// Request asks for a lease on an inode as a generation describes it.
+type Request struct {
+	Ino  uint32
+	IGen uint32 // i_generation; 0 matches any
+	// Expected state. Ctime catches any change to the inode; Layout (if
+	// not 0) is the HashLayout of its blocks.
+	Size   uint64
+	Ctime  unix.Timespec
+	Layout uint64
+}
+
+func (c *Coordinator) newID() ID {
+	for {
+		id := ID(c.rng.Uint64())
+		if _, taken := c.grants[id]; id != 0 && !taken {
+			return id
+		}
+	}
+}
+
+// acquire is Session.Acquire.
+func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
+	for {
+		c.mu.Lock()
+		if c.closed || s.closed {
+			c.mu.Unlock()
+			return 0, ErrClosed
+		}
+		if len(s.grants) >= c.cfg.MaxPerSession {
+			c.mu.Unlock()
+			c.quota.Add(1)
+			return 0, fmt.Errorf("%w: this guest holds %d leases, its limit", ErrQuota, c.cfg.MaxPerSession)
+		}
+		f := c.files[r.Ino]
+		if f == nil {
+			return c.open(s, r) // unlocks
+		}
+		switch f.state {
+		case opening:
+			ready := f.ready
+			c.mu.Unlock()
+			<-ready
+			continue
+		case breaking:
+			c.mu.Unlock()
+			return 0, fmt.Errorf("%w: inode %d is being given back to a writer", ErrBusy, r.Ino)
+		}
+		if r.IGen != 0 && r.IGen != f.igen {
+			c.mu.Unlock()
+			return 0, fmt.Errorf("%w: inode %d is generation %d, not %d", ErrNotFound, r.Ino, f.igen, r.IGen)
+		}
+		// Held by another session: only the state check remains.
+		f.users++
+		c.mu.Unlock()
+		err := c.check(f.fd, r)
+		c.mu.Lock()
+		c.unuse(f)
+		if err == nil && f.state != held {
+			err = fmt.Errorf("%w: inode %d is being given back to a writer", ErrBusy, r.Ino)
+		}
+		if err != nil {
+			c.mu.Unlock()
+			return 0, err
+		}
+		id := c.grant(s, f)
+		c.mu.Unlock()
+		return id, nil
+	}
+}
+
+// open opens and leases a file not yet held. Called with c.mu held; it
+// unlocks.
+func (c *Coordinator) open(s *Session, r Request) (ID, error) {
+	if c.fds.Load() >= int64(c.cfg.MaxFiles) {
+		c.mu.Unlock()
+		c.quota.Add(1)
+		return 0, fmt.Errorf("%w: the host holds %d files, its limit", ErrQuota, c.cfg.MaxFiles)
+	}
+	f := &file{ino: r.Ino, fd: -1, wd: -1, state: opening, ready: make(chan struct{})}
+	c.files[r.Ino] = f
+	c.fds.Add(1) // reserved now, so concurrent opens respect the cap
+	c.mu.Unlock()
+
+	err := c.lease(f, r)
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil && f.early {
+		err = fmt.Errorf("%w: a writer opened inode %d while it was being leased", ErrBusy, r.Ino)
+	}
+	if err == nil && (c.closed || s.closed) {
+		err = ErrClosed
+	}
+	if err != nil {
+		f.openErr = err
+		close(f.ready)
+		c.finish(f)
+		return 0, err
+	}
+	f.state = held
+	close(f.ready)
+	return c.grant(s, f), nil
+}
+
+// lease does the syscalls of open, outside c.mu. Every step that can
+// fail leaves f in a state finish can undo.
+func (c *Coordinator) lease(f *file, r Request) error {
+	fd, st, err := openInode(c.mountFD, r.Ino, r.IGen)
+	if err != nil {
+		return err
+	}
+	if st.Dev != c.dev {
+		unix.Close(fd)
+		return fmt.Errorf("%w: inode %d is on another filesystem", ErrNotFound, r.Ino)
+	}
+	igen, err := iGeneration(fd)
+	if err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("inode %d: reading i_generation: %w", r.Ino, err)
+	}
+	c.mu.Lock()
+	f.fd, f.igen = fd, igen
+	c.byFD[fd] = f // before the lease, so that no break signal goes unmatched
+	c.mu.Unlock()
+
+	if err := takeLease(fd, c.cfg.Signal, c.sig.tid); err != nil {
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			return fmt.Errorf("%w: inode %d", ErrBusy, r.Ino)
+		case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
+			return fmt.Errorf("lease: F_SETLEASE on inode %d: %w (needs CAP_LEASE or file ownership)", r.Ino, err)
+		}
+		return fmt.Errorf("lease: F_SETLEASE on inode %d: %w", r.Ino, err)
+	}
+	wd, err := c.watch.add(fd)
+	if err != nil {
+		return fmt.Errorf("lease: watching inode %d: %w", r.Ino, err)
+	}
+	c.mu.Lock()
+	f.wd = wd
+	c.byWD[wd] = f
+	c.mu.Unlock()
+	// A break that began between F_SETLEASE and F_SETOWN_EX was signalled
+	// to the process, where nobody listens; the lease state shows it.
+	if !leaseHeld(fd) {
+		return fmt.Errorf("%w: a writer opened inode %d while it was being leased", ErrBusy, r.Ino)
+	}
+	var now unix.Stat_t
+	if err := unix.Fstat(fd, &now); err != nil {
+		return err
+	}
+	f.size, f.mtime = now.Size, now.Mtim
+	return c.check(fd, r)
+}
+
+// check compares the live inode behind fd with the request.
+func (c *Coordinator) check(fd int, r Request) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if uint64(st.Size) != r.Size || st.Ctim != r.Ctime {
+		return fmt.Errorf("%w: inode %d has size %d ctime %d.%09d, the generation says %d, %d.%09d",
+			ErrStale, r.Ino, st.Size, st.Ctim.Sec, st.Ctim.Nsec, r.Size, r.Ctime.Sec, r.Ctime.Nsec)
+	}
+	if r.Layout == 0 {
+		return nil
+	}
+	runs, err := layout(fd, c.bsize)
+	if errors.Is(err, errNoLayout) {
+		return fmt.Errorf("%w: inode %d has data not yet allocated", ErrStale, r.Ino)
+	}
+	if err != nil {
+		return fmt.Errorf("inode %d: %w", r.Ino, err)
+	}
+	if HashLayout(runs) != r.Layout {
+		return fmt.Errorf("%w: inode %d's blocks have moved", ErrStale, r.Ino)
+	}
+	return nil
+}
+
+// grant adds a lease of s on f. Called with c.mu held.
+func (c *Coordinator) grant(s *Session, f *file) ID {
+	g := &grant{id: c.newID(), s: s, f: f, idx: len(f.grants)}
+	f.grants = append(f.grants, g)
+	c.grants[g.id] = g
+	s.grants[g.id] = g
+	return g.id
+}
+
+// unlink removes g from its file. Called with c.mu held.
+func (c *Coordinator) unlink(g *grant) {
+	f := g.f
+	last := f.grants[len(f.grants)-1]
+	f.grants[g.idx] = last
+	last.idx = g.idx
+	f.grants[len(f.grants)-1] = nil
+	f.grants = f.grants[:len(f.grants)-1]
+	g.f = nil
+}
+
+// forget removes g entirely. Called with c.mu held.
+func (c *Coordinator) forget(g *grant) {
+	delete(c.grants, g.id)
+	delete(g.s.grants, g.id)
+}
+
+// end ends the lease g, acknowledged or released. Called with c.mu held.
+func (c *Coordinator) end(g *grant) {
+	c.forget(g)
+	if g.f == nil {
+		return // revoked
+	}
+	f := g.f
+	wasBreaking := g.state == breakingGrant
+	c.unlink(g)
+	switch {
+	case f.state == breaking && wasBreaking:
+		f.pending--
+		if f.pending == 0 {
+			c.finish(f)
+		}
+	case f.state == held && len(f.grants) == 0:
+		c.finish(f)
+	}
+}
+
+// finish drops f's kernel lease and closes its fd (once no ReadAt uses
+// it). Called with c.mu held. It never blocks: the close, which can wait
+// on a frozen filesystem when it frees an unlinked inode, is queued.
+func (c *Coordinator) finish(f *file) {
+	if f.timer != nil {
+		f.timer.Stop()
+	}
+	for _, g := range f.grants { // a file can only finish with grants on Close
+		g.f = nil
+	}
+	f.grants = nil
+	f.state = done
+	if c.files[f.ino] == f {
+		delete(c.files, f.ino)
+	}
+	if f.wd >= 0 {
+		delete(c.byWD, f.wd)
+	}
+	if f.fd < 0 {
+		c.fds.Add(-1) // the reservation of a failed open
+		return
+	}
+	delete(c.byFD, f.fd)
+	dropLease(f.fd)
+	if f.users == 0 {
+		c.closer.queue(f.fd, f.wd, c.watch)
+	}
+}
+
+// unuse ends one ReadAt's use of f.fd. Called with c.mu held.
+func (c *Coordinator) unuse(f *file) {
+	f.users--
+	if f.users == 0 && f.state == done && f.fd >= 0 {
+		c.closer.queue(f.fd, f.wd, c.watch)
+	}
+}
+
+// onSignal handles a lease-break signal for fd, on the signal thread.
+func (c *Coordinator) onSignal(fd int) {
+	c.mu.Lock()
+	f := c.byFD[fd]
+	var out []delivery
+	switch {
+	case f == nil:
+		c.spurious.Add(1)
+	case f.state == opening:
+		f.early = true
+	case f.state != held:
+	case leaseHeld(fd):
+		// Not breaking: a late signal for an fd number since reused.
+		c.spurious.Add(1)
+	default:
+		c.breaks.Add(1)
+		out = c.startBreak(f)
+	}
+	c.mu.Unlock()
+	deliver(out)
+}
+
+// onOverflow rescans every held fd after the signal queue overflowed.
+func (c *Coordinator) onOverflow() {
+	c.rescans.Add(1)
+	c.mu.Lock()
+	var out []delivery
+	for fd, f := range c.byFD {
+		switch {
+		case f.state == opening:
+			if !leaseHeld(fd) {
+				f.early = true
+			}
+		case f.state == held && !leaseHeld(fd):
+			c.breaks.Add(1)
+			out = append(out, c.startBreak(f)...)
+		}
+	}
+	c.mu.Unlock()
+	deliver(out)
+}
+
+// onModify handles a modification of a leased inode: the open(O_TRUNC)
+// hole, where the kernel truncates without breaking read leases.
+func (c *Coordinator) onModify(wd int) {
+	c.mu.Lock()
+	var out []delivery
+	if f := c.byWD[wd]; f != nil && f.state == held {
+		c.modified.Add(1)
+		c.log.Warn("a leased file was modified without a lease break (open with O_TRUNC?)", "inode", f.ino)
+		out = c.startBreak(f)
+	}
+	c.mu.Unlock()
+	deliver(out)
+}
+
+// onWatchOverflow: inotify lost events, so compare every held file with
+// what it was when leased.
+func (c *Coordinator) onWatchOverflow() {
+	c.mu.Lock()
+	var out []delivery
+	for fd, f := range c.byFD {
+		var st unix.Stat_t
+		if f.state == held && (unix.Fstat(fd, &st) != nil || st.Size != f.size || st.Mtim != f.mtime) {
+			c.modified.Add(1)
+			out = append(out, c.startBreak(f)...)
+		}
+	}
+	c.mu.Unlock()
+	deliver(out)
+}
+
+// delivery is a break to send to one session, outside c.mu.
+type delivery struct {
+	sink BreakFunc
+	ids  []ID
+}
+
+func deliver(out []delivery) {
+	for _, d := range out {
+		d.sink(d.ids)
+	}
+}
+
+// startBreak sends f's holders a break and arms the ack deadline. Called
+// with c.mu held; the deliveries are made after it is released.
+func (c *Coordinator) startBreak(f *file) []delivery {
+	f.state = breaking
+	bySession := map[*Session][]ID{}
+	for i := 0; i < len(f.grants); {
+		g := f.grants[i]
+		if g.s.sink == nil { // detached: nobody can acknowledge
+			c.revoke(g)
+			continue
+		}
+		g.state = breakingGrant
+		bySession[g.s] = append(bySession[g.s], g.id)
+		i++
+	}
+	f.pending = len(f.grants)
+	if f.pending == 0 {
+		c.finish(f)
+		return nil
+	}
+	f.timer = time.AfterFunc(c.cfg.AckTimeout, func() { c.deadline(f) })
+	out := make([]delivery, 0, len(bySession))
+	for s, ids := range bySession {
+		out = append(out, delivery{s.sink, ids})
+	}
+	return out
+}
+
+// revoke fences g: its file is gone, and every use answers ErrRevoked
+// until the guest releases it. Called with c.mu held.
+func (c *Coordinator) revoke(g *grant) {
+	c.unlink(g)
+	g.state = revoked
+	c.revoked.Add(1)
+}
+
+// deadline revokes what was not acknowledged in time and lets the
+// writer go.
+func (c *Coordinator) deadline(f *file) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.state != breaking {
+		return
+	}
+	for len(f.grants) > 0 {
+		g := f.grants[0]
+		c.log.Warn("lease break not acknowledged in time; revoking", "session", g.s.name, "inode", f.ino)
+		c.revoke(g)
+	}
+	c.finish(f)
+}

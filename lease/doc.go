@@ -1,0 +1,73 @@
+// Package lease is the host's lease coordinator. It keeps the files that
+// guests read open on their behalf, so that the blocks of a file a guest
+// is reading are never freed under it, and it tells guests when a writer
+// on the host wants one of those files back.
+//
+// # Model
+//
+// A Session is one guest. Session.Acquire asks for a lease on an inode as
+// a generation describes it (inode, i_generation, size, ctime and
+// optionally a layout hash). The coordinator opens the inode by handle
+// (open_by_handle_at; non-regular files are refused through an O_PATH
+// descriptor without ever being opened), takes a kernel read lease
+// (F_SETLEASE F_RDLCK) and then compares the live inode with the
+// request: a match is granted; otherwise the answer is ErrStale, ErrBusy
+// (open for writing on the host), ErrNotFound or ErrQuota.
+//
+// One fd and one kernel lease serve every session that leases an inode:
+// a file holds a list of grants, one per lease, and is released when the
+// last grant ends.
+//
+// # Breaks
+//
+// A writer's open for writing or truncate blocks in the kernel, which
+// sends our real-time signal (F_SETSIG) to one dedicated, locked OS
+// thread (F_SETOWN_EX with F_OWNER_TID) that blocks it and reads a
+// signalfd; the signal carries the fd. When the queue of real-time
+// signals is full the kernel sends a plain SIGIO instead, and the thread
+// rescans every held fd with F_GETLEASE. Every fd is checked with
+// F_GETLEASE before a break starts, so a late signal for a reused fd
+// number is ignored.
+//
+// A break goes to every session holding the file, through the session's
+// BreakFunc. The kernel lease is dropped — and the writer goes on — when
+// every holder has acknowledged (Ack, or Release), or at the ack
+// deadline (Config.AckTimeout, far below the kernel's lease-break-time),
+// when the leases not acknowledged are revoked: every later use of one
+// answers ErrRevoked until the guest releases it, and a late ack does not
+// bring it back. A detached session cannot acknowledge, so its leases are
+// revoked at once.
+//
+// open(O_RDONLY|O_TRUNC) truncates without breaking read leases. Each
+// leased inode is watched with inotify, and a modification starts a
+// break after the fact; when inotify overflows, every held file is
+// compared with its size and mtime at lease time.
+//
+// # Never waiting on the publish path
+//
+// A writer waiting on our break holds the filesystem's write reference,
+// so a freeze waits for the writer, which waits for us. Nothing on the
+// break path may therefore wait for anything a freeze holds up: dropping
+// a lease is a non-blocking fcntl, and fds are closed by a separate
+// goroutine (closing the last fd of an unlinked inode frees it, which
+// waits while the filesystem is frozen). The package takes no lock of
+// its callers'.
+//
+// # Sessions and quotas
+//
+// When a guest's connection ends, Detach keeps its session for
+// Config.Grace; Resume with its token reattaches it with its leases.
+// Each session may hold Config.MaxPerSession leases, and all sessions
+// together Config.MaxFiles files, which leaves Config.FDReserve of the fd
+// limit for sockets and the rest; past either limit Acquire answers
+// ErrQuota and nothing else changes. Lease ids are random 64-bit values
+// valid only on the session that got them.
+//
+// # Locking
+//
+// Coordinator.mu guards every file, grant and session. Syscalls that can
+// take time (opening, leasing, reading) run outside it; a file being
+// opened is in state opening, and other Acquires of the same inode wait
+// for it. A ReadAt marks the file in use, so its fd is not closed under
+// it. BreakFuncs are called after mu is released.
+package lease

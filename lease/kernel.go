@@ -1,0 +1,186 @@
+package lease
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"strconv"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The kernel interfaces this package uses, each in one small function.
+
+const (
+	fOwnerTID        = 0          // F_OWNER_TID, for F_SETOWN_EX
+	fsIocGetVersion  = 0x80087601 // FS_IOC_GETVERSION: i_generation
+	fsIocFiemap      = 0xC020660B // FS_IOC_FIEMAP
+	fileidIno32Gen   = 1          // FILEID_INO32_GEN: u32 inode, u32 generation
+	fiemapExtentLast = 0x1
+	fiemapUnknown    = 0x2 | 0x4 | 0x8 // UNKNOWN, DELALLOC, ENCODED
+	fiemapUnwritten  = 0x800
+	fiemapInline     = 0x200 // DATA_INLINE
+)
+
+// openInode opens inode ino (incarnation igen; 0 matches any) on the
+// filesystem of mountFD, read-only. It looks at the inode through an
+// O_PATH descriptor first, so a FIFO or device is refused without ever
+// being opened; a regular file is then reopened through /proc/self/fd,
+// which names exactly the inode already found.
+func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
+	var st unix.Stat_t
+	var h [8]byte
+	binary.NativeEndian.PutUint32(h[0:], ino)
+	binary.NativeEndian.PutUint32(h[4:], igen)
+	pfd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileidIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
+	if err != nil {
+		if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) {
+			return -1, st, fmt.Errorf("%w: inode %d generation %d", ErrNotFound, ino, igen)
+		}
+		return -1, st, fmt.Errorf("open_by_handle_at inode %d: %w", ino, err)
+	}
+	defer unix.Close(pfd)
+	if err := unix.Fstat(pfd, &st); err != nil {
+		return -1, st, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return -1, st, fmt.Errorf("%w: inode %d has mode %#o", ErrNotRegular, ino, st.Mode)
+	}
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOATIME|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, st, fmt.Errorf("reopen inode %d: %w", ino, err)
+	}
+	return fd, st, nil
+}
+
+// iGeneration reads the inode's i_generation.
+func iGeneration(fd int) (uint32, error) {
+	var v uint64 // the ioctl writes a long; ext4 keeps 32 bits
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), fsIocGetVersion, uintptr(unsafe.Pointer(&v))); e != 0 {
+		return 0, e
+	}
+	return uint32(v), nil
+}
+
+// takeLease takes a read lease on fd whose breaks arrive as signal sig
+// at thread tid. F_SETLEASE points the file's owner at the whole process,
+// so the owner is set after it.
+func takeLease(fd, sig, tid int) error {
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETSIG, sig); err != nil {
+		return fmt.Errorf("F_SETSIG: %w", err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_RDLCK); err != nil {
+		return err
+	}
+	owner := struct {
+		typ int32
+		pid int32
+	}{fOwnerTID, int32(tid)}
+	if _, _, e := unix.Syscall(unix.SYS_FCNTL, uintptr(fd), unix.F_SETOWN_EX, uintptr(unsafe.Pointer(&owner))); e != 0 {
+		dropLease(fd)
+		return fmt.Errorf("F_SETOWN_EX: %w", e)
+	}
+	return nil
+}
+
+// leaseHeld reports whether fd still holds its read lease: false once a
+// break has started, or after the kernel revoked it.
+func leaseHeld(fd int) bool {
+	t, err := unix.FcntlInt(uintptr(fd), unix.F_GETLEASE, 0)
+	return err == nil && t == unix.F_RDLCK
+}
+
+// dropLease releases fd's lease, letting a waiting writer go. It never
+// blocks.
+func dropLease(fd int) { _, _ = unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_UNLCK) }
+
+// Extent is a run of a file's mapped blocks, in filesystem blocks.
+type Extent struct {
+	Logical, Physical, Count uint64
+	Unwritten                bool
+}
+
+// HashLayout is the layout hash of docs/protocol.md: runs merged where
+// they continue each other, FNV-1a over (logical, physical, count,
+// unwritten). No runs hash to 0. The runs must be sorted by Logical.
+func HashLayout(runs []Extent) uint64 {
+	var merged []Extent
+	for _, r := range runs {
+		if r.Count == 0 {
+			continue
+		}
+		if n := len(merged); n > 0 {
+			p := &merged[n-1]
+			if p.Logical+p.Count == r.Logical && p.Physical+p.Count == r.Physical && p.Unwritten == r.Unwritten {
+				p.Count += r.Count
+				continue
+			}
+		}
+		merged = append(merged, r)
+	}
+	if len(merged) == 0 {
+		return 0
+	}
+	h := fnv.New64a()
+	var b [25]byte
+	for _, r := range merged {
+		binary.LittleEndian.PutUint64(b[0:], r.Logical)
+		binary.LittleEndian.PutUint64(b[8:], r.Physical)
+		binary.LittleEndian.PutUint64(b[16:], r.Count)
+		b[24] = 0
+		if r.Unwritten {
+			b[24] = 1
+		}
+		h.Write(b[:])
+	}
+	return h.Sum64()
+}
+
+// errNoLayout: the file has blocks whose place is not final (delayed
+// allocation), so no generation can describe it yet.
+var errNoLayout = errors.New("data not yet allocated")
+
+// layout reads fd's extents with FIEMAP, without syncing (a sync could
+// wait on a frozen filesystem), in blocks of size bs.
+func layout(fd int, bs uint64) ([]Extent, error) {
+	const batch = 128
+	buf := make([]byte, 32+56*batch)
+	var runs []Extent
+	start := uint64(0)
+	for {
+		clear(buf)
+		binary.NativeEndian.PutUint64(buf[0:], start)
+		binary.NativeEndian.PutUint64(buf[8:], ^uint64(0)-start)
+		binary.NativeEndian.PutUint32(buf[24:], batch)
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0]))); e != 0 {
+			return nil, fmt.Errorf("FIEMAP: %w", e)
+		}
+		n := binary.NativeEndian.Uint32(buf[20:])
+		if n == 0 {
+			return runs, nil
+		}
+		for i := range n {
+			e := buf[32+56*i:]
+			logical := binary.NativeEndian.Uint64(e[0:])
+			physical := binary.NativeEndian.Uint64(e[8:])
+			length := binary.NativeEndian.Uint64(e[16:])
+			flags := binary.NativeEndian.Uint32(e[40:])
+			switch {
+			case flags&fiemapInline != 0:
+			case flags&fiemapUnknown != 0:
+				return nil, errNoLayout
+			default:
+				runs = append(runs, Extent{
+					Logical: logical / bs, Physical: physical / bs,
+					Count: (length + bs - 1) / bs, Unwritten: flags&fiemapUnwritten != 0,
+				})
+			}
+			if flags&fiemapExtentLast != 0 {
+				return runs, nil
+			}
+			start = logical + length
+		}
+	}
+}

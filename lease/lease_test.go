@@ -1,0 +1,753 @@
+package lease
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/imgtest"
+)
+
+func TestAcquireChecksTheLiveInode(t *testing.T) {
+	dir := exportFS(t, 64)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, bytes.Repeat([]byte("x"), 10000))
+	c := coordinator(t, dir, Config{})
+	s := session(t, c, "g", newBreaks().sink)
+	r := requestFor(t, path)
+
+	id := mustAcquire(t, s, r)
+	buf := make([]byte, 20000)
+	if n, err := s.ReadAt(id, buf, 0); err != nil || n != 10000 || buf[9999] != 'x' {
+		t.Fatalf("read %d, %v", n, err)
+	}
+	if n, err := s.ReadAt(id, buf, 1<<40); err != nil || n != 0 {
+		t.Fatalf("read past the end: %d, %v", n, err)
+	}
+	if _, err := s.ReadAt(id, buf, -1); err == nil {
+		t.Fatal("negative offset accepted")
+	}
+	s.Release(id)
+
+	for _, c := range []struct {
+		name string
+		edit func(*Request)
+		want error
+	}{
+		{"size", func(r *Request) { r.Size++ }, ErrStale},
+		{"ctime", func(r *Request) { r.Ctime.Nsec ^= 1 }, ErrStale},
+		{"i_generation", func(r *Request) { r.IGen ^= 0x5a5a }, ErrNotFound},
+		{"no such inode", func(r *Request) { r.Ino = 9999 }, ErrNotFound},
+		{"outside the inode table", func(r *Request) { r.Ino = 1 << 30 }, ErrNotFound},
+	} {
+		q := r
+		c.edit(&q)
+		_, err := s.Acquire(q)
+		wantErr(t, c.name, err, c.want)
+	}
+	if st := c.Stats(); st.Files != 0 || st.Leases != 0 {
+		t.Fatalf("refusals left state behind: %+v", st)
+	}
+
+	// Open for writing on the host: busy.
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Acquire(r)
+	wantErr(t, "open for writing", err, ErrBusy)
+	w.Close()
+	mustAcquire(t, s, r)
+}
+
+// A FIFO without a writer, a device, a socket, a directory and a symlink
+// are refused at once: none of them is ever opened.
+func TestNonRegularFilesAreRefusedWithoutBlocking(t *testing.T) {
+	dir := exportFS(t, 64)
+	c := coordinator(t, dir, Config{})
+	s := session(t, c, "g", newBreaks().sink)
+	must := func(err error) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(unix.Mkfifo(filepath.Join(dir, "fifo"), 0o644))
+	must(unix.Mknod(filepath.Join(dir, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))))
+	must(unix.Mknod(filepath.Join(dir, "sock"), unix.S_IFSOCK|0o666, 0))
+	must(os.Mkdir(filepath.Join(dir, "dir"), 0o755))
+	must(os.Symlink("/etc/passwd", filepath.Join(dir, "link")))
+	for _, name := range []string{"fifo", "null", "sock", "dir", "link"} {
+		var st unix.Stat_t
+		must(unix.Lstat(filepath.Join(dir, name), &st))
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.Acquire(Request{Ino: uint32(st.Ino), Size: uint64(st.Size), Ctime: st.Ctim})
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			wantErr(t, name, err, ErrNotRegular)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: Acquire blocked", name)
+		}
+	}
+}
+
+// The layout hash of the live file matches one computed from debugfs's
+// block list of the same file, and a wrong one is stale.
+func TestLayoutCheck(t *testing.T) {
+	imgtest.RequireTools(t, "debugfs")
+	dir := exportFS(t, 64)
+	path := filepath.Join(dir, "f")
+	data := make([]byte, 300<<10)
+	for i := range data {
+		data[i] = byte(rand.Uint32())
+	}
+	writeFile(t, path, data)
+	// A hole and a second extent.
+	f, _ := os.OpenFile(path, os.O_WRONLY, 0)
+	f.WriteAt([]byte("tail"), 5<<20)
+	f.Sync()
+	f.Close()
+	unix.Sync()
+
+	r := requestFor(t, path)
+	src := findSource(t, dir)
+	out := imgtest.Run(t, "debugfs", "-R", "blocks <"+strconv.Itoa(int(r.Ino))+">", src)
+	var runs []Extent
+	logical := uint64(0)
+	for _, tok := range strings.Fields(out) {
+		n, err := strconv.ParseUint(tok, 10, 64)
+		if err != nil {
+			continue
+		}
+		if len(runs) == 75 { // 300 KiB = 75 blocks; the tail sits at 5 MiB
+			logical = 5 << 20 / 4096
+		}
+		runs = append(runs, Extent{Logical: logical, Physical: n, Count: 1})
+		logical++
+	}
+	if len(runs) != 76 {
+		t.Fatalf("debugfs listed %d blocks: %s", len(runs), out)
+	}
+	c := coordinator(t, dir, Config{})
+	s := session(t, c, "g", newBreaks().sink)
+	r.Layout = HashLayout(runs)
+	mustAcquire(t, s, r)
+	s.Close()
+	r.Layout ^= 1
+	_, err := s.Acquire(r)
+	wantErr(t, "closed session", err, ErrClosed)
+	s = session(t, c, "g2", newBreaks().sink)
+	_, err = s.Acquire(r)
+	wantErr(t, "wrong layout", err, ErrStale)
+}
+
+// findSource returns the image file behind the loop mount at dir.
+func findSource(t *testing.T, dir string) string {
+	t.Helper()
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 9 && f[4] == dir {
+			dev := f[len(f)-2]
+			back, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/loop/backing_file")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return strings.TrimSpace(string(back))
+		}
+	}
+	t.Fatalf("no mount at %s", dir)
+	return ""
+}
+
+func TestHashLayoutMergesRuns(t *testing.T) {
+	one := []Extent{{Logical: 0, Physical: 100, Count: 4}}
+	split := []Extent{{0, 100, 1, false}, {1, 101, 3, false}}
+	if HashLayout(one) != HashLayout(split) || HashLayout(one) == 0 {
+		t.Fatal("contiguous runs must hash as one")
+	}
+	for _, other := range [][]Extent{
+		{{0, 100, 3, false}},
+		{{0, 101, 4, false}},
+		{{1, 100, 4, false}},
+		{{0, 100, 4, true}},
+		{{0, 100, 1, false}, {1, 101, 3, true}},
+		{{0, 100, 2, false}, {3, 102, 2, false}},
+	} {
+		if HashLayout(other) == HashLayout(one) {
+			t.Errorf("%v hashes like %v", other, one)
+		}
+	}
+	if HashLayout(nil) != 0 || HashLayout([]Extent{{5, 5, 0, false}}) != 0 {
+		t.Fatal("no blocks must hash to 0")
+	}
+}
+
+// A leased file that the host unlinks keeps its exact bytes, on the
+// device too, while the filesystem is filled with new data; its blocks
+// are freed once the lease ends.
+func TestUnlinkedLeasedFileKeepsItsBytes(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	data := make([]byte, 4<<20)
+	for i := range data {
+		data[i] = byte(rand.Uint32())
+	}
+	writeFile(t, path, data)
+	unix.Sync()
+	c := coordinator(t, dir, Config{})
+	s := session(t, c, "g", newBreaks().sink)
+	id := mustAcquire(t, s, requestFor(t, path))
+
+	fd, _ := unix.Open(path, unix.O_RDONLY, 0)
+	runs, err := layout(fd, 4096)
+	unix.Close(fd)
+	if err != nil || len(runs) == 0 {
+		t.Fatalf("layout: %v %v", runs, err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	// Refill the filesystem with other data until it is full.
+	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
+	for i := 0; ; i++ {
+		if err := os.WriteFile(filepath.Join(dir, "junk"+strconv.Itoa(i)), junk, 0o644); err != nil {
+			if !strings.Contains(err.Error(), "no space") {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	unix.Sync()
+
+	got := make([]byte, len(data))
+	if n, err := s.ReadAt(id, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("through the lease: %d bytes, %v, equal %v", n, err, bytes.Equal(got, data))
+	}
+	// The device itself still holds the bytes where the file's blocks are.
+	img, err := os.Open(findSource(t, dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	for _, r := range runs {
+		b := make([]byte, r.Count*4096)
+		img.ReadAt(b, int64(r.Physical*4096))
+		want := data[r.Logical*4096:]
+		if !bytes.Equal(b, want[:len(b)]) {
+			t.Fatalf("device blocks %d+%d no longer hold the file's bytes", r.Physical, r.Count)
+		}
+	}
+	var before unix.Statfs_t
+	unix.Statfs(dir, &before)
+	if err := s.Release(id); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the unlinked file's blocks are freed", func() bool {
+		var now unix.Statfs_t
+		unix.Statfs(dir, &now)
+		return now.Bfree >= before.Bfree+uint64(len(data)/4096)
+	})
+}
+
+// A writer that opens a leased file for writing, or truncates it, waits
+// until every holder has acknowledged.
+func TestWriterWaitsForEveryAck(t *testing.T) {
+	for _, mode := range []string{"open", "truncate"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := exportFS(t, 32)
+			path := filepath.Join(dir, "f")
+			writeFile(t, path, []byte("hello"))
+			c := coordinator(t, dir, Config{AckTimeout: 15 * time.Second})
+			r := requestFor(t, path)
+			var ss []*Session
+			var bs []*breaks
+			var ids []ID
+			for i := range 3 {
+				b := newBreaks()
+				s := session(t, c, "g"+strconv.Itoa(i), b.sink)
+				ss, bs, ids = append(ss, s), append(bs, b), append(ids, mustAcquire(t, s, r))
+			}
+			w := startWriter(t, mode, path)
+			for i, b := range bs {
+				if got := b.next(t); len(got) != 1 || got[0] != ids[i] {
+					t.Fatalf("session %d got break %v, want [%x]", i, got, ids[i])
+				}
+			}
+			if _, err := ss[0].Acquire(r); err == nil {
+				t.Fatal("a new lease was granted during a break")
+			}
+			for i := range 2 {
+				if err := ss[i].Ack(ids[i]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if w.finished(t, 300*time.Millisecond) {
+				t.Fatal("the writer went on before the last holder acknowledged")
+			}
+			// Reading goes on while the break is out.
+			if n, err := ss[2].ReadAt(ids[2], make([]byte, 5), 0); err != nil || n != 5 {
+				t.Fatalf("read during the break: %d %v", n, err)
+			}
+			if err := ss[2].Ack(ids[2]); err != nil {
+				t.Fatal(err)
+			}
+			if !w.finished(t, 5*time.Second) {
+				t.Fatal("the writer is still blocked after every ack")
+			}
+			if st := c.Stats(); st.Files != 0 || st.Leases != 0 || st.Breaks != 1 || st.Revoked != 0 {
+				t.Fatalf("stats %+v", st)
+			}
+			// Acks end leases: a second ack, or a release, finds nothing.
+			wantErr(t, "duplicate ack", ss[0].Ack(ids[0]), ErrUnknown)
+			wantErr(t, "release after ack", ss[1].Release(ids[1]), ErrUnknown)
+		})
+	}
+}
+
+// A holder that never acknowledges holds the writer until the deadline,
+// and no longer; its lease is then revoked for good.
+func TestDeadlineRevokes(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("hello"))
+	const deadline = 1500 * time.Millisecond
+	c := coordinator(t, dir, Config{AckTimeout: deadline})
+	r := requestFor(t, path)
+	good, silent := newBreaks(), newBreaks()
+	sg := session(t, c, "good", good.sink)
+	ss := session(t, c, "silent", silent.sink)
+	ig, is := mustAcquire(t, sg, r), mustAcquire(t, ss, r)
+
+	w := startWriter(t, "truncate", path)
+	good.next(t)
+	silent.next(t)
+	sg.Ack(ig)
+	if !w.finished(t, 10*time.Second) {
+		t.Fatal("writer still blocked")
+	}
+	ms, _ := strconv.Atoi(strings.TrimSpace(w.out.String()))
+	if waited := time.Duration(ms) * time.Millisecond; waited < deadline || waited > deadline+time.Second {
+		t.Fatalf("the writer waited %v; the deadline is %v", waited, deadline)
+	}
+	wantErr(t, "read after revocation", func() error { _, err := ss.ReadAt(is, make([]byte, 1), 0); return err }(), ErrRevoked)
+	wantErr(t, "late ack", ss.Ack(is), ErrRevoked)
+	wantErr(t, "ack again", ss.Ack(is), ErrRevoked)
+	if st := c.Stats(); st.Revoked != 1 || st.Files != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	if err := ss.Release(is); err != nil {
+		t.Fatalf("releasing a revoked lease: %v", err)
+	}
+	wantErr(t, "after release", ss.Ack(is), ErrUnknown)
+	// The silent guest can lease the new file like anyone else.
+	mustAcquire(t, ss, requestFor(t, path))
+}
+
+// open(O_RDONLY|O_TRUNC) truncates without breaking the lease; the
+// modification is caught and turned into a break.
+func TestTruncatingReadOnlyOpenIsCaught(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("hello"))
+	c := coordinator(t, dir, Config{})
+	b := newBreaks()
+	s := session(t, c, "g", b.sink)
+	id := mustAcquire(t, s, requestFor(t, path))
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	if got := b.next(t); len(got) != 1 || got[0] != id {
+		t.Fatalf("break %v", got)
+	}
+	if err := s.Ack(id); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Stats(); st.Modified != 1 || st.Breaks != 0 || st.Files != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// ≥1,000 leased files opened for writing at once, with the real-time
+// signal queue limited to 16 and the signal thread held up: the overflow
+// falls back to a full rescan, and no break is lost (a lost one would
+// hold its writer for the kernel's lease-break-time, 45 s).
+func TestBreakStormLosesNothing(t *testing.T) {
+	const n = 1200
+	dir := exportFS(t, 64)
+	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second})
+	var old unix.Rlimit
+	unix.Getrlimit(unix.RLIMIT_SIGPENDING, &old)
+	if err := unix.Setrlimit(unix.RLIMIT_SIGPENDING, &unix.Rlimit{Cur: 16, Max: old.Max}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Setrlimit(unix.RLIMIT_SIGPENDING, &old) })
+
+	// Ten guests; each acknowledges from its own goroutine.
+	type guest struct {
+		s *Session
+		b *breaks
+	}
+	var gs []guest
+	for i := range 10 {
+		b := newBreaks()
+		g := guest{session(t, c, "g"+strconv.Itoa(i), b.sink), b}
+		gs = append(gs, g)
+		go func() {
+			for ids := range b.ch {
+				for _, id := range ids {
+					g.s.Ack(id)
+				}
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		for _, g := range gs {
+			close(g.b.ch)
+		}
+	})
+	var paths []string
+	for i := range n {
+		p := filepath.Join(dir, "f"+strconv.Itoa(i))
+		writeFile(t, p, []byte{byte(i)})
+		mustAcquire(t, gs[i%len(gs)].s, requestFor(t, p))
+		paths = append(paths, p)
+	}
+	// Hold the coordinator's lock while the writers start, so that the
+	// signal thread stalls on its first signal and the queue overflows.
+	c.mu.Lock()
+	w := startWriter(t, "open", paths...)
+	time.Sleep(time.Second)
+	c.mu.Unlock()
+	if !w.finished(t, 40*time.Second) {
+		t.Fatalf("writers still blocked after 40s; stats %+v", c.Stats())
+	}
+	slowest, _ := strconv.Atoi(strings.TrimSpace(w.out.String()))
+	st := c.Stats()
+	t.Logf("%d writers, slowest waited %d ms; stats %+v", n, slowest, st)
+	if st.Breaks != n || st.Files != 0 || st.Leases != 0 || st.Revoked != 0 {
+		t.Fatalf("stats %+v, want %d breaks and nothing left", st, n)
+	}
+	if st.Rescans == 0 {
+		t.Fatal("the signal queue never overflowed: the test did not test the fallback")
+	}
+	if slowest > 15000 { // 1 s of stall, then the rescan
+		t.Fatalf("a writer waited %d ms", slowest)
+	}
+}
+
+// 500 guests leasing one file share one fd; one writer's break reaches
+// all 500, and the writer waits for the last of them.
+func TestManyGuestsOneFile(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("shared"))
+	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second})
+	r := requestFor(t, path)
+	b := newBreaks()
+	ss := map[ID]*Session{}
+	for i := range 500 {
+		s := session(t, c, "g"+strconv.Itoa(i), b.sink)
+		ss[mustAcquire(t, s, r)] = s
+	}
+	if st := c.Stats(); st.Files != 1 || st.Leases != 500 {
+		t.Fatalf("stats %+v", st)
+	}
+	if n := fdsOn(t, path); n != 1 {
+		t.Fatalf("%d fds open on the file, want 1", n)
+	}
+	w := startWriter(t, "open", path)
+	got := map[ID]bool{}
+	for len(got) < 500 {
+		for _, id := range b.next(t) {
+			if ss[id] == nil || got[id] {
+				t.Fatalf("unexpected break for %x", id)
+			}
+			got[id] = true
+		}
+	}
+	var last ID
+	for id, s := range ss {
+		if last == 0 {
+			last = id
+			continue
+		}
+		if err := s.Ack(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w.finished(t, 200*time.Millisecond) {
+		t.Fatal("the writer went on with one ack missing")
+	}
+	ss[last].Ack(last)
+	if !w.finished(t, 5*time.Second) {
+		t.Fatal("writer still blocked")
+	}
+}
+
+// Quotas, forged and foreign ids, and acks for breaks never sent are
+// refused, and do nothing to anyone else's leases.
+func TestUntrustedGuests(t *testing.T) {
+	dir := exportFS(t, 32)
+	var paths []string
+	for i := range 8 {
+		p := filepath.Join(dir, "f"+strconv.Itoa(i))
+		writeFile(t, p, []byte("data"+strconv.Itoa(i)))
+		paths = append(paths, p)
+	}
+	c := coordinator(t, dir, Config{MaxPerSession: 3, MaxFiles: 5})
+	a := session(t, c, "a", newBreaks().sink)
+	b := session(t, c, "b", newBreaks().sink)
+	var aids []ID
+	for i := range 3 {
+		aids = append(aids, mustAcquire(t, a, requestFor(t, paths[i])))
+	}
+	_, err := a.Acquire(requestFor(t, paths[3]))
+	wantErr(t, "over the session cap", err, ErrQuota)
+	mustAcquire(t, b, requestFor(t, paths[3]))
+	mustAcquire(t, b, requestFor(t, paths[4]))
+	_, err = b.Acquire(requestFor(t, paths[5]))
+	wantErr(t, "over the host's file cap", err, ErrQuota)
+	bshared := mustAcquire(t, b, requestFor(t, paths[0])) // no new fd needed
+	if st := c.Stats(); st.Files != 5 || st.QuotaRefusals != 2 {
+		t.Fatalf("stats %+v", st)
+	}
+
+	// b uses a's ids; made-up ids; a's ack of a lease not being broken.
+	for _, id := range append(aids, 0, 1, ID(rand.Uint64())) {
+		wantErr(t, "foreign release", b.Release(id), ErrUnknown)
+		wantErr(t, "foreign ack", b.Ack(id), ErrUnknown)
+		_, err := b.ReadAt(id, make([]byte, 4), 0)
+		wantErr(t, "foreign read", err, ErrUnknown)
+	}
+	wantErr(t, "ack without a break", a.Ack(aids[0]), ErrNotBreaking)
+	a.Release(aids[2])
+	wantErr(t, "ack after release", a.Ack(aids[2]), ErrUnknown)
+	wantErr(t, "release twice", a.Release(aids[2]), ErrUnknown)
+	// Nothing happened to a's remaining leases or b's.
+	for i, id := range aids[:2] {
+		buf := make([]byte, 5)
+		if n, err := a.ReadAt(id, buf, 0); err != nil || string(buf[:n]) != "data"+strconv.Itoa(i) {
+			t.Fatalf("a's lease %d: %q %v", i, buf[:n], err)
+		}
+	}
+	if _, err := b.ReadAt(bshared, make([]byte, 4), 0); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Stats(); st.Leases != 5 || st.Files != 4 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestSessionsResumeWithinGrace(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("x"))
+	c := coordinator(t, dir, Config{Grace: 300 * time.Millisecond})
+	s := session(t, c, "g", newBreaks().sink)
+	id := mustAcquire(t, s, requestFor(t, path))
+	s.Detach()
+	time.Sleep(100 * time.Millisecond)
+	r, err := c.Resume(s.Token(), "g again", newBreaks().sink)
+	if err != nil || r != s {
+		t.Fatalf("resume: %v", err)
+	}
+	if _, err := s.ReadAt(id, make([]byte, 1), 0); err != nil {
+		t.Fatalf("lease after resume: %v", err)
+	}
+	if _, err := c.Resume(Token{1}, "thief", newBreaks().sink); err != ErrNoSession {
+		t.Fatalf("made-up token: %v", err)
+	}
+	s.Detach()
+	eventually(t, "the session expires", func() bool { return c.Stats().Sessions == 0 })
+	if st := c.Stats(); st.Files != 0 || st.Leases != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	if _, err := c.Resume(s.Token(), "late", newBreaks().sink); err != ErrNoSession {
+		t.Fatalf("resume after the grace period: %v", err)
+	}
+}
+
+// A detached guest cannot acknowledge, so a break revokes its lease at
+// once instead of holding the writer for the deadline.
+func TestBreakDoesNotWaitForDetachedGuests(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("x"))
+	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second, Grace: time.Minute})
+	s := session(t, c, "g", newBreaks().sink)
+	id := mustAcquire(t, s, requestFor(t, path))
+	s.Detach()
+	w := startWriter(t, "open", path)
+	if !w.finished(t, 5*time.Second) {
+		t.Fatal("writer waits for a detached guest")
+	}
+	c.Resume(s.Token(), "back", newBreaks().sink)
+	_, err := s.ReadAt(id, make([]byte, 1), 0)
+	wantErr(t, "after reconnecting", err, ErrRevoked)
+}
+
+const (
+	fiFreeze = 0xC0045877
+	fiThaw   = 0xC0045878
+)
+
+// A truncate waiting on a break holds up a freeze; the break path must
+// not wait on the freeze in turn. Releasing the last lease of an unlinked
+// file while the freeze is pending or done (its close would free the
+// inode, which waits for the thaw) returns at once, and so does a new
+// Acquire.
+func TestBreakPathNeverWaitsOnAFreeze(t *testing.T) {
+	dir := exportFS(t, 32)
+	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second})
+	gone, busy, other := filepath.Join(dir, "gone"), filepath.Join(dir, "busy"), filepath.Join(dir, "other")
+	for _, p := range []string{gone, busy, other} {
+		writeFile(t, p, bytes.Repeat([]byte("z"), 100000))
+	}
+	b := newBreaks()
+	s := session(t, c, "g", b.sink)
+	idGone := mustAcquire(t, s, requestFor(t, gone))
+	idBusy := mustAcquire(t, s, requestFor(t, busy))
+	rOther := requestFor(t, other)
+	os.Remove(gone)
+
+	mnt, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(mnt)
+	t.Cleanup(func() { unix.IoctlSetInt(mnt, fiThaw, 0) })
+
+	w := startWriter(t, "truncate", busy)
+	b.next(t)
+	frozen := make(chan error, 1)
+	go func() { frozen <- unix.IoctlSetInt(mnt, fiFreeze, 0) }()
+	select {
+	case err := <-frozen:
+		t.Fatalf("the freeze did not wait for the truncating writer: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	within := func(what string, f func() error) {
+		t.Helper()
+		done := make(chan error, 1)
+		go func() { done <- f() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("%s waited on the freeze", what)
+		}
+	}
+	within("releasing an unlinked file's last lease", func() error { return s.Release(idGone) })
+	within("acknowledging the break", func() error { return s.Ack(idBusy) })
+	select {
+	case err := <-frozen:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the freeze is still waiting after the ack")
+	}
+	if !w.finished(t, 5*time.Second) {
+		t.Fatal("the writer did not finish")
+	}
+	within("acquiring while frozen", func() error { _, err := s.Acquire(rOther); return err })
+	if err := unix.IoctlSetInt(mnt, fiThaw, 0); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the unlinked file is closed after the thaw", func() bool {
+		return c.fds.Load() == 1
+	})
+}
+
+// The lease facts this package is built on (DESIGN.md, "Kernel leases").
+// If a kernel changes one, this test fails so the design is revisited.
+func TestKernelLeaseFacts(t *testing.T) {
+	dir := exportFS(t, 32)
+	path := filepath.Join(dir, "f")
+	writeFile(t, path, []byte("x"))
+	take := func() int {
+		fd, err := unix.Open(path, unix.O_RDONLY, 0)
+		if err != nil { // between the rename and the link
+			fd, err = unix.Open(path+".2", unix.O_RDONLY, 0)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_RDLCK); err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	// Not broken by these.
+	for _, c := range []struct {
+		name string
+		op   func() error
+	}{
+		{"rename", func() error { return os.Rename(path, path+".2") }},
+		{"link", func() error { return os.Link(path+".2", path) }},
+		{"unlink", func() error { return os.Remove(path + ".2") }},
+		{"chmod", func() error { return os.Chmod(path, 0o600) }},
+		{"utimes", func() error { return os.Chtimes(path, time.Unix(1, 0), time.Unix(1, 0)) }},
+		{"xattr", func() error { return unix.Setxattr(path, "user.k", []byte("v"), 0) }},
+		{"O_TRUNC", func() error { fd, err := unix.Open(path, unix.O_RDONLY|unix.O_TRUNC, 0); unix.Close(fd); return err }},
+	} {
+		name, op := c.name, c.op
+		fd := take()
+		if err := op(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !leaseHeld(fd) {
+			t.Errorf("%s broke a read lease", name)
+		}
+		unix.Close(fd)
+	}
+	// Broken (and refused) by an open for writing, even a non-blocking one.
+	fd := take()
+	if _, err := unix.Open(path, unix.O_WRONLY|unix.O_NONBLOCK, 0); err != syscall.EWOULDBLOCK {
+		t.Errorf("non-blocking open for writing: %v, want EAGAIN", err)
+	}
+	if leaseHeld(fd) {
+		t.Error("a non-blocking open for writing did not start a break")
+	}
+	unix.Close(fd)
+	// A file open for writing cannot be leased.
+	wfd, _ := unix.Open(path, unix.O_WRONLY, 0)
+	rfd, _ := unix.Open(path, unix.O_RDONLY, 0)
+	if _, err := unix.FcntlInt(uintptr(rfd), unix.F_SETLEASE, unix.F_RDLCK); err != syscall.EAGAIN {
+		t.Errorf("lease on a file open for writing: %v, want EAGAIN", err)
+	}
+	unix.Close(wfd)
+	unix.Close(rfd)
+	// An unlinked inode still open is reachable by handle.
+	writeFile(t, path, []byte("y"))
+	r := requestFor(t, path)
+	hold, _ := unix.Open(path, unix.O_RDONLY, 0)
+	os.Remove(path)
+	mfd, _ := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	defer unix.Close(mfd)
+	ofd, _, err := openInode(mfd, r.Ino, r.IGen)
+	if err != nil {
+		t.Fatalf("open_by_handle_at of an unlinked, open inode: %v", err)
+	}
+	unix.Close(ofd)
+	unix.Close(hold)
+	if _, _, err := openInode(mfd, r.Ino, r.IGen); err == nil || !regexp.MustCompile("no such inode").MatchString(err.Error()) {
+		t.Errorf("after the last close: %v, want not found (ESTALE)", err)
+	}
+}

@@ -1,0 +1,220 @@
+package lease
+
+import (
+	"crypto/rand"
+	"fmt"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// BreakFunc receives the ids of a session's leases that a writer wants
+// back. It is called from the coordinator's own goroutines and must not
+// block: queue the break and return.
+type BreakFunc func(ids []ID)
+
+// Session is one guest's set of leases. A guest's connection attaches
+// to it; when the connection goes, the session waits for a reconnect for
+// the grace period, then ends and its leases go with it.
+type Session struct {
+	c     *Coordinator
+	token Token
+	name  string
+
+	// All guarded by c.mu.
+	grants map[ID]*grant
+	sink   BreakFunc // nil while detached
+	grace  *time.Timer
+	closed bool
+}
+
+// NewSession starts a session for the guest called name (for logs),
+// whose breaks go to sink.
+func (c *Coordinator) NewSession(name string, sink BreakFunc) (*Session, error) {
+	if sink == nil {
+		return nil, fmt.Errorf("lease: a session needs a BreakFunc")
+	}
+	s := &Session{c: c, name: name, grants: map[ID]*grant{}, sink: sink}
+	_, _ = rand.Read(s.token[:])
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	c.sessions[s.token] = s
+	return s, nil
+}
+
+// Resume reattaches the session with this token, within its grace
+// period, to a new connection's sink.
+func (c *Coordinator) Resume(token Token, name string, sink BreakFunc) (*Session, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.sessions[token]
+	if s == nil || s.closed || sink == nil {
+		return nil, ErrNoSession
+	}
+	if s.grace != nil {
+		s.grace.Stop()
+		s.grace = nil
+	}
+	s.name, s.sink = name, sink
+	return s, nil
+}
+
+// Token returns the session's resume token.
+func (s *Session) Token() Token { return s.token }
+
+// Leases returns how many leases the session holds, revoked ones included.
+func (s *Session) Leases() int {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return len(s.grants)
+}
+
+// Detach is called when the guest's connection ends. Breaks in flight to
+// it are revoked at once (it cannot acknowledge them); the rest of its
+// leases wait for the grace period.
+func (s *Session) Detach() {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed || s.sink == nil {
+		return
+	}
+	s.sink = nil
+	for _, g := range s.grants {
+		if g.state == breakingGrant {
+			f := g.f
+			c.revoke(g)
+			if f.pending--; f.pending == 0 {
+				c.finish(f)
+			}
+		}
+	}
+	s.grace = time.AfterFunc(c.cfg.Grace, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if s.sink == nil {
+			c.endSession(s)
+		}
+	})
+}
+
+// Close ends the session and all its leases now.
+func (s *Session) Close() {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	s.c.endSession(s)
+}
+
+// endSession ends s and its leases. Called with c.mu held.
+func (c *Coordinator) endSession(s *Session) {
+	if s.closed {
+		return
+	}
+	s.closed = true
+	if s.grace != nil {
+		s.grace.Stop()
+	}
+	s.sink = nil
+	for _, g := range s.grants {
+		c.end(g)
+	}
+	delete(c.sessions, s.token)
+}
+
+// Acquire leases inode r.Ino for the session, if the live inode matches
+// r. It fails with ErrStale, ErrBusy, ErrNotFound, ErrNotRegular or
+// ErrQuota.
+func (s *Session) Acquire(r Request) (ID, error) { return s.c.acquire(s, r) }
+
+// lookup finds the session's lease id. Called with c.mu held. Another
+// session's lease, a released or an invented one are all ErrUnknown.
+func (s *Session) lookup(id ID) (*grant, error) {
+	g := s.grants[id]
+	if g == nil {
+		return nil, fmt.Errorf("%w: %#x", ErrUnknown, uint64(id))
+	}
+	return g, nil
+}
+
+// Release ends a lease; releasing a revoked lease clears it. Releasing a
+// lease that is being broken counts as acknowledging the break.
+func (s *Session) Release(id ID) error {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	g, err := s.lookup(id)
+	if err != nil {
+		return err
+	}
+	s.c.end(g)
+	return nil
+}
+
+// Ack acknowledges the break of a lease, which ends it. An ack for a
+// lease that is not being broken is ErrNotBreaking; one that comes after
+// the deadline is ErrRevoked; neither has any effect.
+func (s *Session) Ack(id ID) error {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	g, err := s.lookup(id)
+	if err != nil {
+		return err
+	}
+	switch g.state {
+	case active:
+		return fmt.Errorf("%w: %#x", ErrNotBreaking, uint64(id))
+	case revoked:
+		return fmt.Errorf("%w: %#x", ErrRevoked, uint64(id))
+	}
+	s.c.end(g)
+	return nil
+}
+
+// ReadAt reads the leased file at off. Reading goes on while a break is
+// out (the writer still waits); after a revocation it is ErrRevoked.
+func (s *Session) ReadAt(id ID, p []byte, off int64) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	g, err := s.lookup(id)
+	if err == nil && g.state == revoked {
+		err = fmt.Errorf("%w: %#x", ErrRevoked, uint64(id))
+	}
+	if err != nil {
+		c.mu.Unlock()
+		return 0, err
+	}
+	f := g.f
+	f.users++
+	c.mu.Unlock()
+
+	n, err := preadFull(f.fd, p, off)
+
+	c.mu.Lock()
+	c.unuse(f)
+	c.mu.Unlock()
+	return n, err
+}
+
+// preadFull reads until p is full or the file ends.
+func preadFull(fd int, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("lease: negative offset %d", off)
+	}
+	n := 0
+	for n < len(p) {
+		m, err := unix.Pread(fd, p[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		if m == 0 {
+			break
+		}
+		n += m
+	}
+	return n, nil
+}
