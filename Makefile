@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test lint fuzz bench demo deps clean
+.PHONY: all build test lint fuzz bench bench-lease demo deps clean
 
 all: build
 
@@ -28,13 +28,19 @@ lint:
 	"$$($(GO) env GOPATH)/bin/staticcheck" ./...
 
 # Each fuzz target for FUZZTIME (go test allows one target per run).
+FUZZPKGS := ./ext4ro ./vsockproto
 fuzz:
-	@for t in $$($(GO) test -list '^Fuzz' ./ext4ro | grep ^Fuzz); do \
-		echo "== $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./ext4ro || exit 1; done
+	@for p in $(FUZZPKGS); do for t in $$($(GO) test -list '^Fuzz' $$p | grep ^Fuzz); do \
+		echo "== $$p $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$p || exit 1; done; done
 
 bench: build
 	@scripts/deps.sh bench
 	bench/run.sh
+
+# Lease acquisition latency and memory per lease (root and loop devices).
+bench-lease: deps
+	$(GO) test -run '^$$' -bench Acquire -benchtime 20000x -count 5 ./lease
+	$(GO) test -run '^$$' -bench MemoryPerLease -benchtime 1x -count 2 ./lease
 
 demo: build
 	@scripts/deps.sh demo
