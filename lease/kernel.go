@@ -48,7 +48,12 @@ func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return -1, st, fmt.Errorf("%w: inode %d has mode %#o", ErrNotRegular, ino, st.Mode)
 	}
+	// O_NONBLOCK: an open that would wait for someone's write lease to
+	// be broken fails with EAGAIN instead.
 	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOATIME|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.EAGAIN) {
+		return -1, st, fmt.Errorf("%w: inode %d has a write lease", ErrBusy, ino)
+	}
 	if err != nil {
 		return -1, st, fmt.Errorf("reopen inode %d: %w", ino, err)
 	}
