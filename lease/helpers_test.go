@@ -123,6 +123,15 @@ func exportFS(t *testing.T, sizeMB int) string {
 	return imgtest.KernelMount(t, img, "rw")
 }
 
+// oneFile makes an export holding one file f with content b.
+func oneFile(t *testing.T, b string) (dir, path string) {
+	t.Helper()
+	dir = exportFS(t, 32)
+	path = filepath.Join(dir, "f")
+	writeFile(t, path, []byte(b))
+	return dir, path
+}
+
 // coordinator starts a coordinator on dir, closed when the test ends
 // (before the filesystem is unmounted).
 func coordinator(t testing.TB, dir string, cfg Config) *Coordinator {

@@ -266,9 +266,7 @@ func TestUnlinkedLeasedFileKeepsItsBytes(t *testing.T) {
 func TestWriterWaitsForEveryAck(t *testing.T) {
 	for _, mode := range []string{"open", "truncate"} {
 		t.Run(mode, func(t *testing.T) {
-			dir := exportFS(t, 32)
-			path := filepath.Join(dir, "f")
-			writeFile(t, path, []byte("hello"))
+			dir, path := oneFile(t, "hello")
 			c := coordinator(t, dir, Config{AckTimeout: 15 * time.Second})
 			r := requestFor(t, path)
 			var ss []*Session
@@ -319,9 +317,7 @@ func TestWriterWaitsForEveryAck(t *testing.T) {
 // A holder that never acknowledges holds the writer until the deadline,
 // and no longer; its lease is then revoked for good.
 func TestDeadlineRevokes(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("hello"))
+	dir, path := oneFile(t, "hello")
 	const deadline = 1500 * time.Millisecond
 	c := coordinator(t, dir, Config{AckTimeout: deadline})
 	r := requestFor(t, path)
@@ -358,9 +354,7 @@ func TestDeadlineRevokes(t *testing.T) {
 // open(O_RDONLY|O_TRUNC) truncates without breaking the lease; the
 // modification is caught and turned into a break.
 func TestTruncatingReadOnlyOpenIsCaught(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("hello"))
+	dir, path := oneFile(t, "hello")
 	c := coordinator(t, dir, Config{})
 	b := newBreaks()
 	s := session(t, c, "g", b.sink)
@@ -452,9 +446,7 @@ func TestBreakStormLosesNothing(t *testing.T) {
 // 500 guests leasing one file share one fd; one writer's break reaches
 // all 500, and the writer waits for the last of them.
 func TestManyGuestsOneFile(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("shared"))
+	dir, path := oneFile(t, "shared")
 	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second})
 	r := requestFor(t, path)
 	b := newBreaks()
@@ -553,9 +545,7 @@ func TestUntrustedGuests(t *testing.T) {
 }
 
 func TestSessionsResumeWithinGrace(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("x"))
+	dir, path := oneFile(t, "x")
 	c := coordinator(t, dir, Config{Grace: 300 * time.Millisecond})
 	s := session(t, c, "g", newBreaks().sink)
 	id := mustAcquire(t, s, requestFor(t, path))
@@ -584,9 +574,7 @@ func TestSessionsResumeWithinGrace(t *testing.T) {
 // A detached guest cannot acknowledge, so a break revokes its lease at
 // once instead of holding the writer for the deadline.
 func TestBreakDoesNotWaitForDetachedGuests(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("x"))
+	dir, path := oneFile(t, "x")
 	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second, Grace: time.Minute})
 	s := session(t, c, "g", newBreaks().sink)
 	id := mustAcquire(t, s, requestFor(t, path))
@@ -678,9 +666,7 @@ func TestBreakPathNeverWaitsOnAFreeze(t *testing.T) {
 // The lease facts this package is built on (DESIGN.md, "Kernel leases").
 // If a kernel changes one, this test fails so the design is revisited.
 func TestKernelLeaseFacts(t *testing.T) {
-	dir := exportFS(t, 32)
-	path := filepath.Join(dir, "f")
-	writeFile(t, path, []byte("x"))
+	dir, path := oneFile(t, "x")
 	take := func() int {
 		fd, err := unix.Open(path, unix.O_RDONLY, 0)
 		if err != nil { // between the rename and the link

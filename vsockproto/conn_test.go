@@ -206,20 +206,9 @@ func TestHandshake(t *testing.T) {
 		expectProtocolClose(t, nc, "exceeds the limit of 4096")
 	})
 	t.Run("silent guest", func(t *testing.T) {
-		a, _ := ParseAddr("unix:" + filepath.Join(t.TempDir(), "s"))
-		l, err := Listen(a, ListenOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		nc, err := Dial(context.Background(), a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer nc.Close()
-		sc, _, _ := l.Accept()
+		sc, _ := unixPair(t)
 		start := time.Now()
-		_, _, err = Server(context.Background(), sc, welcome(nil), Options{HandshakeTimeout: 100 * time.Millisecond})
+		_, _, err := Server(context.Background(), sc, welcome(nil), Options{HandshakeTimeout: 100 * time.Millisecond})
 		if err == nil || time.Since(start) > 3*time.Second {
 			t.Fatalf("handshake with a silent guest: %v after %v", err, time.Since(start))
 		}

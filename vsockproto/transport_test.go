@@ -64,23 +64,31 @@ func mustAddr(t *testing.T, s string) Addr {
 	return a
 }
 
-func TestUnixPeerIsCredentials(t *testing.T) {
+// unixPair listens on a fresh Unix socket, dials it, and returns the
+// accepted end and the peer the listener named.
+func unixPair(t *testing.T) (net.Conn, Peer) {
+	t.Helper()
 	a := mustAddr(t, "unix:"+filepath.Join(t.TempDir(), "s"))
 	l, err := Listen(a, ListenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
 	nc, err := Dial(context.Background(), a)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
+	t.Cleanup(func() { nc.Close() })
 	sc, peer, err := l.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc.Close()
+	t.Cleanup(func() { sc.Close() })
+	return sc, peer
+}
+
+func TestUnixPeerIsCredentials(t *testing.T) {
+	_, peer := unixPair(t)
 	if peer.Kind != KindUnix || int(peer.PID) != os.Getpid() || int(peer.UID) != os.Geteuid() {
 		t.Fatalf("peer %+v, want pid %d uid %d", peer, os.Getpid(), os.Geteuid())
 	}
