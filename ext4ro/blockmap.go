@@ -20,18 +20,24 @@ const maxFileBlocks = 1 << 32
 // simply not visited. Every pointer is checked; a malformed map is an
 // ErrCorrupt naming the inode and block.
 func (f *FS) walkMap(in *Inode, from, to uint64, fn func(run) error) error {
+	return f.walkMapTree(in, from, to, fn, nil)
+}
+
+// walkMapTree is walkMap that also calls tree, if not nil, with each
+// extent tree or indirect block it reads.
+func (f *FS) walkMapTree(in *Inode, from, to uint64, fn func(run) error, tree func(uint64)) error {
 	to = min(to, maxFileBlocks)
 	if from >= to {
 		return nil
 	}
 	if in.hasExtents() {
-		w := extentWalker{f: f, in: in, from: from, to: to, fn: fn}
+		w := extentWalker{f: f, in: in, from: from, to: to, fn: fn, tree: tree}
 		return w.node(in.iblock(), 0, -1)
 	}
 	if in.hasInlineData() {
 		return nil
 	}
-	w := indirectWalker{f: f, in: in, from: from, to: to, fn: fn, per: f.bs / 4}
+	w := indirectWalker{f: f, in: in, from: from, to: to, fn: fn, per: f.bs / 4, tree: tree}
 	return w.walk()
 }
 
@@ -44,6 +50,7 @@ type extentWalker struct {
 	fn       func(run) error
 	next     uint64              // every later run must start at or after this
 	seen     map[uint64]struct{} // tree blocks visited, against shared subtrees
+	tree     func(uint64)        // told of every tree block read, if not nil
 }
 
 // node walks one extent tree node. blk is 0 for the root in the inode;
@@ -95,6 +102,9 @@ func (w *extentWalker) node(b []byte, blk uint64, wantDepth int) error {
 			return corrupt("extent index", ino, blk, "block %d is referenced twice", child)
 		}
 		w.seen[child] = struct{}{}
+		if w.tree != nil {
+			w.tree(child)
+		}
 		cb, err := w.f.block(child)
 		if err != nil {
 			return fmt.Errorf("inode %d: extent tree: %w", ino, err)
@@ -150,8 +160,9 @@ type indirectWalker struct {
 	in       *Inode
 	from, to uint64
 	fn       func(run) error
-	per      uint64 // pointers per block
-	pending  run    // adjacent blocks are merged into one run
+	per      uint64       // pointers per block
+	pending  run          // adjacent blocks are merged into one run
+	tree     func(uint64) // told of every indirect block read, if not nil
 }
 
 func (w *indirectWalker) walk() error {
@@ -197,6 +208,9 @@ func (w *indirectWalker) emit(logical, p uint64, level int) error {
 		}
 		w.pending = run{logical: logical, physical: p, length: 1}
 		return nil
+	}
+	if w.tree != nil {
+		w.tree(p)
 	}
 	b, err := w.f.block(p)
 	if err != nil {

@@ -408,7 +408,7 @@ func (c *Coordinator) check(fd int, r Request) error {
 	if r.Layout == 0 {
 		return nil
 	}
-	runs, err := layout(fd, c.bsize)
+	runs, err := Layout(fd, c.bsize)
 	if errors.Is(err, errNoLayout) {
 		return fmt.Errorf("%w: inode %d has data not yet allocated", ErrStale, r.Ino)
 	}

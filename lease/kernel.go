@@ -147,9 +147,9 @@ func HashLayout(runs []Extent) uint64 {
 // allocation), so no generation can describe it yet.
 var errNoLayout = errors.New("data not yet allocated")
 
-// layout reads fd's extents with FIEMAP, without syncing (a sync could
+// Layout reads fd's extents with FIEMAP, without syncing (a sync could
 // wait on a frozen filesystem), in blocks of size bs.
-func layout(fd int, bs uint64) ([]Extent, error) {
+func Layout(fd int, bs uint64) ([]Extent, error) {
 	const batch = 128
 	buf := make([]byte, 32+56*batch)
 	var runs []Extent

@@ -211,7 +211,7 @@ func TestUnlinkedLeasedFileKeepsItsBytes(t *testing.T) {
 	id := mustAcquire(t, s, requestFor(t, path))
 
 	fd, _ := unix.Open(path, unix.O_RDONLY, 0)
-	runs, err := layout(fd, 4096)
+	runs, err := Layout(fd, 4096)
 	unix.Close(fd)
 	if err != nil || len(runs) == 0 {
 		t.Fatalf("layout: %v %v", runs, err)
