@@ -48,3 +48,28 @@ func (f *FS) MetaBlocks(in *Inode, fn func(start, count uint64)) error {
 		return nil
 	}, func(b uint64) { fn(b, 1) })
 }
+
+// DescriptorBlocks returns the blocks that hold the group descriptors.
+func (f *FS) DescriptorBlocks() []uint64 {
+	n := (f.sb.GroupCount() + f.descPerBlk - 1) / f.descPerBlk
+	bs := make([]uint64, n)
+	for i := range n {
+		bs[i] = f.descBlock(i)
+	}
+	return bs
+}
+
+// InodeTable returns where group g's inode table starts and how many of
+// its blocks are in use; the rest are uninitialised and never read.
+func (f *FS) InodeTable(g uint32) (start, used uint64, err error) {
+	gd, err := f.group(g)
+	if err != nil {
+		return 0, 0, err
+	}
+	if gd.flags&bgInodeUninit != 0 {
+		return gd.inodeTable, 0, nil
+	}
+	sb := f.sb
+	inUse := uint64(sb.InodesPerGroup - min(gd.itableUnused, sb.InodesPerGroup))
+	return gd.inodeTable, (inUse*uint64(sb.InodeSize) + f.bs - 1) / f.bs, nil
+}

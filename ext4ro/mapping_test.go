@@ -127,18 +127,17 @@ func TestMetaBlocksCoverEveryMetadataRead(t *testing.T) {
 			rec.mu.Unlock()
 
 			allowed := map[uint64]bool{uint64(1024 / c.bs): true}
-			sb := f.Superblock()
-			for i := uint32(0); i < (sb.GroupCount()+f.descPerBlk-1)/f.descPerBlk; i++ {
-				allowed[f.descBlock(i)] = true
+			for _, b := range f.DescriptorBlocks() {
+				allowed[b] = true
 			}
-			tableBlocks := uint64(sb.InodesPerGroup) * uint64(sb.InodeSize) / uint64(c.bs)
+			sb := f.Superblock()
 			for g := range sb.GroupCount() {
-				gd, err := f.group(g)
+				start, used, err := f.InodeTable(g)
 				if err != nil {
 					t.Fatal(err)
 				}
-				for b := range tableBlocks {
-					allowed[gd.inodeTable+b] = true
+				for b := range used {
+					allowed[start+b] = true
 				}
 			}
 			listed := 0

@@ -1,0 +1,205 @@
+package hostagent
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/leasefs/leasefs/ext4ro"
+)
+
+// scan captures the metadata of the frozen filesystem on dev, against
+// the previous generation (nil for the first). Inode table blocks are
+// all read, and compared by hash; an inode whose bytes differ has its
+// MetaBlocks listed and read again. An unchanged inode's blocks are
+// carried over unread: ext4 changes an inode (its times, size or block
+// count) whenever it changes a block the inode's metadata lives in.
+func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error) {
+	fs, err := ext4ro.Open(dev, &ext4ro.Options{Size: dev.size, CacheBytes: 8 << 20})
+	if err != nil {
+		return nil, fmt.Errorf("reading the frozen device: %w", err)
+	}
+	sb := fs.Superblock()
+	bs := uint64(fs.BlockSize())
+	if prev != nil && uint64(prev.BlockSize) != bs {
+		prev = nil // a different filesystem: start over
+	}
+	g = &Generation{BlockSize: int(bs), store: store, blocks: map[uint64]Hash{}, deps: map[uint32][]uint64{}}
+	defer func() {
+		if err != nil {
+			g.release()
+		}
+	}()
+	fresh := map[uint64]bool{} // blocks read from the device in this scan
+	set := func(b uint64, h Hash) {
+		if old, ok := g.blocks[b]; ok {
+			store.unref(old)
+		}
+		g.blocks[b] = h
+	}
+	buf := alignedBuf(int(bs) * 256)
+	readBlocks := func(start, n uint64) ([]byte, error) {
+		p := buf[:n*bs]
+		if _, err := dev.ReadAt(p, int64(start*bs)); err != nil {
+			return nil, err
+		}
+		return p, nil
+	}
+	readFresh := func(b uint64) error {
+		if fresh[b] {
+			return nil
+		}
+		p, err := readBlocks(b, 1)
+		if err != nil {
+			return err
+		}
+		fresh[b] = true
+		set(b, store.put(p))
+		return nil
+	}
+
+	// Superblock and group descriptors.
+	for _, b := range append([]uint64{1024 / bs}, fs.DescriptorBlocks()...) {
+		if err := readFresh(b); err != nil {
+			return g, err
+		}
+	}
+
+	// Inode tables: find the inodes whose bytes changed.
+	var changed []uint32
+	isz := uint64(sb.InodeSize)
+	perBlock := bs / isz
+	for grp := range sb.GroupCount() {
+		start, used, err := fs.InodeTable(grp)
+		if err != nil {
+			return g, err
+		}
+		for done := uint64(0); done < used; {
+			n := min(used-done, 256)
+			p, err := readBlocks(start+done, n)
+			if err != nil {
+				return g, err
+			}
+			for i := range n {
+				blk := start + done + i
+				content := p[i*bs : (i+1)*bs]
+				h := Hash(sha256.Sum256(content))
+				var old []byte
+				if prev != nil {
+					if ph, ok := prev.blocks[blk]; ok {
+						if ph == h {
+							store.ref(h)
+							set(blk, h)
+							fresh[blk] = true
+							continue
+						}
+						old = store.get(ph)
+					}
+				}
+				first := uint64(grp)*uint64(sb.InodesPerGroup) + (done+i)*perBlock + 1
+				for k := range perBlock {
+					cur := content[k*isz : (k+1)*isz]
+					if old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]) {
+						changed = append(changed, uint32(first+k))
+					}
+				}
+				set(blk, store.put(content))
+				fresh[blk] = true
+			}
+			done += n
+		}
+	}
+	if prev == nil {
+		// Everything is new; only the inodes in use matter below.
+		g.All = true
+	}
+
+	// Inode dependencies: carried over, then redone for changed inodes.
+	isChanged := make(map[uint32]bool, len(changed))
+	for _, ino := range changed {
+		isChanged[ino] = true
+	}
+	reread := map[uint64]bool{}
+	if prev != nil {
+		for ino, deps := range prev.deps {
+			if !isChanged[ino] {
+				g.deps[ino] = deps
+				continue
+			}
+			for _, b := range deps {
+				reread[b] = true // shared blocks (xattr) may have changed for others
+			}
+		}
+	}
+	var realChanged []uint32
+	for _, ino := range changed {
+		in, err := fs.Inode(ino)
+		if errors.Is(err, ext4ro.ErrNotExist) || errors.Is(err, ext4ro.ErrInvalid) {
+			if prev != nil {
+				realChanged = append(realChanged, ino) // removed
+			}
+			continue
+		}
+		if err != nil {
+			return g, fmt.Errorf("inode %d: %w", ino, err)
+		}
+		realChanged = append(realChanged, ino)
+		if ino < sb.FirstIno && ino != ext4ro.RootIno {
+			continue // the journal, resize inode and the like: never read by guests
+		}
+		var deps []uint64
+		if err := fs.MetaBlocks(in, func(start, n uint64) {
+			for b := start; b < start+n; b++ {
+				deps = append(deps, b)
+			}
+		}); err != nil {
+			return g, fmt.Errorf("inode %d: %w", ino, err)
+		}
+		if len(deps) > 0 {
+			g.deps[ino] = deps
+			for _, b := range deps {
+				reread[b] = true
+			}
+		}
+	}
+	for _, deps := range g.deps {
+		for _, b := range deps {
+			if _, done := g.blocks[b]; done {
+				continue
+			}
+			if ph, ok := prev.lookup(b); ok && !reread[b] {
+				store.ref(ph)
+				set(b, ph)
+				continue
+			}
+			if err := readFresh(b); err != nil {
+				return g, err
+			}
+		}
+	}
+
+	// What changed since prev.
+	var diff []uint64
+	for b, h := range g.blocks {
+		if ph, ok := prev.lookup(b); !ok || ph != h {
+			diff = append(diff, b)
+		}
+	}
+	slices.Sort(diff)
+	g.Changed = ranges(diff)
+	if !g.All {
+		g.ChangedInodes = realChanged
+	}
+	return g, nil
+}
+
+// lookup is prev.blocks[b] for a possibly nil generation.
+func (g *Generation) lookup(b uint64) (Hash, bool) {
+	if g == nil {
+		return Hash{}, false
+	}
+	h, ok := g.blocks[b]
+	return h, ok
+}

@@ -1,0 +1,57 @@
+// Package hostagent is the host side of leasefs: exports, the generations
+// captured from them, and (to come) the server that ties the lease
+// coordinator and the wire protocol together.
+//
+// # Generations
+//
+// A Generation is a numbered, immutable state of an export's metadata:
+// every block that ext4ro reads through its metadata reader — the
+// superblock, the group descriptors, the used part of each inode table
+// and each in-use inode's ext4ro.MetaBlocks (directory blocks, extent and
+// indirect blocks, xattr blocks, slow symlink blocks, xattr inodes'
+// data) — as it was during one freeze. A Generation is an io.ReaderAt
+// that serves exactly those blocks, so an ext4ro.FS opened over it reads
+// that state and never anything else; file data is not in it.
+//
+// Export.Publish makes one: syncfs, record the freeze as ours in the
+// state directory, arm the watchdog, FIFREEZE, scan, FITHAW. The scan
+// reads the device with O_DIRECT (after a freeze the page cache can hold
+// stale file data for blocks that have since become metadata). It reads
+// every used inode table block and compares it with the previous
+// generation's by hash; only inodes whose bytes differ have their
+// MetaBlocks listed and read again, and the blocks of the others are
+// carried over unread. That is sound because ext4 changes an inode — its
+// times, size or block count — whenever it changes a block the inode's
+// metadata lives in; blocks shared between inodes (xattr blocks) are read
+// again whenever any inode that shares them changes. A generation lists
+// the blocks and inodes that changed since the one before.
+//
+// Blocks are kept once, by content, in a Store shared by the export's
+// generations, and counted: Drop releases a generation and the blocks
+// only it held.
+//
+// # Freezes and the watchdog
+//
+// A freeze outlives the process that made it, and the writers it holds
+// cannot be killed. The agent never freezes without a Watchdog: a
+// separate process (WatchdogMain) told over a pipe when a freeze starts
+// and ends, which thaws the filesystem when the freeze overruns its
+// budget or the pipe closes mid-freeze. A publish whose freeze the
+// watchdog had to thaw is thrown away (ErrOverrun): the scan may have
+// seen writers at work.
+//
+// FIFREEZE failing with EBUSY means someone else froze the filesystem:
+// Publish returns ErrFrozenByOther and nobody here thaws it. The agent
+// records each freeze in its state directory before it starts it, and at
+// start-up thaws a freeze only when that record says it was its own. The
+// record is written before FIFREEZE, so an agent that dies between an
+// EBUSY and removing the record would, on restart, thaw the other
+// freeze; the window is a few microseconds, against the alternative of a
+// freeze of ours that nobody thaws.
+//
+// # Locking
+//
+// Export.pub serialises publishes; Export.mu guards the kept generations
+// and is never held during I/O. A Generation is immutable once published
+// and read without locks; the Store has its own lock.
+package hostagent

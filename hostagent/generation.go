@@ -1,0 +1,76 @@
+package hostagent
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// Generation is a numbered, immutable state of an export's metadata:
+// every block a reader of the filesystem reads besides file data (the
+// superblock, the group descriptors, the used inode tables and each
+// inode's MetaBlocks), as it was during one freeze.
+type Generation struct {
+	Number    uint64
+	BlockSize int
+	Frozen    time.Duration // how long writers were held by the freeze
+	Captured  time.Time
+
+	// What changed since the generation before: the blocks whose bytes
+	// differ (or that are new) and the inodes whose bytes differ. All is
+	// set for the first generation and after a generation with gaps.
+	Changed       []vsockproto.BlockRange
+	ChangedInodes []uint32
+	All           bool
+
+	store  *Store
+	blocks map[uint64]Hash     // block number → content
+	deps   map[uint32][]uint64 // inode → its MetaBlocks, for the next capture
+}
+
+// Blocks returns how many metadata blocks the generation holds.
+func (g *Generation) Blocks() int { return len(g.blocks) }
+
+// Has reports whether block n is metadata of the generation.
+func (g *Generation) Has(n uint64) bool { _, ok := g.blocks[n]; return ok }
+
+// ReadAt reads the generation's metadata as an image would read: a block
+// that is not metadata of this generation is an error, so nothing but
+// metadata is ever served from it. It makes a Generation the metadata
+// reader of an ext4ro.FS.
+func (g *Generation) ReadAt(p []byte, off int64) (int, error) {
+	bs := int64(g.BlockSize)
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		h, ok := g.blocks[uint64(pos/bs)]
+		if !ok {
+			return n, fmt.Errorf("generation %d: block %d is not metadata", g.Number, pos/bs)
+		}
+		b := g.store.get(h)
+		n += copy(p[n:], b[pos%bs:])
+	}
+	return n, nil
+}
+
+// release drops the generation's references to its blocks.
+func (g *Generation) release() {
+	for _, h := range g.blocks {
+		g.store.unref(h)
+	}
+	g.blocks = nil
+}
+
+// ranges turns sorted block numbers into ranges.
+func ranges(blocks []uint64) []vsockproto.BlockRange {
+	var rs []vsockproto.BlockRange
+	for _, b := range blocks {
+		if n := len(rs); n > 0 && rs[n-1].Start+uint64(rs[n-1].Count) == b && rs[n-1].Count < 1<<31 {
+			rs[n-1].Count++
+			continue
+		}
+		rs = append(rs, vsockproto.BlockRange{Start: b, Count: 1})
+	}
+	return rs
+}

@@ -1,0 +1,137 @@
+package hostagent
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
+)
+
+// TestMain doubles as two helper processes: the watchdog
+// (HOSTAGENT_TEST_WATCHDOG=mount), and an agent that publishes and hangs
+// while frozen (HOSTAGENT_TEST_AGENT=device:mount:statedir).
+func TestMain(m *testing.M) {
+	if mount := os.Getenv("HOSTAGENT_TEST_WATCHDOG"); mount != "" {
+		if err := WatchdogMain(os.Stdin, mount, hclog.New(&hclog.LoggerOptions{Output: os.Stderr})); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	if spec := os.Getenv("HOSTAGENT_TEST_AGENT"); spec != "" {
+		os.Exit(hangingAgent(spec))
+	}
+	os.Exit(m.Run())
+}
+
+func watchdogCmd(mount string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "HOSTAGENT_TEST_WATCHDOG="+mount)
+	cmd.Stderr = os.Stderr
+	return cmd
+}
+
+func hangingAgent(spec string) int {
+	f := strings.SplitN(spec, ":", 3)
+	wd, err := StartWatchdog(watchdogCmd(f[1]))
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	e, err := OpenExport(ExportConfig{Name: "x", Device: f[0], Mount: f[1], StateDir: f[2], Watchdog: wd, FreezeBudget: time.Minute})
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	e.onFrozen = func() {
+		fmt.Println("frozen")
+		select {}
+	}
+	_, err = e.Publish()
+	fmt.Println(err)
+	return 1
+}
+
+// export is a loop-mounted, read-write ext4 for a test.
+type export struct {
+	img, dev, mnt, state string
+}
+
+func newExport(t *testing.T, sizeMB int, args ...string) export {
+	t.Helper()
+	testenv.RequireLoop(t)
+	img := imgtest.Mkfs(t, "ext4", "", sizeMB, append([]string{"-b", "4096", "-O",
+		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"}, args...)...)
+	mnt := imgtest.KernelMount(t, img, "rw")
+	return export{img: img, dev: loopDevice(t, mnt), mnt: mnt, state: t.TempDir()}
+}
+
+// loopDevice returns the device mounted at mnt.
+func loopDevice(t *testing.T, mnt string) string {
+	t.Helper()
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, _ := strings.Cut(line, " - ")
+		if f, g := strings.Fields(pre), strings.Fields(post); len(f) > 4 && f[4] == mnt && len(g) > 1 {
+			return g[1]
+		}
+	}
+	t.Fatalf("nothing mounted at %s", mnt)
+	return ""
+}
+
+// open opens the export with a watchdog, both closed when t ends.
+func (x export) open(t *testing.T, budget time.Duration) *Export {
+	t.Helper()
+	wd, err := StartWatchdog(watchdogCmd(x.mnt))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wd.Close() })
+	e, err := OpenExport(ExportConfig{Name: "test", Device: x.dev, Mount: x.mnt, StateDir: x.state, Watchdog: wd, FreezeBudget: budget})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+// writable reports whether a write to the export completes within d.
+func (x export) writable(d time.Duration) bool {
+	done := make(chan error, 1)
+	go func() { done <- os.WriteFile(filepath.Join(x.mnt, "probe"), []byte("p"), 0o644) }()
+	select {
+	case err := <-done:
+		return err == nil
+	case <-time.After(d):
+		return false
+	}
+}
+
+// startHangingAgent runs an agent process that freezes the export and
+// hangs; it returns once the export is frozen.
+func startHangingAgent(t *testing.T, x export) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "HOSTAGENT_TEST_AGENT="+x.dev+":"+x.mnt+":"+x.state)
+	out, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	if line != "frozen\n" {
+		t.Fatalf("agent said %q", line)
+	}
+	return cmd
+}
