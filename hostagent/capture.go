@@ -17,7 +17,8 @@ import (
 // carried over unread: ext4 changes an inode (its times, size or block
 // count) whenever it changes a block the inode's metadata lives in.
 func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error) {
-	fs, err := ext4ro.Open(dev, &ext4ro.Options{Size: dev.size, CacheBytes: 8 << 20})
+	sr := &scanReader{dev: dev}
+	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.size, CacheBytes: 8 << 20})
 	if err != nil {
 		return nil, fmt.Errorf("reading the frozen device: %w", err)
 	}
@@ -27,6 +28,7 @@ func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error
 		prev = nil // a different filesystem: start over
 	}
 	g = &Generation{BlockSize: int(bs), store: store, blocks: map[uint64]Hash{}, deps: map[uint32][]uint64{}}
+	sr.g = g
 	defer func() {
 		if err != nil {
 			g.release()
@@ -193,6 +195,32 @@ func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error
 		g.ChangedInodes = realChanged
 	}
 	return g, nil
+}
+
+// scanReader is what ext4ro reads the frozen device through during a
+// scan: blocks already read in this scan come from the generation being
+// built, the rest from the device.
+type scanReader struct {
+	dev *device
+	g   *Generation // nil until the scan has started filling it
+}
+
+func (r *scanReader) ReadAt(p []byte, off int64) (int, error) {
+	if r.g == nil {
+		return r.dev.ReadAt(p, off)
+	}
+	bs := int64(r.g.BlockSize)
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		h, ok := r.g.blocks[uint64(pos/bs)]
+		if !ok {
+			m, err := r.dev.ReadAt(p[n:], pos)
+			return n + m, err
+		}
+		n += copy(p[n:], r.g.store.get(h)[pos%bs:])
+	}
+	return n, nil
 }
 
 // lookup is prev.blocks[b] for a possibly nil generation.

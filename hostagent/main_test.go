@@ -76,7 +76,9 @@ func newExport(t *testing.T, sizeMB int, args ...string) export {
 }
 
 // loopDevice returns the device mounted at mnt.
-func loopDevice(t *testing.T, mnt string) string {
+func loopDevice(t *testing.T, mnt string) string { return loopDeviceB(t, mnt) }
+
+func loopDeviceB(t testing.TB, mnt string) string {
 	t.Helper()
 	b, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, line := range strings.Split(string(b), "\n") {
