@@ -28,7 +28,7 @@ func BenchmarkPublish(b *testing.B) {
 			os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), []byte("x"), 0o644)
 		}
 	}
-	x := export{img: img, dev: loopDeviceB(b, mnt), mnt: mnt, state: b.TempDir()}
+	x := export{img: img, dev: imgtest.LoopDevice(b, mnt), mnt: mnt, state: b.TempDir()}
 	wd, err := StartWatchdog(watchdogCmd(mnt))
 	if err != nil {
 		b.Fatal(err)

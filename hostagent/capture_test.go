@@ -285,7 +285,7 @@ func TestOpenExportChecks(t *testing.T) {
 		}
 	}
 	ro := imgtest.KernelMount(t, imgtest.Mkfs(t, "ext4", "", 32), "ro")
-	if _, err := OpenExport(ExportConfig{Name: "x", Device: loopDevice(t, ro), Mount: ro, StateDir: x.state, Watchdog: wd}); err == nil || !strings.Contains(err.Error(), "read-write") {
+	if _, err := OpenExport(ExportConfig{Name: "x", Device: imgtest.LoopDevice(t, ro), Mount: ro, StateDir: x.state, Watchdog: wd}); err == nil || !strings.Contains(err.Error(), "read-write") {
 		t.Errorf("read-only mount: %v", err)
 	}
 }

@@ -72,23 +72,7 @@ func newExport(t *testing.T, sizeMB int, args ...string) export {
 	img := imgtest.Mkfs(t, "ext4", "", sizeMB, append([]string{"-b", "4096", "-O",
 		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"}, args...)...)
 	mnt := imgtest.KernelMount(t, img, "rw")
-	return export{img: img, dev: loopDevice(t, mnt), mnt: mnt, state: t.TempDir()}
-}
-
-// loopDevice returns the device mounted at mnt.
-func loopDevice(t *testing.T, mnt string) string { return loopDeviceB(t, mnt) }
-
-func loopDeviceB(t testing.TB, mnt string) string {
-	t.Helper()
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, _ := strings.Cut(line, " - ")
-		if f, g := strings.Fields(pre), strings.Fields(post); len(f) > 4 && f[4] == mnt && len(g) > 1 {
-			return g[1]
-		}
-	}
-	t.Fatalf("nothing mounted at %s", mnt)
-	return ""
+	return export{img: img, dev: imgtest.LoopDevice(t, mnt), mnt: mnt, state: t.TempDir()}
 }
 
 // open opens the export with a watchdog, both closed when t ends.

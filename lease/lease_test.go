@@ -155,20 +155,12 @@ func TestLayoutCheck(t *testing.T) {
 // findSource returns the image file behind the loop mount at dir.
 func findSource(t *testing.T, dir string) string {
 	t.Helper()
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 9 && f[4] == dir {
-			dev := f[len(f)-2]
-			back, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/loop/backing_file")
-			if err != nil {
-				t.Fatal(err)
-			}
-			return strings.TrimSpace(string(back))
-		}
+	dev := imgtest.LoopDevice(t, dir)
+	back, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/loop/backing_file")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("no mount at %s", dir)
-	return ""
+	return strings.TrimSpace(string(back))
 }
 
 func TestHashLayoutMergesRuns(t *testing.T) {

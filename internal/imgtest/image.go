@@ -105,3 +105,21 @@ func Unmount(t testing.TB, dir string) {
 	t.Errorf("unmount %s: %v; detaching", dir, err)
 	_ = unix.Unmount(dir, unix.MNT_DETACH)
 }
+
+// LoopDevice returns the device mounted at mnt (a /dev/loopN for the
+// mounts KernelMount makes).
+func LoopDevice(t testing.TB, mnt string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, _ := strings.Cut(line, " - ")
+		if f, g := strings.Fields(pre), strings.Fields(post); len(f) > 4 && f[4] == mnt && len(g) > 1 {
+			return g[1]
+		}
+	}
+	t.Fatalf("nothing is mounted at %s", mnt)
+	return ""
+}
