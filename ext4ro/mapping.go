@@ -1,6 +1,12 @@
 package ext4ro
 
-import "fmt"
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+)
 
 // Extent is a run of a file's blocks: file blocks [Logical,
 // Logical+Count) live in device blocks [Physical, Physical+Count).
@@ -72,4 +78,81 @@ func (f *FS) InodeTable(g uint32) (start, used uint64, err error) {
 	sb := f.sb
 	inUse := uint64(sb.InodesPerGroup - min(gd.itableUnused, sb.InodesPerGroup))
 	return gd.inodeTable, (inUse*uint64(sb.InodeSize) + f.bs - 1) / f.bs, nil
+}
+
+// File is a regular file's content as it was mapped when opened: its
+// size, its extents (or its inline bytes) and the data reader. It reads
+// the same device blocks whatever later happens to the metadata it came
+// from, as an open file on a local filesystem keeps reading its inode.
+type File struct {
+	size   uint64
+	bs     uint64
+	ext    []Extent
+	inline []byte
+	data   io.ReaderAt
+}
+
+// OpenFile maps regular file in for reading through the data reader.
+func (f *FS) OpenFile(in *Inode) (*File, error) {
+	if !in.IsRegular() {
+		return nil, fmt.Errorf("ext4ro: inode %d is not a regular file: %w", in.Ino, ErrInvalid)
+	}
+	fl := &File{size: in.Size, bs: f.bs, data: f.data}
+	if in.hasInlineData() {
+		fl.inline = make([]byte, in.Size)
+		if _, err := f.readFile(in, fl.inline, 0, nil); err != nil && !errors.Is(err, io.EOF) {
+			return nil, err
+		}
+		return fl, nil
+	}
+	var err error
+	fl.ext, err = f.Map(in)
+	return fl, err
+}
+
+// Size is the file's size when it was opened.
+func (fl *File) Size() uint64 { return fl.size }
+
+// Extents returns the file's extents; they must not be modified.
+func (fl *File) Extents() []Extent { return fl.ext }
+
+// ReadAt reads like FS.ReadAt: holes and unwritten extents are zeros, and
+// a read reaching the end returns io.EOF with the bytes before it.
+func (fl *File) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("ext4ro: negative offset %d: %w", off, ErrInvalid)
+	}
+	if uint64(off) >= fl.size {
+		return 0, io.EOF
+	}
+	want := len(p)
+	n := int(min(uint64(len(p)), fl.size-uint64(off)))
+	p = p[:n]
+	if fl.inline != nil {
+		copy(p, fl.inline[off:])
+	} else {
+		clear(p)
+		start, end := uint64(off), uint64(off)+uint64(n)
+		i, _ := slices.BinarySearchFunc(fl.ext, start/fl.bs, func(e Extent, b uint64) int {
+			return cmp.Compare(e.Logical+e.Count, b+1)
+		})
+		for ; i < len(fl.ext); i++ {
+			e := fl.ext[i]
+			from, to := max(e.Logical*fl.bs, start), min((e.Logical+e.Count)*fl.bs, end)
+			if from >= end {
+				break
+			}
+			if from >= to || e.Unwritten {
+				continue
+			}
+			dst := p[from-start : to-start]
+			if _, err := fl.data.ReadAt(dst, int64(e.Physical*fl.bs+from-e.Logical*fl.bs)); err != nil && !errors.Is(err, io.EOF) {
+				return 0, fmt.Errorf("ext4ro: reading device block %d: %w", e.Physical+(from/fl.bs-e.Logical), err)
+			}
+		}
+	}
+	if n < want {
+		return n, io.EOF
+	}
+	return n, nil
 }

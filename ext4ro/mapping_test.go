@@ -1,6 +1,7 @@
 package ext4ro
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -207,4 +208,61 @@ func TestMapMatchesFIEMAP(t *testing.T) {
 			t.Logf("%d files compared", n)
 		})
 	}
+}
+
+// An OpenFile reads exactly what FS.ReadAt reads, at any offset.
+func TestOpenFileReadsLikeReadAt(t *testing.T) {
+	imgtest.RequireTools(t, "mkfs.ext4", "mkfs.ext2", "e2fsck")
+	for i, c := range mappingImages {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			f := openImage(t, mappingImage(t, i), nil)
+			n := 0
+			for _, in := range everythingFiles(t, f) {
+				fl, err := f.OpenFile(in)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, off := range []int64{0, 1, int64(in.Size) / 3, int64(in.Size) - 5000, int64(in.Size) - 1, int64(in.Size), int64(in.Size) + 9} {
+					if off < 0 {
+						continue
+					}
+					a, b := make([]byte, 9000), make([]byte, 9000)
+					na, ea := f.ReadAt(in, a, off)
+					nb, eb := fl.ReadAt(b, off)
+					if na != nb || (ea == nil) != (eb == nil) || !bytes.Equal(a[:na], b[:nb]) {
+						t.Fatalf("inode %d at %d: ReadAt %d %v, OpenFile %d %v", in.Ino, off, na, ea, nb, eb)
+					}
+				}
+				n++
+			}
+			t.Logf("%d files", n)
+		})
+	}
+}
+
+func everythingFiles(t *testing.T, f *FS) []*Inode {
+	var files []*Inode
+	root, _ := f.Inode(RootIno)
+	dirs := []*Inode{root}
+	for len(dirs) > 0 {
+		d := dirs[0]
+		dirs = dirs[1:]
+		for _, e := range listDir(t, f, d) {
+			if e.Name == "." || e.Name == ".." {
+				continue
+			}
+			in, err := f.Inode(e.Ino)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case in.IsDir():
+				dirs = append(dirs, in)
+			case in.IsRegular():
+				files = append(files, in)
+			}
+		}
+	}
+	return files
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/internal/directio"
 )
 
 // scan captures the metadata of the frozen filesystem on dev, against
@@ -16,9 +17,9 @@ import (
 // MetaBlocks listed and read again. An unchanged inode's blocks are
 // carried over unread: ext4 changes an inode (its times, size or block
 // count) whenever it changes a block the inode's metadata lives in.
-func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error) {
+func scan(dev *directio.File, store *Store, prev *Generation) (g *Generation, err error) {
 	sr := &scanReader{dev: dev}
-	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.size, CacheBytes: 8 << 20})
+	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.Size(), CacheBytes: 8 << 20})
 	if err != nil {
 		return nil, fmt.Errorf("reading the frozen device: %w", err)
 	}
@@ -41,7 +42,7 @@ func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error
 		}
 		g.blocks[b] = h
 	}
-	buf := alignedBuf(int(bs) * 256)
+	buf := directio.AlignedBuf(int(bs) * 256)
 	readBlocks := func(start, n uint64) ([]byte, error) {
 		p := buf[:n*bs]
 		if _, err := dev.ReadAt(p, int64(start*bs)); err != nil {
@@ -201,7 +202,7 @@ func scan(dev *device, store *Store, prev *Generation) (g *Generation, err error
 // scan: blocks already read in this scan come from the generation being
 // built, the rest from the device.
 type scanReader struct {
-	dev *device
+	dev *directio.File
 	g   *Generation // nil until the scan has started filling it
 }
 

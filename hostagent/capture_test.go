@@ -33,7 +33,7 @@ func snapshotWhileFrozen(t *testing.T, e *Export) *[]string {
 			return
 		}
 		defer f.Close()
-		if _, err := io.Copy(f, io.NewSectionReader(e.dev, 0, e.dev.size)); err != nil {
+		if _, err := io.Copy(f, io.NewSectionReader(e.dev, 0, e.dev.Size())); err != nil {
 			t.Error(err)
 		}
 		snaps = append(snaps, p)

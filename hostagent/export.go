@@ -12,6 +12,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/directio"
 )
 
 // Errors of Publish.
@@ -44,7 +46,7 @@ type Export struct {
 	cfg     ExportConfig
 	log     hclog.Logger
 	mountFD int
-	dev     *device
+	dev     *directio.File
 	store   *Store
 
 	pub      sync.Mutex // one publish at a time
@@ -86,7 +88,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		return nil, &os.PathError{Op: "open", Path: cfg.Mount, Err: err}
 	}
 	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, store: NewStore(), gens: map[uint64]*Generation{}, next: 1}
-	if e.dev, err = openDevice(cfg.Device); err != nil {
+	if e.dev, err = directio.Open(cfg.Device); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
@@ -171,6 +173,22 @@ func (e *Export) Drop(n uint64) {
 	if g := e.gens[n]; g != nil && g != e.cur {
 		delete(e.gens, n)
 		g.release()
+	}
+}
+
+// DropBefore drops every kept generation older than n (never the
+// current one).
+func (e *Export) DropBefore(n uint64) {
+	e.mu.Lock()
+	var old []uint64
+	for k := range e.gens {
+		if k < n {
+			old = append(old, k)
+		}
+	}
+	e.mu.Unlock()
+	for _, k := range old {
+		e.Drop(k)
 	}
 }
 

@@ -218,3 +218,11 @@ func preadFull(fd int, p []byte, off int64) (int, error) {
 	}
 	return n, nil
 }
+
+// HasSession reports whether the session with this token exists, attached
+// or within its grace period.
+func (c *Coordinator) HasSession(token Token) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sessions[token] != nil
+}
