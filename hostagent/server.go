@@ -43,7 +43,7 @@ type served struct {
 	coord *lease.Coordinator
 
 	mu    sync.Mutex
-	views map[uint64]*ext4ro.FS // guarded by mu
+	views map[uint64]*ext4ro.FS  // guarded by mu
 	on    map[lease.Token]uint64 // the generation each session is on; guarded by mu
 }
 
