@@ -30,10 +30,41 @@ type FileSystem struct {
 	log     hclog.Logger
 	errLog  *rate.Limiter // of error log lines
 
+	files Files // nil: files are read straight from the view
+
 	mu      sync.Mutex
-	handles map[uint64]*ext4ro.Inode // open files and directories; guarded by mu
-	nextFh  uint64                   // guarded by mu
+	handles map[uint64]*handle // open files and directories; guarded by mu
+	nextFh  uint64             // guarded by mu
+
+	kmu   sync.Mutex
+	known map[uint32]struct{} // inodes handed to the kernel; guarded by kmu
 }
+
+// handle is an open file or directory: the view it was opened in, so a
+// listing stays in one generation, and for a file its reader.
+type handle struct {
+	v  *ext4ro.FS
+	in *ext4ro.Inode
+	f  OpenFile
+}
+
+// Files opens regular files of a live view (the guest's): an open takes
+// a lease, the reader reads the file as it was opened, and Close releases.
+type Files interface {
+	Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error)
+}
+
+// OpenFile reads one open file.
+type OpenFile interface {
+	ReadAt(p []byte, off int64) (int, error)
+	Close() error
+}
+
+// Errors an OpenFile or Files returns, mapped to ESTALE and EBUSY.
+var (
+	ErrStale = errors.New("the file changed on the host; open it again")
+	ErrBusy  = errors.New("the file is being written on the host")
+)
 
 // Config configures a FileSystem.
 type Config struct {
@@ -44,6 +75,8 @@ type Config struct {
 	// listing caches: two round trips fewer per open. Only for a view
 	// that never changes and needs no per-open state (a static image).
 	NoOpen bool
+	// Files, if set, opens regular files (and NoOpen must be false).
+	Files  Files
 	Logger hclog.Logger
 }
 
@@ -58,10 +91,45 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		noOpen:        cfg.NoOpen,
 		log:           cfg.Logger,
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
-		handles:       make(map[uint64]*ext4ro.Inode),
+		files:         cfg.Files,
+		handles:       make(map[uint64]*handle),
+		known:         make(map[uint32]struct{}),
 	}
 	fs.view.Store(view)
 	return fs
+}
+
+// View returns the view being served.
+func (fs *FileSystem) View() *ext4ro.FS { return fs.view.Load() }
+
+// SetView serves v from now on and returns the view it replaces. Open
+// files and directories keep the view they were opened in. The caller
+// then invalidates what the kernel may have cached of the old view.
+func (fs *FileSystem) SetView(v *ext4ro.FS) *ext4ro.FS { return fs.view.Swap(v) }
+
+// Known returns the inodes the kernel has been told of (and may cache).
+func (fs *FileSystem) Known() []uint32 {
+	fs.kmu.Lock()
+	defer fs.kmu.Unlock()
+	inos := make([]uint32, 0, len(fs.known))
+	for ino := range fs.known {
+		inos = append(inos, ino)
+	}
+	return inos
+}
+
+// IsKnown reports whether the kernel has been told of inode ino.
+func (fs *FileSystem) IsKnown(ino uint32) bool {
+	fs.kmu.Lock()
+	defer fs.kmu.Unlock()
+	_, ok := fs.known[ino]
+	return ok
+}
+
+func (fs *FileSystem) remember(ino uint32) {
+	fs.kmu.Lock()
+	fs.known[ino] = struct{}{}
+	fs.kmu.Unlock()
 }
 
 func (fs *FileSystem) String() string { return "leasefs" }
@@ -105,6 +173,10 @@ func (fs *FileSystem) status(op string, err error) fuse.Status {
 		return fuse.ENODATA
 	case errors.Is(err, ext4ro.ErrInvalid):
 		return fuse.EINVAL
+	case errors.Is(err, ErrStale):
+		return fuse.Status(syscall.ESTALE)
+	case errors.Is(err, ErrBusy):
+		return fuse.EBUSY
 	case errors.Is(err, ext4ro.ErrEncrypted):
 		st = fuse.EACCES
 	case errors.Is(err, ext4ro.ErrCorrupt):
@@ -156,6 +228,7 @@ func (fs *FileSystem) fillAttr(v *ext4ro.FS, in *ext4ro.Inode, a *fuse.Attr) {
 }
 
 func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut) {
+	fs.remember(in.Ino)
 	out.NodeId = toNodeID(in.Ino)
 	out.Generation = uint64(in.Generation)
 	out.SetEntryTimeout(fs.timeout)
@@ -191,6 +264,15 @@ func (fs *FileSystem) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, o
 func (fs *FileSystem) Forget(nodeID, nlookup uint64) {}
 
 func (fs *FileSystem) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	// On an open file, the attributes are those it was opened with: the
+	// file may be gone from the current view, and still be read.
+	if in.Flags()&fuse.FUSE_GETATTR_FH != 0 {
+		if h := fs.handle(in.Fh()); h != nil {
+			out.SetTimeout(fs.timeout)
+			fs.fillAttr(h.v, h.in, &out.Attr)
+			return fuse.OK
+		}
+	}
 	v, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -219,11 +301,11 @@ func (fs *FileSystem) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fus
 	return t, fs.status("readlink", err)
 }
 
-func (fs *FileSystem) addHandle(in *ext4ro.Inode) uint64 {
+func (fs *FileSystem) addHandle(h *handle) uint64 {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	fs.nextFh++
-	fs.handles[fs.nextFh] = in
+	fs.handles[fs.nextFh] = h
 	return fs.nextFh
 }
 
@@ -233,19 +315,29 @@ func (fs *FileSystem) opened(nodeID, fh uint64) (*ext4ro.FS, *ext4ro.Inode, fuse
 	if fs.noOpen {
 		return fs.inode(nodeID)
 	}
-	fs.mu.Lock()
-	in := fs.handles[fh]
-	fs.mu.Unlock()
-	if in == nil {
+	h := fs.handle(fh)
+	if h == nil {
 		return nil, nil, fuse.EBADF
 	}
-	return fs.view.Load(), in, fuse.OK
+	return h.v, h.in, fuse.OK
+}
+
+func (fs *FileSystem) handle(fh uint64) *handle {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	return fs.handles[fh]
 }
 
 func (fs *FileSystem) dropHandle(fh uint64) {
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
+	h := fs.handles[fh]
 	delete(fs.handles, fh)
+	fs.mu.Unlock()
+	if h != nil && h.f != nil {
+		if err := h.f.Close(); err != nil {
+			fs.log.Debug("closing a file", "inode", h.in.Ino, "error", err)
+		}
+	}
 }
 
 func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
@@ -255,24 +347,39 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	if fs.noOpen {
 		return fuse.ENOSYS // the mount is read-only: writes never get here
 	}
-	_, ino, st := fs.inode(in.NodeId)
+	v, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
 	}
 	if ino.Encrypted() {
 		return fs.status("open", ext4ro.ErrEncrypted)
 	}
-	out.Fh = fs.addHandle(ino)
+	h := &handle{v: v, in: ino}
+	if fs.files != nil && ino.IsRegular() {
+		f, err := fs.files.Open(v, ino)
+		if err != nil {
+			return fs.status("open", err)
+		}
+		h.f = f
+	}
+	out.Fh = fs.addHandle(h)
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
 	return fuse.OK
 }
 
 func (fs *FileSystem) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	v, ino, st := fs.opened(in.NodeId, in.Fh)
-	if !st.Ok() {
-		return nil, st
+	var n int
+	var err error
+	p := buf[:min(len(buf), int(in.Size))]
+	if h := fs.handle(in.Fh); h != nil && h.f != nil {
+		n, err = h.f.ReadAt(p, int64(in.Offset))
+	} else {
+		v, ino, st := fs.opened(in.NodeId, in.Fh)
+		if !st.Ok() {
+			return nil, st
+		}
+		n, err = v.ReadAt(ino, p, int64(in.Offset))
 	}
-	n, err := v.ReadAt(ino, buf[:min(len(buf), int(in.Size))], int64(in.Offset))
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, fs.status("read", err)
 	}
@@ -289,7 +396,7 @@ func (fs *FileSystem) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.Open
 	if fs.noOpen {
 		return fuse.ENOSYS
 	}
-	_, ino, st := fs.inode(in.NodeId)
+	v, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
 	}
@@ -299,7 +406,7 @@ func (fs *FileSystem) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.Open
 	if ino.Encrypted() {
 		return fs.status("opendir", ext4ro.ErrEncrypted)
 	}
-	out.Fh = fs.addHandle(ino)
+	out.Fh = fs.addHandle(&handle{v: v, in: ino})
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR
 	return fuse.OK
 }

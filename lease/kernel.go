@@ -37,7 +37,7 @@ func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
 	pfd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileidIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
 	if err != nil {
 		if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) {
-			return -1, st, fmt.Errorf("%w: inode %d generation %d", ErrNotFound, ino, igen)
+			return -1, st, fmt.Errorf("%w: inode %d generation %d (%v)", ErrNotFound, ino, igen, err)
 		}
 		return -1, st, fmt.Errorf("open_by_handle_at inode %d: %w", ino, err)
 	}

@@ -1,0 +1,331 @@
+package guestagent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
+	"github.com/leasefs/leasefs/lease"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// TestMain doubles as the freeze watchdog of the live tests' host
+// (GUESTAGENT_TEST_WATCHDOG=mount) and as a host writer that opens a
+// file for writing and writes it (GUESTAGENT_TEST_WRITE=path:content).
+func TestMain(m *testing.M) {
+	if mount := os.Getenv("GUESTAGENT_TEST_WATCHDOG"); mount != "" {
+		if err := hostagent.WatchdogMain(os.Stdin, mount, hclog.NewNullLogger()); err != nil {
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	if spec := os.Getenv("GUESTAGENT_TEST_WRITE"); spec != "" {
+		path, content, _ := strings.Cut(spec, ":")
+		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// host is a host agent in this process: a loop-mounted export, its server
+// on a Unix socket.
+type host struct {
+	img, dev, mnt string
+	srv           *hostagent.Server
+	addr          vsockproto.Addr
+}
+
+func startHost(t *testing.T, ackTimeout time.Duration) *host {
+	t.Helper()
+	testenv.RequireLoop(t)
+	testenv.RequireFUSE(t)
+	h := &host{img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
+		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")}
+	h.mnt = imgtest.KernelMount(t, h.img, "rw")
+	h.dev = imgtest.LoopDevice(t, h.mnt)
+	wcmd := exec.Command(os.Args[0])
+	wcmd.Env = append(os.Environ(), "GUESTAGENT_TEST_WATCHDOG="+h.mnt)
+	wd, err := hostagent.StartWatchdog(wcmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wd.Close() })
+	e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: t.TempDir(), Watchdog: wd, FreezeBudget: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	h.srv, err = hostagent.NewServer([]*hostagent.Export{e}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: ackTimeout, Grace: time.Minute}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.srv.Close)
+	h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
+	l, err := vsockproto.Listen(h.addr, vsockproto.ListenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go h.srv.Serve(ctx, l)
+	t.Cleanup(cancel)
+	return h
+}
+
+// testLogger logs to the test's output when run with -v.
+func testLogger(t *testing.T) hclog.Logger {
+	if !testing.Verbose() {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug, Output: os.Stderr})
+}
+
+func (h *host) publish(t *testing.T) uint64 {
+	t.Helper()
+	g, err := h.srv.Publish("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g.Number
+}
+
+func (h *host) write(t *testing.T, name, content string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(h.mnt, name), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// replace swaps in new content atomically, as a mirror sync does.
+func (h *host) replace(t *testing.T, name, content string) {
+	t.Helper()
+	h.write(t, name+".tmp", content)
+	if err := os.Rename(filepath.Join(h.mnt, name+".tmp"), filepath.Join(h.mnt, name)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// guestMount is a guest agent in this process with its FUSE mount.
+type guestMount struct {
+	c   *Client
+	dir string
+}
+
+func startGuest(t *testing.T, h *host, device string) *guestMount {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: device, BusyWait: 3 * time.Second, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	srv, err := Mount(c.FileSystem(), dir, MountConfig{FsName: "guest"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Attach(srv)
+	done := make(chan struct{})
+	go func() { c.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		srv.Unmount()
+		cancel()
+		<-done
+	})
+	return &guestMount{c: c, dir: dir}
+}
+
+func (g *guestMount) waitFor(t *testing.T, gen uint64) {
+	t.Helper()
+	for i := 0; i < 500 && g.c.Generation() < gen; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := g.c.Generation(); got < gen {
+		t.Fatalf("guest on generation %d, want %d", got, gen)
+	}
+}
+
+func (g *guestMount) read(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(g.dir, name))
+	if err != nil {
+		t.Fatalf("guest read %s: %v", name, err)
+	}
+	return string(b)
+}
+
+// Two guests, one reading data from the shared device and one over the
+// connection, follow the host's generations: replaced, new and removed
+// files show exactly at the generation that has them, through the
+// kernel's caches.
+func TestGuestsFollowGenerations(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "stay", "unchanged")
+	h.write(t, "swap", "version 1")
+	h.write(t, "gone", "doomed")
+	os.Mkdir(filepath.Join(h.mnt, "dir"), 0o755)
+	g1 := h.publish(t)
+	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	for _, g := range guests {
+		if g.read(t, "swap") != "version 1" || g.read(t, "stay") != "unchanged" {
+			t.Fatal("first generation not served")
+		}
+		// Cache a miss, a listing and attributes in the kernel.
+		if _, err := os.Stat(filepath.Join(g.dir, "new")); !os.IsNotExist(err) {
+			t.Fatalf("new before it exists: %v", err)
+		}
+		os.ReadDir(filepath.Join(g.dir, "dir"))
+	}
+
+	h.replace(t, "swap", "version 2, longer")
+	h.write(t, "new", "fresh")
+	h.write(t, "dir/inner", "in dir")
+	os.Remove(filepath.Join(h.mnt, "gone"))
+	// Not yet published: the guests still see generation 1.
+	for _, g := range guests {
+		if _, err := os.Stat(filepath.Join(g.dir, "new")); !os.IsNotExist(err) || g.read(t, "stay") != "unchanged" {
+			t.Fatalf("a guest saw an unpublished change: %v", err)
+		}
+	}
+	g2 := h.publish(t)
+	if g2 != g1+1 {
+		t.Fatalf("generation %d after %d", g2, g1)
+	}
+	for i, g := range guests {
+		g.waitFor(t, g2)
+		if got := g.read(t, "swap"); got != "version 2, longer" {
+			t.Fatalf("guest %d: swap = %q", i, got)
+		}
+		if got := g.read(t, "new"); got != "fresh" {
+			t.Fatalf("guest %d: new = %q", i, got)
+		}
+		if _, err := os.Stat(filepath.Join(g.dir, "gone")); !os.IsNotExist(err) {
+			t.Fatalf("guest %d: removed file: %v", i, err)
+		}
+		names, _ := os.ReadDir(filepath.Join(g.dir, "dir"))
+		if len(names) != 1 || names[0].Name() != "inner" {
+			t.Fatalf("guest %d: dir lists %v", i, names)
+		}
+		if g.read(t, "stay") != "unchanged" {
+			t.Fatal("unchanged file changed")
+		}
+	}
+}
+
+// A file open in a guest keeps its bytes when the host deletes it and
+// fills the filesystem with other data.
+func TestOpenFileSurvivesDeletion(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	want := bytes.Repeat([]byte("original bytes "), 200000) // 3 MB
+	if err := os.WriteFile(filepath.Join(h.mnt, "big"), want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h.publish(t)
+	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	var fs []*os.File
+	for _, g := range guests {
+		f, err := os.Open(filepath.Join(g.dir, "big"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fs = append(fs, f)
+	}
+	os.Remove(filepath.Join(h.mnt, "big"))
+	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
+	for i := 0; ; i++ {
+		if err := os.WriteFile(filepath.Join(h.mnt, fmt.Sprint("junk", i)), junk, 0o644); err != nil {
+			break
+		}
+	}
+	syscall.Sync()
+	gen := h.publish(t)
+	for i, g := range guests {
+		g.waitFor(t, gen)
+		got := make([]byte, len(want)+10)
+		n, err := fs[i].ReadAt(got, 0)
+		if !bytes.Equal(got[:n], want) {
+			t.Fatalf("guest %d read %d bytes (%v), equal %v", i, n, err, bytes.Equal(got[:n], want))
+		}
+		if _, err := os.Stat(filepath.Join(g.dir, "big")); !os.IsNotExist(err) {
+			t.Fatalf("guest %d still sees the name: %v", i, err)
+		}
+	}
+}
+
+// An in-place host writer waits until both guests have acknowledged;
+// their open files are then stale, and after the next generation they
+// read the new content.
+func TestInPlaceWriterWaitsForGuests(t *testing.T) {
+	h := startHost(t, 20*time.Second)
+	h.write(t, "f", "old content")
+	h.publish(t)
+	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	var fs []*os.File
+	for _, g := range guests {
+		f, err := os.Open(filepath.Join(g.dir, "f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fs = append(fs, f)
+	}
+	w := exec.Command(os.Args[0])
+	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
+	start := time.Now()
+	if out, err := w.CombinedOutput(); err != nil {
+		t.Fatalf("writer: %v %s", err, out)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the writer waited %v: the guests did not acknowledge", d)
+	}
+	for i, f := range fs {
+		if _, err := f.ReadAt(make([]byte, 4), 0); !errors.Is(err, syscall.ESTALE) {
+			t.Fatalf("guest %d: read after the break: %v, want ESTALE", i, err)
+		}
+	}
+	gen := h.publish(t)
+	for i, g := range guests {
+		g.waitFor(t, gen)
+		if got := g.read(t, "f"); got != "new content" {
+			t.Fatalf("guest %d: %q", i, got)
+		}
+	}
+}
+
+// Every write from a guest is EROFS.
+func TestGuestWritesAreEROFS(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "f", "x")
+	h.publish(t)
+	g := startGuest(t, h, "")
+	p := filepath.Join(g.dir, "f")
+	for name, op := range map[string]func() error{
+		"open for writing": func() error { f, err := os.OpenFile(p, os.O_WRONLY, 0); f.Close(); return err },
+		"create":           func() error { return os.WriteFile(filepath.Join(g.dir, "n"), nil, 0o644) },
+		"mkdir":            func() error { return os.Mkdir(filepath.Join(g.dir, "d"), 0o755) },
+		"unlink":           func() error { return os.Remove(p) },
+		"rename":           func() error { return os.Rename(p, p+"2") },
+		"chmod":            func() error { return os.Chmod(p, 0o600) },
+		"truncate":         func() error { return os.Truncate(p, 0) },
+		"setxattr":         func() error { return syscall.Setxattr(p, "user.x", []byte("v"), 0) },
+	} {
+		if err := op(); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("%s: %v, want EROFS", name, err)
+		}
+	}
+}
