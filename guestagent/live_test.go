@@ -329,3 +329,26 @@ func TestGuestWritesAreEROFS(t *testing.T) {
 		}
 	}
 }
+
+// A file replaced on the host but not yet published cannot be read at
+// the guest's generation (its blocks may be reused): an open waits for
+// the next generation and reads what that has.
+func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "f", "before")
+	h.publish(t)
+	g := startGuest(t, h, h.img)
+	if g.read(t, "f") != "before" {
+		t.Fatal("first generation")
+	}
+	h.replace(t, "f", "after")
+	go func() {
+		time.Sleep(500 * time.Millisecond)
+		h.publish(t)
+	}()
+	start := time.Now()
+	got := g.read(t, "f")
+	if got != "after" || time.Since(start) < 400*time.Millisecond {
+		t.Fatalf("read %q after %v", got, time.Since(start))
+	}
+}

@@ -192,6 +192,9 @@ func (e *Export) DropBefore(n uint64) {
 	}
 }
 
+// Name is the export's name.
+func (e *Export) Name() string { return e.cfg.Name }
+
 // Store returns the export's block store.
 func (e *Export) Store() *Store { return e.store }
 

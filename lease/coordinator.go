@@ -43,6 +43,7 @@ type Config struct {
 // Stats are the coordinator's counters and gauges.
 type Stats struct {
 	Files, Leases, Sessions int    // now
+	Breaking                int    // files whose break is out, now
 	Breaks                  uint64 // breaks started by a writer
 	Modified                uint64 // breaks started by a modification seen after the fact
 	Rescans                 uint64 // full F_GETLEASE rescans after a signal queue overflow
@@ -234,6 +235,11 @@ func (c *Coordinator) Close() error {
 func (c *Coordinator) Stats() Stats {
 	c.mu.Lock()
 	s := Stats{Files: len(c.files), Leases: len(c.grants), Sessions: len(c.sessions)}
+	for _, f := range c.files {
+		if f.state == breaking {
+			s.Breaking++
+		}
+	}
 	c.mu.Unlock()
 	s.Breaks, s.Modified, s.Rescans = c.breaks.Load(), c.modified.Load(), c.rescans.Load()
 	s.Revoked, s.QuotaRefusals, s.SpuriousSignals = c.revoked.Load(), c.quota.Load(), c.spurious.Load()

@@ -24,11 +24,16 @@ type command struct {
 }
 
 var commands = []command{
+	{"host", "run the host agent: publish generations, serve guests", runHost},
+	{"guest", "mount an export of a host agent (the guest agent)", runGuest},
+	{"publish", "publish a generation of an export now", runPublish},
+	{"status", "show a host agent's exports, guests and leases", runStatus},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		_, err := fmt.Fprintln(stdout, "leasefs", version)
 		return err
 	}},
+	{"watchdog", "", runWatchdog}, // started by the host agent
 }
 
 func usage(w io.Writer) {
@@ -41,7 +46,9 @@ Usage: leasefs COMMAND [flags] [args]
 Commands:
 `)
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		if c.summary != "" {
+			fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		}
 	}
 	fmt.Fprintf(w, "\nRun 'leasefs COMMAND -h' for a command's flags.\n")
 }

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/leasefs/leasefs/ext4ro"
@@ -71,14 +72,15 @@ Flags:
 		c.foreground = true
 	}
 	if !c.foreground {
-		return mountInBackground(ctx, args, stderr)
+		return inBackground("mount", args)
 	}
 	return mountForeground(ctx, c, stderr)
 }
 
-// mountInBackground starts this program again with --foreground in a new
-// session and waits until the child reports that the mount is ready.
-func mountInBackground(ctx context.Context, args []string, stderr io.Writer) error {
+// inBackground starts this program's subcommand name again with
+// --foreground in a new session and waits until the child reports that
+// its mount is ready.
+func inBackground(name string, args []string) error {
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -93,7 +95,7 @@ func mountInBackground(ctx context.Context, args []string, stderr io.Writer) err
 		return err
 	}
 	defer devnull.Close()
-	cmd := exec.Command(self, append([]string{"mount", "--foreground"}, args...)...)
+	cmd := exec.Command(self, append([]string{name, "--foreground"}, args...)...)
 	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull
 	cmd.ExtraFiles = []*os.File{w}
@@ -110,7 +112,7 @@ func mountInBackground(ctx context.Context, args []string, stderr io.Writer) err
 	}
 	_ = cmd.Wait()
 	if line == "" {
-		line = "the mount server exited before the mount was ready"
+		line = "the server exited before the mount was ready"
 	}
 	return errors.New(line)
 }
@@ -171,27 +173,38 @@ func mountForeground(ctx context.Context, c mountConfig, stderr io.Writer) (err 
 		return err
 	}
 	log.Info("mounted", "image", c.image, "dir", c.dir)
-	if ready != nil {
-		fmt.Fprintln(ready, "ok")
-		ready.Close()
-		ready = nil
+	signalReady(&ready)
+	return serveUntilUnmounted(ctx, srv, c.dir, log)
+}
+
+// signalReady tells a background parent that the mount is ready.
+func signalReady(ready **os.File) {
+	if *ready != nil {
+		fmt.Fprintln(*ready, "ok")
+		(*ready).Close()
+		*ready = nil
 	}
+}
+
+// serveUntilUnmounted serves until the mount is unmounted from outside,
+// or ctx ends (a signal), when it unmounts — lazily if the mount is busy.
+func serveUntilUnmounted(ctx context.Context, srv *fuse.Server, dir string, log hclog.Logger) error {
 	done := make(chan struct{})
 	go func() { srv.Wait(); close(done) }()
 	select {
 	case <-done: // unmounted from outside
 	case <-ctx.Done():
-		log.Info("signalled: unmounting", "dir", c.dir)
+		log.Info("signalled: unmounting", "dir", dir)
 		if err := srv.Unmount(); err != nil {
 			// Busy: detach it; the kernel finishes when the last user goes.
 			log.Warn("unmount failed, detaching lazily", "error", err)
-			if err := syscall.Unmount(c.dir, syscall.MNT_DETACH); err != nil {
-				return fmt.Errorf("unmounting %s: %w", c.dir, err)
+			if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
+				return fmt.Errorf("unmounting %s: %w", dir, err)
 			}
 		}
 		<-done
 	}
-	log.Info("unmounted", "dir", c.dir)
+	log.Info("unmounted", "dir", dir)
 	return nil
 }
 

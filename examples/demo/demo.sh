@@ -1,63 +1,91 @@
 #!/usr/bin/env bash
-# The one-machine demo: build a small ext4 image, mount it with leasefs,
-# show that it reads exactly what the kernel's own ext4 reads, unmount.
+# The one-machine demo of leasefs: a host agent publishes generations of an
+# ext4 export that a writer keeps changing; two guest agents (one reading
+# file data from the shared image, one through the host) follow them; a
+# reader in a guest keeps a file open across its replacement. On a machine
+# without VMs, a Unix socket stands in for vsock.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin=bin/leasefs
+bin=$PWD/bin/leasefs
 [ -x "$bin" ] || { echo "demo: run 'make demo' (it builds $bin first)" >&2; exit 1; }
 if [ "$(id -u)" -ne 0 ]; then
-  echo "demo: needs root for FUSE and the kernel's loop mount (try: sudo make demo)" >&2
+  echo "demo: needs root for FUSE, the loop mount and freezing (try: sudo make demo)" >&2
   exit 1
 fi
 
-work=$(mktemp -d /tmp/leasefs-demo.XXXXXX)
-mnt=$work/leasefs kmnt=$work/kernel
+work=$(mktemp -d /var/tmp/leasefs-demo.XXXXXX)
+export_dir=$work/export ga=$work/guest-a gb=$work/guest-b
+host_pid=
 cleanup() {
-  for d in "$mnt" "$kmnt"; do mountpoint -q "$d" 2>/dev/null && umount "$d" || true; done
+  set +e
+  exec 7<&- 2>/dev/null
+  for d in "$ga" "$gb"; do mountpoint -q "$d" 2>/dev/null && umount "$d"; done
+  [ -n "$host_pid" ] && kill "$host_pid" 2>/dev/null && wait "$host_pid" 2>/dev/null
+  mountpoint -q "$export_dir" 2>/dev/null && umount "$export_dir"
   rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+publish() { "$bin" publish --control "unix:$work/control.sock" mirror; }
+sum() { sha256sum "$1" | cut -c1-16; }
 
-step "a small tree: a few documents, a symlink, a hard link, an xattr, 2,000 names in one directory"
-mkdir -p "$work/src/docs" "$work/src/many" "$mnt" "$kmnt"
-for i in 1 2 3; do printf 'Document %d\nwritten by the demo\n' "$i" > "$work/src/docs/doc$i.txt"; done
-ln -s docs/doc1.txt "$work/src/latest"
-ln "$work/src/docs/doc2.txt" "$work/src/docs/doc2-hardlink.txt"
-setfattr -n user.origin -v demo "$work/src/docs/doc3.txt"
-for i in $(seq 1 2000); do : > "$work/src/many/entry-$i"; done
-head -c 8M /dev/urandom > "$work/src/random.bin"
+step "the host's export: an ext4 image, loop-mounted read-write, holding a small package mirror"
+mkdir -p "$export_dir" "$ga" "$gb" "$work/state"
+truncate -s 256M "$work/export.img"
+mkfs.ext4 -q -F -b 4096 -O has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize "$work/export.img"
+mount -o loop "$work/export.img" "$export_dir"
+dev=$(findmnt -n -o SOURCE "$export_dir")
+mkdir -p "$export_dir/dists/stable" "$export_dir/pool"
+echo "Release: version 1" > "$export_dir/dists/stable/Release"
+for i in $(seq 1 20); do head -c 200K /dev/urandom > "$export_dir/pool/pkg$i.deb"; done
+head -c 16M /dev/urandom > "$export_dir/pool/big.deb"
+echo "$dev mounted at $export_dir"
 
-step "an ext4 image of it (mkfs.ext4 -d, then e2fsck -D to index the big directory)"
-truncate -s 64M "$work/demo.img"
-mkfs.ext4 -q -F -O has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize -d "$work/src" "$work/demo.img"
-e2fsck -fyD "$work/demo.img" >/dev/null 2>&1 || [ $? -le 1 ]
+step "the host agent (leasefs host), serving on a Unix socket, publishing only when told"
+"$bin" host --export "mirror=$dev:$export_dir" --listen "unix:$work/host.sock" \
+  --control "unix:$work/control.sock" --state-dir "$work/state" --auto-publish off \
+  >"$work/host.out" 2>"$work/host.log" &
+host_pid=$!
+for _ in $(seq 100); do grep -q '^ready' "$work/host.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^ready' "$work/host.out" || { echo "the host agent did not start:"; cat "$work/host.log"; exit 1; }
+grep generation "$work/host.out"
 
-step "leasefs mount --image demo.img (returns once the mount is ready)"
-"$bin" mount --image "$work/demo.img" "$mnt"
-grep " $mnt " /proc/mounts
+step "two guests: A reads file data from the shared image, B through the host"
+"$bin" guest --connect "unix:$work/host.sock" --export mirror --device "$work/export.img" "$ga"
+"$bin" guest --connect "unix:$work/host.sock" --export mirror "$gb"
+for g in "$ga" "$gb"; do echo "$(basename "$g"): $(cat "$g/dists/stable/Release"), $(ls "$g/pool" | wc -l) packages"; done
 
-step "a listing and a file, through leasefs"
-ls -l "$mnt" "$mnt/docs"
-cat "$mnt/latest"
-getfattr -n user.origin "$mnt/docs/doc3.txt" 2>/dev/null | grep user
+step "a reader in guest A opens pool/big.deb and keeps it open"
+exec 7<"$ga/pool/big.deb"
+old=$(sum "$export_dir/pool/big.deb")
+echo "big.deb as opened: sha256 $old…"
 
-step "the same image through the kernel's ext4 (read-only loop mount)"
-mount -o loop,ro "$work/demo.img" "$kmnt"
-snap() { (cd "$1" && find . -printf '%p %y %m %U:%G %s %n %i %T@ %l\n' | sort && find . -type f -exec sha256sum {} + | sort -k2); }
-if diff <(snap "$kmnt") <(snap "$mnt") >/dev/null; then
-  echo "identical: $(find "$mnt" | wc -l) entries — names, types, modes, owners, sizes, links, inode numbers, times, targets and every byte"
-else
-  echo "DIFFERENT:"; diff <(snap "$kmnt") <(snap "$mnt") | head; exit 1
-fi
+for round in 2 3 4; do
+  step "the writer syncs the mirror (atomic replaces, a new package), then publishes"
+  echo "Release: version $round" > "$export_dir/dists/stable/Release.new"
+  mv "$export_dir/dists/stable/Release.new" "$export_dir/dists/stable/Release"
+  head -c 16M /dev/urandom > "$export_dir/pool/big.deb.new" && mv "$export_dir/pool/big.deb.new" "$export_dir/pool/big.deb"
+  head -c 100K /dev/urandom > "$export_dir/pool/new$round.deb"
+  echo "guest A before publishing: $(ls "$ga/pool" | wc -l) packages (nothing half-synced is visible)"
+  publish
+  sleep 0.3
+  for g in "$ga" "$gb"; do
+    echo "$(basename "$g"): $(cat "$g/dists/stable/Release"), $(ls "$g/pool" | wc -l) packages, big.deb $(sum "$g/pool/big.deb")…"
+  done
+done
 
-step "writes are refused: the view is read-only"
-touch "$mnt/new" 2>&1 || true
+step "the reader's open big.deb, replaced three times on the host since it was opened"
+now=$(sha256sum <&7 | cut -c1-16)
+echo "read through the open file: sha256 $now…  (as opened: $old…)"
+[ "$now" = "$old" ] || { echo "DIFFERENT"; exit 1; }
+exec 7<&-
 
-step "umount ends the server"
-umount "$mnt"; umount "$kmnt"
-sleep 0.2
-pgrep -f "leasefs mount --foreground --image $work/demo.img" >/dev/null && { echo "server still running"; exit 1; }
-echo "done: unmounted, server gone"
+step "leasefs status"
+"$bin" status --control "unix:$work/control.sock"
+
+step "writes from a guest are refused"
+touch "$gb/pool/x" 2>&1 || true
+
+step "cleaning up: guests unmounted, host agent stopped, export unmounted"

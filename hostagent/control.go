@@ -1,0 +1,173 @@
+package hostagent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// The control socket speaks one JSON request and one JSON reply per
+// connection: {"op":"publish","export":NAME} or {"op":"status"}. Only
+// root and the agent's own user may use it.
+
+// ControlRequest is a request on the control socket.
+type ControlRequest struct {
+	Op     string `json:"op"`
+	Export string `json:"export,omitempty"`
+}
+
+// Published is the reply to publish.
+type Published struct {
+	Export        string  `json:"export"`
+	Generation    uint64  `json:"generation"`
+	FreezeMS      float64 `json:"freeze_ms"`
+	ChangedInodes int     `json:"changed_inodes"`
+	ChangedRanges int     `json:"changed_ranges"`
+}
+
+// Status is the reply to status.
+type Status struct {
+	Exports []ExportStatus `json:"exports"`
+}
+
+// ExportStatus describes one export.
+type ExportStatus struct {
+	Name          string        `json:"name"`
+	Mount         string        `json:"mount"`
+	Generation    uint64        `json:"generation"`
+	LastFreezeMS  float64       `json:"last_freeze_ms"`
+	Blocks        int           `json:"metadata_blocks"`
+	StoreBytes    int64         `json:"store_bytes"`
+	Guests        []GuestStatus `json:"guests"`
+	Leases        int           `json:"leases"`
+	Files         int           `json:"files_held"`
+	PendingBreaks int           `json:"pending_breaks"`
+	Breaks        uint64        `json:"breaks"`
+	Revoked       uint64        `json:"revoked"`
+	Rescans       uint64        `json:"signal_rescans"`
+}
+
+// GuestStatus describes one connected guest.
+type GuestStatus struct {
+	Peer       string `json:"peer"`
+	Generation uint64 `json:"generation"`
+	Leases     int    `json:"leases"`
+}
+
+type controlReply struct {
+	Error     string     `json:"error,omitempty"`
+	Published *Published `json:"published,omitempty"`
+	Status    *Status    `json:"status,omitempty"`
+}
+
+// Status reports the exports and their guests.
+func (s *Server) Status() *Status {
+	st := &Status{}
+	s.mu.Lock()
+	byExport := map[*served][]*guest{}
+	for g := range s.conns {
+		byExport[g.sv] = append(byExport[g.sv], g)
+	}
+	s.mu.Unlock()
+	for name, sv := range s.exports {
+		es := ExportStatus{Name: name, Mount: sv.exp.cfg.Mount}
+		if g := sv.exp.Current(); g != nil {
+			es.Generation, es.LastFreezeMS, es.Blocks = g.Number, ms(g.Frozen), g.Blocks()
+		}
+		_, es.StoreBytes = sv.exp.Store().Size()
+		ls := sv.coord.Stats()
+		es.Leases, es.Files, es.PendingBreaks = ls.Leases, ls.Files, ls.Breaking
+		es.Breaks, es.Revoked, es.Rescans = ls.Breaks+ls.Modified, ls.Revoked, ls.Rescans
+		for _, g := range byExport[sv] {
+			sv.mu.Lock()
+			on := sv.on[g.sess.Token()]
+			sv.mu.Unlock()
+			es.Guests = append(es.Guests, GuestStatus{Peer: g.peer.String(), Generation: on, Leases: g.sess.Leases()})
+		}
+		sort.Slice(es.Guests, func(i, j int) bool { return es.Guests[i].Peer < es.Guests[j].Peer })
+		st.Exports = append(st.Exports, es)
+	}
+	sort.Slice(st.Exports, func(i, j int) bool { return st.Exports[i].Name < st.Exports[j].Name })
+	return st
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// ServeControl answers control requests on l until ctx ends.
+func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		nc, peer, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if peer.UID != 0 && int(peer.UID) != os.Geteuid() {
+			s.log.Warn("control connection from an unauthorised user", "peer", peer.String())
+			nc.Close()
+			continue
+		}
+		go s.control(nc)
+	}
+}
+
+func (s *Server) control(nc net.Conn) {
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(time.Minute))
+	var req ControlRequest
+	var reply controlReply
+	if err := json.NewDecoder(io.LimitReader(nc, 4096)).Decode(&req); err != nil {
+		reply.Error = "bad request: " + err.Error()
+	} else {
+		switch req.Op {
+		case "publish":
+			g, err := s.Publish(req.Export)
+			if err != nil {
+				reply.Error = err.Error()
+			} else {
+				reply.Published = &Published{Export: req.Export, Generation: g.Number, FreezeMS: ms(g.Frozen),
+					ChangedInodes: len(g.ChangedInodes), ChangedRanges: len(g.Changed)}
+			}
+		case "status":
+			reply.Status = s.Status()
+		default:
+			reply.Error = fmt.Sprintf("unknown op %q", req.Op)
+		}
+	}
+	_ = json.NewEncoder(nc).Encode(reply)
+}
+
+// Control sends one request to the control socket at addr.
+func Control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*Published, *Status, error) {
+	nc, err := vsockproto.Dial(ctx, addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("the host agent's control socket: %w", err)
+	}
+	defer nc.Close()
+	if d, ok := ctx.Deadline(); ok {
+		_ = nc.SetDeadline(d)
+	}
+	if err := json.NewEncoder(nc).Encode(req); err != nil {
+		return nil, nil, err
+	}
+	var reply controlReply
+	if err := json.NewDecoder(bufio.NewReader(io.LimitReader(nc, 16<<20))).Decode(&reply); err != nil {
+		return nil, nil, fmt.Errorf("reading the host agent's reply: %w", err)
+	}
+	if reply.Error != "" {
+		return nil, nil, errors.New(reply.Error)
+	}
+	return reply.Published, reply.Status, nil
+}
