@@ -46,45 +46,62 @@ func TestMain(m *testing.M) {
 // host is a host agent in this process: a loop-mounted export, its server
 // on a Unix socket.
 type host struct {
-	img, dev, mnt string
-	srv           *hostagent.Server
-	addr          vsockproto.Addr
+	img, dev, mnt, state string
+	ackTimeout           time.Duration
+	wd                   *hostagent.Watchdog
+	exp                  *hostagent.Export
+	srv                  *hostagent.Server
+	stop                 context.CancelFunc
+	addr                 vsockproto.Addr
 }
 
 func startHost(t *testing.T, ackTimeout time.Duration) *host {
 	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
-	h := &host{img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
+	h := &host{ackTimeout: ackTimeout, state: t.TempDir(), img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
 		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")}
 	h.mnt = imgtest.KernelMount(t, h.img, "rw")
 	h.dev = imgtest.LoopDevice(t, h.mnt)
+	h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
 	wcmd := exec.Command(os.Args[0])
 	wcmd.Env = append(os.Environ(), "GUESTAGENT_TEST_WATCHDOG="+h.mnt)
-	wd, err := hostagent.StartWatchdog(wcmd)
+	var err error
+	if h.wd, err = hostagent.StartWatchdog(wcmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.wd.Close() })
+	h.start(t)
+	t.Cleanup(h.shutdown)
+	return h
+}
+
+// start opens the export and serves it, as an agent starting does.
+func (h *host) start(t *testing.T) {
+	t.Helper()
+	var err error
+	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state, Watchdog: h.wd, FreezeBudget: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { wd.Close() })
-	e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: t.TempDir(), Watchdog: wd, FreezeBudget: 10 * time.Second})
+	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: time.Minute}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.Close() })
-	h.srv, err = hostagent.NewServer([]*hostagent.Export{e}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: ackTimeout, Grace: time.Minute}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.srv.Close)
-	h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
 	l, err := vsockproto.Listen(h.addr, vsockproto.ListenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	h.stop = cancel
 	go h.srv.Serve(ctx, l)
-	t.Cleanup(cancel)
-	return h
+}
+
+// shutdown stops serving and closes the export, as an agent exiting does.
+func (h *host) shutdown() {
+	h.stop()
+	h.srv.Close()
+	h.exp.Close()
 }
 
 // testLogger logs to the test's output when run with -v.
@@ -350,5 +367,35 @@ func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
 	got := g.read(t, "f")
 	if got != "after" || time.Since(start) < 400*time.Millisecond {
 		t.Fatalf("read %q after %v", got, time.Since(start))
+	}
+}
+
+// The host agent restarts: guests reconnect and go on with the new
+// agent's generations; files they had open under the old agent's leases
+// are ESTALE (their blocks may have been freed), never different bytes.
+func TestHostRestart(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "a", "one")
+	h.write(t, "b", "two")
+	h.publish(t)
+	g := startGuest(t, h, h.img)
+	f, err := os.Open(filepath.Join(g.dir, "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
+		t.Fatal(err)
+	}
+	h.shutdown()
+	h.write(t, "c", "three")
+	h.start(t)
+	gen := h.publish(t)
+	g.waitFor(t, gen)
+	if _, err := f.ReadAt(make([]byte, 3), 0); !errors.Is(err, syscall.ESTALE) {
+		t.Fatalf("a file open across the restart: %v, want ESTALE", err)
+	}
+	if g.read(t, "b") != "two" || g.read(t, "c") != "three" || g.read(t, "a") != "one" {
+		t.Fatal("the guest does not read the new agent's generation")
 	}
 }
