@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -55,7 +56,7 @@ type host struct {
 	addr                 vsockproto.Addr
 }
 
-func startHost(t *testing.T, ackTimeout time.Duration) *host {
+func startHost(t testing.TB, ackTimeout time.Duration) *host {
 	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
@@ -77,7 +78,7 @@ func startHost(t *testing.T, ackTimeout time.Duration) *host {
 }
 
 // start opens the export and serves it, as an agent starting does.
-func (h *host) start(t *testing.T) {
+func (h *host) start(t testing.TB) {
 	t.Helper()
 	var err error
 	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state, Watchdog: h.wd, FreezeBudget: 10 * time.Second})
@@ -105,14 +106,14 @@ func (h *host) shutdown() {
 }
 
 // testLogger logs to the test's output when run with -v.
-func testLogger(t *testing.T) hclog.Logger {
+func testLogger(t testing.TB) hclog.Logger {
 	if !testing.Verbose() {
 		return hclog.NewNullLogger()
 	}
 	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug, Output: os.Stderr})
 }
 
-func (h *host) publish(t *testing.T) uint64 {
+func (h *host) publish(t testing.TB) uint64 {
 	t.Helper()
 	g, err := h.srv.Publish("test")
 	if err != nil {
@@ -121,7 +122,7 @@ func (h *host) publish(t *testing.T) uint64 {
 	return g.Number
 }
 
-func (h *host) write(t *testing.T, name, content string) {
+func (h *host) write(t testing.TB, name, content string) {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(h.mnt, name), []byte(content), 0o644); err != nil {
 		t.Fatal(err)
@@ -129,7 +130,7 @@ func (h *host) write(t *testing.T, name, content string) {
 }
 
 // replace swaps in new content atomically, as a mirror sync does.
-func (h *host) replace(t *testing.T, name, content string) {
+func (h *host) replace(t testing.TB, name, content string) {
 	t.Helper()
 	h.write(t, name+".tmp", content)
 	if err := os.Rename(filepath.Join(h.mnt, name+".tmp"), filepath.Join(h.mnt, name)); err != nil {
@@ -139,11 +140,12 @@ func (h *host) replace(t *testing.T, name, content string) {
 
 // guestMount is a guest agent in this process with its FUSE mount.
 type guestMount struct {
-	c   *Client
-	dir string
+	c    *Client
+	dir  string
+	stop func() // unmounts and disconnects; also run when the test ends
 }
 
-func startGuest(t *testing.T, h *host, device string) *guestMount {
+func startGuest(t testing.TB, h *host, device string) *guestMount {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: device, BusyWait: 3 * time.Second, Logger: testLogger(t)})
@@ -158,12 +160,16 @@ func startGuest(t *testing.T, h *host, device string) *guestMount {
 	c.Attach(srv)
 	done := make(chan struct{})
 	go func() { c.Run(ctx); close(done) }()
-	t.Cleanup(func() {
-		srv.Unmount()
-		cancel()
-		<-done
-	})
-	return &guestMount{c: c, dir: dir}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			srv.Unmount()
+			cancel()
+			<-done
+		})
+	}
+	t.Cleanup(stop)
+	return &guestMount{c: c, dir: dir, stop: stop}
 }
 
 func (g *guestMount) waitFor(t *testing.T, gen uint64) {
