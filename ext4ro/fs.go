@@ -30,6 +30,10 @@ type Options struct {
 	AllowDirtyJournal bool
 	// SkipChecksums does not verify metadata checksums. For salvage.
 	SkipChecksums bool
+	// ReadAhead is how many blocks a miss in an inode table or a
+	// directory reads at once (32); 1 reads none ahead, which suits a
+	// metadata reader that is memory already.
+	ReadAhead int
 }
 
 // FS is an open, read-only ext2/3/4 filesystem. It is safe for concurrent
@@ -45,7 +49,8 @@ type FS struct {
 	seed       uint32 // checksum seed
 	hashSigned bool   // directory hashes use signed chars
 	descPerBlk uint32
-	metaFd     int // the metadata reader's descriptor, for readahead advice; -1 if none
+	metaFd     int    // the metadata reader's descriptor, for readahead advice; -1 if none
+	readAhead  uint64 // blocks per readahead
 	stats      stats
 }
 
@@ -96,6 +101,10 @@ func Open(r io.ReaderAt, opts *Options) (*FS, error) {
 	if opts.Data != nil {
 		f.data = opts.Data
 	}
+	f.readAhead = readAheadBlocks
+	if opts.ReadAhead > 0 {
+		f.readAhead = uint64(opts.ReadAhead)
+	}
 	f.metaFd = -1
 	if fd, ok := r.(interface{ Fd() uintptr }); ok {
 		f.metaFd = int(fd.Fd())
@@ -144,7 +153,7 @@ func (f *FS) blockAhead(n, ahead uint64) ([]byte, error) {
 	if b, ok := f.cache.get(n); ok {
 		return b, nil
 	}
-	ahead = max(min(ahead, f.sb.BlocksCount-n), 1)
+	ahead = max(min(ahead, f.readAhead, f.sb.BlocksCount-n), 1)
 	if ahead > 1 && f.metaFd >= 0 {
 		// Advice only: an error changes nothing but speed.
 		_ = unix.Fadvise(f.metaFd, int64((n+1)*f.bs), int64((ahead-1)*f.bs), unix.FADV_WILLNEED)

@@ -34,25 +34,28 @@ func BenchmarkPublish(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer wd.Close()
-	open := func() *Export {
-		e, err := OpenExport(ExportConfig{Name: "bench", Device: x.dev, Mount: mnt, StateDir: x.state, Watchdog: wd, FreezeBudget: time.Minute})
+	open := func(watch bool) *Export {
+		e, err := OpenExport(ExportConfig{Name: "bench", Device: x.dev, Mount: mnt, StateDir: x.state, Watchdog: wd,
+			FreezeBudget: time.Minute, Watch: watch, FullScanEvery: -1})
 		if err != nil {
 			b.Fatal(err)
 		}
 		return e
 	}
 	report := func(b *testing.B, gs []*Generation) {
-		var total time.Duration
+		var frozen, scanned time.Duration
 		for _, g := range gs {
-			total += g.Frozen
+			frozen += g.Frozen
+			scanned += g.Scan
 		}
-		b.ReportMetric(float64(total.Microseconds())/1e3/float64(len(gs)), "freeze-ms")
+		b.ReportMetric(float64(frozen.Microseconds())/1e3/float64(len(gs)), "freeze-ms")
+		b.ReportMetric(float64(scanned.Microseconds())/1e3/float64(len(gs)), "scan-ms")
 		b.ReportMetric(float64(gs[len(gs)-1].Blocks()), "blocks")
 	}
 	b.Run("full-100k-inodes", func(b *testing.B) {
 		var gs []*Generation
 		for range b.N {
-			e := open()
+			e := open(false)
 			g, err := e.Publish()
 			if err != nil {
 				b.Fatal(err)
@@ -62,27 +65,36 @@ func BenchmarkPublish(b *testing.B) {
 		}
 		report(b, gs)
 	})
-	b.Run("1k-changed-of-100k", func(b *testing.B) {
-		e := open()
-		defer e.Close()
-		if _, err := e.Publish(); err != nil {
-			b.Fatal(err)
+	for _, watch := range []bool{false, true} {
+		name := "1k-changed-of-100k/full-scan"
+		if watch {
+			name = "1k-changed-of-100k/narrowed"
 		}
-		var gs []*Generation
-		for n := range b.N {
-			b.StopTimer()
-			for i := range 1000 {
-				p := filepath.Join(mnt, "d"+strconv.Itoa(i%dirs), strconv.Itoa((n*1000+i)%per))
-				os.WriteFile(p, []byte(strconv.Itoa(n)), 0o644)
-			}
-			b.StartTimer()
-			g, err := e.Publish()
-			if err != nil {
+		b.Run(name, func(b *testing.B) {
+			e := open(watch)
+			defer e.Close()
+			if _, err := e.Publish(); err != nil {
 				b.Fatal(err)
 			}
-			gs = append(gs, g)
-			e.Drop(g.Number - 1)
-		}
-		report(b, gs)
-	})
+			var gs []*Generation
+			for n := range b.N {
+				b.StopTimer()
+				for i := range 1000 {
+					p := filepath.Join(mnt, "d"+strconv.Itoa(i%dirs), strconv.Itoa((n*1000+i)%per))
+					os.WriteFile(p, []byte(strconv.Itoa(n)), 0o644)
+				}
+				b.StartTimer()
+				g, err := e.Publish()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if g.Full == watch {
+					b.Fatalf("full scan %v with watch %v", g.Full, watch)
+				}
+				gs = append(gs, g)
+				e.Drop(g.Number - 1)
+			}
+			report(b, gs)
+		})
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 
 	"github.com/leasefs/leasefs/ext4ro"
@@ -13,13 +14,14 @@ import (
 
 // scan captures the metadata of the frozen filesystem on dev, against
 // the previous generation (nil for the first). Inode table blocks are
-// all read, and compared by hash; an inode whose bytes differ has its
+// read — all of them, or with cand only those holding the candidate
+// inodes — and compared by hash; an inode whose bytes differ has its
 // MetaBlocks listed and read again. An unchanged inode's blocks are
 // carried over unread: ext4 changes an inode (its times, size or block
 // count) whenever it changes a block the inode's metadata lives in.
-func scan(dev *directio.File, store *Store, prev *Generation) (g *Generation, err error) {
+func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation, cand map[uint32]bool) (g *Generation, err error) {
 	sr := &scanReader{dev: dev}
-	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.Size(), CacheBytes: 8 << 20})
+	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.Size(), CacheBytes: 8 << 20, ReadAhead: 1})
 	if err != nil {
 		return nil, fmt.Errorf("reading the frozen device: %w", err)
 	}
@@ -50,6 +52,18 @@ func scan(dev *directio.File, store *Store, prev *Generation) (g *Generation, er
 		}
 		return p, nil
 	}
+	// Inode table blocks are read through the device's page cache,
+	// which is where ext4 itself keeps them (its buffer heads are that
+	// cache), so it is never stale, and mostly already in memory. Other
+	// metadata can have been file data before, whose writes bypass that
+	// cache: it is read with O_DIRECT.
+	readTable := func(start, n uint64) ([]byte, error) {
+		p := buf[:n*bs]
+		if _, err := tables.ReadAt(p, int64(start*bs)); err != nil {
+			return nil, fmt.Errorf("reading inode table blocks %d+%d: %w", start, n, err)
+		}
+		return p, nil
+	}
 	readFresh := func(b uint64) error {
 		if fresh[b] {
 			return nil
@@ -70,18 +84,53 @@ func scan(dev *directio.File, store *Store, prev *Generation) (g *Generation, er
 		}
 	}
 
-	// Inode tables: find the inodes whose bytes changed.
+	// Inode tables: find the inodes whose bytes changed. A narrowed scan
+	// (cand not nil) reads only the blocks holding candidate inodes, and
+	// blocks newly in use; the others are carried over unread.
 	var changed []uint32
 	isz := uint64(sb.InodeSize)
 	perBlock := bs / isz
+	if prev == nil {
+		cand = nil
+	}
+	want := map[uint64]bool{}
+	for ino := range cand {
+		if ino == 0 || ino > sb.InodesCount {
+			continue
+		}
+		grp := (ino - 1) / sb.InodesPerGroup
+		start, _, err := fs.InodeTable(grp)
+		if err != nil {
+			return g, err
+		}
+		want[start+uint64((ino-1)%sb.InodesPerGroup)*isz/bs] = true
+	}
 	for grp := range sb.GroupCount() {
 		start, used, err := fs.InodeTable(grp)
 		if err != nil {
 			return g, err
 		}
+		read := func(blk uint64) bool {
+			if cand == nil || want[blk] {
+				return true
+			}
+			_, had := prev.blocks[blk]
+			return !had
+		}
 		for done := uint64(0); done < used; {
-			n := min(used-done, 256)
-			p, err := readBlocks(start+done, n)
+			blk := start + done
+			if !read(blk) {
+				h := prev.blocks[blk]
+				store.ref(h)
+				set(blk, h)
+				done++
+				continue
+			}
+			n := uint64(1)
+			for n < 256 && done+n < used && read(blk+n) {
+				n++
+			}
+			p, err := readTable(blk, n)
 			if err != nil {
 				return g, err
 			}

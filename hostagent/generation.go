@@ -15,6 +15,8 @@ type Generation struct {
 	Number    uint64
 	BlockSize int
 	Frozen    time.Duration // how long writers were held by the freeze
+	Full      bool          // captured by a full scan, not a narrowed one
+	Scan      time.Duration // the scan, part of Frozen
 	Captured  time.Time
 
 	// What changed since the generation before: the blocks whose bytes

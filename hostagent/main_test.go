@@ -78,12 +78,18 @@ func newExport(t *testing.T, sizeMB int, args ...string) export {
 // open opens the export with a watchdog, both closed when t ends.
 func (x export) open(t *testing.T, budget time.Duration) *Export {
 	t.Helper()
+	return x.openWith(t, ExportConfig{FreezeBudget: budget})
+}
+
+func (x export) openWith(t *testing.T, cfg ExportConfig) *Export {
+	t.Helper()
 	wd, err := StartWatchdog(watchdogCmd(x.mnt))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { wd.Close() })
-	e, err := OpenExport(ExportConfig{Name: "test", Device: x.dev, Mount: x.mnt, StateDir: x.state, Watchdog: wd, FreezeBudget: budget})
+	cfg.Name, cfg.Device, cfg.Mount, cfg.StateDir, cfg.Watchdog = "test", x.dev, x.mnt, x.state, wd
+	e, err := OpenExport(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -338,7 +338,7 @@ func (sv *served) view(gen *Generation) (*ext4ro.FS, error) {
 	if f := sv.views[gen.Number]; f != nil {
 		return f, nil
 	}
-	f, err := ext4ro.Open(gen, &ext4ro.Options{CacheBytes: 4 << 20})
+	f, err := ext4ro.Open(gen, &ext4ro.Options{CacheBytes: 4 << 20, ReadAhead: 1})
 	if err != nil {
 		return nil, vsockproto.Errorf(vsockproto.CodeInternal, "generation %d: %v", gen.Number, err)
 	}

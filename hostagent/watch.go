@@ -1,0 +1,155 @@
+package hostagent
+
+import (
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// treeWatcher records, with inotify, which names of an export changed
+// since the last publish, so that a publish can re-read just their
+// inodes. It uses inotify directly rather than a library because a
+// publish must drain every event queued before its freeze: reads and the
+// processing of what they return happen under one lock, and drain reads
+// the queue dry under it.
+//
+// Namespace events (create, unlink, rename) are queued before the
+// syscall drops its freeze protection, so a freeze never completes
+// without them. A data write's event is queued just after, and a write
+// through a shared mapping makes none at all: a regular file changed
+// that way can be missed by a narrowed scan, which is why every publish
+// is a full scan after an overflow, after a directory rename, and every
+// FullScanEvery publishes.
+type treeWatcher struct {
+	root string
+	fd   int
+	f    *os.File
+	done chan struct{}
+
+	mu    sync.Mutex
+	dirs  map[int]string      // watch descriptor → directory path; guarded by mu
+	names map[string]struct{} // changed "dir/name" paths; guarded by mu
+	full  bool                // a full scan is needed; guarded by mu
+	buf   []byte              // guarded by mu
+}
+
+const watchMask = unix.IN_CREATE | unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO |
+	unix.IN_MODIFY | unix.IN_ATTRIB | unix.IN_CLOSE_WRITE | unix.IN_DELETE_SELF | unix.IN_MOVE_SELF |
+	unix.IN_ONLYDIR | unix.IN_DONT_FOLLOW
+
+func newTreeWatcher(root string) (*treeWatcher, error) {
+	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("inotify_init1", err)
+	}
+	w := &treeWatcher{root: filepath.Clean(root), fd: fd, f: os.NewFile(uintptr(fd), "inotify"),
+		done: make(chan struct{}), dirs: map[int]string{}, names: map[string]struct{}{}, buf: make([]byte, 256<<10)}
+	w.mu.Lock()
+	w.addTree(w.root)
+	w.mu.Unlock()
+	go w.run()
+	return w, nil
+}
+
+// addTree watches dir and every directory below it. Called with mu held.
+func (w *treeWatcher) addTree(dir string) {
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		// What was created before the watch was added is seen by the
+		// walk itself.
+		w.names[p] = struct{}{}
+		if !d.IsDir() {
+			return nil
+		}
+		wd, err := unix.InotifyAddWatch(w.fd, p, watchMask)
+		if err != nil {
+			w.full = true // unwatched: only a full scan sees it (e.g. out of watches)
+			return nil
+		}
+		w.dirs[wd] = p
+		return nil
+	})
+}
+
+func (w *treeWatcher) run() {
+	defer close(w.done)
+	rc, err := w.f.SyscallConn()
+	if err != nil {
+		return
+	}
+	for {
+		err := rc.Read(func(fd uintptr) bool {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			return w.readLocked() // false: nothing queued, wait
+		})
+		if err != nil {
+			return // closed
+		}
+	}
+}
+
+// readLocked reads and records one batch of events; it reports whether
+// there were any. Called with mu held.
+func (w *treeWatcher) readLocked() bool {
+	n, err := unix.Read(w.fd, w.buf)
+	if err != nil || n <= 0 {
+		return false
+	}
+	for off := 0; off+unix.SizeofInotifyEvent <= n; {
+		ev := (*unix.InotifyEvent)(unsafe.Pointer(&w.buf[off]))
+		name := ""
+		if ev.Len > 0 {
+			raw := w.buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
+			name = strings.TrimRight(string(raw), "\x00")
+		}
+		off += unix.SizeofInotifyEvent + int(ev.Len)
+		dir, known := w.dirs[int(ev.Wd)]
+		switch {
+		case ev.Mask&unix.IN_Q_OVERFLOW != 0:
+			w.full = true
+		case ev.Mask&unix.IN_IGNORED != 0:
+			delete(w.dirs, int(ev.Wd))
+		case !known:
+		case ev.Mask&unix.IN_ISDIR != 0 && ev.Mask&(unix.IN_MOVED_FROM|unix.IN_MOVED_TO|unix.IN_MOVE_SELF) != 0:
+			// Renamed directories make the recorded paths of everything
+			// below them wrong.
+			w.full = true
+		case ev.Mask&unix.IN_ISDIR != 0 && ev.Mask&unix.IN_CREATE != 0:
+			w.names[dir+"/"+name] = struct{}{}
+			w.addTree(dir + "/" + name)
+		case name != "":
+			w.names[dir+"/"+name] = struct{}{}
+		default:
+			w.names[dir] = struct{}{}
+		}
+	}
+	return true
+}
+
+// take drains the queue and returns what changed since the last take:
+// the changed paths, or full if only a full scan will do.
+func (w *treeWatcher) take() (names []string, full bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.readLocked() {
+	}
+	for p := range w.names {
+		names = append(names, p)
+	}
+	full = w.full
+	w.names, w.full = map[string]struct{}{}, false
+	return names, full
+}
+
+func (w *treeWatcher) close() {
+	w.f.Close()
+	<-w.done
+}
