@@ -1,6 +1,7 @@
 package hostagent
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,13 +13,23 @@ import (
 )
 
 // BenchmarkPublish measures the freeze of a publish on an export with
-// 100,000 files in 100 directories: the first (every inode read) and one
-// after 1,000 files were rewritten. It reports the freeze in ms (the
-// writers' only cost) and the generation's size.
+// 100,000 files in 100 directories (LEASEFS_BENCH_FILES sets another
+// count, in thousands of files per directory times 100): the first
+// (every inode read), and after 1,000 files (LEASEFS_BENCH_CHANGED) were
+// rewritten, with a full and with a narrowed scan. It reports the freeze
+// in ms (the writers' only cost), the scan within it, and the
+// generation's size.
 func BenchmarkPublish(b *testing.B) {
 	testenv.RequireLoop(b)
-	const dirs, per = 100, 1000
-	img := imgtest.Mkfs(b, "ext4", "", 2048, "-b", "4096", "-N", "120000", "-O",
+	dirs, per, changed := 100, 1000, 1000
+	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_FILES")); err == nil && v >= 100 {
+		per = v / dirs
+	}
+	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_CHANGED")); err == nil && v > 0 {
+		changed = v
+	}
+	sizeMB := max(2048, dirs*per/64)
+	img := imgtest.Mkfs(b, "ext4", "", sizeMB, "-b", "4096", "-N", strconv.Itoa(dirs*per+20000), "-O",
 		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
 	mnt := imgtest.KernelMount(b, img, "rw")
 	for d := range dirs {
@@ -52,7 +63,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.ReportMetric(float64(scanned.Microseconds())/1e3/float64(len(gs)), "scan-ms")
 		b.ReportMetric(float64(gs[len(gs)-1].Blocks()), "blocks")
 	}
-	b.Run("full-100k-inodes", func(b *testing.B) {
+	b.Run(fmt.Sprintf("full-%d-inodes", dirs*per), func(b *testing.B) {
 		var gs []*Generation
 		for range b.N {
 			e := open(false)
@@ -66,9 +77,9 @@ func BenchmarkPublish(b *testing.B) {
 		report(b, gs)
 	})
 	for _, watch := range []bool{false, true} {
-		name := "1k-changed-of-100k/full-scan"
+		name := fmt.Sprintf("%d-changed-of-%d/full-scan", changed, dirs*per)
 		if watch {
-			name = "1k-changed-of-100k/narrowed"
+			name = fmt.Sprintf("%d-changed-of-%d/narrowed", changed, dirs*per)
 		}
 		b.Run(name, func(b *testing.B) {
 			e := open(watch)
@@ -79,8 +90,8 @@ func BenchmarkPublish(b *testing.B) {
 			var gs []*Generation
 			for n := range b.N {
 				b.StopTimer()
-				for i := range 1000 {
-					p := filepath.Join(mnt, "d"+strconv.Itoa(i%dirs), strconv.Itoa((n*1000+i)%per))
+				for i := range changed {
+					p := filepath.Join(mnt, "d"+strconv.Itoa(i%dirs), strconv.Itoa((n*changed+i)/dirs%per))
 					os.WriteFile(p, []byte(strconv.Itoa(n)), 0o644)
 				}
 				b.StartTimer()

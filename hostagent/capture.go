@@ -216,6 +216,7 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 			}
 		}
 	}
+	var toRead []uint64
 	for _, deps := range g.deps {
 		for _, b := range deps {
 			if _, done := g.blocks[b]; done {
@@ -226,10 +227,28 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 				set(b, ph)
 				continue
 			}
-			if err := readFresh(b); err != nil {
-				return g, err
+			if !fresh[b] {
+				fresh[b] = true
+				toRead = append(toRead, b)
 			}
 		}
+	}
+	// Read them in runs: directories' blocks mostly lie together.
+	slices.Sort(toRead)
+	for i := 0; i < len(toRead); {
+		j := i + 1
+		for j < len(toRead) && j-i < 256 && toRead[j] == toRead[i]+uint64(j-i) {
+			j++
+		}
+		p, err := readBlocks(toRead[i], uint64(j-i))
+		if err != nil {
+			return g, err
+		}
+		for k := i; k < j; k++ {
+			off := uint64(k-i) * bs
+			set(toRead[k], store.put(p[off:off+bs]))
+		}
+		i = j
 	}
 
 	// What changed since prev.
