@@ -2,6 +2,7 @@ package ext4ro
 
 import (
 	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -155,4 +156,45 @@ func (fl *File) ReadAt(p []byte, off int64) (int, error) {
 		return n, io.EOF
 	}
 	return n, nil
+}
+
+// HasMetaBlocks reports, from an inode's bytes as they are in the inode
+// table and without checking them, whether MetaBlocks could list any
+// block for it: a cheap filter for a scan of every inode. It is false for
+// unused and unlinked inodes, devices, FIFOs and sockets, and regular
+// files whose extents or block pointers all fit in the inode.
+func HasMetaBlocks(raw []byte) bool {
+	if len(raw) < 128 {
+		return false
+	}
+	le := binary.LittleEndian
+	mode, links := le.Uint16(raw[0:]), le.Uint16(raw[0x1A:])
+	if mode == 0 || links == 0 {
+		return false
+	}
+	if le.Uint32(raw[0x68:]) != 0 || le.Uint16(raw[0x76:]) != 0 { // xattr block
+		return true
+	}
+	flags := le.Uint32(raw[0x20:])
+	switch uint32(mode) & S_IFMT {
+	case S_IFDIR, S_IFLNK:
+		return true
+	case S_IFREG:
+	default:
+		return false
+	}
+	switch {
+	case flags&(flagEAInode) != 0:
+		return true
+	case flags&flagInlineData != 0:
+		return false
+	case flags&flagExtents != 0:
+		return le.Uint16(raw[0x28+6:]) > 0 // depth: an index in the inode
+	}
+	for i := 12; i < 15; i++ { // indirect block pointers
+		if le.Uint32(raw[0x28+4*i:]) != 0 {
+			return true
+		}
+	}
+	return false
 }

@@ -143,13 +143,18 @@ func TestMetaBlocksCoverEveryMetadataRead(t *testing.T) {
 			}
 			listed := 0
 			for _, in := range inodes {
+				mine := 0
 				if err := f.MetaBlocks(in, func(start, n uint64) {
 					for b := start; b < start+n; b++ {
 						allowed[b] = true
-						listed++
+						mine++
 					}
 				}); err != nil {
 					t.Fatal(err)
+				}
+				listed += mine
+				if mine > 0 && !HasMetaBlocks(in.raw) {
+					t.Errorf("inode %d has %d MetaBlocks, but HasMetaBlocks says none", in.Ino, mine)
 				}
 			}
 			for b := range read {

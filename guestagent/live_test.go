@@ -48,7 +48,7 @@ func TestMain(m *testing.M) {
 // on a Unix socket.
 type host struct {
 	img, dev, mnt, state string
-	ackTimeout           time.Duration
+	ackTimeout, grace    time.Duration
 	wd                   *hostagent.Watchdog
 	exp                  *hostagent.Export
 	srv                  *hostagent.Server
@@ -58,9 +58,14 @@ type host struct {
 
 func startHost(t testing.TB, ackTimeout time.Duration) *host {
 	t.Helper()
+	return startHostGrace(t, ackTimeout, time.Minute)
+}
+
+func startHostGrace(t testing.TB, ackTimeout, grace time.Duration) *host {
+	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
-	h := &host{ackTimeout: ackTimeout, state: t.TempDir(), img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
+	h := &host{ackTimeout: ackTimeout, grace: grace, state: t.TempDir(), img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
 		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")}
 	h.mnt = imgtest.KernelMount(t, h.img, "rw")
 	h.dev = imgtest.LoopDevice(t, h.mnt)
@@ -85,7 +90,7 @@ func (h *host) start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: time.Minute}})
+	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: h.grace}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,9 +105,13 @@ func (h *host) start(t testing.TB) {
 
 // shutdown stops serving and closes the export, as an agent exiting does.
 func (h *host) shutdown() {
+	if h.srv == nil {
+		return
+	}
 	h.stop()
 	h.srv.Close()
 	h.exp.Close()
+	h.srv, h.exp = nil, nil
 }
 
 // testLogger logs to the test's output when run with -v.
@@ -147,8 +156,13 @@ type guestMount struct {
 
 func startGuest(t testing.TB, h *host, device string) *guestMount {
 	t.Helper()
+	return startGuestFollowing(t, h, device, Follow{})
+}
+
+func startGuestFollowing(t testing.TB, h *host, device string, follow Follow) *guestMount {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: device, BusyWait: 3 * time.Second, Logger: testLogger(t)})
+	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: device, Follow: follow, BusyWait: 3 * time.Second, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,5 +417,58 @@ func TestHostRestart(t *testing.T) {
 	}
 	if g.read(t, "b") != "two" || g.read(t, "c") != "three" || g.read(t, "a") != "one" {
 		t.Fatal("the guest does not read the new agent's generation")
+	}
+}
+
+// --follow manual stays on its generation until told; interval moves at
+// most once per interval, to the newest.
+func TestFollowPolicies(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "v", "1")
+	g1 := h.publish(t)
+	manual := startGuestFollowing(t, h, h.img, Follow{Manual: true})
+	interval := startGuestFollowing(t, h, h.img, Follow{Interval: 700 * time.Millisecond})
+	always := startGuest(t, h, h.img)
+	h.write(t, "w", "new")
+	g2 := h.publish(t)
+	always.waitFor(t, g2)
+	time.Sleep(100 * time.Millisecond)
+	if manual.c.Generation() != g1 {
+		t.Fatalf("manual guest moved to %d", manual.c.Generation())
+	}
+	if _, err := os.Stat(filepath.Join(manual.dir, "w")); !os.IsNotExist(err) {
+		t.Fatalf("manual guest sees the new file: %v", err)
+	}
+	h.write(t, "x", "newer")
+	g3 := h.publish(t)
+	interval.waitFor(t, g3) // within its interval, straight to the newest
+	manual.c.Refresh()
+	if manual.c.Generation() != g3 || manual.read(t, "x") != "newer" {
+		t.Fatalf("after Refresh the manual guest is on %d", manual.c.Generation())
+	}
+}
+
+// A guest that goes away without releasing its leases loses them after
+// the grace period.
+func TestVanishedGuestLeasesExpire(t *testing.T) {
+	h := startHostGrace(t, 3*time.Second, 300*time.Millisecond)
+	h.write(t, "f", "held")
+	h.publish(t)
+	g := startGuest(t, h, "")
+	f, err := os.Open(filepath.Join(g.dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	leases := func() int { return h.srv.Status().Exports[0].Leases }
+	if leases() != 1 {
+		t.Fatalf("%d leases held", leases())
+	}
+	g.c.Close() // gone, without a word
+	for i := 0; i < 300 && leases() != 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := leases(); n != 0 {
+		t.Fatalf("%d leases left after the grace period", n)
 	}
 }

@@ -153,11 +153,15 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 				first := uint64(grp)*uint64(sb.InodesPerGroup) + (done+i)*perBlock + 1
 				for k := range perBlock {
 					cur := content[k*isz : (k+1)*isz]
-					if old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]) {
+					switch {
+					case prev == nil && !ext4ro.HasMetaBlocks(cur):
+						// A first capture lists no changes: only inodes
+						// with blocks of their own need a look.
+					case old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]):
 						changed = append(changed, uint32(first+k))
 					}
 				}
-				set(blk, store.put(content))
+				set(blk, store.putHashed(h, content))
 				fresh[blk] = true
 			}
 			done += n

@@ -97,6 +97,14 @@ func (x export) openWith(t *testing.T, cfg ExportConfig) *Export {
 	return e
 }
 
+// write writes a file on the export.
+func (x export) write(t *testing.T, name, content string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(x.mnt, name), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // writable reports whether a write to the export completes within d.
 func (x export) writable(d time.Duration) bool {
 	done := make(chan error, 1)

@@ -26,8 +26,10 @@ type stored struct {
 func NewStore() *Store { return &Store{blocks: map[Hash]*stored{}} }
 
 // put adds a reference to data's block, copying data if it is new.
-func (s *Store) put(data []byte) Hash {
-	h := Hash(sha256.Sum256(data))
+func (s *Store) put(data []byte) Hash { return s.putHashed(Hash(sha256.Sum256(data)), data) }
+
+// putHashed is put for data whose hash the caller has computed.
+func (s *Store) putHashed(h Hash, data []byte) Hash {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if b := s.blocks[h]; b != nil {

@@ -1,0 +1,114 @@
+package hostagent
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/leasefs/leasefs/lease"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// serve runs a Server for e on a Unix socket and returns its address.
+func serve(t *testing.T, e *Export, opt ServerOptions) (*Server, vsockproto.Addr) {
+	t.Helper()
+	s, err := NewServer([]*Export{e}, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	a, _ := vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "s"))
+	l, err := vsockproto.Listen(a, vsockproto.ListenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go s.Serve(ctx, l)
+	return s, a
+}
+
+// One peer may hold MaxConnsPerPeer connections; more are refused, and
+// the others go on.
+func TestConnectionsPerPeerAreCapped(t *testing.T) {
+	x := newExport(t, 64)
+	e := x.open(t, 5*time.Second)
+	if _, err := e.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	_, a := serve(t, e, ServerOptions{MaxConnsPerPeer: 3, Lease: lease.Config{AckTimeout: time.Second}})
+	var conns []*vsockproto.Conn
+	for range 3 {
+		c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	if _, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{}); err == nil {
+		t.Fatal("a fourth connection from the same peer was served")
+	}
+	for i, c := range conns {
+		if _, err := c.Call(context.Background(), &vsockproto.Ping{}); err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+	}
+	// One goes: room for another.
+	conns[0].Close()
+	time.Sleep(100 * time.Millisecond)
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
+	if err != nil {
+		t.Fatalf("after one closed: %v", err)
+	}
+	c.Close()
+}
+
+// The host checks what a guest claims: an Open that misdescribes the
+// inode, a metadata read of a block that is not metadata, an export or a
+// generation that does not exist.
+func TestServerChecksGuests(t *testing.T) {
+	x := newExport(t, 64)
+	x.write(t, "f", "content")
+	e := x.open(t, 5*time.Second)
+	g, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	if _, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "nope"}, nil, vsockproto.Options{}); !errors.Is(err, vsockproto.ErrNoExport) {
+		t.Fatalf("unknown export: %v", err)
+	}
+	c, w, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if w.Generation != g.Number {
+		t.Fatalf("welcome at generation %d, want %d", w.Generation, g.Number)
+	}
+	ino := inodeOf(t, filepath.Join(x.mnt, "f"))
+	for _, c2 := range []struct {
+		name string
+		m    vsockproto.Message
+		want error
+	}{
+		{"gone generation", &vsockproto.ReadMeta{Generation: g.Number + 5, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}}, vsockproto.ErrGone},
+		{"not metadata", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 10000, Count: 1}}}, vsockproto.ErrInvalid},
+		{"too big", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1 << 20}}}, vsockproto.ErrTooBig},
+		{"wrong size", &vsockproto.Open{Generation: g.Number, Inode: ino, Size: 99}, vsockproto.ErrInvalid},
+		{"no such inode", &vsockproto.Open{Generation: g.Number, Inode: 5000}, vsockproto.ErrNotFound},
+		{"a directory", &vsockproto.Open{Generation: g.Number, Inode: 2}, vsockproto.ErrNotRegular},
+		{"forged lease", &vsockproto.Read{Lease: 12345, Length: 10}, vsockproto.ErrBadLease},
+		{"forged release", &vsockproto.Release{Lease: 12345}, vsockproto.ErrBadLease},
+	} {
+		if _, err := c.Call(context.Background(), c2.m); !errors.Is(err, c2.want) {
+			t.Errorf("%s: %v, want %v", c2.name, err, c2.want)
+		}
+	}
+	if _, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}}); err != nil {
+		t.Fatalf("the superblock: %v", err)
+	}
+}
