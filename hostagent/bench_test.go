@@ -54,13 +54,18 @@ func BenchmarkPublish(b *testing.B) {
 		return e
 	}
 	report := func(b *testing.B, gs []*Generation) {
-		var frozen, scanned time.Duration
+		var frozen, scanned, resolved, ioctls time.Duration
 		for _, g := range gs {
 			frozen += g.Frozen
 			scanned += g.Scan
+			resolved += g.Resolve
+			ioctls += g.Ioctls
 		}
-		b.ReportMetric(float64(frozen.Microseconds())/1e3/float64(len(gs)), "freeze-ms")
-		b.ReportMetric(float64(scanned.Microseconds())/1e3/float64(len(gs)), "scan-ms")
+		per := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 / float64(len(gs)) }
+		b.ReportMetric(per(frozen), "freeze-ms")
+		b.ReportMetric(per(scanned), "scan-ms")
+		b.ReportMetric(per(resolved), "resolve-ms")
+		b.ReportMetric(per(ioctls), "ioctl-ms")
 		b.ReportMetric(float64(gs[len(gs)-1].Blocks()), "blocks")
 	}
 	b.Run(fmt.Sprintf("full-%d-inodes", dirs*per), func(b *testing.B) {

@@ -244,6 +244,20 @@ func (e *Export) Publish() (*Generation, error) {
 	// first (EXT4_IOC_CHECKPOINT, Linux 5.13) keeps it out of the freeze.
 	// Without it (an old kernel) the freeze just takes longer.
 	_ = unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, 0)
+	// Names changed so far resolve before the freeze: the previous
+	// generation does not change, and a name that changes again before
+	// the freeze makes another event, taken while frozen.
+	full := e.Current() == nil || e.watch == nil || e.needFull ||
+		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
+	e.needFull = true // until this publish succeeds
+	cand := map[uint32]bool{}
+	if e.watch != nil {
+		names, lost := e.watch.take()
+		full = full || lost
+		if !full {
+			e.resolve(cand, names, e.Current())
+		}
+	}
 	if err := e.record(); err != nil {
 		return nil, err
 	}
@@ -259,26 +273,31 @@ func (e *Export) Publish() (*Generation, error) {
 		}
 		return nil, fmt.Errorf("FIFREEZE %s: %w", e.cfg.Mount, err)
 	}
+	frozeIn := time.Since(start)
 	prev := e.Current()
-	full := prev == nil || e.watch == nil || e.needFull ||
-		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
-	var cand map[uint32]bool
+	var resolved time.Duration
 	if e.watch != nil {
 		names, lost := e.watch.take() // all queued before the freeze
 		full = full || lost
 		if !full {
-			cand = e.candidates(names, prev)
+			t := time.Now()
+			e.resolve(cand, names, prev)
+			resolved = time.Since(t)
 		}
 	}
-	e.needFull = true // until this publish succeeds
+	if full {
+		cand = nil
+	}
 	scanStart := time.Now()
 	g, scanErr := scan(e.dev, e.cached, e.store, prev, cand)
 	scanned := time.Since(scanStart)
 	if e.onFrozen != nil {
 		e.onFrozen()
 	}
+	thawStart := time.Now()
 	thawErr := thawFS(e.mountFD)
 	frozen := time.Since(start)
+	ioctls := frozeIn + time.Since(thawStart)
 	e.cfg.Watchdog.disarm()
 	if thawErr != nil {
 		if g != nil {
@@ -298,7 +317,7 @@ func (e *Export) Publish() (*Generation, error) {
 	} else {
 		e.sinceFull++
 	}
-	g.Full, g.Scan = full, scanned
+	g.Full, g.Scan, g.Resolve, g.Ioctls = full, scanned, resolved, ioctls
 	e.mu.Lock()
 	g.Number, g.Frozen, g.Captured = e.next, frozen, time.Now()
 	e.next++
@@ -343,14 +362,17 @@ func writeFileSync(path, content string) error {
 	return err
 }
 
-// candidates are the inodes that changed names may concern: the inode
-// each names now and named in the previous generation, and their
-// directories. Called while frozen.
-func (e *Export) candidates(names []string, prev *Generation) map[uint32]bool {
-	cand := map[uint32]bool{}
+// resolve adds to cand the inodes that changed names may concern: the
+// inode each names now and named in the previous generation, and their
+// directories.
+func (e *Export) resolve(cand map[uint32]bool, names []string, prev *Generation) {
+	if len(names) == 0 {
+		return
+	}
 	pv, err := ext4ro.Open(prev, &ext4ro.Options{CacheBytes: 16 << 20, ReadAhead: 1})
 	if err != nil {
-		return nil // a full scan
+		e.needFull = true
+		return
 	}
 	dirs := map[string]uint32{".": ext4ro.RootIno}
 	var lookup func(rel string) (uint32, bool)
@@ -384,5 +406,4 @@ func (e *Export) candidates(names []string, prev *Generation) map[uint32]bool {
 			}
 		}
 	}
-	return cand
 }

@@ -17,6 +17,8 @@ type Generation struct {
 	Frozen    time.Duration // how long writers were held by the freeze
 	Full      bool          // captured by a full scan, not a narrowed one
 	Scan      time.Duration // the scan, part of Frozen
+	Resolve   time.Duration // resolving changed names to inodes, part of Frozen
+	Ioctls    time.Duration // FIFREEZE and FITHAW themselves, part of Frozen
 	Captured  time.Time
 
 	// What changed since the generation before: the blocks whose bytes
