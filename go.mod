@@ -4,7 +4,6 @@ go 1.26.8
 
 require (
 	github.com/diskfs/go-diskfs v1.9.4
-	github.com/fsnotify/fsnotify v1.10.1
 	github.com/hanwen/go-fuse/v2 v2.12.1
 	github.com/hashicorp/go-hclog v1.6.3
 	github.com/hashicorp/golang-lru/v2 v2.0.7

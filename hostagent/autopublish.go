@@ -2,14 +2,9 @@ package hostagent
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
-	"path/filepath"
 	"strings"
 	"time"
-
-	"github.com/fsnotify/fsnotify"
 )
 
 // AutoPublish is when fsnotify events trigger a publish: after Quiet
@@ -47,67 +42,37 @@ func ParseAutoPublish(s string) (*AutoPublish, error) {
 }
 
 // AutoPublish publishes export name when its tree changes, as ap says,
-// until ctx ends. Every directory is watched, new ones as they appear;
-// when events were lost it publishes at once (every publish scans all
-// inode tables, so nothing is missed).
+// until ctx ends. It follows the export's watcher (ExportConfig.Watch),
+// so the tree is watched once for both purposes; when events were lost
+// the watcher makes the next publish a full scan.
 func (s *Server) AutoPublish(ctx context.Context, name string, ap *AutoPublish) error {
 	sv := s.exports[name]
 	if sv == nil {
 		return fmt.Errorf("no export %q", name)
 	}
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return err
+	w := sv.exp.watch
+	if w == nil {
+		return fmt.Errorf("export %q is not watched (ExportConfig.Watch)", name)
 	}
-	defer w.Close()
-	watchTree := func(root string) {
-		_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				if err := w.Add(p); err != nil {
-					s.log.Warn("cannot watch a directory; relying on the next publish", "dir", p, "error", err)
-				}
-			}
-			return nil
-		})
-	}
-	watchTree(sv.exp.cfg.Mount)
 	var first time.Time
-	quiet := time.NewTimer(time.Hour)
-	quiet.Stop()
-	publish := func() {
-		if _, err := s.Publish(name); err != nil {
-			s.log.Warn("auto-publish failed; retrying after the next quiet period", "export", name, "error", err)
-			quiet.Reset(ap.Quiet)
-			return
-		}
-		first = time.Time{}
-	}
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case ev, ok := <-w.Events:
-			if !ok {
-				return nil
-			}
-			if ev.Op&fsnotify.Create != 0 {
-				watchTree(ev.Name) // a new directory (a file is ignored by the walk)
-			}
+		case <-w.kick:
 			if first.IsZero() {
 				first = time.Now()
 			}
-			wait := min(ap.Quiet, time.Until(first.Add(ap.Max)))
-			quiet.Reset(max(wait, 0))
-		case err, ok := <-w.Errors:
-			if !ok {
-				return nil
+			timer.Reset(max(min(ap.Quiet, time.Until(first.Add(ap.Max))), 0))
+		case <-timer.C:
+			if _, err := s.Publish(name); err != nil {
+				s.log.Warn("auto-publish failed; retrying after the quiet period", "export", name, "error", err)
+				timer.Reset(ap.Quiet)
+				continue
 			}
-			if errors.Is(err, fsnotify.ErrEventOverflow) {
-				s.log.Warn("fsnotify lost events; publishing now", "export", name)
-				publish()
-			}
-		case <-quiet.C:
-			publish()
+			first = time.Time{}
 		}
 	}
 }

@@ -279,6 +279,10 @@ func (e *Export) Publish() (*Generation, error) {
 	if e.watch != nil {
 		names, lost := e.watch.take() // all queued before the freeze
 		full = full || lost
+		select { // its kick is for events just taken
+		case <-e.watch.kick:
+		default:
+		}
 		if !full {
 			t := time.Now()
 			e.resolve(cand, names, prev)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -111,4 +112,48 @@ func TestServerChecksGuests(t *testing.T) {
 	if _, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}}); err != nil {
 		t.Fatalf("the superblock: %v", err)
 	}
+}
+
+// Changes publish by themselves: after a quiet period, or at the latest
+// after the maximum delay while changes keep coming.
+func TestAutoPublish(t *testing.T) {
+	x := newExport(t, 64)
+	e := x.openWith(t, ExportConfig{Watch: true})
+	g0, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go s.AutoPublish(ctx, "test", &AutoPublish{Quiet: 200 * time.Millisecond, Max: 600 * time.Millisecond})
+	time.Sleep(400 * time.Millisecond)
+	if e.Current() != g0 {
+		t.Fatal("published with nothing changed")
+	}
+	x.write(t, "a", "1")
+	waitGen := func(after uint64, within time.Duration) uint64 {
+		deadline := time.Now().Add(within)
+		for time.Now().Before(deadline) {
+			if n := e.Current().Number; n > after {
+				return n
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("no generation after %d within %v", after, within)
+		return 0
+	}
+	g1 := waitGen(g0.Number, 3*time.Second)
+	// Writes every 50 ms never leave 200 ms of quiet: the maximum delay
+	// publishes all the same.
+	stop := time.Now().Add(1500 * time.Millisecond)
+	start := e.Current().Number
+	for i := 0; time.Now().Before(stop); i++ {
+		x.write(t, "b", strconv.Itoa(i))
+		time.Sleep(50 * time.Millisecond)
+	}
+	if e.Current().Number == start {
+		t.Fatal("continuous changes were never published")
+	}
+	_ = g1
 }

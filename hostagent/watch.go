@@ -31,6 +31,8 @@ type treeWatcher struct {
 	f    *os.File
 	done chan struct{}
 
+	kick chan struct{} // gets a token when changes are recorded
+
 	mu    sync.Mutex
 	dirs  map[int]string      // watch descriptor → directory path; guarded by mu
 	names map[string]struct{} // changed "dir/name" paths; guarded by mu
@@ -48,7 +50,7 @@ func newTreeWatcher(root string) (*treeWatcher, error) {
 		return nil, os.NewSyscallError("inotify_init1", err)
 	}
 	w := &treeWatcher{root: filepath.Clean(root), fd: fd, f: os.NewFile(uintptr(fd), "inotify"),
-		done: make(chan struct{}), dirs: map[int]string{}, names: map[string]struct{}{}, buf: make([]byte, 256<<10)}
+		done: make(chan struct{}), kick: make(chan struct{}, 1), dirs: map[int]string{}, names: map[string]struct{}{}, buf: make([]byte, 256<<10)}
 	w.mu.Lock()
 	w.addTree(w.root)
 	w.mu.Unlock()
@@ -102,6 +104,10 @@ func (w *treeWatcher) readLocked() bool {
 	n, err := unix.Read(w.fd, w.buf)
 	if err != nil || n <= 0 {
 		return false
+	}
+	select {
+	case w.kick <- struct{}{}:
+	default:
 	}
 	for off := 0; off+unix.SizeofInotifyEvent <= n; {
 		ev := (*unix.InotifyEvent)(unsafe.Pointer(&w.buf[off]))
