@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -83,6 +84,13 @@ Flags:
 		addrs = append(addrs, a)
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(logLevel)})
+	for _, spec := range exports {
+		if _, rest, ok := strings.Cut(spec, "="); ok {
+			if _, mnt, ok := strings.Cut(rest, ":"); ok && sameFS(stateDir, mnt) {
+				return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze", stateDir, mnt)
+			}
+		}
+	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return err
 	}
@@ -174,4 +182,21 @@ func runWatchdog(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	// Only the agent's pipe closing ends the watchdog.
 	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	return hostagent.WatchdogMain(os.Stdin, *mount, hclog.New(&hclog.LoggerOptions{Name: "leasefs-watchdog", Output: stderr}))
+}
+
+// sameFS reports whether path (or, if it does not exist yet, its nearest
+// existing parent) is on the filesystem mounted at mnt.
+func sameFS(path, mnt string) bool {
+	var a, b syscall.Stat_t
+	if syscall.Stat(mnt, &b) != nil {
+		return false
+	}
+	for p := filepath.Clean(path); ; p = filepath.Dir(p) {
+		if syscall.Stat(p, &a) == nil {
+			return a.Dev == b.Dev
+		}
+		if p == filepath.Dir(p) {
+			return false
+		}
+	}
 }

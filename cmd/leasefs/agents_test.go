@@ -1,0 +1,174 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
+)
+
+// hostProc is a running 'leasefs host'.
+type hostProc struct {
+	cmd            *exec.Cmd
+	control, guest string
+	log            *strings.Builder
+}
+
+// startHostCmd runs 'leasefs host' on a fresh loop-mounted export and
+// waits until it is ready; it is stopped with SIGTERM, and must exit
+// cleanly and take its watchdog with it, when t ends (before the export
+// is unmounted).
+func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
+	t.Helper()
+	testenv.RequireLoop(t)
+	testenv.RequireFUSE(t)
+	img := imgtest.Mkfs(t, "ext4", "", 64, "-b", "4096", "-O", "has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
+	mnt = imgtest.KernelMount(t, img, "rw")
+	dev = imgtest.LoopDevice(t, mnt)
+	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("generation one\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := t.TempDir()
+	h = &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock"), log: &strings.Builder{}}
+	h.cmd = exec.Command(leasefsBin, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest,
+		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	h.cmd.Stderr = h.log
+	out, err := h.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	lines := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		exited <- h.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		_ = h.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("leasefs host: %v\n%s", err, h.log)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("leasefs host did not stop on SIGTERM; killing it")
+			_ = h.cmd.Process.Kill()
+		}
+		waitGone(t, mnt) // its watchdog too
+	})
+	for {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("leasefs host exited before it was ready:\n%s", h.log)
+			}
+			if line == "ready" {
+				return h, mnt, dev
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("leasefs host not ready after 20s:\n%s", h.log)
+		}
+	}
+}
+
+func leasefs(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	out, err := exec.Command(leasefsBin, args...).CombinedOutput()
+	return string(out), err
+}
+
+// 'leasefs host', 'guest', 'publish' and 'status' together, as a user
+// runs them.
+func TestHostAndGuestCommands(t *testing.T) {
+	h, mnt, dev := startHostCmd(t)
+	var guests []string
+	for _, device := range []string{dev, ""} {
+		dir := t.TempDir()
+		args := []string{"guest", "--connect", h.guest, "--export", "mirror"}
+		if device != "" {
+			args = append(args, "--device", device)
+		}
+		if out, err := leasefs(t, append(args, dir)...); err != nil {
+			t.Fatalf("leasefs guest: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { imgtest.Unmount(t, dir); waitGone(t, dir) })
+		if !isFuseMount(t, dir) {
+			t.Fatal("leasefs guest returned before the mount was ready")
+		}
+		if b, err := os.ReadFile(filepath.Join(dir, "hello")); err != nil || string(b) != "generation one\n" {
+			t.Fatalf("guest read %q, %v", b, err)
+		}
+		guests = append(guests, dir)
+	}
+
+	os.WriteFile(filepath.Join(mnt, "news"), []byte("generation two\n"), 0o644)
+	out, err := leasefs(t, "publish", "--control", h.control, "mirror")
+	if err != nil || !strings.HasPrefix(out, "mirror: generation 2, freeze ") {
+		t.Fatalf("leasefs publish: %v\n%s", err, out)
+	}
+	for _, dir := range guests {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			if b, err := os.ReadFile(filepath.Join(dir, "news")); err == nil && string(b) == "generation two\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("guest %s does not show generation 2", dir)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+
+	out, err = leasefs(t, "status", "--control", h.control, "--json")
+	if err != nil {
+		t.Fatalf("leasefs status: %v\n%s", err, out)
+	}
+	var st hostagent.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status JSON: %v\n%s", err, out)
+	}
+	if len(st.Exports) != 1 || st.Exports[0].Generation != 2 || len(st.Exports[0].Guests) != 2 {
+		t.Fatalf("status %+v", st)
+	}
+	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !strings.Contains(out, "export mirror") {
+		t.Fatalf("leasefs status: %v\n%s", err, out)
+	}
+
+	// Clear errors.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"publish", "--control", h.control, "nope"}, `no export "nope"`},
+		{[]string{"publish", "--control", "unix:/nonexistent/control.sock", "mirror"}, "control socket"},
+		{[]string{"guest", "--connect", "unix:/nonexistent/guest.sock", "--export", "mirror", t.TempDir()}, "connecting to unix:/nonexistent/guest.sock"},
+		{[]string{"guest", "--connect", h.guest, "--export", "nope", t.TempDir()}, `no export "nope"`},
+		{[]string{"guest", "--connect", h.guest, "--export", "mirror", "--follow", "sometimes", t.TempDir()}, "--follow"},
+		{[]string{"host", "--export", "x=" + dev + ":" + mnt, "--listen", "unix:" + filepath.Join(t.TempDir(), "s"),
+			"--control", "unix:" + filepath.Join(t.TempDir(), "c"), "--state-dir", filepath.Join(mnt, "state")}, "would wait on its own freeze"},
+	} {
+		out, err := leasefs(t, c.args...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("leasefs %s: %v, output %q; want an error saying %q", strings.Join(c.args, " "), err, out, c.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(mnt, "state")); !os.IsNotExist(err) {
+		t.Errorf("a refused host agent left its state directory on the export: %v", err)
+	}
+}
