@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/directio"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 	"github.com/leasefs/leasefs/lease"
@@ -49,6 +51,7 @@ func TestMain(m *testing.M) {
 type host struct {
 	img, dev, mnt, state string
 	ackTimeout, grace    time.Duration
+	onFrozen             func()
 	wd                   *hostagent.Watchdog
 	exp                  *hostagent.Export
 	srv                  *hostagent.Server
@@ -86,7 +89,12 @@ func startHostGrace(t testing.TB, ackTimeout, grace time.Duration) *host {
 func (h *host) start(t testing.TB) {
 	t.Helper()
 	var err error
-	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state, Watchdog: h.wd, FreezeBudget: 10 * time.Second})
+	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state,
+		Watchdog: h.wd, FreezeBudget: 10 * time.Second, Watch: true, OnFrozen: func() {
+			if h.onFrozen != nil {
+				h.onFrozen()
+			}
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -470,5 +478,53 @@ func TestVanishedGuestLeasesExpire(t *testing.T) {
 	}
 	if n := leases(); n != 0 {
 		t.Fatalf("%d leases left after the grace period", n)
+	}
+}
+
+// For several generations, what a guest shows equals the kernel's
+// read-only mount of a copy of the device taken during that
+// generation's freeze: names, attributes, xattrs, bytes.
+func TestGuestViewEqualsFrozenCopy(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 21, BlockSize: 4096, ManyEntries: 800, NanoTimes: true})
+	var snap string
+	h.onFrozen = func() {
+		snap = filepath.Join(t.TempDir(), "frozen.img")
+		dev, err := directio.Open(h.dev)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer dev.Close()
+		f, err := os.Create(snap)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer f.Close()
+		if _, err := io.Copy(f, io.NewSectionReader(dev, 0, dev.Size())); err != nil {
+			t.Error(err)
+		}
+	}
+	gen := h.publish(t)
+	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	for round := range 3 {
+		if round > 0 {
+			h.write(t, fmt.Sprint("round", round), strings.Repeat("r", 5000*round))
+			os.Remove(filepath.Join(h.mnt, "many", fmt.Sprint("entry-", round)))
+			os.Mkdir(filepath.Join(h.mnt, fmt.Sprint("dir", round)), 0o750)
+			syscall.Setxattr(filepath.Join(h.mnt, fmt.Sprint("round", round)), "user.round", []byte{byte(round)}, 0)
+			gen = h.publish(t)
+		}
+		kernel := imgtest.KernelMount(t, snap, "ro,noload")
+		want := imgtest.Snapshot(t, kernel)
+		for i, g := range guests {
+			g.waitFor(t, gen)
+			t.Run(fmt.Sprintf("generation %d guest %d", gen, i), func(t *testing.T) {
+				imgtest.Compare(t, want, imgtest.Snapshot(t, g.dir))
+				imgtest.CompareReads(t, kernel, g.dir, want, gen)
+			})
+		}
+		imgtest.Unmount(t, kernel)
 	}
 }

@@ -47,6 +47,9 @@ type ExportConfig struct {
 	// never) and any after lost events is a full scan all the same.
 	Watch         bool
 	FullScanEvery int
+	// OnFrozen, if set, runs during each publish's freeze, after the
+	// scan: for diagnostics and tests (a copy of the frozen device).
+	OnFrozen func()
 	Logger        hclog.Logger
 }
 
@@ -104,7 +107,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: cfg.Mount, Err: err}
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, store: NewStore(), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev}
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, store: NewStore(), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
 	if e.dev, err = directio.Open(cfg.Device); err != nil {
 		unix.Close(fd)
 		return nil, err

@@ -422,11 +422,12 @@ func (g *guest) announce(ann *vsockproto.Announce, keepAlive time.Duration) {
 	// Retention runs at the next publish.
 }
 
-// retain drops the generations no session is on, but the current one.
+// retain drops the generations older than every one a session is on.
+// Those between are kept too: a guest that follows at intervals may move
+// to any generation announced to it before it can say so.
 func (s *Server) retain(sv *served) {
-	cur := sv.exp.Current()
+	oldest := sv.exp.Current().Number
 	sv.mu.Lock()
-	oldest := cur.Number
 	for tok, n := range sv.on {
 		if !sv.coord.HasSession(tok) {
 			delete(sv.on, tok)

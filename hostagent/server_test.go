@@ -3,11 +3,14 @@ package hostagent
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -156,4 +159,114 @@ func TestAutoPublish(t *testing.T) {
 		t.Fatal("continuous changes were never published")
 	}
 	_ = g1
+}
+
+// A generation is kept while a guest is on it (with those after it), and
+// dropped after.
+func TestGenerationsKeptWhileGuestsAreOnThem(t *testing.T) {
+	x := newExport(t, 64)
+	e := x.open(t, 5*time.Second)
+	g1, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	var mu sync.Mutex
+	stay := g1.Number // the generation the guest says it is on
+	acked := make(chan uint64, 16)
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"},
+		func(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			acked <- req.(*vsockproto.Announce).Generation
+			return &vsockproto.AnnounceAck{Generation: stay}, nil
+		}, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	publish := func() uint64 {
+		x.write(t, "f", time.Now().String())
+		g, err := s.Publish("test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := <-acked; got != g.Number {
+			t.Fatalf("announced %d, published %d", got, g.Number)
+		}
+		time.Sleep(20 * time.Millisecond) // the ack is recorded after the reply
+		return g.Number
+	}
+	publish()
+	n3 := publish()
+	if e.Generation(g1.Number) == nil {
+		t.Fatal("the generation the guest is on was dropped")
+	}
+	mu.Lock()
+	stay = n3 + 1 // moves on with the next announcement
+	mu.Unlock()
+	publish()
+	publish()
+	if e.Generation(g1.Number) != nil || e.Generation(n3) != nil {
+		t.Fatal("generations nobody is on any more were kept")
+	}
+}
+
+// A guest that never acknowledges a break holds a host writer for the
+// ack deadline and no longer; its lease is revoked.
+func TestGuestThatNeverAcks(t *testing.T) {
+	x := newExport(t, 64)
+	x.write(t, "f", "content")
+	e := x.open(t, 5*time.Second)
+	g, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const deadline = time.Second
+	_, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: deadline}})
+	broke := make(chan struct{}, 1)
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Features: vsockproto.FeatureReadData},
+		func(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+			if _, ok := req.(*vsockproto.Break); ok {
+				broke <- struct{}{}
+				<-ctx.Done() // never answers
+			}
+			return &vsockproto.AnnounceAck{}, nil
+		}, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	view, err := ext4ro.Open(g, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := view.Inode(inodeOf(t, filepath.Join(x.mnt, "f")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reply, err := c.Call(context.Background(), &vsockproto.Open{Generation: g.Number, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
+		Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := reply.(*vsockproto.Leased).Lease
+	start := time.Now()
+	f, err := os.OpenFile(filepath.Join(x.mnt, "f"), os.O_WRONLY, 0) // blocks on the lease
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	waited := time.Since(start)
+	select {
+	case <-broke:
+	default:
+		t.Fatal("the guest was never sent the break")
+	}
+	if waited < deadline-100*time.Millisecond || waited > deadline+time.Second {
+		t.Fatalf("the writer waited %v; the deadline is %v", waited, deadline)
+	}
+	if _, err := c.Call(context.Background(), &vsockproto.Read{Lease: id, Length: 4}); !errors.Is(err, vsockproto.ErrRevoked) {
+		t.Fatalf("read through the unacknowledged lease: %v, want revoked", err)
+	}
 }
