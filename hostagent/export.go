@@ -50,7 +50,7 @@ type ExportConfig struct {
 	// OnFrozen, if set, runs during each publish's freeze, after the
 	// scan: for diagnostics and tests (a copy of the frozen device).
 	OnFrozen func()
-	Logger        hclog.Logger
+	Logger   hclog.Logger
 }
 
 // Export is an exported filesystem and its generations.
