@@ -1,6 +1,7 @@
 // Package hostagent is the host side of leasefs: exports, the generations
-// captured from them, and (to come) the server that ties the lease
-// coordinator and the wire protocol together.
+// captured from them, the Server that serves them to guests (tying the
+// lease coordinator and the wire protocol together), the control socket
+// and auto-publishing.
 //
 // # Generations
 //
@@ -13,11 +14,9 @@
 // that serves exactly those blocks, so an ext4ro.FS opened over it reads
 // that state and never anything else; file data is not in it.
 //
-// Export.Publish makes one: syncfs, record the freeze as ours in the
-// state directory, arm the watchdog, FIFREEZE, scan, FITHAW. The scan
-// reads the device with O_DIRECT (after a freeze the page cache can hold
-// stale file data for blocks that have since become metadata). It reads
-// every used inode table block and compares it with the previous
+// Export.Publish makes one: syncfs and a journal checkpoint, record the
+// freeze as ours in the state directory, arm the watchdog, FIFREEZE,
+// scan, FITHAW. The scan compares inode-table blocks with the previous
 // generation's by hash; only inodes whose bytes differ have their
 // MetaBlocks listed and read again, and the blocks of the others are
 // carried over unread. That is sound because ext4 changes an inode — its
@@ -25,6 +24,21 @@
 // metadata lives in; blocks shared between inodes (xattr blocks) are read
 // again whenever any inode that shares them changes. A generation lists
 // the blocks and inodes that changed since the one before.
+//
+// Inode-table blocks are read through the device's page cache, where ext4
+// keeps them itself (its buffer heads are that cache), so it is never
+// stale for them. Every other block is read with O_DIRECT: after a freeze
+// the page cache can hold stale file data for a block that has since
+// become metadata.
+//
+// With ExportConfig.Watch, an inotify watcher over the whole tree
+// narrows the scan: the names that changed resolve to the inodes they
+// name now and named in the previous generation (and their directories),
+// and only those inodes' inode-table blocks are read. The watcher's queue
+// is drained during the freeze, so no namespace change made before it is
+// missed. Lost events, a directory rename, a failed publish and every
+// FullScanEvery-th publish make a full scan, the safety net for what
+// inotify does not report (writes through shared mappings).
 //
 // Blocks are kept once, by content, in a Store shared by the export's
 // generations, and counted: Drop releases a generation and the blocks
@@ -48,6 +62,18 @@
 // EBUSY and removing the record would, on restart, thaw the other
 // freeze; the window is a few microseconds, against the alternative of a
 // freeze of ours that nobody thaws.
+//
+// # Serving guests
+//
+// Server answers each guest's requests on its connection: metadata blocks
+// of a kept generation (nothing else), Open checked against the host's own
+// reader of that generation before the lease is taken with its i_generation,
+// size, ctime and layout hash, reads and releases through leases. Breaks go
+// to the guest as calls whose replies acknowledge the leases; the break
+// queue of a guest never blocks the coordinator, so a stuck guest only loses
+// its own leases at the deadline. A publish is announced to every guest in
+// its own goroutine; generations older than every one a guest is on are
+// dropped. protoErr is the one place lease errors become protocol codes.
 //
 // # Locking
 //
