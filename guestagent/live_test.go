@@ -98,7 +98,7 @@ func (h *host) start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: h.grace}})
+	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: h.grace}, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

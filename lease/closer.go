@@ -14,15 +14,10 @@ import (
 type closer struct {
 	mu    sync.Mutex
 	cond  *sync.Cond
-	items []closeItem // guarded by mu
-	quit  bool        // guarded by mu
+	fds   []int // guarded by mu
+	quit  bool  // guarded by mu
 	done  chan struct{}
 	count *atomic.Int64 // the coordinator's fd count
-}
-
-type closeItem struct {
-	fd, wd int
-	w      *watcher
 }
 
 func newCloser(count *atomic.Int64) *closer {
@@ -32,7 +27,7 @@ func newCloser(count *atomic.Int64) *closer {
 	return c
 }
 
-func (c *closer) queue(fd, wd int, w *watcher) {
+func (c *closer) queue(fd int) {
 	c.mu.Lock()
 	if c.quit { // after stop: a ReadAt that outlived Close
 		c.mu.Unlock()
@@ -40,7 +35,7 @@ func (c *closer) queue(fd, wd int, w *watcher) {
 		c.count.Add(-1)
 		return
 	}
-	c.items = append(c.items, closeItem{fd, wd, w})
+	c.fds = append(c.fds, fd)
 	c.mu.Unlock()
 	c.cond.Signal()
 }
@@ -49,21 +44,18 @@ func (c *closer) run() {
 	defer close(c.done)
 	for {
 		c.mu.Lock()
-		for len(c.items) == 0 && !c.quit {
+		for len(c.fds) == 0 && !c.quit {
 			c.cond.Wait()
 		}
-		items := c.items
-		c.items = nil
+		fds := c.fds
+		c.fds = nil
 		quit := c.quit
 		c.mu.Unlock()
-		for _, it := range items {
-			if it.wd >= 0 {
-				it.w.remove(it.wd)
-			}
-			unix.Close(it.fd)
+		for _, fd := range fds {
+			unix.Close(fd)
 			c.count.Add(-1)
 		}
-		if quit && len(items) == 0 {
+		if quit && len(fds) == 0 {
 			return
 		}
 	}

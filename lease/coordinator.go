@@ -100,6 +100,7 @@ type file struct {
 	state     fileState
 	ready     chan struct{} // closed when opening ends
 	openErr   error         // why opening failed
+	leased    bool          // F_SETLEASE succeeded (opening ends soon after)
 	early     bool          // a break signal arrived while opening
 	size      int64         // at lease time, to notice changes after an
 	mtime     unix.Timespec // inotify overflow
@@ -303,7 +304,12 @@ func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
 		err := c.check(f.fd, r)
 		c.mu.Lock()
 		c.unuse(f)
-		if err == nil && f.state != held {
+		switch {
+		case err == nil && f.state == done:
+			// Its last holder released it meanwhile: open it afresh.
+			c.mu.Unlock()
+			continue
+		case err == nil && f.state != held:
 			err = fmt.Errorf("%w: inode %d is being given back to a writer", ErrBusy, r.Ino)
 		}
 		if err != nil {
@@ -380,6 +386,9 @@ func (c *Coordinator) lease(f *file, r Request) error {
 		}
 		return fmt.Errorf("lease: F_SETLEASE on inode %d: %w", r.Ino, err)
 	}
+	c.mu.Lock()
+	f.leased = true
+	c.mu.Unlock()
 	wd, err := c.watch.add(fd)
 	if err != nil {
 		return fmt.Errorf("lease: watching inode %d: %w", r.Ino, err)
@@ -489,7 +498,11 @@ func (c *Coordinator) finish(f *file) {
 		delete(c.files, f.ino)
 	}
 	if f.wd >= 0 {
+		// Now, not with the close: a new watch of the same inode would
+		// get the same wd while this one exists, and lose it later.
 		delete(c.byWD, f.wd)
+		c.watch.remove(f.wd)
+		f.wd = -1
 	}
 	if f.fd < 0 {
 		c.fds.Add(-1) // the reservation of a failed open
@@ -498,7 +511,7 @@ func (c *Coordinator) finish(f *file) {
 	delete(c.byFD, f.fd)
 	dropLease(f.fd)
 	if f.users == 0 {
-		c.closer.queue(f.fd, f.wd, c.watch)
+		c.closer.queue(f.fd)
 	}
 }
 
@@ -506,7 +519,7 @@ func (c *Coordinator) finish(f *file) {
 func (c *Coordinator) unuse(f *file) {
 	f.users--
 	if f.users == 0 && f.state == done && f.fd >= 0 {
-		c.closer.queue(f.fd, f.wd, c.watch)
+		c.closer.queue(f.fd)
 	}
 }
 
@@ -519,13 +532,20 @@ func (c *Coordinator) onSignal(fd int) {
 	case f == nil:
 		c.spurious.Add(1)
 	case f.state == opening:
-		f.early = true
+		// Before F_SETLEASE the signal is a late one for an earlier file
+		// that had this fd number; after it, the lease state tells.
+		if f.leased && !leaseHeld(fd) {
+			f.early = true
+		} else {
+			c.spurious.Add(1)
+		}
 	case f.state != held:
 	case leaseHeld(fd):
 		// Not breaking: a late signal for an fd number since reused.
 		c.spurious.Add(1)
 	default:
 		c.breaks.Add(1)
+		c.log.Debug("lease break", "inode", f.ino, "fd", fd, "holders", len(f.grants))
 		out = c.startBreak(f)
 	}
 	c.mu.Unlock()
@@ -540,11 +560,12 @@ func (c *Coordinator) onOverflow() {
 	for fd, f := range c.byFD {
 		switch {
 		case f.state == opening:
-			if !leaseHeld(fd) {
+			if f.leased && !leaseHeld(fd) {
 				f.early = true
 			}
 		case f.state == held && !leaseHeld(fd):
 			c.breaks.Add(1)
+			c.log.Debug("lease break found by a rescan", "inode", f.ino, "fd", fd)
 			out = append(out, c.startBreak(f)...)
 		}
 	}
@@ -574,6 +595,7 @@ func (c *Coordinator) onWatchOverflow() {
 	for fd, f := range c.byFD {
 		var st unix.Stat_t
 		if f.state == held && (unix.Fstat(fd, &st) != nil || st.Size != f.size || st.Mtim != f.mtime) {
+			c.log.Warn("a leased file changed while inotify lost events", "inode", f.ino)
 			c.modified.Add(1)
 			out = append(out, c.startBreak(f)...)
 		}
