@@ -45,9 +45,9 @@ func BenchmarkPublish(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer wd.Close()
-	open := func(watch bool) *Export {
+	open := func(watch, expedite bool) *Export {
 		e, err := OpenExport(ExportConfig{Name: "bench", Device: x.dev, Mount: mnt, StateDir: x.state, Watchdog: wd,
-			FreezeBudget: time.Minute, Watch: watch, FullScanEvery: -1})
+			FreezeBudget: time.Minute, Watch: watch, FullScanEvery: -1, ExpediteRCU: expedite})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -71,7 +71,7 @@ func BenchmarkPublish(b *testing.B) {
 	b.Run(fmt.Sprintf("full-%d-inodes", dirs*per), func(b *testing.B) {
 		var gs []*Generation
 		for range b.N {
-			e := open(false)
+			e := open(false, false)
 			g, err := e.Publish()
 			if err != nil {
 				b.Fatal(err)
@@ -81,13 +81,13 @@ func BenchmarkPublish(b *testing.B) {
 		}
 		report(b, gs)
 	})
-	for _, watch := range []bool{false, true} {
-		name := fmt.Sprintf("%d-changed-of-%d/full-scan", changed, dirs*per)
-		if watch {
-			name = fmt.Sprintf("%d-changed-of-%d/narrowed", changed, dirs*per)
-		}
-		b.Run(name, func(b *testing.B) {
-			e := open(watch)
+	for _, c := range []struct {
+		name            string
+		watch, expedite bool
+	}{{"full-scan", false, false}, {"narrowed", true, false}, {"narrowed-expedited-rcu", true, true}} {
+		watch := c.watch
+		b.Run(fmt.Sprintf("%d-changed-of-%d/%s", changed, dirs*per, c.name), func(b *testing.B) {
+			e := open(watch, c.expedite)
 			defer e.Close()
 			if _, err := e.Publish(); err != nil {
 				b.Fatal(err)

@@ -88,6 +88,7 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 	// (cand not nil) reads only the blocks holding candidate inodes, and
 	// blocks newly in use; the others are carried over unread.
 	var changed []uint32
+	parse := map[uint32]bool{} // changed inodes that may have blocks of their own
 	isz := uint64(sb.InodeSize)
 	perBlock := bs / isz
 	if prev == nil {
@@ -153,12 +154,16 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 				first := uint64(grp)*uint64(sb.InodesPerGroup) + (done+i)*perBlock + 1
 				for k := range perBlock {
 					cur := content[k*isz : (k+1)*isz]
+					has := ext4ro.HasMetaBlocks(cur)
 					switch {
-					case prev == nil && !ext4ro.HasMetaBlocks(cur):
+					case prev == nil && !has:
 						// A first capture lists no changes: only inodes
 						// with blocks of their own need a look.
 					case old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]):
 						changed = append(changed, uint32(first+k))
+						if has {
+							parse[uint32(first+k)] = true
+						}
 					}
 				}
 				set(blk, store.putHashed(h, content))
@@ -191,6 +196,12 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 	}
 	var realChanged []uint32
 	for _, ino := range changed {
+		if !parse[ino] {
+			// No blocks of its own now (and any it had are re-read
+			// above): listing it is all there is to do.
+			realChanged = append(realChanged, ino)
+			continue
+		}
 		in, err := fs.Inode(ino)
 		if errors.Is(err, ext4ro.ErrNotExist) || errors.Is(err, ext4ro.ErrInvalid) {
 			if prev != nil {

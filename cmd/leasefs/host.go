@@ -32,6 +32,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var control, autoPublish, stateDir, logLevel string
 	var ackTimeout, grace, budget time.Duration
 	var fullEvery int
+	var expedite bool
 	fs := flag.NewFlagSet("host", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT [--export …] --listen ADDR [--listen …] --control unix:PATH [flags]
@@ -55,6 +56,7 @@ Flags:
 	fs.DurationVar(&grace, "grace", 30*time.Second, "how long a disconnected guest keeps its leases")
 	fs.DurationVar(&budget, "freeze-budget", 2*time.Second, "the watchdog thaws a freeze that lasts longer")
 	fs.IntVar(&fullEvery, "full-scan-every", 20, "every Nth publish scans every inode, not just those inotify named (-1: never)")
+	fs.BoolVar(&expedite, "expedite-rcu", false, "expedite the kernel's RCU grace periods (system-wide) during each freeze:\nFIFREEZE takes well under 1 ms instead of tens (see docs/benchmarks.md)")
 	fs.StringVar(&logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err
@@ -113,7 +115,7 @@ Flags:
 		}
 		defer wd.Close()
 		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: name, Device: dev, Mount: mnt, StateDir: stateDir,
-			FreezeBudget: budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: fullEvery})
+			FreezeBudget: budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: fullEvery, ExpediteRCU: expedite})
 		if err != nil {
 			return err
 		}
