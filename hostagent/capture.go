@@ -30,10 +30,23 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 	if prev != nil && uint64(prev.BlockSize) != bs {
 		prev = nil // a different filesystem: start over
 	}
-	g = &Generation{BlockSize: int(bs), store: store, blocks: map[uint64]Hash{}, deps: map[uint32][]uint64{}}
+	g = &Generation{BlockSize: int(bs), store: store}
+	if prev != nil {
+		g.blocks = make(map[uint64]Hash, len(prev.blocks)+64)
+		g.deps = make(map[uint32][]uint64, len(prev.deps)+64)
+	} else {
+		g.blocks, g.deps = map[uint64]Hash{}, map[uint32][]uint64{}
+	}
 	sr.g = g
+	var carried []uint64 // inode-table blocks carried over unread
+	carriedRefs := false // whether their references are taken yet
 	defer func() {
 		if err != nil {
+			if !carriedRefs {
+				for _, b := range carried {
+					delete(g.blocks, b)
+				}
+			}
 			g.release()
 		}
 	}()
@@ -121,9 +134,10 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 		for done := uint64(0); done < used; {
 			blk := start + done
 			if !read(blk) {
-				h := prev.blocks[blk]
-				store.ref(h)
-				set(blk, h)
+				// Carried over: its reference is taken below, with the
+				// others, under one lock.
+				g.blocks[blk] = prev.blocks[blk]
+				carried = append(carried, blk)
 				done++
 				continue
 			}
@@ -172,6 +186,8 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 			done += n
 		}
 	}
+	store.refAll(g.blocks, carried)
+	carriedRefs = true
 	if prev == nil {
 		// Everything is new; only the inodes in use matter below.
 		g.All = true

@@ -48,6 +48,15 @@ func (s *Store) ref(h Hash) {
 	s.mu.Unlock()
 }
 
+// refAll adds a reference to the stored blocks named by m[b] for each b.
+func (s *Store) refAll(m map[uint64]Hash, blocks []uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range blocks {
+		s.blocks[m[b]].refs++
+	}
+}
+
 // unref drops a reference, and the block with the last one.
 func (s *Store) unref(h Hash) {
 	s.mu.Lock()
