@@ -282,10 +282,11 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 		i = j
 	}
 
-	// What changed since prev.
+	// What changed since prev: only blocks read in this scan can have;
+	// the others were carried over.
 	var diff []uint64
-	for b, h := range g.blocks {
-		if ph, ok := prev.lookup(b); !ok || ph != h {
+	for b := range fresh {
+		if ph, ok := prev.lookup(b); !ok || ph != g.blocks[b] {
 			diff = append(diff, b)
 		}
 	}

@@ -104,23 +104,14 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // ServeControl answers control requests on l until ctx ends.
 func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error {
-	stop := context.AfterFunc(ctx, func() { l.Close() })
-	defer stop()
-	for {
-		nc, peer, err := l.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
+	return acceptLoop(ctx, l, func(nc net.Conn, peer vsockproto.Peer) {
 		if peer.UID != 0 && int(peer.UID) != os.Geteuid() {
 			s.log.Warn("control connection from an unauthorised user", "peer", peer.String())
 			nc.Close()
-			continue
+			return
 		}
 		go s.control(nc)
-	}
+	})
 }
 
 func (s *Server) control(nc net.Conn) {

@@ -97,6 +97,12 @@ func (s *Server) Close() {
 
 // Serve accepts guests on l until ctx ends or l fails.
 func (s *Server) Serve(ctx context.Context, l *vsockproto.Listener) error {
+	return acceptLoop(ctx, l, func(nc net.Conn, peer vsockproto.Peer) { go s.serveConn(ctx, nc, peer) })
+}
+
+// acceptLoop hands every connection l accepts to serve until ctx ends
+// (nil) or l fails.
+func acceptLoop(ctx context.Context, l *vsockproto.Listener, serve func(net.Conn, vsockproto.Peer)) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
@@ -107,7 +113,7 @@ func (s *Server) Serve(ctx context.Context, l *vsockproto.Listener) error {
 			}
 			return err
 		}
-		go s.serveConn(ctx, nc, peer)
+		serve(nc, peer)
 	}
 }
 
@@ -350,25 +356,27 @@ func (sv *served) view(gen *Generation) (*ext4ro.FS, error) {
 // host turns errors into codes.
 func protoErr(err error) error {
 	code := vsockproto.CodeInternal
-	switch {
-	case errors.Is(err, lease.ErrStale):
-		code = vsockproto.CodeStale
-	case errors.Is(err, lease.ErrBusy):
-		code = vsockproto.CodeBusy
-	case errors.Is(err, lease.ErrNotFound):
-		code = vsockproto.CodeNotFound
-	case errors.Is(err, lease.ErrNotRegular):
-		code = vsockproto.CodeNotRegular
-	case errors.Is(err, lease.ErrQuota):
-		code = vsockproto.CodeQuota
-	case errors.Is(err, lease.ErrUnknown):
-		code = vsockproto.CodeBadLease
-	case errors.Is(err, lease.ErrRevoked):
-		code = vsockproto.CodeRevoked
-	case errors.Is(err, lease.ErrClosed):
-		code = vsockproto.CodeGone
+	for _, lc := range leaseCodes {
+		if errors.Is(err, lc.err) {
+			code = lc.code
+			break
+		}
 	}
 	return &vsockproto.Error{Code: code, Message: err.Error()}
+}
+
+var leaseCodes = []struct {
+	err  error
+	code vsockproto.Code
+}{
+	{lease.ErrStale, vsockproto.CodeStale},
+	{lease.ErrBusy, vsockproto.CodeBusy},
+	{lease.ErrNotFound, vsockproto.CodeNotFound},
+	{lease.ErrNotRegular, vsockproto.CodeNotRegular},
+	{lease.ErrQuota, vsockproto.CodeQuota},
+	{lease.ErrUnknown, vsockproto.CodeBadLease},
+	{lease.ErrRevoked, vsockproto.CodeRevoked},
+	{lease.ErrClosed, vsockproto.CodeGone},
 }
 
 // Publish publishes a generation of the named export and announces it to

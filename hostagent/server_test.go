@@ -34,6 +34,19 @@ func serve(t *testing.T, e *Export, opt ServerOptions) (*Server, vsockproto.Addr
 	return s, a
 }
 
+// publishedFile is an export holding file f, published once.
+func publishedFile(t *testing.T) (export, *Export, *Generation) {
+	t.Helper()
+	x := newExport(t, 64)
+	x.write(t, "f", "content")
+	e := x.open(t, 5*time.Second)
+	g, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return x, e, g
+}
+
 // One peer may hold MaxConnsPerPeer connections; more are refused, and
 // the others go on.
 func TestConnectionsPerPeerAreCapped(t *testing.T) {
@@ -74,13 +87,7 @@ func TestConnectionsPerPeerAreCapped(t *testing.T) {
 // inode, a metadata read of a block that is not metadata, an export or a
 // generation that does not exist.
 func TestServerChecksGuests(t *testing.T) {
-	x := newExport(t, 64)
-	x.write(t, "f", "content")
-	e := x.open(t, 5*time.Second)
-	g, err := e.Publish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	x, e, g := publishedFile(t)
 	_, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
 	if _, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "nope"}, nil, vsockproto.Options{}); !errors.Is(err, vsockproto.ErrNoExport) {
 		t.Fatalf("unknown export: %v", err)
@@ -215,13 +222,7 @@ func TestGenerationsKeptWhileGuestsAreOnThem(t *testing.T) {
 // A guest that never acknowledges a break holds a host writer for the
 // ack deadline and no longer; its lease is revoked.
 func TestGuestThatNeverAcks(t *testing.T) {
-	x := newExport(t, 64)
-	x.write(t, "f", "content")
-	e := x.open(t, 5*time.Second)
-	g, err := e.Publish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	x, e, g := publishedFile(t)
 	const deadline = time.Second
 	_, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: deadline}})
 	broke := make(chan struct{}, 1)
