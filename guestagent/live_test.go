@@ -528,3 +528,70 @@ func TestGuestViewEqualsFrozenCopy(t *testing.T) {
 		imgtest.Unmount(t, kernel)
 	}
 }
+
+// A dropped connection is re-established and the session resumed: files
+// open across the reconnect keep their leases and keep reading.
+func TestReconnectResumesSession(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "f", "still here")
+	h.publish(t)
+	g := startGuest(t, h, "")
+	f, err := os.Open(filepath.Join(g.dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	g.c.mu.Lock()
+	conn := g.c.conn
+	g.c.mu.Unlock()
+	conn.Close() // as if the transport reset
+	for i := 0; i < 500; i++ {
+		g.c.mu.Lock()
+		again := g.c.conn != nil && g.c.conn != conn
+		g.c.mu.Unlock()
+		if again {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	buf := make([]byte, 10)
+	if n, err := f.ReadAt(buf, 0); n != 10 || string(buf) != "still here" {
+		t.Fatalf("after the reconnect: %q, %v", buf[:n], err)
+	}
+	if n := h.srv.Status().Exports[0].Leases; n != 1 {
+		t.Fatalf("%d leases on the host, want the resumed one", n)
+	}
+}
+
+// A guest that stops reading its connection delays neither a publish nor
+// the other guests, also once its socket is full: each publish here lists
+// 2,000 new inodes, so the announcements to it soon fill its buffers.
+func TestStuckGuestDelaysNoOne(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "a", "1")
+	h.publish(t)
+	stuck, err := vsockproto.Dial(context.Background(), h.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	stuck.Write(vsockproto.AppendFrame(nil, 1, &vsockproto.Hello{Version: 1, MaxFrame: vsockproto.MaxFrame, Export: "test"}))
+	// ... and never reads again, not even the Welcome.
+	g := startGuest(t, h, "")
+	for round := range 40 {
+		dir := filepath.Join(h.mnt, fmt.Sprint("d", round))
+		os.Mkdir(dir, 0o755)
+		for i := range 2000 {
+			os.WriteFile(filepath.Join(dir, fmt.Sprint(i)), nil, 0o644)
+		}
+		start := time.Now()
+		gen := h.publish(t)
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("publish %d took %v", gen, d)
+		}
+		g.waitFor(t, gen)
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("generation %d reached the guest after %v", gen, d)
+		}
+	}
+}
