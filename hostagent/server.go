@@ -52,6 +52,7 @@ type guest struct {
 	sv     *served
 	conn   *vsockproto.Conn
 	sess   *lease.Session
+	att    uint64 // which attachment of sess this connection is
 	peer   vsockproto.Peer
 	breaks chan []lease.ID
 	max    uint32 // the guest's frame limit
@@ -140,6 +141,9 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	}, s.opt.Conn)
 	if err != nil {
 		s.log.Debug("handshake failed", "peer", key, "error", err)
+		if g.sess != nil { // the Welcome was not sent
+			g.sess.Detach(g.att)
+		}
 		return
 	}
 	g.conn = conn
@@ -154,7 +158,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	s.mu.Lock()
 	delete(s.conns, g)
 	s.mu.Unlock()
-	g.sess.Detach()
+	g.sess.Detach(g.att)
 	close(g.breaks)
 }
 
@@ -180,7 +184,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	resumed := false
 	var err error
 	if h.Token != zeroToken && h.Features.Has(vsockproto.FeatureResume) {
-		if g.sess, err = sv.coord.Resume(lease.Token(h.Token), g.peer.String(), sink); err == nil {
+		if g.sess, g.att, err = sv.coord.Resume(lease.Token(h.Token), g.peer.String(), sink); err == nil {
 			resumed = true
 		}
 	}
@@ -188,6 +192,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		if g.sess, err = sv.coord.NewSession(g.peer.String(), sink); err != nil {
 			return nil, nil, err
 		}
+		g.att = 1
 	}
 	g.sv, g.max = sv, h.MaxFrame
 	sv.mu.Lock()

@@ -541,24 +541,31 @@ func TestSessionsResumeWithinGrace(t *testing.T) {
 	c := coordinator(t, dir, Config{Grace: 300 * time.Millisecond})
 	s := session(t, c, "g", newBreaks().sink)
 	id := mustAcquire(t, s, requestFor(t, path))
-	s.Detach()
+	s.Detach(1)
 	time.Sleep(100 * time.Millisecond)
-	r, err := c.Resume(s.Token(), "g again", newBreaks().sink)
-	if err != nil || r != s {
-		t.Fatalf("resume: %v", err)
+	r, att, err := c.Resume(s.Token(), "g again", newBreaks().sink)
+	if err != nil || r != s || att != 2 {
+		t.Fatalf("resume: %v, attachment %d", err, att)
 	}
 	if _, err := s.ReadAt(id, make([]byte, 1), 0); err != nil {
 		t.Fatalf("lease after resume: %v", err)
 	}
-	if _, err := c.Resume(Token{1}, "thief", newBreaks().sink); err != ErrNoSession {
+	if _, _, err := c.Resume(Token{1}, "thief", newBreaks().sink); err != ErrNoSession {
 		t.Fatalf("made-up token: %v", err)
 	}
-	s.Detach()
+	// The first connection is found dead only now: that does not detach
+	// the session, which lives on the second.
+	s.Detach(1)
+	time.Sleep(500 * time.Millisecond)
+	if _, err := s.ReadAt(id, make([]byte, 1), 0); err != nil {
+		t.Fatalf("an old connection's end detached the resumed session: %v", err)
+	}
+	s.Detach(2)
 	eventually(t, "the session expires", func() bool { return c.Stats().Sessions == 0 })
 	if st := c.Stats(); st.Files != 0 || st.Leases != 0 {
 		t.Fatalf("stats %+v", st)
 	}
-	if _, err := c.Resume(s.Token(), "late", newBreaks().sink); err != ErrNoSession {
+	if _, _, err := c.Resume(s.Token(), "late", newBreaks().sink); err != ErrNoSession {
 		t.Fatalf("resume after the grace period: %v", err)
 	}
 }
@@ -570,7 +577,7 @@ func TestBreakDoesNotWaitForDetachedGuests(t *testing.T) {
 	c := coordinator(t, dir, Config{AckTimeout: 20 * time.Second, Grace: time.Minute})
 	s := session(t, c, "g", newBreaks().sink)
 	id := mustAcquire(t, s, requestFor(t, path))
-	s.Detach()
+	s.Detach(1)
 	w := startWriter(t, "open", path)
 	if !w.finished(t, 5*time.Second) {
 		t.Fatal("writer waits for a detached guest")

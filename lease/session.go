@@ -22,19 +22,20 @@ type Session struct {
 	name  string
 
 	// All guarded by c.mu.
-	grants map[ID]*grant
-	sink   BreakFunc // nil while detached
-	grace  *time.Timer
-	closed bool
+	grants   map[ID]*grant
+	sink     BreakFunc // nil while detached
+	attached uint64    // counts attachments: 1 for NewSession, +1 per Resume
+	grace    *time.Timer
+	closed   bool
 }
 
 // NewSession starts a session for the guest called name (for logs),
-// whose breaks go to sink.
+// whose breaks go to sink. This first attachment is number 1 (Detach).
 func (c *Coordinator) NewSession(name string, sink BreakFunc) (*Session, error) {
 	if sink == nil {
 		return nil, fmt.Errorf("lease: a session needs a BreakFunc")
 	}
-	s := &Session{c: c, name: name, grants: map[ID]*grant{}, sink: sink}
+	s := &Session{c: c, name: name, grants: map[ID]*grant{}, sink: sink, attached: 1}
 	_, _ = rand.Read(s.token[:])
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -46,20 +47,22 @@ func (c *Coordinator) NewSession(name string, sink BreakFunc) (*Session, error) 
 }
 
 // Resume reattaches the session with this token, within its grace
-// period, to a new connection's sink.
-func (c *Coordinator) Resume(token Token, name string, sink BreakFunc) (*Session, error) {
+// period or while an old connection of it is still thought alive, to a
+// new connection's sink. It returns the attachment's number, for Detach.
+func (c *Coordinator) Resume(token Token, name string, sink BreakFunc) (*Session, uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.sessions[token]
 	if s == nil || s.closed || sink == nil {
-		return nil, ErrNoSession
+		return nil, 0, ErrNoSession
 	}
 	if s.grace != nil {
 		s.grace.Stop()
 		s.grace = nil
 	}
+	s.attached++
 	s.name, s.sink = name, sink
-	return s, nil
+	return s, s.attached, nil
 }
 
 // Token returns the session's resume token.
@@ -72,14 +75,16 @@ func (s *Session) Leases() int {
 	return len(s.grants)
 }
 
-// Detach is called when the guest's connection ends. Breaks in flight to
-// it are revoked at once (it cannot acknowledge them); the rest of its
-// leases wait for the grace period.
-func (s *Session) Detach() {
+// Detach is called when the connection of attachment number attachment
+// ends. If the session has been resumed on another connection since, it
+// does nothing. Otherwise breaks in flight to it are revoked at once (it
+// cannot acknowledge them), and the rest of its leases wait for the grace
+// period.
+func (s *Session) Detach(attachment uint64) {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if s.closed || s.sink == nil {
+	if s.closed || s.sink == nil || attachment != s.attached {
 		return
 	}
 	s.sink = nil
