@@ -194,6 +194,21 @@ func startGuestFollowing(t testing.TB, h *host, device string, follow Follow) *g
 	return &guestMount{c: c, dir: dir, stop: stop}
 }
 
+// openInGuests opens name in each guest; the files close when t ends.
+func openInGuests(t *testing.T, guests []*guestMount, name string) []*os.File {
+	t.Helper()
+	var fs []*os.File
+	for _, g := range guests {
+		f, err := os.Open(filepath.Join(g.dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		fs = append(fs, f)
+	}
+	return fs
+}
+
 func (g *guestMount) waitFor(t *testing.T, gen uint64) {
 	t.Helper()
 	for i := 0; i < 500 && g.c.Generation() < gen; i++ {
@@ -281,15 +296,7 @@ func TestOpenFileSurvivesDeletion(t *testing.T) {
 	}
 	h.publish(t)
 	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
-	var fs []*os.File
-	for _, g := range guests {
-		f, err := os.Open(filepath.Join(g.dir, "big"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fs = append(fs, f)
-	}
+	fs := openInGuests(t, guests, "big")
 	os.Remove(filepath.Join(h.mnt, "big"))
 	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
 	for i := 0; ; i++ {
@@ -320,15 +327,7 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 	h.write(t, "f", "old content")
 	h.publish(t)
 	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
-	var fs []*os.File
-	for _, g := range guests {
-		f, err := os.Open(filepath.Join(g.dir, "f"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fs = append(fs, f)
-	}
+	fs := openInGuests(t, guests, "f")
 	w := exec.Command(os.Args[0])
 	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
 	start := time.Now()
