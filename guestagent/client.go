@@ -306,7 +306,7 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 			c.mu.Unlock()
 			if lf != nil {
 				lf.fence() // waits for reads in flight
-				c.inval(lf.ino)
+				c.inval(lf.node)
 			}
 		}
 		return &vsockproto.BreakAck{}, nil
@@ -360,6 +360,10 @@ func (c *Client) Refresh() {
 		c.mu.Unlock()
 		return
 	}
+	oldFS := c.fs.SetView(f)
+	c.invalidate(oldFS, f, &ch)
+	// Only now is the switch done: what the kernel cached of the old
+	// view is gone.
 	c.mu.Lock()
 	c.cur, c.switched = nv, time.Now()
 	for v, gv := range c.views { // keep the readers of recent generations only
@@ -369,8 +373,6 @@ func (c *Client) Refresh() {
 	}
 	c.changed.Broadcast()
 	c.mu.Unlock()
-	oldFS := c.fs.SetView(f)
-	c.invalidate(oldFS, f, &ch)
 	c.log.Debug("switched generation", "from", old.gen, "to", target)
 }
 
@@ -399,31 +401,41 @@ func (c *Client) invalidate(oldFS, newFS *ext4ro.FS, ch *changes) {
 	}
 	var inos []uint32
 	if ch.all {
-		inos = c.fs.Known()
-		inos = append(inos, ext4ro.RootIno)
-	} else {
-		for ino := range ch.inodes {
-			if c.fs.IsKnown(ino) || ino == ext4ro.RootIno {
+		for _, id := range c.fs.Known() {
+			if ino, _, _ := splitNodeID(id); ino != 0 {
 				inos = append(inos, ino)
 			}
 		}
+		inos = append(inos, ext4ro.RootIno)
+	} else {
+		for ino := range ch.inodes {
+			inos = append(inos, ino)
+		}
 	}
 	for _, ino := range inos {
-		c.inval(ino)
+		// The kernel knows the inode as the old view had it.
 		oldIn, oerr := oldFS.Inode(ino)
-		newIn, nerr := newFS.Inode(ino)
-		if (oerr != nil || !oldIn.IsDir()) && (nerr != nil || !newIn.IsDir()) {
+		if oerr != nil {
+			continue // new: nothing of it is cached (its name is, below)
+		}
+		id := NodeID(oldIn)
+		if !c.fs.IsKnown(id) && ino != ext4ro.RootIno {
 			continue
 		}
-		before, after := listing(oldFS, oldIn, oerr), listing(newFS, newIn, nerr)
+		c.notify.InodeNotify(id, 0, 0)
+		newIn, nerr := newFS.Inode(ino)
+		if !oldIn.IsDir() && (nerr != nil || !newIn.IsDir()) {
+			continue
+		}
+		before, after := listing(oldFS, oldIn, nil), listing(newFS, newIn, nerr)
 		for name, child := range before {
 			if after[name] != child {
-				c.notify.EntryNotify(toNodeID(ino), name)
+				c.notify.EntryNotify(id, name)
 			}
 		}
 		for name := range after {
 			if _, ok := before[name]; !ok {
-				c.notify.EntryNotify(toNodeID(ino), name) // a cached miss
+				c.notify.EntryNotify(id, name) // a cached miss
 			}
 		}
 	}
@@ -444,11 +456,11 @@ func listing(f *ext4ro.FS, dir *ext4ro.Inode, err error) map[string]uint32 {
 	return m
 }
 
-// inval drops the kernel's attributes and pages of ino. ENOENT (nothing
-// cached) is success.
-func (c *Client) inval(ino uint32) {
+// inval drops the kernel's attributes and pages of node id. ENOENT
+// (nothing cached) is success.
+func (c *Client) inval(id uint64) {
 	if c.notify != nil {
-		c.notify.InodeNotify(toNodeID(ino), 0, 0)
+		c.notify.InodeNotify(id, 0, 0)
 	}
 }
 
@@ -474,7 +486,7 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 		reply, err := c.call(&vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
 			Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}, Layout: layout})
 		if err == nil {
-			lf := &leasedFile{c: c, id: reply.(*vsockproto.Leased).Lease, ino: in.Ino, file: file}
+			lf := &leasedFile{c: c, id: reply.(*vsockproto.Leased).Lease, node: NodeID(in), file: file}
 			c.mu.Lock()
 			c.files[lf.id] = lf
 			c.mu.Unlock()
@@ -532,7 +544,7 @@ func layoutHash(m []ext4ro.Extent) uint64 {
 type leasedFile struct {
 	c    *Client
 	id   uint64
-	ino  uint32
+	node uint64       // the FUSE node id, for invalidation
 	file *ext4ro.File // nil: data over the connection
 
 	mu     sync.RWMutex // held for reading by reads in flight

@@ -37,7 +37,7 @@ type FileSystem struct {
 	nextFh  uint64             // guarded by mu
 
 	kmu   sync.Mutex
-	known map[uint32]struct{} // inodes handed to the kernel; guarded by kmu
+	known map[uint64]struct{} // node ids handed to the kernel; guarded by kmu
 }
 
 // handle is an open file or directory: the view it was opened in, so a
@@ -93,7 +93,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		files:         cfg.Files,
 		handles:       make(map[uint64]*handle),
-		known:         make(map[uint32]struct{}),
+		known:         make(map[uint64]struct{}),
 	}
 	fs.view.Store(view)
 	return fs
@@ -107,28 +107,28 @@ func (fs *FileSystem) View() *ext4ro.FS { return fs.view.Load() }
 // then invalidates what the kernel may have cached of the old view.
 func (fs *FileSystem) SetView(v *ext4ro.FS) *ext4ro.FS { return fs.view.Swap(v) }
 
-// Known returns the inodes the kernel has been told of (and may cache).
-func (fs *FileSystem) Known() []uint32 {
+// Known returns the node ids the kernel has been told of (and may cache).
+func (fs *FileSystem) Known() []uint64 {
 	fs.kmu.Lock()
 	defer fs.kmu.Unlock()
-	inos := make([]uint32, 0, len(fs.known))
-	for ino := range fs.known {
-		inos = append(inos, ino)
+	ids := make([]uint64, 0, len(fs.known))
+	for id := range fs.known {
+		ids = append(ids, id)
 	}
-	return inos
+	return ids
 }
 
-// IsKnown reports whether the kernel has been told of inode ino.
-func (fs *FileSystem) IsKnown(ino uint32) bool {
+// IsKnown reports whether the kernel has been told of node id.
+func (fs *FileSystem) IsKnown(id uint64) bool {
 	fs.kmu.Lock()
 	defer fs.kmu.Unlock()
-	_, ok := fs.known[ino]
+	_, ok := fs.known[id]
 	return ok
 }
 
-func (fs *FileSystem) remember(ino uint32) {
+func (fs *FileSystem) remember(id uint64) {
 	fs.kmu.Lock()
-	fs.known[ino] = struct{}{}
+	fs.known[id] = struct{}{}
 	fs.kmu.Unlock()
 }
 
@@ -136,21 +136,28 @@ func (fs *FileSystem) String() string { return "leasefs" }
 
 const fuseRoot = 1
 
-func toIno(nodeID uint64) uint32 {
-	if nodeID == fuseRoot {
-		return ext4ro.RootIno
-	}
-	if nodeID == ext4ro.RootIno || nodeID > 1<<32-1 {
-		return 0 // never handed out
-	}
-	return uint32(nodeID)
-}
-
-func toNodeID(ino uint32) uint64 {
-	if ino == ext4ro.RootIno {
+// NodeID is the FUSE node id of an inode: its i_generation in the high 32
+// bits and its number in the low, so that an inode number the host reuses
+// for another file is another node, and a name the kernel still caches for
+// the old file can never reach the new one (it gets ESTALE, and the
+// kernel looks the name up again). The root is node 1.
+func NodeID(in *ext4ro.Inode) uint64 {
+	if in.Ino == ext4ro.RootIno {
 		return fuseRoot
 	}
-	return uint64(ino)
+	return uint64(in.Generation)<<32 | uint64(in.Ino)
+}
+
+// splitNodeID returns the inode number and i_generation of a node id;
+// ino 0 for one never handed out.
+func splitNodeID(id uint64) (ino, gen uint32, any bool) {
+	switch {
+	case id == fuseRoot:
+		return ext4ro.RootIno, 0, true
+	case uint32(id) == ext4ro.RootIno:
+		return 0, 0, false // never handed out
+	}
+	return uint32(id), uint32(id >> 32), false
 }
 
 // status maps an error to an errno: the one place where that happens on
@@ -194,7 +201,7 @@ func (fs *FileSystem) status(op string, err error) fuse.Status {
 
 func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
 	v := fs.view.Load()
-	ino := toIno(nodeID)
+	ino, gen, anyGen := splitNodeID(nodeID)
 	if ino == 0 {
 		return nil, nil, fuse.Status(syscall.ESTALE)
 	}
@@ -204,6 +211,9 @@ func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Stat
 			return nil, nil, fuse.Status(syscall.ESTALE)
 		}
 		return nil, nil, fs.status("inode", err)
+	}
+	if !anyGen && in.Generation != gen {
+		return nil, nil, fuse.Status(syscall.ESTALE) // the number now names another file
 	}
 	return v, in, fuse.OK
 }
@@ -228,8 +238,8 @@ func (fs *FileSystem) fillAttr(v *ext4ro.FS, in *ext4ro.Inode, a *fuse.Attr) {
 }
 
 func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut) {
-	fs.remember(in.Ino)
-	out.NodeId = toNodeID(in.Ino)
+	out.NodeId = NodeID(in)
+	fs.remember(out.NodeId)
 	out.Generation = uint64(in.Generation)
 	out.SetEntryTimeout(fs.timeout)
 	out.SetAttrTimeout(fs.timeout)

@@ -85,3 +85,50 @@ func TestOpenModes(t *testing.T) {
 		})
 	}
 }
+
+// An inode number that comes to name another file (the host freed it and
+// reused it) is another node: a name the kernel still caches for the old
+// file never reaches the new one, even before any invalidation.
+func TestReusedInodeNumberIsAnotherNode(t *testing.T) {
+	testenv.RequireFUSE(t)
+	imgtest.RequireTools(t, "mkfs.ext4", "debugfs")
+	mk := func(name, content string, gen int) *ext4ro.FS {
+		src := t.TempDir()
+		os.WriteFile(filepath.Join(src, name), []byte(content), 0o644)
+		img := imgtest.Mkfs(t, "ext4", src, 32, "-O", "extent,metadata_csum,64bit")
+		imgtest.Debugfs(t, img, fmt.Sprintf("sif <12> generation %d", gen))
+		f, err := os.Open(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		v, err := ext4ro.Open(f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	before, after := mk("old", "old content", 5), mk("new", "NEW", 7) // both inode 12
+	fsys := NewFileSystem(before, Config{Timeout: time.Hour})
+	dir := t.TempDir()
+	srv, err := Mount(fsys, dir, MountConfig{FsName: "reuse"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Unmount() })
+	if b, err := os.ReadFile(filepath.Join(dir, "old")); err != nil || string(b) != "old content" {
+		t.Fatalf("before: %q %v", b, err)
+	}
+	fsys.SetView(after)
+	// The kernel drops what it cached of the inode (as an expired
+	// attribute timeout or an invalidation would) but keeps the name.
+	oldIn, _ := before.Inode(12)
+	srv.InodeNotify(NodeID(oldIn), 0, 0)
+	b, err := os.ReadFile(filepath.Join(dir, "old"))
+	if err == nil && string(b) == "NEW" {
+		t.Fatal("a cached name reached the file that reused its inode number")
+	}
+	if err == nil && string(b) != "old content" {
+		t.Fatalf("read %q", b)
+	}
+}
