@@ -159,7 +159,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	delete(s.conns, g)
 	s.mu.Unlock()
 	g.sess.Detach(g.att)
-	close(g.breaks)
+	// g.breaks is not closed: a break computed before the Detach may
+	// still be delivered to it; forwardBreaks ends with the connection.
 }
 
 var zeroToken vsockproto.Token
@@ -211,7 +212,13 @@ func (g *guest) forwardBreaks(deadline time.Duration) {
 	if deadline <= 0 {
 		deadline = 5 * time.Second
 	}
-	for ids := range g.breaks {
+	for {
+		var ids []lease.ID
+		select {
+		case ids = <-g.breaks:
+		case <-g.conn.Done():
+			return // the deadline revokes what is left
+		}
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), deadline)
 			defer cancel()
