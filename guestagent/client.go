@@ -644,15 +644,7 @@ func (v *genView) ReadAt(p []byte, off int64) (int, error) {
 	}
 	v.mu.Unlock()
 	if len(missing) > 0 {
-		var rs []vsockproto.BlockRange
-		for _, b := range missing {
-			if n := len(rs); n > 0 && rs[n-1].Start+uint64(rs[n-1].Count) == b {
-				rs[n-1].Count++
-			} else {
-				rs = append(rs, vsockproto.BlockRange{Start: b, Count: 1})
-			}
-		}
-		reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: rs})
+		reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(missing)})
 		if err != nil {
 			if errors.Is(err, vsockproto.ErrGone) {
 				go v.c.goneGeneration()

@@ -462,11 +462,7 @@ func TestVanishedGuestLeasesExpire(t *testing.T) {
 	h.write(t, "f", "held")
 	h.publish(t)
 	g := startGuest(t, h, "")
-	f, err := os.Open(filepath.Join(g.dir, "f"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	openInGuests(t, []*guestMount{g}, "f")
 	leases := func() int { return h.srv.Status().Exports[0].Leases }
 	if leases() != 1 {
 		t.Fatalf("%d leases held", leases())
@@ -535,11 +531,7 @@ func TestReconnectResumesSession(t *testing.T) {
 	h.write(t, "f", "still here")
 	h.publish(t)
 	g := startGuest(t, h, "")
-	f, err := os.Open(filepath.Join(g.dir, "f"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := openInGuests(t, []*guestMount{g}, "f")[0]
 	g.c.mu.Lock()
 	conn := g.c.conn
 	g.c.mu.Unlock()

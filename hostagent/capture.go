@@ -10,6 +10,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // scan captures the metadata of the frozen filesystem on dev, against
@@ -291,7 +292,7 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 		}
 	}
 	slices.Sort(diff)
-	g.Changed = ranges(diff)
+	g.Changed = vsockproto.Ranges(diff)
 	if !g.All {
 		g.ChangedInodes = realChanged
 	}
@@ -307,21 +308,15 @@ type scanReader struct {
 }
 
 func (r *scanReader) ReadAt(p []byte, off int64) (int, error) {
-	if r.g == nil {
-		return r.dev.ReadAt(p, off)
-	}
-	bs := int64(r.g.BlockSize)
 	n := 0
-	for n < len(p) {
-		pos := off + int64(n)
-		h, ok := r.g.blocks[uint64(pos/bs)]
-		if !ok {
-			m, err := r.dev.ReadAt(p[n:], pos)
-			return n + m, err
-		}
-		n += copy(p[n:], r.g.store.get(h)[pos%bs:])
+	if r.g != nil {
+		n = r.g.copyOut(p, off)
 	}
-	return n, nil
+	if n == len(p) {
+		return n, nil
+	}
+	m, err := r.dev.ReadAt(p[n:], off+int64(n))
+	return n + m, err
 }
 
 // lookup is prev.blocks[b] for a possibly nil generation.

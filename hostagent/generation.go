@@ -44,18 +44,26 @@ func (g *Generation) Has(n uint64) bool { _, ok := g.blocks[n]; return ok }
 // metadata is ever served from it. It makes a Generation the metadata
 // reader of an ext4ro.FS.
 func (g *Generation) ReadAt(p []byte, off int64) (int, error) {
+	if n := g.copyOut(p, off); n < len(p) {
+		return n, fmt.Errorf("generation %d: block %d is not metadata", g.Number, (off+int64(n))/int64(g.BlockSize))
+	}
+	return len(p), nil
+}
+
+// copyOut copies the bytes at off into p for as long as their blocks are
+// in the generation, and returns how many it copied.
+func (g *Generation) copyOut(p []byte, off int64) int {
 	bs := int64(g.BlockSize)
 	n := 0
 	for n < len(p) {
 		pos := off + int64(n)
 		h, ok := g.blocks[uint64(pos/bs)]
 		if !ok {
-			return n, fmt.Errorf("generation %d: block %d is not metadata", g.Number, pos/bs)
+			break
 		}
-		b := g.store.get(h)
-		n += copy(p[n:], b[pos%bs:])
+		n += copy(p[n:], g.store.get(h)[pos%bs:])
 	}
-	return n, nil
+	return n
 }
 
 // release drops the generation's references to its blocks.
@@ -64,17 +72,4 @@ func (g *Generation) release() {
 		g.store.unref(h)
 	}
 	g.blocks = nil
-}
-
-// ranges turns sorted block numbers into ranges.
-func ranges(blocks []uint64) []vsockproto.BlockRange {
-	var rs []vsockproto.BlockRange
-	for _, b := range blocks {
-		if n := len(rs); n > 0 && rs[n-1].Start+uint64(rs[n-1].Count) == b && rs[n-1].Count < 1<<31 {
-			rs[n-1].Count++
-			continue
-		}
-		rs = append(rs, vsockproto.BlockRange{Start: b, Count: 1})
-	}
-	return rs
 }

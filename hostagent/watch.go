@@ -4,11 +4,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/inotify"
 )
 
 // treeWatcher records, with inotify, which names of an export changed
@@ -109,26 +109,19 @@ func (w *treeWatcher) readLocked() bool {
 	case w.kick <- struct{}{}:
 	default:
 	}
-	for off := 0; off+unix.SizeofInotifyEvent <= n; {
-		ev := (*unix.InotifyEvent)(unsafe.Pointer(&w.buf[off]))
-		name := ""
-		if ev.Len > 0 {
-			raw := w.buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
-			name = strings.TrimRight(string(raw), "\x00")
-		}
-		off += unix.SizeofInotifyEvent + int(ev.Len)
-		dir, known := w.dirs[int(ev.Wd)]
+	inotify.Each(w.buf[:n], func(wd int, mask uint32, name string) {
+		dir, known := w.dirs[wd]
 		switch {
-		case ev.Mask&unix.IN_Q_OVERFLOW != 0:
+		case mask&unix.IN_Q_OVERFLOW != 0:
 			w.full = true
-		case ev.Mask&unix.IN_IGNORED != 0:
-			delete(w.dirs, int(ev.Wd))
+		case mask&unix.IN_IGNORED != 0:
+			delete(w.dirs, wd)
 		case !known:
-		case ev.Mask&unix.IN_ISDIR != 0 && ev.Mask&(unix.IN_MOVED_FROM|unix.IN_MOVED_TO|unix.IN_MOVE_SELF) != 0:
+		case mask&unix.IN_ISDIR != 0 && mask&(unix.IN_MOVED_FROM|unix.IN_MOVED_TO|unix.IN_MOVE_SELF) != 0:
 			// Renamed directories make the recorded paths of everything
 			// below them wrong.
 			w.full = true
-		case ev.Mask&unix.IN_ISDIR != 0 && ev.Mask&unix.IN_CREATE != 0:
+		case mask&unix.IN_ISDIR != 0 && mask&unix.IN_CREATE != 0:
 			w.names[dir+"/"+name] = struct{}{}
 			w.addTree(dir + "/" + name)
 		case name != "":
@@ -136,7 +129,7 @@ func (w *treeWatcher) readLocked() bool {
 		default:
 			w.names[dir] = struct{}{}
 		}
-	}
+	})
 	return true
 }
 

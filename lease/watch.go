@@ -4,9 +4,10 @@ import (
 	"errors"
 	"os"
 	"strconv"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/inotify"
 )
 
 // watcher watches leased inodes for modification with inotify. A read
@@ -51,16 +52,14 @@ func (w *watcher) run(onModify func(int), onOverflow func()) {
 			}
 			continue
 		}
-		for off := 0; off+unix.SizeofInotifyEvent <= n; {
-			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+		inotify.Each(buf[:n], func(wd int, mask uint32, _ string) {
 			switch {
-			case ev.Mask&unix.IN_Q_OVERFLOW != 0:
+			case mask&unix.IN_Q_OVERFLOW != 0:
 				onOverflow()
-			case ev.Mask&unix.IN_MODIFY != 0:
-				onModify(int(ev.Wd))
+			case mask&unix.IN_MODIFY != 0:
+				onModify(wd)
 			}
-			off += unix.SizeofInotifyEvent + int(ev.Len)
-		}
+		})
 	}
 }
 

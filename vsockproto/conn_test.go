@@ -439,9 +439,8 @@ func TestKeepAlive(t *testing.T) {
 	}
 	// A peer that goes silent (here: stops answering and sending) is
 	// dropped after three intervals.
-	nc := raw(t, a)
+	raw(t, a)
 	silent := <-conns
-	_ = nc
 	if err := waitDone(t, silent, 5*time.Second); err == nil {
 		t.Fatal("no error")
 	}

@@ -130,6 +130,19 @@ type BlockRange struct {
 
 const rangeSize = 12
 
+// Ranges turns sorted block numbers into the fewest ranges.
+func Ranges(blocks []uint64) []BlockRange {
+	var rs []BlockRange
+	for _, b := range blocks {
+		if n := len(rs); n > 0 && rs[n-1].Start+uint64(rs[n-1].Count) == b && rs[n-1].Count < 1<<31 {
+			rs[n-1].Count++
+			continue
+		}
+		rs = append(rs, BlockRange{Start: b, Count: 1})
+	}
+	return rs
+}
+
 func appendRanges(b []byte, rs []BlockRange) []byte {
 	b = putU32(b, uint32(len(rs)))
 	for _, r := range rs {

@@ -199,3 +199,14 @@ func TestDecodeAllocationBounded(t *testing.T) {
 		t.Errorf("100 decodes of a 20-byte payload claiming 2^31 ranges allocated %d bytes", d)
 	}
 }
+
+func TestRanges(t *testing.T) {
+	got := Ranges([]uint64{3, 4, 5, 9, 11, 12})
+	want := []BlockRange{{Start: 3, Count: 3}, {Start: 9, Count: 1}, {Start: 11, Count: 2}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	if Ranges(nil) != nil {
+		t.Fatal("no blocks, no ranges")
+	}
+}

@@ -279,11 +279,10 @@ func TestHybridHostToGuest(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	h, p, err := ReadFrame(nc, MaxFrame)
+	h, _, err := ReadFrame(nc, MaxFrame)
 	if err != nil || h.Type != TypePing {
 		t.Fatalf("first frame after OK: %v %v", h, err)
 	}
-	_ = p
 	nc.Write(AppendFrame(nil, 1, &Pong{}))
 	buf := make([]byte, 9)
 	nc.SetReadDeadline(time.Now().Add(5 * time.Second))

@@ -86,12 +86,18 @@ Flags:
 		addrs = append(addrs, a)
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(logLevel)})
+	type exportSpec struct{ name, dev, mnt string }
+	var specs []exportSpec
 	for _, spec := range exports {
-		if _, rest, ok := strings.Cut(spec, "="); ok {
-			if _, mnt, ok := strings.Cut(rest, ":"); ok && sameFS(stateDir, mnt) {
-				return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze", stateDir, mnt)
-			}
+		name, rest, ok1 := strings.Cut(spec, "=")
+		dev, mnt, ok2 := strings.Cut(rest, ":")
+		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
+			return fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT", spec)
 		}
+		if sameFS(stateDir, mnt) {
+			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze", stateDir, mnt)
+		}
+		specs = append(specs, exportSpec{name, dev, mnt})
 	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return err
@@ -103,12 +109,8 @@ Flags:
 			e.Close()
 		}
 	}()
-	for _, spec := range exports {
-		name, rest, ok1 := strings.Cut(spec, "=")
-		dev, mnt, ok2 := strings.Cut(rest, ":")
-		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
-			return fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT", spec)
-		}
+	for _, sp := range specs {
+		name, dev, mnt := sp.name, sp.dev, sp.mnt
 		wd, err := startWatchdog(mnt)
 		if err != nil {
 			return err
