@@ -99,7 +99,6 @@ type file struct {
 	fd, wd    int
 	state     fileState
 	ready     chan struct{} // closed when opening ends
-	openErr   error         // why opening failed
 	leased    bool          // F_SETLEASE succeeded (opening ends soon after)
 	early     bool          // a break signal arrived while opening
 	size      int64         // at lease time, to notice changes after an
@@ -108,6 +107,7 @@ type file struct {
 	pending   int           // breaking grants not yet acknowledged
 	timer     *time.Timer   // ack deadline
 	users     int           // ReadAt calls using fd now
+	layout    atomic.Uint64 // HashLayout of its blocks once read; they cannot move while leased
 }
 
 type grantState uint8
@@ -301,7 +301,7 @@ func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
 		// Held by another session: only the state check remains.
 		f.users++
 		c.mu.Unlock()
-		err := c.check(f.fd, r)
+		_, err := c.check(f, r)
 		c.mu.Lock()
 		c.unuse(f)
 		switch {
@@ -346,7 +346,6 @@ func (c *Coordinator) open(s *Session, r Request) (ID, error) {
 		err = ErrClosed
 	}
 	if err != nil {
-		f.openErr = err
 		close(f.ready)
 		c.finish(f)
 		return 0, err
@@ -402,38 +401,42 @@ func (c *Coordinator) lease(f *file, r Request) error {
 	if !leaseHeld(fd) {
 		return fmt.Errorf("%w: a writer opened inode %d while it was being leased", ErrBusy, r.Ino)
 	}
-	var now unix.Stat_t
-	if err := unix.Fstat(fd, &now); err != nil {
-		return err
-	}
+	now, err := c.check(f, r)
 	f.size, f.mtime = now.Size, now.Mtim
-	return c.check(fd, r)
+	return err
 }
 
-// check compares the live inode behind fd with the request.
-func (c *Coordinator) check(fd int, r Request) error {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return err
+// check compares the live inode behind f.fd with the request, and
+// returns what fstat said of it. Its layout is read (FIEMAP) once: the
+// blocks of a leased file do not move without a write, which breaks the
+// lease first.
+func (c *Coordinator) check(f *file, r Request) (st unix.Stat_t, err error) {
+	if err := unix.Fstat(f.fd, &st); err != nil {
+		return st, err
 	}
 	if uint64(st.Size) != r.Size || st.Ctim != r.Ctime {
-		return fmt.Errorf("%w: inode %d has size %d ctime %d.%09d, the generation says %d, %d.%09d",
+		return st, fmt.Errorf("%w: inode %d has size %d ctime %d.%09d, the generation says %d, %d.%09d",
 			ErrStale, r.Ino, st.Size, st.Ctim.Sec, st.Ctim.Nsec, r.Size, r.Ctime.Sec, r.Ctime.Nsec)
 	}
 	if r.Layout == 0 {
-		return nil
+		return st, nil
 	}
-	runs, err := Layout(fd, c.bsize)
-	if errors.Is(err, errNoLayout) {
-		return fmt.Errorf("%w: inode %d has data not yet allocated", ErrStale, r.Ino)
+	hash := f.layout.Load()
+	if hash == 0 {
+		runs, err := Layout(f.fd, c.bsize)
+		if errors.Is(err, errNoLayout) {
+			return st, fmt.Errorf("%w: inode %d has data not yet allocated", ErrStale, r.Ino)
+		}
+		if err != nil {
+			return st, fmt.Errorf("inode %d: %w", r.Ino, err)
+		}
+		hash = HashLayout(runs)
+		f.layout.Store(hash)
 	}
-	if err != nil {
-		return fmt.Errorf("inode %d: %w", r.Ino, err)
+	if hash != r.Layout {
+		return st, fmt.Errorf("%w: inode %d's blocks have moved", ErrStale, r.Ino)
 	}
-	if HashLayout(runs) != r.Layout {
-		return fmt.Errorf("%w: inode %d's blocks have moved", ErrStale, r.Ino)
-	}
-	return nil
+	return st, nil
 }
 
 // grant adds a lease of s on f. Called with c.mu held.
