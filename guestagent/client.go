@@ -265,13 +265,8 @@ func (c *Client) Run(ctx context.Context) error {
 
 // call sends a request, waiting up to 10 s for a connection.
 func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
-	deadline := time.Now().Add(10 * time.Second)
 	c.mu.Lock()
-	for c.conn == nil && !c.closed && time.Now().Before(deadline) {
-		t := time.AfterFunc(time.Until(deadline), c.changed.Broadcast)
-		c.changed.Wait()
-		t.Stop()
-	}
+	c.waitLocked(func() bool { return c.conn != nil }, time.Now().Add(10*time.Second))
 	conn := c.conn
 	c.mu.Unlock()
 	if conn == nil {
@@ -524,12 +519,18 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 func (c *Client) waitNewer(gen uint64, deadline time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for c.latest <= gen && !c.closed && time.Now().Before(deadline) {
+	c.waitLocked(func() bool { return c.latest > gen }, deadline)
+	return c.latest > gen
+}
+
+// waitLocked waits, with c.mu held, until done, the client closes or the
+// deadline passes.
+func (c *Client) waitLocked(done func() bool, deadline time.Time) {
+	for !done() && !c.closed && time.Now().Before(deadline) {
 		t := time.AfterFunc(time.Until(deadline), c.changed.Broadcast)
 		c.changed.Wait()
 		t.Stop()
 	}
-	return c.latest > gen
 }
 
 func layoutHash(m []ext4ro.Extent) uint64 {
