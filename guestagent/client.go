@@ -164,6 +164,7 @@ func (c *Client) Generation() uint64 {
 func (c *Client) Close() {
 	c.mu.Lock()
 	c.closed = true
+	c.changed.Broadcast() // no one waits for a connection or a generation any more
 	conn := c.conn
 	if c.timer != nil {
 		c.timer.Stop()
