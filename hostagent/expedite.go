@@ -7,7 +7,7 @@ import (
 
 // FIFREEZE takes the filesystem's three percpu write locks, and taking
 // each waits for an RCU grace period unless one just passed: about 35 ms
-// in all on the machines measured (docs/benchmarks.md), against 0.3 ms
+// in all on this machine (docs/benchmarks.md), against 0.3 ms
 // with expedited grace periods. /sys/kernel/rcu_expedited switches the
 // whole kernel to those, at the price of IPIs to every CPU per grace
 // period; ExportConfig.ExpediteRCU sets it for the moment of the freeze
