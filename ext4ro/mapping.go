@@ -117,6 +117,10 @@ func (fl *File) Size() uint64 { return fl.size }
 // Extents returns the file's extents; they must not be modified.
 func (fl *File) Extents() []Extent { return fl.ext }
 
+// Inline reports whether the file's bytes are kept in its inode, so
+// reads touch no data block.
+func (fl *File) Inline() bool { return fl.inline != nil }
+
 // ReadAt reads like FS.ReadAt: holes and unwritten extents are zeros, and
 // a read reaching the end returns io.EOF with the bytes before it.
 func (fl *File) ReadAt(p []byte, off int64) (int, error) {

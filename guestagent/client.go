@@ -11,6 +11,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
@@ -69,6 +70,7 @@ type Client struct {
 	dev    *directio.File // nil: data over the connection
 	fs     *FileSystem
 	notify Notifier
+	m      *clientMetrics
 
 	mu       sync.Mutex
 	changed  *sync.Cond              // broadcast when conn, latest or cur change
@@ -124,6 +126,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	}
 	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{}}
 	c.changed = sync.NewCond(&c.mu)
+	c.m = newClientMetrics(c)
 	if cfg.Device != "" {
 		d, err := directio.Open(cfg.Device)
 		if err != nil {
@@ -259,6 +262,7 @@ func (c *Client) Run(ctx context.Context) error {
 			continue
 		}
 		backoff = 100 * time.Millisecond
+		c.m.reconnects.Inc()
 		c.log.Info("reconnected to the host")
 		c.follow()
 	}
@@ -301,6 +305,7 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 			delete(c.files, id)
 			c.mu.Unlock()
 			if lf != nil {
+				c.m.breaks.Inc()
 				lf.fence() // waits for reads in flight
 				c.inval(lf.node)
 			}
@@ -362,6 +367,7 @@ func (c *Client) Refresh() {
 	// view is gone.
 	c.mu.Lock()
 	c.cur, c.switched = nv, time.Now()
+	c.m.switches.Inc()
 	for v, gv := range c.views { // keep the readers of recent generations only
 		if gv.gen+8 < nv.gen {
 			delete(c.views, v)
@@ -418,7 +424,7 @@ func (c *Client) invalidate(oldFS, newFS *ext4ro.FS, ch *changes) {
 		if !c.fs.IsKnown(id) && ino != ext4ro.RootIno {
 			continue
 		}
-		c.notify.InodeNotify(id, 0, 0)
+		c.inodeNotify(id)
 		newIn, nerr := newFS.Inode(ino)
 		if !oldIn.IsDir() && (nerr != nil || !newIn.IsDir()) {
 			continue
@@ -426,15 +432,25 @@ func (c *Client) invalidate(oldFS, newFS *ext4ro.FS, ch *changes) {
 		before, after := listing(oldFS, oldIn, nil), listing(newFS, newIn, nerr)
 		for name, child := range before {
 			if after[name] != child {
-				c.notify.EntryNotify(id, name)
+				c.entryNotify(id, name)
 			}
 		}
 		for name := range after {
 			if _, ok := before[name]; !ok {
-				c.notify.EntryNotify(id, name) // a cached miss
+				c.entryNotify(id, name) // a cached miss
 			}
 		}
 	}
+}
+
+func (c *Client) inodeNotify(id uint64) {
+	c.m.inval.WithLabelValues("inode").Inc()
+	c.notify.InodeNotify(id, 0, 0)
+}
+
+func (c *Client) entryNotify(parent uint64, name string) {
+	c.m.inval.WithLabelValues("entry").Inc()
+	c.notify.EntryNotify(parent, name)
 }
 
 // listing maps a directory's names to inodes (none if it is gone).
@@ -456,7 +472,7 @@ func listing(f *ext4ro.FS, dir *ext4ro.Inode, err error) map[string]uint32 {
 // (nothing cached) is success.
 func (c *Client) inval(id uint64) {
 	if c.notify != nil {
-		c.notify.InodeNotify(id, 0, 0)
+		c.inodeNotify(id)
 	}
 }
 
@@ -483,6 +499,14 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 			Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}, Layout: layout})
 		if err == nil {
 			lf := &leasedFile{c: c, id: reply.(*vsockproto.Leased).Lease, node: NodeID(in), file: file}
+			switch {
+			case file == nil:
+				lf.data = c.m.data.WithLabelValues("host")
+			case file.Inline():
+				lf.data = c.m.data.WithLabelValues("inline")
+			default:
+				lf.data = c.m.data.WithLabelValues("device")
+			}
 			c.mu.Lock()
 			c.files[lf.id] = lf
 			c.mu.Unlock()
@@ -497,8 +521,10 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 			// one, within BusyWait) and find the same inode there.
 			if !c.waitNewer(gv.gen, deadline) {
 				if errors.Is(err, vsockproto.ErrBusy) {
+					c.m.openRefusals.WithLabelValues("busy").Inc()
 					return nil, ErrBusy
 				}
+				c.m.openRefusals.WithLabelValues("stale").Inc()
 				return nil, ErrStale
 			}
 			c.Refresh()
@@ -548,6 +574,7 @@ type leasedFile struct {
 	id   uint64
 	node uint64       // the FUSE node id, for invalidation
 	file *ext4ro.File // nil: data over the connection
+	data prometheus.Counter
 
 	mu     sync.RWMutex // held for reading by reads in flight
 	fenced bool         // guarded by mu: broken, revoked or lost
@@ -567,7 +594,9 @@ func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
 		return 0, ErrStale
 	}
 	if lf.file != nil {
-		return lf.file.ReadAt(p, off)
+		n, err := lf.file.ReadAt(p, off)
+		lf.data.Add(float64(n))
+		return n, err
 	}
 	n := 0
 	for n < len(p) {
@@ -581,6 +610,7 @@ func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
 		}
 		d := reply.(*vsockproto.Data).Data
 		n += copy(p[n:], d)
+		lf.data.Add(float64(len(d)))
 		if len(d) < want {
 			return n, io.EOF
 		}
@@ -645,7 +675,10 @@ func (v *genView) ReadAt(p []byte, off int64) (int, error) {
 		}
 	}
 	v.mu.Unlock()
+	v.c.m.cacheHits.Add(float64(last - first + 1 - uint64(len(missing))))
+	v.c.m.cacheMisses.Add(float64(len(missing)))
 	if len(missing) > 0 {
+		v.c.m.metaFetches.Inc()
 		reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(missing)})
 		if err != nil {
 			if errors.Is(err, vsockproto.ErrGone) {
@@ -657,6 +690,7 @@ func (v *genView) ReadAt(p []byte, off int64) (int, error) {
 		if len(data) != len(missing)*int(v.bs) {
 			return 0, fmt.Errorf("generation %d: the host sent %d bytes for %d blocks", v.gen, len(data), len(missing))
 		}
+		v.c.m.metaBytes.Add(float64(len(data)))
 		v.mu.Lock()
 		for i, b := range missing {
 			v.blocks[b] = data[int64(i)*v.bs : int64(i+1)*v.bs : int64(i+1)*v.bs]

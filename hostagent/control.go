@@ -10,13 +10,15 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // The control socket speaks one JSON request and one JSON reply per
-// connection: {"op":"publish","export":NAME} or {"op":"status"}. Only
+// connection: {"op":"publish","export":NAME}, {"op":"status"} or
+// {"op":"metrics"} (the Prometheus text format, as a string). Only
 // root and the agent's own user may use it.
 
 // ControlRequest is a request on the control socket.
@@ -67,6 +69,7 @@ type controlReply struct {
 	Error     string     `json:"error,omitempty"`
 	Published *Published `json:"published,omitempty"`
 	Status    *Status    `json:"status,omitempty"`
+	Metrics   string     `json:"metrics,omitempty"`
 }
 
 // Status reports the exports and their guests.
@@ -133,6 +136,12 @@ func (s *Server) control(nc net.Conn) {
 			}
 		case "status":
 			reply.Status = s.Status()
+		case "metrics":
+			var b strings.Builder
+			if err := s.WriteMetrics(&b); err != nil {
+				reply.Error = err.Error()
+			}
+			reply.Metrics = b.String()
 		default:
 			reply.Error = fmt.Sprintf("unknown op %q", req.Op)
 		}
@@ -140,25 +149,43 @@ func (s *Server) control(nc net.Conn) {
 	_ = json.NewEncoder(nc).Encode(reply)
 }
 
+// ControlMetrics fetches the metrics from the control socket at addr, in
+// the Prometheus text format.
+func ControlMetrics(ctx context.Context, addr vsockproto.Addr) (string, error) {
+	reply, err := control(ctx, addr, ControlRequest{Op: "metrics"})
+	if err != nil {
+		return "", err
+	}
+	return reply.Metrics, nil
+}
+
 // Control sends one request to the control socket at addr.
 func Control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*Published, *Status, error) {
+	reply, err := control(ctx, addr, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	return reply.Published, reply.Status, nil
+}
+
+func control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*controlReply, error) {
 	nc, err := vsockproto.Dial(ctx, addr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("the host agent's control socket: %w", err)
+		return nil, fmt.Errorf("the host agent's control socket %s: %w (is 'leasefs host --control %s' running, and are you root?)", addr, err, addr)
 	}
 	defer nc.Close()
 	if d, ok := ctx.Deadline(); ok {
 		_ = nc.SetDeadline(d)
 	}
 	if err := json.NewEncoder(nc).Encode(req); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	var reply controlReply
 	if err := json.NewDecoder(bufio.NewReader(io.LimitReader(nc, 16<<20))).Decode(&reply); err != nil {
-		return nil, nil, fmt.Errorf("reading the host agent's reply: %w", err)
+		return nil, fmt.Errorf("reading the host agent's reply: %w", err)
 	}
 	if reply.Error != "" {
-		return nil, nil, errors.New(reply.Error)
+		return nil, errors.New(reply.Error)
 	}
-	return reply.Published, reply.Status, nil
+	return &reply, nil
 }

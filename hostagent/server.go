@@ -29,6 +29,7 @@ type Server struct {
 	opt     ServerOptions
 	log     hclog.Logger
 	exports map[string]*served
+	m       *metrics
 
 	mu      sync.Mutex
 	conns   map[*guest]struct{} // guarded by mu
@@ -41,6 +42,7 @@ type Server struct {
 type served struct {
 	exp   *Export
 	coord *lease.Coordinator
+	m     *metrics
 
 	mu    sync.Mutex
 	views map[uint64]*ext4ro.FS  // guarded by mu
@@ -77,6 +79,10 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 			return nil, fmt.Errorf("export %s: %w", e.cfg.Name, err)
 		}
 		s.exports[e.cfg.Name] = &served{exp: e, coord: c, views: map[uint64]*ext4ro.FS{}, on: map[lease.Token]uint64{}}
+	}
+	s.m = newMetrics(s)
+	for _, sv := range s.exports {
+		sv.m = s.m
 	}
 	return s, nil
 }
@@ -123,6 +129,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	s.mu.Lock()
 	if s.closed || s.perPeer[key] >= s.opt.MaxConnsPerPeer {
 		s.mu.Unlock()
+		s.m.quota.WithLabelValues("", "connections").Inc()
 		s.log.Warn("refusing a connection: too many from this peer", "peer", key)
 		nc.Close()
 		return
@@ -220,6 +227,7 @@ func (g *guest) forwardBreaks(deadline time.Duration) {
 			return // the deadline revokes what is left
 		}
 		go func() {
+			start := time.Now()
 			ctx, cancel := context.WithTimeout(context.Background(), deadline)
 			defer cancel()
 			msg := &vsockproto.Break{Leases: make([]uint64, len(ids))}
@@ -229,6 +237,7 @@ func (g *guest) forwardBreaks(deadline time.Duration) {
 			if _, err := g.conn.Call(ctx, msg); err != nil {
 				return // not acknowledged: the coordinator's deadline revokes
 			}
+			g.sv.m.breakAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(start))
 			for _, id := range ids {
 				_ = g.sess.Ack(id)
 			}
@@ -252,6 +261,7 @@ func (g *guest) handle(ctx context.Context, req vsockproto.Message) (vsockproto.
 		if err != nil {
 			return nil, protoErr(err)
 		}
+		g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "data").Add(float64(n))
 		return &vsockproto.Data{Data: p[:n]}, nil
 	case *vsockproto.Release:
 		if err := g.sess.Release(lease.ID(m.Lease)); err != nil {
@@ -296,6 +306,7 @@ func (g *guest) readMeta(m *vsockproto.ReadMeta) (vsockproto.Message, error) {
 		}
 		out = append(out, p...)
 	}
+	g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "meta").Add(float64(len(out)))
 	return &vsockproto.Meta{Data: out}, nil
 }
 
@@ -331,6 +342,9 @@ func (g *guest) open(m *vsockproto.Open) (vsockproto.Message, error) {
 	id, err := g.sess.Acquire(lease.Request{Ino: m.Inode, IGen: in.Generation, Size: in.Size,
 		Ctime: unix.Timespec{Sec: in.Ctime.Sec, Nsec: int64(in.Ctime.Nsec)}, Layout: layout})
 	if err != nil {
+		if errors.Is(err, lease.ErrQuota) {
+			g.sv.m.quota.WithLabelValues(g.sv.exp.cfg.Name, "leases").Inc()
+		}
 		return nil, protoErr(err)
 	}
 	return &vsockproto.Leased{Lease: uint64(id)}, nil
@@ -400,8 +414,11 @@ func (s *Server) Publish(name string) (*Generation, error) {
 	}
 	gen, err := sv.exp.Publish()
 	if err != nil {
+		s.m.failed.WithLabelValues(name).Inc()
 		return nil, err
 	}
+	s.m.published.WithLabelValues(name).Inc()
+	s.m.freeze.WithLabelValues(name).Observe(gen.Frozen.Seconds())
 	ann := &vsockproto.Announce{Generation: gen.Number, Blocks: gen.Changed, Inodes: gen.ChangedInodes}
 	if gen.All {
 		ann = &vsockproto.Announce{Generation: gen.Number, Flags: vsockproto.AnnounceAll}
@@ -415,14 +432,14 @@ func (s *Server) Publish(name string) (*Generation, error) {
 	}
 	s.mu.Unlock()
 	for _, g := range gs {
-		go g.announce(ann, s.opt.Conn.KeepAlive)
+		go g.announce(ann, gen.Captured, s.opt.Conn.KeepAlive)
 	}
 	s.retain(sv)
 	return gen, nil
 }
 
 // announce tells one guest of a generation and notes which it is on.
-func (g *guest) announce(ann *vsockproto.Announce, keepAlive time.Duration) {
+func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAlive time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(keepAlive, 10*time.Second)*3)
 	defer cancel()
 	reply, err := g.conn.Call(ctx, ann)
@@ -432,6 +449,7 @@ func (g *guest) announce(ann *vsockproto.Announce, keepAlive time.Duration) {
 	if err != nil {
 		return
 	}
+	g.sv.m.announceAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(published))
 	on := reply.(*vsockproto.AnnounceAck).Generation
 	if on > ann.Generation {
 		return // a guest that lies about its generation keeps what it was on

@@ -2,10 +2,12 @@ package hostagent
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -122,4 +124,43 @@ func (w *Watchdog) disarm() error {
 func (w *Watchdog) Close() error {
 	w.pipe.Close()
 	return <-w.done
+}
+
+// ThawRecorded thaws the freezes recorded in stateDir that no publish saw
+// through: for a service manager to run once the agent has stopped
+// (systemd's ExecStopPost), since stopping a service may kill the agent
+// and its watchdog together. A recorded filesystem that is not frozen
+// is left as it is. It returns the mount points it thawed.
+func ThawRecorded(stateDir string) ([]string, error) {
+	records, err := filepath.Glob(filepath.Join(stateDir, "*.freezing"))
+	if err != nil {
+		return nil, err
+	}
+	var thawed []string
+	var errs []error
+	for _, rec := range records {
+		b, err := os.ReadFile(rec)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		mount := strings.TrimSpace(string(b))
+		fd, err := unix.Open(mount, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s (recorded in %s): %w", mount, rec, err))
+			continue
+		}
+		err = thawFS(fd)
+		unix.Close(fd)
+		switch {
+		case err == nil:
+			thawed = append(thawed, mount)
+		case errors.Is(err, unix.EINVAL): // not frozen
+		default:
+			errs = append(errs, fmt.Errorf("FITHAW %s: %w", mount, err))
+			continue
+		}
+		os.Remove(rec)
+	}
+	return thawed, errors.Join(errs...)
 }

@@ -129,6 +129,19 @@ func (l *Listener) Close() error {
 	return err
 }
 
+// NetListener returns l as a net.Listener, for servers (HTTP) that do not
+// ask who connects. Closing it closes l.
+func (l *Listener) NetListener() net.Listener { return netListener{l} }
+
+type netListener struct{ l *Listener }
+
+func (n netListener) Accept() (net.Conn, error) {
+	nc, _, err := n.l.Accept()
+	return nc, err
+}
+func (n netListener) Close() error   { return n.l.Close() }
+func (n netListener) Addr() net.Addr { return n.l.l.Addr() }
+
 func vsockPeer(nc net.Conn) (Peer, error) {
 	a, ok := nc.RemoteAddr().(*vsock.Addr)
 	if !ok {

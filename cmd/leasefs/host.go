@@ -27,21 +27,46 @@ type listFlag []string
 func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
-func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// hostOptions is what 'leasefs host' is told.
+type hostOptions struct {
+	exports          []exportSpec
+	listen           []vsockproto.Addr
+	control          vsockproto.Addr
+	metrics          string // "control", or a listener for metricsListener
+	autoPublish      *hostagent.AutoPublish
+	stateDir         string
+	logLevel         string
+	ackTimeout       time.Duration
+	grace, budget    time.Duration
+	fullEvery        int
+	expedite         bool
+	maxLeases        int
+	maxConnsPerGuest int
+}
+
+type exportSpec struct{ name, dev, mnt string }
+
+// parseHost checks a host command line without acting on it.
+func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
+	var o hostOptions
 	var exports, listens listFlag
-	var control, autoPublish, stateDir, logLevel string
-	var ackTimeout, grace, budget time.Duration
-	var fullEvery int
-	var expedite bool
+	var control, autoPublish string
 	fs := flag.NewFlagSet("host", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT [--export …] --listen ADDR [--listen …] --control unix:PATH [flags]
+		fmt.Fprint(fs.Output(), `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT --listen ADDR --control unix:PATH [flags]
 
-Runs the host agent in the foreground: it publishes generations of each
-export (an ext4 on DEVICE, mounted read-write at MOUNTPOINT) and serves
-them to guests on every --listen address (vsock:PORT, hvsock:PATH:PORT,
-unix:PATH). 'leasefs publish' and 'leasefs status' talk to it through the
-control socket. SIGTERM or SIGINT stops it.
+Runs the host agent in the foreground. Each export is an ext4 filesystem on
+DEVICE, mounted read-write at MOUNTPOINT, that a writer on this host keeps
+changing. The agent publishes numbered generations of it: the metadata as
+it stood during a freeze of a few milliseconds, taken when the tree has
+been quiet a moment (--auto-publish) or when 'leasefs publish' says. Guests
+connect on every --listen address (vsock:PORT, hvsock:PATH:PORT for
+Firecracker, unix:PATH), read a generation's metadata from the agent and
+file data from DEVICE attached to them read-only; the agent holds every
+file a guest has open, so its blocks are not reused under the guest.
+'leasefs publish', 'status' and 'metrics' talk to it on --control.
+SIGTERM or SIGINT stops it; 'leasefs thaw' after a crash (see
+docs/operations.md).
 
 Flags:
 `)
@@ -50,56 +75,71 @@ Flags:
 	fs.Var(&exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
 	fs.Var(&listens, "listen", "an address to serve guests on (repeatable)")
 	fs.StringVar(&control, "control", "", "the control socket, unix:PATH (required)")
+	fs.StringVar(&o.metrics, "metrics", "control", "where to serve Prometheus metrics: control (the control socket, 'leasefs metrics'),\na loopback HOST:PORT or unix:PATH (HTTP, /metrics)")
 	fs.StringVar(&autoPublish, "auto-publish", "quiet=2s,max=30s", "publish on changes: quiet=DURATION,max=DURATION, or off (only 'leasefs publish')")
-	fs.StringVar(&stateDir, "state-dir", "/var/lib/leasefs", "where freezes and generation numbers are recorded (not on an export)")
-	fs.DurationVar(&ackTimeout, "ack-timeout", 5*time.Second, "how long guests have to acknowledge a lease break")
-	fs.DurationVar(&grace, "grace", 30*time.Second, "how long a disconnected guest keeps its leases")
-	fs.DurationVar(&budget, "freeze-budget", 2*time.Second, "the watchdog thaws a freeze that lasts longer")
-	fs.IntVar(&fullEvery, "full-scan-every", 20, "every Nth publish scans every inode, not just those inotify named (-1: never)")
-	fs.BoolVar(&expedite, "expedite-rcu", true, "expedite the kernel's RCU grace periods (system-wide, /sys/kernel/rcu_expedited) for the\nmoment of each freeze: FIFREEZE then takes well under 1 ms instead of tens (see docs/benchmarks.md)")
-	fs.StringVar(&logLevel, "log-level", "info", "trace, debug, info, warn or error")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/leasefs", "where freezes and generation numbers are recorded (not on an export)")
+	fs.DurationVar(&o.ackTimeout, "ack-timeout", 5*time.Second, "how long guests have to acknowledge a lease break (at most half the kernel's lease-break-time)")
+	fs.DurationVar(&o.grace, "grace", 30*time.Second, "how long a disconnected guest keeps its leases")
+	fs.DurationVar(&o.budget, "freeze-budget", 2*time.Second, "the watchdog thaws a freeze that lasts longer")
+	fs.IntVar(&o.fullEvery, "full-scan-every", 20, "every Nth publish scans every inode, not just those inotify named (-1: never)")
+	fs.BoolVar(&o.expedite, "expedite-rcu", true, "expedite the kernel's RCU grace periods (system-wide, /sys/kernel/rcu_expedited) for the\nmoment of each freeze: FIFREEZE then takes well under 1 ms instead of tens (see docs/benchmarks.md)")
+	fs.IntVar(&o.maxLeases, "max-leases-per-guest", 65536, "the leases (open files) one guest may hold")
+	fs.IntVar(&o.maxConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
+	fs.StringVar(&o.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
+		return nil, err
 	}
 	if len(exports) == 0 || len(listens) == 0 || control == "" || fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "leasefs host: need --export, --listen and --control")
 		fs.Usage()
-		return errUsage
+		return nil, errUsage
 	}
-	ap, err := hostagent.ParseAutoPublish(autoPublish)
-	if err != nil {
-		return err
+	var err error
+	if o.autoPublish, err = hostagent.ParseAutoPublish(autoPublish); err != nil {
+		return nil, err
 	}
-	ctlAddr, err := vsockproto.ParseAddr(control)
-	if err != nil {
-		return err
+	if o.control, err = vsockproto.ParseAddr(control); err != nil {
+		return nil, err
 	}
-	if ctlAddr.Kind != vsockproto.KindUnix {
-		return fmt.Errorf("--control %s: must be unix:PATH", control)
+	if o.control.Kind != vsockproto.KindUnix {
+		return nil, fmt.Errorf("--control %s: must be unix:PATH", control)
 	}
-	var addrs []vsockproto.Addr
 	for _, l := range listens {
 		a, err := vsockproto.ParseAddr(l)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		addrs = append(addrs, a)
+		o.listen = append(o.listen, a)
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(logLevel)})
-	type exportSpec struct{ name, dev, mnt string }
-	var specs []exportSpec
 	for _, spec := range exports {
 		name, rest, ok1 := strings.Cut(spec, "=")
 		dev, mnt, ok2 := strings.Cut(rest, ":")
 		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
-			return fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT", spec)
+			return nil, fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT, e.g. mirror=/dev/vdb:/srv/mirror", spec)
 		}
-		if sameFS(stateDir, mnt) {
-			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze", stateDir, mnt)
-		}
-		specs = append(specs, exportSpec{name, dev, mnt})
+		o.exports = append(o.exports, exportSpec{name, dev, mnt})
 	}
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
+		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
+	}
+	if o.maxLeases <= 0 || o.maxConnsPerGuest <= 0 {
+		return nil, fmt.Errorf("--max-leases-per-guest and --max-conns-per-guest must be positive")
+	}
+	return &o, nil
+}
+
+func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	o, err := parseHost(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(o.logLevel)})
+	for _, sp := range o.exports {
+		if sameFS(o.stateDir, sp.mnt) {
+			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze: choose a directory on another filesystem", o.stateDir, sp.mnt)
+		}
+	}
+	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
 
@@ -109,23 +149,24 @@ Flags:
 			e.Close()
 		}
 	}()
-	for _, sp := range specs {
-		name, dev, mnt := sp.name, sp.dev, sp.mnt
-		wd, err := startWatchdog(mnt)
+	for _, sp := range o.exports {
+		wd, err := startWatchdog(sp.mnt)
 		if err != nil {
 			return err
 		}
 		defer wd.Close()
-		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: name, Device: dev, Mount: mnt, StateDir: stateDir,
-			FreezeBudget: budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: fullEvery, ExpediteRCU: expedite})
+		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
+			FreezeBudget: o.budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
+			Progress: progressTo(stderr, "export "+sp.name+": reading the inode tables")})
 		if err != nil {
 			return err
 		}
 		exps = append(exps, e)
 	}
 	srv, err := hostagent.NewServer(exps, hostagent.ServerOptions{
-		Lease:  lease.Config{AckTimeout: ackTimeout, Grace: grace},
-		Logger: log,
+		Lease:           lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerSession: o.maxLeases},
+		MaxConnsPerPeer: o.maxConnsPerGuest,
+		Logger:          log,
 	})
 	if err != nil {
 		return err
@@ -139,7 +180,7 @@ Flags:
 		fmt.Fprintf(stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", e.Name(), g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
 	}
 	grp, ctx := errgroup.WithContext(ctx)
-	for _, a := range addrs {
+	for _, a := range o.listen {
 		l, err := vsockproto.Listen(a, vsockproto.ListenOptions{})
 		if err != nil {
 			return err
@@ -147,17 +188,25 @@ Flags:
 		grp.Go(func() error { return srv.Serve(ctx, l) })
 		log.Info("listening", "addr", a.String())
 	}
-	cl, err := vsockproto.Listen(ctlAddr, vsockproto.ListenOptions{Mode: 0o600})
+	cl, err := vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600})
 	if err != nil {
 		return err
 	}
 	grp.Go(func() error { return srv.ServeControl(ctx, cl) })
-	if ap != nil {
+	if o.metrics != "control" {
+		ml, err := metricsListener(o.metrics)
+		if err != nil {
+			return err
+		}
+		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
+	}
+	if o.autoPublish != nil {
 		for _, e := range exps {
-			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name(), ap) })
+			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name(), o.autoPublish) })
 		}
 	}
 	fmt.Fprintln(stdout, "ready")
+	notifyReady()
 	return grp.Wait()
 }
 
@@ -203,4 +252,34 @@ func sameFS(path, mnt string) bool {
 			return false
 		}
 	}
+}
+
+func runThaw(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("thaw", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: leasefs thaw [--state-dir DIR]
+
+Thaws any export that a host agent froze for a publish and did not thaw:
+it died mid-freeze together with its watchdog (systemd killing the whole
+service, an OOM kill). It reads the freeze records in the state directory,
+so it never thaws a freeze that is not leasefs's own. leasefs-host.service
+runs it after every stop (ExecStopPost); by hand it is safe at any time.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	stateDir := fs.String("state-dir", "/var/lib/leasefs", "the host agent's --state-dir")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return errUsage
+	}
+	thawed, err := hostagent.ThawRecorded(*stateDir)
+	for _, m := range thawed {
+		fmt.Fprintf(stdout, "thawed %s\n", m)
+	}
+	return err
 }

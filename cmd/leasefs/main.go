@@ -10,6 +10,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -28,12 +30,15 @@ var commands = []command{
 	{"guest", "mount an export of a host agent (the guest agent)", runGuest},
 	{"publish", "publish a generation of an export now", runPublish},
 	{"status", "show a host agent's exports, guests and leases", runStatus},
+	{"metrics", "print a host agent's Prometheus metrics", runMetrics},
+	{"thaw", "thaw exports a dead host agent left frozen", runThaw},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		_, err := fmt.Fprintln(stdout, "leasefs", version)
 		return err
 	}},
-	{"watchdog", "", runWatchdog}, // started by the host agent
+	{"watchdog", "", runWatchdog},        // started by the host agent
+	{"mount-helper", "", runMountHelper}, // mount.fuse.leasefs
 }
 
 func usage(w io.Writer) {
@@ -55,7 +60,11 @@ Commands:
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	args := os.Args[1:]
+	if strings.HasPrefix(filepath.Base(os.Args[0]), "mount.") { // mount(8)'s helper
+		args = append([]string{"mount-helper"}, args...)
+	}
+	err := run(ctx, args, os.Stdout, os.Stderr)
 	stop()
 	switch {
 	case err == nil:

@@ -1,0 +1,54 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+)
+
+// progressTo returns a progress callback that shows label and how far,
+// on one line redrawn at most five times a second, when w is a terminal;
+// otherwise it shows nothing (a log or journal has no use for it).
+func progressTo(w io.Writer, label string) func(done, total int64) {
+	f, ok := w.(*os.File)
+	if !ok || !isTerminal(f) {
+		return nil
+	}
+	return newProgress(w, label)
+}
+
+func newProgress(w io.Writer, label string) func(done, total int64) {
+	var last time.Time
+	finished := false
+	return func(done, total int64) {
+		if finished || done < total && time.Since(last) < 200*time.Millisecond {
+			return
+		}
+		finished = done >= total
+		last = time.Now()
+		pct := 100.0
+		if total > 0 {
+			pct = 100 * float64(done) / float64(total)
+		}
+		end := ""
+		if done >= total {
+			end = "\n"
+		}
+		fmt.Fprintf(w, "\r%s: %3.0f%% (%d of %d MiB)%s", label, pct, done>>20, total>>20, end)
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// notifyReady tells systemd, when it started us as Type=notify, that we
+// are ready; it does nothing otherwise.
+func notifyReady() {
+	_, _ = daemon.SdNotify(true, daemon.SdNotifyReady)
+}

@@ -1,0 +1,61 @@
+package guestagent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// clientMetrics are a guest's Prometheus metrics.
+type clientMetrics struct {
+	reg          *prometheus.Registry
+	metaFetches  prometheus.Counter
+	metaBytes    prometheus.Counter
+	cacheHits    prometheus.Counter
+	cacheMisses  prometheus.Counter
+	inval        *prometheus.CounterVec // kind: inode, entry
+	data         *prometheus.CounterVec // source: device, host, inline
+	switches     prometheus.Counter
+	reconnects   prometheus.Counter
+	breaks       prometheus.Counter
+	openRefusals *prometheus.CounterVec // why
+}
+
+func newClientMetrics(c *Client) *clientMetrics {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: "leasefs_guest_" + name, Help: help})
+	}
+	m := &clientMetrics{
+		reg:         prometheus.NewRegistry(),
+		metaFetches: counter("metadata_fetches_total", "Metadata requests to the host (each for the blocks one read missed)."),
+		metaBytes:   counter("metadata_fetched_bytes_total", "Bytes of metadata blocks fetched from the host."),
+		cacheHits:   counter("metadata_cache_hits_total", "Metadata blocks found in the guest's cache of its generation."),
+		cacheMisses: counter("metadata_cache_misses_total", "Metadata blocks that had to be fetched from the host."),
+		inval: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_invalidations_total",
+			Help: "Invalidations sent to the kernel: an inode's attributes and pages, or a name in a directory."}, []string{"kind"}),
+		data: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_data_bytes_total",
+			Help: "File data read: from the shared device, through the host, or inline in the inode."}, []string{"source"}),
+		switches:   counter("generation_switches_total", "Moves to a newer generation."),
+		reconnects: counter("reconnects_total", "Connections to the host made again after one was lost."),
+		breaks:     counter("lease_breaks_total", "Leases the host broke (a writer wanted the file)."),
+		openRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_open_refusals_total",
+			Help: "Opens the host refused, by the answer given to the application."}, []string{"error"}),
+	}
+	gen := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_generation", Help: "The generation served."},
+		func() float64 { return float64(c.Generation()) })
+	open := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_open_files", Help: "Files open under a lease."},
+		func() float64 { c.mu.Lock(); defer c.mu.Unlock(); return float64(len(c.files)) })
+	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.cacheHits, m.cacheMisses, m.inval, m.data,
+		m.switches, m.reconnects, m.breaks, m.openRefusals, gen, open)
+	for _, k := range []string{"inode", "entry"} {
+		m.inval.WithLabelValues(k)
+	}
+	for _, s := range []string{"device", "host", "inline"} {
+		m.data.WithLabelValues(s)
+	}
+	for _, e := range []string{"stale", "busy"} {
+		m.openRefusals.WithLabelValues(e)
+	}
+	return m
+}
+
+// Gatherer returns the client's metrics, for a promhttp handler.
+func (c *Client) Gatherer() prometheus.Gatherer { return c.m.reg }

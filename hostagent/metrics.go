@@ -1,0 +1,118 @@
+package hostagent
+
+import (
+	"io"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
+)
+
+// metrics are the host agent's Prometheus metrics. Events are counted
+// where they happen; what is a state (guests, leases) is read from the
+// exports when scraped, by stateCollector.
+type metrics struct {
+	reg         *prometheus.Registry
+	published   *prometheus.CounterVec   // export
+	failed      *prometheus.CounterVec   // export
+	freeze      *prometheus.HistogramVec // export
+	announceAck *prometheus.HistogramVec // export
+	breakAck    *prometheus.HistogramVec // export
+	quota       *prometheus.CounterVec   // export, limit
+	served      *prometheus.CounterVec   // export, kind
+}
+
+// Freezes are meant to take milliseconds; the budget is seconds.
+var freezeBuckets = []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5}
+
+// Round trips to a guest: sub-millisecond to the ack deadline.
+var ackBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
+func newMetrics(s *Server) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		published: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_generations_published_total",
+			Help: "Generations published."}, []string{"export"}),
+		failed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_publish_failures_total",
+			Help: "Publishes that failed (the generation before stays current)."}, []string{"export"}),
+		freeze: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "leasefs_freeze_seconds",
+			Help: "How long each publish kept the filesystem frozen.", Buckets: freezeBuckets}, []string{"export"}),
+		announceAck: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "leasefs_publish_ack_seconds",
+			Help: "From a generation's publish to a guest's acknowledgement of it, per guest.", Buckets: ackBuckets}, []string{"export"}),
+		breakAck: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "leasefs_break_ack_seconds",
+			Help: "From a lease break sent to a guest to its acknowledgement.", Buckets: ackBuckets}, []string{"export"}),
+		quota: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_quota_rejections_total",
+			Help: "Requests refused by a limit: leases (per guest or host-wide files) or connections per guest."}, []string{"export", "limit"}),
+		served: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_served_bytes_total",
+			Help: "Bytes sent to guests: metadata blocks, or file data for guests without the device."}, []string{"export", "kind"}),
+	}
+	m.reg.MustRegister(m.published, m.failed, m.freeze, m.announceAck, m.breakAck, m.quota, m.served, stateCollector{s})
+	for name := range s.exports { // every series exists from the start
+		m.published.WithLabelValues(name)
+		m.failed.WithLabelValues(name)
+		m.quota.WithLabelValues(name, "leases")
+		m.served.WithLabelValues(name, "meta")
+		m.served.WithLabelValues(name, "data")
+	}
+	m.quota.WithLabelValues("", "connections")
+	return m
+}
+
+// Gatherer returns the server's metrics, for a promhttp handler.
+func (s *Server) Gatherer() prometheus.Gatherer { return s.m.reg }
+
+// WriteMetrics writes the server's metrics in the Prometheus text format.
+func (s *Server) WriteMetrics(w io.Writer) error {
+	mfs, err := s.m.reg.Gather()
+	if err != nil {
+		return err
+	}
+	enc := expfmt.NewEncoder(w, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, mf := range mfs {
+		if err := enc.Encode(mf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func since(t time.Time) float64 { return time.Since(t).Seconds() }
+
+// stateCollector reports what the exports hold at the time of a scrape.
+type stateCollector struct{ s *Server }
+
+var (
+	descGeneration = prometheus.NewDesc("leasefs_generation", "The export's current generation.", []string{"export"}, nil)
+	descGuests     = prometheus.NewDesc("leasefs_guests", "Guests connected.", []string{"export"}, nil)
+	descLeases     = prometheus.NewDesc("leasefs_leases", "Leases held by guests.", []string{"export"}, nil)
+	descFiles      = prometheus.NewDesc("leasefs_leased_files", "Files the host holds open for guests.", []string{"export"}, nil)
+	descBreaking   = prometheus.NewDesc("leasefs_breaks_pending", "Files whose lease break waits for guests' acknowledgements.", []string{"export"}, nil)
+	descBreaks     = prometheus.NewDesc("leasefs_breaks_total", "Lease breaks: a host writer opened or changed a leased file.", []string{"export"}, nil)
+	descRevoked    = prometheus.NewDesc("leasefs_leases_revoked_total", "Leases revoked because a guest missed the ack deadline.", []string{"export"}, nil)
+	descStore      = prometheus.NewDesc("leasefs_metadata_store_bytes", "Bytes of metadata blocks kept for the generations guests are on.", []string{"export"}, nil)
+)
+
+func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore} {
+		ch <- d
+	}
+}
+
+func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, e := range c.s.Status().Exports {
+		gauge := func(d *prometheus.Desc, v float64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, e.Name)
+		}
+		counter := func(d *prometheus.Desc, v uint64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), e.Name)
+		}
+		gauge(descGeneration, float64(e.Generation))
+		gauge(descGuests, float64(len(e.Guests)))
+		gauge(descLeases, float64(e.Leases))
+		gauge(descFiles, float64(e.Files))
+		gauge(descBreaking, float64(e.PendingBreaks))
+		gauge(descStore, float64(e.StoreBytes))
+		counter(descBreaks, e.Breaks)
+		counter(descRevoked, e.Revoked)
+	}
+}
