@@ -4,8 +4,11 @@
 set -euo pipefail
 
 want=(e2fsprogs fuse3 attr)
+# The examples' tests: unit files, the mount helper, an apt mirror.
+test_extra=(systemd util-linux rsync apt-utils dpkg-dev)
 case "${1:-test}" in
-  test|demo) ;;
+  test) want+=("${test_extra[@]}") ;;
+  demo) ;;
   bench) want+=(fuse2fs hyperfine) ;;
   *) echo "usage: $0 [test|demo|bench]" >&2; exit 2 ;;
 esac

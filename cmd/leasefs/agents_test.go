@@ -23,11 +23,8 @@ type hostProc struct {
 	log            *strings.Builder
 }
 
-// startHostCmd runs 'leasefs host' on a fresh loop-mounted export and
-// waits until it is ready; it is stopped with SIGTERM, and must exit
-// cleanly and take its watchdog with it, when t ends (before the export
-// is unmounted).
-func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
+// hostExport is a fresh loop-mounted export holding "hello".
+func hostExport(t *testing.T) (mnt, dev string) {
 	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
@@ -37,10 +34,29 @@ func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
 	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("generation one\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return mnt, dev
+}
+
+// startHostCmd runs 'leasefs host' on a fresh loop-mounted export and
+// waits until it is ready.
+func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
+	t.Helper()
+	mnt, dev = hostExport(t)
 	run := t.TempDir()
-	h = &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock"), log: &strings.Builder{}}
-	h.cmd = exec.Command(leasefsBin, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest,
+	h = &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock")}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest,
 		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	return h, mnt, dev
+}
+
+// runHostCmd runs leasefs with args, a host agent of the export at mnt,
+// and waits until it is ready. It is stopped with SIGTERM, and must exit
+// cleanly and take its watchdog with it, when t ends (before the export
+// is unmounted).
+func runHostCmd(t *testing.T, h *hostProc, mnt string, args ...string) {
+	t.Helper()
+	h.log = &strings.Builder{}
+	h.cmd = exec.Command(leasefsBin, args...)
 	h.cmd.Stderr = h.log
 	out, err := h.cmd.StdoutPipe()
 	if err != nil {
@@ -79,7 +95,7 @@ func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
 				t.Fatalf("leasefs host exited before it was ready:\n%s", h.log)
 			}
 			if line == "ready" {
-				return h, mnt, dev
+				return
 			}
 		case <-time.After(20 * time.Second):
 			t.Fatalf("leasefs host not ready after 20s:\n%s", h.log)

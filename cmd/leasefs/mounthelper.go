@@ -15,7 +15,8 @@ import (
 // With a connect= option SOURCE is an export name, mounted as by
 // 'leasefs guest'; without one it is an ext4 image or device, mounted as
 // by 'leasefs mount --image'. Options that are mount(8)'s or systemd's
-// own are ignored.
+// own are ignored, rw too (mount(8) adds it): the mount is read-only
+// whatever they say.
 
 // helperOptions maps each mount option to the flag it stands for.
 var helperOptions = map[string]map[string]string{
@@ -27,7 +28,7 @@ var helperOptions = map[string]map[string]string{
 // to leasefs, or one every leasefs mount has anyway.
 func ignoredOption(o string) bool {
 	switch o {
-	case "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "owner",
+	case "ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "owner",
 		"nosuid", "nodev", "noexec", "suid", "dev", "exec", "atime", "noatime", "relatime", "norelatime",
 		"strictatime", "nodiratime", "async", "sync", "silent", "loud":
 		return true
@@ -86,8 +87,6 @@ func mountHelperArgs(args []string) (cmd string, out []string, fake bool, err er
 		k, v, hasValue := strings.Cut(o, "=")
 		switch {
 		case o == "":
-		case o == "rw":
-			return "", nil, false, fmt.Errorf("leasefs mounts are read-only: drop the option rw")
 		case helperOptions[cmd][k] != "":
 			if hasValue {
 				out = append(out, helperOptions[cmd][k]+"="+v)
