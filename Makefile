@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test lint fuzz bench bench-lease demo deps clean
+.PHONY: all build test lint fuzz bench bench-lease demo deps clean install
 
 all: build
 
@@ -48,3 +48,14 @@ demo: build
 
 clean:
 	rm -rf bin
+
+# Installs the binary, the mount helper (mount -t fuse.leasefs) and the
+# systemd units. DESTDIR for packaging.
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/leasefs
+	install -d $(DESTDIR)/sbin $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/leasefs
+	ln -sf $(PREFIX)/bin/leasefs $(DESTDIR)/sbin/mount.fuse.leasefs
+	sed 's#/usr/local/bin/leasefs#$(PREFIX)/bin/leasefs#g' examples/systemd/leasefs-host.service > $(DESTDIR)/etc/systemd/system/leasefs-host.service
+	sed 's#/usr/local/bin/leasefs#$(PREFIX)/bin/leasefs#g' examples/systemd/leasefs-guest@.service > $(DESTDIR)/etc/systemd/system/leasefs-guest@.service
+	@echo "installed; put your exports in /etc/leasefs/host.conf (examples/systemd/host.conf) or guest-NAME.conf"

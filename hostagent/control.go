@@ -46,6 +46,7 @@ type ExportStatus struct {
 	Name          string        `json:"name"`
 	Mount         string        `json:"mount"`
 	Generation    uint64        `json:"generation"`
+	Published     time.Time     `json:"published"`
 	LastFreezeMS  float64       `json:"last_freeze_ms"`
 	Blocks        int           `json:"metadata_blocks"`
 	StoreBytes    int64         `json:"store_bytes"`
@@ -84,7 +85,7 @@ func (s *Server) Status() *Status {
 	for name, sv := range s.exports {
 		es := ExportStatus{Name: name, Mount: sv.exp.cfg.Mount}
 		if g := sv.exp.Current(); g != nil {
-			es.Generation, es.LastFreezeMS, es.Blocks = g.Number, ms(g.Frozen), g.Blocks()
+			es.Generation, es.Published, es.LastFreezeMS, es.Blocks = g.Number, g.Captured, ms(g.Frozen), g.Blocks()
 		}
 		_, es.StoreBytes = sv.exp.Store().Size()
 		ls := sv.coord.Stats()

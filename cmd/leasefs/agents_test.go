@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -162,7 +163,8 @@ func TestHostAndGuestCommands(t *testing.T) {
 	if len(st.Exports) != 1 || st.Exports[0].Generation != 2 || len(st.Exports[0].Guests) != 2 {
 		t.Fatalf("status %+v", st)
 	}
-	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !strings.Contains(out, "export mirror") {
+	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !regexp.MustCompile(`(?m)^mirror +2 +\d+s ago +[\d.]+ ms +2 `).MatchString(out) ||
+		!strings.Contains(out, "guests of mirror:") {
 		t.Fatalf("leasefs status: %v\n%s", err, out)
 	}
 

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"flag"
 	"io"
 	"net"
 	"net/http"
@@ -433,5 +435,61 @@ func TestMountHelperArgs(t *testing.T) {
 		if err != nil || cmd != c.cmd || strings.Join(out, " ") != strings.Join(c.out, " ") || fake != c.fake {
 			t.Errorf("%q: %s %q %v %v, want %s %q %v", c.args, cmd, out, fake, err, c.cmd, c.out, c.fake)
 		}
+	}
+}
+
+func TestStatusAtAGlance(t *testing.T) {
+	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	st := &hostagent.Status{Exports: []hostagent.ExportStatus{{
+		Name: "mirror", Mount: "/srv/mirror", Generation: 7, Published: now.Add(-90 * time.Second), LastFreezeMS: 1.25,
+		Leases: 3, Files: 2, Breaks: 5, PendingBreaks: 1,
+		Guests: []hostagent.GuestStatus{{Peer: "vsock:3", Generation: 7, Leases: 1}, {Peer: "vsock:4", Generation: 5, Leases: 2}},
+	}}}
+	var b strings.Builder
+	if err := writeStatus(&b, st, now); err != nil {
+		t.Fatal(err)
+	}
+	want := `EXPORT  GEN  PUBLISHED  FREEZE  GUESTS  LEASES  FILES  BREAKS                    MOUNT
+mirror  7    1m30s ago  1.2 ms  2       3       2      5 (1 pending, 0 revoked)  /srv/mirror
+
+guests of mirror:
+  GUEST    GEN           LEASES
+  vsock:3  7             1
+  vsock:4  5 (2 behind)  2
+`
+	if b.String() != want {
+		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
+	}
+}
+
+// Every command explains itself with -h: usage, a few lines of the
+// model, its flags.
+func TestEveryCommandHasHelp(t *testing.T) {
+	for _, c := range commands {
+		if c.summary == "" {
+			continue
+		}
+		var out strings.Builder
+		err := run(context.Background(), []string{c.name, "-h"}, &out, &out)
+		if c.name == "version" {
+			continue
+		}
+		if !errors.Is(err, flag.ErrHelp) || !strings.HasPrefix(out.String(), "Usage: leasefs "+c.name) ||
+			strings.Count(out.String(), "\n") < 6 || !strings.Contains(out.String(), "Flags:") {
+			t.Errorf("leasefs %s -h: %v\n%s", c.name, err, out.String())
+		}
+	}
+}
+
+func TestProgressLine(t *testing.T) {
+	var b strings.Builder
+	p := newProgress(&b, "export m: reading the inode tables")
+	p(1<<20, 4<<20)
+	p(2<<20, 4<<20) // within 200 ms: not drawn
+	p(4<<20, 4<<20)
+	p(4<<20, 4<<20) // drawn once
+	want := "\rexport m: reading the inode tables:  25% (1 of 4 MiB)\rexport m: reading the inode tables: 100% (4 of 4 MiB)\n"
+	if b.String() != want {
+		t.Errorf("%q, want %q", b.String(), want)
 	}
 }

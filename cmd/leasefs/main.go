@@ -55,7 +55,16 @@ Commands:
 			fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
 		}
 	}
-	fmt.Fprintf(w, "\nRun 'leasefs COMMAND -h' for a command's flags.\n")
+	fmt.Fprintf(w, `
+On the host, with the export mounted read-write at /srv/mirror:
+  leasefs host --export mirror=/dev/vdb:/srv/mirror --listen vsock:5000 \
+      --control unix:/run/leasefs/control.sock
+In each VM, with the export's disk attached read-only as /dev/vdb:
+  leasefs guest --connect vsock:2:5000 --export mirror --device /dev/vdb /srv/mirror
+
+Run 'leasefs COMMAND -h' for what a command does and its flags;
+docs/operations.md for deployment and recovery.
+`)
 }
 
 func main() {

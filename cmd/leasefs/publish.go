@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"text/tabwriter"
 	"time"
 
 	"github.com/leasefs/leasefs/hostagent"
@@ -24,7 +25,17 @@ func controlAddr(fs *flag.FlagSet, s string, stderr io.Writer) (vsockproto.Addr,
 func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "Usage: leasefs publish --control unix:PATH NAME\n\nPublishes a generation of export NAME now and prints its number and freeze time.\n\nFlags:\n")
+		fmt.Fprint(fs.Output(), `Usage: leasefs publish --control unix:PATH NAME
+
+Publishes a generation of export NAME now: the host agent syncs the
+filesystem, freezes it for a few milliseconds to record its metadata,
+thaws it and tells the guests, which move to it as their --follow says.
+Run it after a batch of writes (a mirror sync), with the agent's
+--auto-publish off for exact control. Prints the generation's number,
+its freeze time and how many inodes changed.
+
+Flags:
+`)
 		fs.PrintDefaults()
 	}
 	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
@@ -52,7 +63,16 @@ func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) er
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "Usage: leasefs status --control unix:PATH [--json]\n\nShows the exports, their generations, guests, leases and pending breaks.\n\nFlags:\n")
+		fmt.Fprint(fs.Output(), `Usage: leasefs status --control unix:PATH [--json]
+
+Shows each export of a host agent: its generation, when it was published
+and how long its freeze took, its guests (and which are behind), the
+leases they hold and the lease breaks so far (pending ones wait for a
+guest's ack; revoked ones missed the --ack-timeout). --json prints the
+same for scripts.
+
+Flags:
+`)
 		fs.PrintDefaults()
 	}
 	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
@@ -75,14 +95,47 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
 	}
+	return writeStatus(stdout, st, time.Now())
+}
+
+// writeStatus shows st at a glance: a line per export, then its guests,
+// with what needs attention (guests behind, breaks pending) said so.
+func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "EXPORT\tGEN\tPUBLISHED\tFREEZE\tGUESTS\tLEASES\tFILES\tBREAKS\tMOUNT")
 	for _, e := range st.Exports {
-		fmt.Fprintf(stdout, "export %s (%s): generation %d, last freeze %.1f ms, %d metadata blocks\n",
-			e.Name, e.Mount, e.Generation, e.LastFreezeMS, e.Blocks)
-		fmt.Fprintf(stdout, "  leases %d on %d files, %d breaks pending; %d breaks, %d revoked\n",
-			e.Leases, e.Files, e.PendingBreaks, e.Breaks, e.Revoked)
+		published := "-"
+		if !e.Published.IsZero() {
+			published = now.Sub(e.Published).Round(time.Second).String() + " ago"
+		}
+		breaks := fmt.Sprintf("%d", e.Breaks)
+		if e.PendingBreaks > 0 || e.Revoked > 0 {
+			breaks += fmt.Sprintf(" (%d pending, %d revoked)", e.PendingBreaks, e.Revoked)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f ms\t%d\t%d\t%d\t%s\t%s\n", e.Name, e.Generation, published, e.LastFreezeMS,
+			len(e.Guests), e.Leases, e.Files, breaks, e.Mount)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, e := range st.Exports {
+		if len(e.Guests) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\nguests of %s:\n", e.Name)
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  GUEST\tGEN\tLEASES")
 		for _, g := range e.Guests {
-			fmt.Fprintf(stdout, "  guest %s: generation %d, %d leases\n", g.Peer, g.Generation, g.Leases)
+			behind := ""
+			if g.Generation < e.Generation {
+				behind = fmt.Sprintf(" (%d behind)", e.Generation-g.Generation)
+			}
+			fmt.Fprintf(tw, "  %s\t%d%s\t%d\n", g.Peer, g.Generation, behind, g.Leases)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
 		}
 	}
 	return nil
 }
+
