@@ -346,7 +346,7 @@ func (e *Export) Publish() (*Generation, error) {
 	}
 	g.Full, g.Scan, g.Resolve, g.Ioctls = full, scanned, resolved, ioctls
 	// Before anyone can see the generation (see pagecache.go).
-	if err := e.dropStaleData(g, prev == nil); err != nil {
+	if err := e.dropStaleData(g); err != nil {
 		e.log.Error("dropping the device's cached file data; guests reading it buffered may see stale bytes", "error", err)
 	}
 	e.mu.Lock()
@@ -363,9 +363,13 @@ func (e *Export) Publish() (*Generation, error) {
 	return g, nil
 }
 
-// warm reads the inode tables in use into the page cache, where the
-// first scan will read them while frozen, telling cfg.Progress.
+// warm drops whatever the device's page cache holds (see pagecache.go),
+// then reads the inode tables in use into it, where the first scan will
+// read them while frozen, telling cfg.Progress.
 func (e *Export) warm() error {
+	if err := unix.Fadvise(int(e.cached.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		return fmt.Errorf("dropping %s's cached pages: %w", e.cfg.Device, err)
+	}
 	fs, err := ext4ro.Open(e.cached, &ext4ro.Options{CacheBytes: 1 << 20, ReadAhead: 1, AllowDirtyJournal: true})
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", e.cfg.Device, err)

@@ -13,9 +13,10 @@ import (
 // freed and given to another file. Guests read file data only through a
 // lease, and a leased file's blocks are never freed, so the stale pages
 // that matter are those of blocks that a changed inode maps now. After
-// each publish, before guests hear of it, the agent drops those pages
-// (the first publish drops the whole cache). Reads after the drop come
-// from the disk, where syncfs and the freeze have put the new bytes.
+// each publish, before guests hear of it, the agent drops those pages.
+// Reads after the drop come from the disk, where syncfs and the freeze
+// have put the new bytes. The first publish drops the whole cache
+// first, before it reads the inode tables in (warm).
 //
 // The page cache keeps a device in folios of up to 2 MiB, and a folio
 // only partly in a dropped range stays: ranges are widened to 2 MiB
@@ -24,11 +25,8 @@ const dropAlign = 2 << 20
 
 // dropStaleData drops the device's cached pages of the file data that g
 // changed.
-func (e *Export) dropStaleData(g *Generation, first bool) error {
+func (e *Export) dropStaleData(g *Generation) error {
 	fd := int(e.cached.Fd())
-	if first {
-		return unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED)
-	}
 	if len(g.ChangedInodes) == 0 {
 		return nil
 	}
