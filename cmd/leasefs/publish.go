@@ -138,4 +138,3 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 	}
 	return nil
 }
-
