@@ -132,9 +132,6 @@ func TestExampleConfigsAreAccepted(t *testing.T) {
 	}
 	vsockHost := parseHostConf(filepath.Join(examples, "systemd/host.conf"))
 	fcHost := parseHostConf(filepath.Join(examples, "firecracker/host.conf"))
-	if o, err := parseHost(execArgs(t, host["ExecStopPost"], "", nil)[1:], io.Discard); err == nil || o != nil {
-		t.Errorf("the thaw command parses as a host command")
-	}
 	if args := execArgs(t, host["ExecStopPost"], "", nil); args[0] != "thaw" || args[2] != vsockHost.stateDir {
 		t.Errorf("ExecStopPost %q does not thaw the agent's state directory %s", args, vsockHost.stateDir)
 	}
@@ -469,11 +466,11 @@ func TestEveryCommandHasHelp(t *testing.T) {
 		if c.summary == "" {
 			continue
 		}
-		var out strings.Builder
-		err := run(context.Background(), []string{c.name, "-h"}, &out, &out)
 		if c.name == "version" {
 			continue
 		}
+		var out strings.Builder
+		err := run(context.Background(), []string{c.name, "-h"}, &out, &out)
 		if !errors.Is(err, flag.ErrHelp) || !strings.HasPrefix(out.String(), "Usage: leasefs "+c.name) ||
 			strings.Count(out.String(), "\n") < 6 || !strings.Contains(out.String(), "Flags:") {
 			t.Errorf("leasefs %s -h: %v\n%s", c.name, err, out.String())

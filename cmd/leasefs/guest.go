@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -29,9 +28,7 @@ type guestOptions struct {
 func parseGuest(args []string, stderr io.Writer) (*guestOptions, error) {
 	var o guestOptions
 	var connect, follow string
-	fs := flag.NewFlagSet("guest", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs guest --connect ADDR --export NAME [--device PATH] [flags] MOUNTPOINT
+	fs := newFlagSet("guest", `Usage: leasefs guest --connect ADDR --export NAME [--device PATH] [flags] MOUNTPOINT
 
 Mounts export NAME of a host agent read-only at MOUNTPOINT. The host
 publishes numbered generations of the export; the guest serves one at a
@@ -48,10 +45,7 @@ mount is ready and serves in the background (--foreground under systemd);
 moves it to the newest generation. 'mount -t fuse.leasefs' does the same
 (see docs/operations.md).
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
 	fs.StringVar(&connect, "connect", "", "the host agent's address (required)")
 	fs.StringVar(&o.export, "export", "", "the export to mount (required)")
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")

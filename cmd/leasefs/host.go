@@ -51,9 +51,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	var o hostOptions
 	var exports, listens listFlag
 	var control, autoPublish string
-	fs := flag.NewFlagSet("host", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT --listen ADDR --control unix:PATH [flags]
+	fs := newFlagSet("host", `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT --listen ADDR --control unix:PATH [flags]
 
 Runs the host agent in the foreground. Each export is an ext4 filesystem on
 DEVICE, mounted read-write at MOUNTPOINT, that a writer on this host keeps
@@ -68,10 +66,7 @@ file a guest has open, so its blocks are not reused under the guest.
 SIGTERM or SIGINT stops it; 'leasefs thaw' after a crash (see
 docs/operations.md).
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
 	fs.Var(&exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
 	fs.Var(&listens, "listen", "an address to serve guests on (repeatable)")
 	fs.StringVar(&control, "control", "", "the control socket, unix:PATH (required)")
@@ -255,9 +250,7 @@ func sameFS(path, mnt string) bool {
 }
 
 func runThaw(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("thaw", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs thaw [--state-dir DIR]
+	fs := newFlagSet("thaw", `Usage: leasefs thaw [--state-dir DIR]
 
 Thaws any export that a host agent froze for a publish and did not thaw:
 it died mid-freeze together with its watchdog (systemd killing the whole
@@ -265,10 +258,7 @@ service, an OOM kill). It reads the freeze records in the state directory,
 so it never thaws a freeze that is not leasefs's own. leasefs-host.service
 runs it after every stop (ExecStopPost); by hand it is safe at any time.
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
 	stateDir := fs.String("state-dir", "/var/lib/leasefs", "the host agent's --state-dir")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err

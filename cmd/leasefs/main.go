@@ -103,6 +103,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return errUsage
 }
 
+// newFlagSet is a command's flag set. Its usage message is usage (the
+// usage line and a few lines on what the command does), then the flags.
+func newFlagSet(name, usage string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage+"Flags:\n")
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
 // parseFlags parses args with fs, printing usage errors to stderr. It
 // returns errUsage (exit 2) for bad flags.
 func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) error {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -60,24 +59,15 @@ func serveMetrics(ctx context.Context, l net.Listener, g prometheus.Gatherer, lo
 }
 
 func runMetrics(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("metrics", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs metrics --control unix:PATH
+	fs := newFlagSet("metrics", `Usage: leasefs metrics --control unix:PATH
 
 Prints the host agent's metrics in the Prometheus text format, fetched
 through its control socket: for a textfile collector, or a look by hand.
 A host or guest started with --metrics HOST:PORT also serves them over
 HTTP at /metrics.
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
-	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	addr, err := controlAddr(fs, *control, stderr)
+	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -37,9 +36,7 @@ const readyFDEnv = "LEASEFS_READY_FD"
 
 func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var c mountConfig
-	fs := flag.NewFlagSet("mount", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs mount --image IMG [flags] DIR
+	fs := newFlagSet("mount", `Usage: leasefs mount --image IMG [flags] DIR
 
 Mounts the ext2/3/4 filesystem in IMG (an image file or block device)
 read-only at DIR through FUSE, read by leasefs's own ext4 reader. The image
@@ -47,10 +44,7 @@ must not change while mounted: the kernel caches what it reads. The command
 returns once the mount is ready and serves in the background; 'umount DIR'
 or SIGTERM to the server ends it.
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
 	fs.StringVar(&c.image, "image", "", "the ext4 image or device to mount (required)")
 	fs.BoolVar(&c.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
 	fs.BoolVar(&c.debug, "debug", false, "log every FUSE request (implies --foreground)")

@@ -13,19 +13,23 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-func controlAddr(fs *flag.FlagSet, s string, stderr io.Writer) (vsockproto.Addr, error) {
-	if s == "" {
+// parseControl parses the arguments of a command that talks to the host
+// agent, adding --control to fs's flags, and returns the control address.
+func parseControl(fs *flag.FlagSet, args []string, stderr io.Writer) (vsockproto.Addr, error) {
+	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return vsockproto.Addr{}, err
+	}
+	if *control == "" {
 		fmt.Fprintf(stderr, "leasefs %s: need --control unix:PATH\n", fs.Name())
 		fs.Usage()
 		return vsockproto.Addr{}, errUsage
 	}
-	return vsockproto.ParseAddr(s)
+	return vsockproto.ParseAddr(*control)
 }
 
 func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs publish --control unix:PATH NAME
+	fs := newFlagSet("publish", `Usage: leasefs publish --control unix:PATH NAME
 
 Publishes a generation of export NAME now: the host agent syncs the
 filesystem, freezes it for a few milliseconds to record its metadata,
@@ -34,15 +38,8 @@ Run it after a batch of writes (a mirror sync), with the agent's
 --auto-publish off for exact control. Prints the generation's number,
 its freeze time and how many inodes changed.
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
-	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	addr, err := controlAddr(fs, *control, stderr)
+	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}
@@ -61,9 +58,7 @@ Flags:
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: leasefs status --control unix:PATH [--json]
+	fs := newFlagSet("status", `Usage: leasefs status --control unix:PATH [--json]
 
 Shows each export of a host agent: its generation, when it was published
 and how long its freeze took, its guests (and which are behind), the
@@ -71,16 +66,9 @@ leases they hold and the lease breaks so far (pending ones wait for a
 guest's ack; revoked ones missed the --ack-timeout). --json prints the
 same for scripts.
 
-Flags:
 `)
-		fs.PrintDefaults()
-	}
-	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	addr, err := controlAddr(fs, *control, stderr)
+	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}
