@@ -21,7 +21,9 @@ type Options struct {
 	// Size is the image size in bytes, if known. A filesystem claiming
 	// more blocks than that is refused as truncated.
 	Size int64
-	// CacheBytes bounds the metadata block cache (default 64 MiB).
+	// CacheBytes bounds the metadata block cache (default 64 MiB). A
+	// metadata reader that is a BlockSource keeps its own cache, and the
+	// FS then keeps none.
 	CacheBytes int64
 	// AllowDirtyJournal opens a filesystem whose journal needs recovery.
 	// The journal is not replayed: recently committed metadata changes
@@ -36,6 +38,16 @@ type Options struct {
 	ReadAhead int
 }
 
+// BlockSource is what a metadata reader may offer besides ReadAt: whole
+// blocks from its own cache, so that one cache serves many readers (the
+// generations of a live filesystem, say) and nothing is copied. The slice
+// returned for block n must be the block's bytes, exactly a block long,
+// and never modified afterwards. ahead is a hint: the blocks after n, up
+// to n+ahead-1, will likely be wanted soon.
+type BlockSource interface {
+	ReadBlock(n, ahead uint64) ([]byte, error)
+}
+
 // FS is an open, read-only ext2/3/4 filesystem. It is safe for concurrent
 // use by many goroutines. It holds no locks across I/O; its only shared
 // state is the block cache, which has its own locks.
@@ -43,7 +55,8 @@ type FS struct {
 	meta, data io.ReaderAt
 	sb         *Superblock
 	bs         uint64 // block size
-	cache      *blockCache
+	cache      *blockCache // nil with src
+	src        BlockSource // the metadata reader's own blocks, if it has them
 	csum       bool   // metadata_csum: verify crc32c checksums
 	gdtCsum    bool   // gdt_csum: crc16 on group descriptors
 	seed       uint32 // checksum seed
@@ -114,11 +127,15 @@ func Open(r io.ReaderAt, opts *Options) (*FS, error) {
 	} else {
 		f.seed = crc32c(^uint32(0), sb.UUID[:])
 	}
-	cacheBytes := opts.CacheBytes
-	if cacheBytes <= 0 {
-		cacheBytes = 64 << 20
+	if src, ok := r.(BlockSource); ok {
+		f.src = src
+	} else {
+		cacheBytes := opts.CacheBytes
+		if cacheBytes <= 0 {
+			cacheBytes = 64 << 20
+		}
+		f.cache = newBlockCache(int(max(cacheBytes/int64(f.bs), 64)))
 	}
-	f.cache = newBlockCache(int(max(cacheBytes/int64(f.bs), 64)))
 	// Read group 0's descriptor now so that a broken descriptor table
 	// fails Open rather than the first lookup.
 	if _, err := f.group(0); err != nil {
@@ -149,6 +166,16 @@ const readAheadBlocks = 32
 func (f *FS) blockAhead(n, ahead uint64) ([]byte, error) {
 	if n >= f.sb.BlocksCount {
 		return nil, corrupt("block pointer", 0, n, "beyond the end of the filesystem (%d blocks)", f.sb.BlocksCount)
+	}
+	if f.src != nil {
+		b, err := f.src.ReadBlock(n, max(min(ahead, f.readAhead, f.sb.BlocksCount-n), 1))
+		if err != nil {
+			return nil, fmt.Errorf("ext4ro: reading block %d: %w", n, err)
+		}
+		if uint64(len(b)) != f.bs {
+			return nil, fmt.Errorf("ext4ro: reading block %d: the block source gave %d bytes, not %d", n, len(b), f.bs)
+		}
+		return b, nil
 	}
 	if b, ok := f.cache.get(n); ok {
 		return b, nil

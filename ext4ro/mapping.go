@@ -7,15 +7,14 @@ import (
 	"fmt"
 	"io"
 	"slices"
+
+	"github.com/leasefs/leasefs/layout"
 )
 
 // Extent is a run of a file's blocks: file blocks [Logical,
 // Logical+Count) live in device blocks [Physical, Physical+Count).
 // Unwritten extents read as zeros.
-type Extent struct {
-	Logical, Physical, Count uint64
-	Unwritten                bool
-}
+type Extent = layout.Extent
 
 // Map returns the block map of in, in logical order, holes left out. A
 // file whose bytes live in the inode (inline data) has none. With it and

@@ -15,7 +15,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
-	"github.com/leasefs/leasefs/lease"
+	"github.com/leasefs/leasefs/layout"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -561,11 +561,7 @@ func (c *Client) waitLocked(done func() bool, deadline time.Time) {
 }
 
 func layoutHash(m []ext4ro.Extent) uint64 {
-	runs := make([]lease.Extent, len(m))
-	for i, e := range m {
-		runs[i] = lease.Extent{Logical: e.Logical, Physical: e.Physical, Count: e.Count, Unwritten: e.Unwritten}
-	}
-	return lease.HashLayout(runs)
+	return layout.Hash(m)
 }
 
 // leasedFile is a file open under a lease.

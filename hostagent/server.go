@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/layout"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -356,11 +357,7 @@ func LayoutHash(f *ext4ro.FS, in *ext4ro.Inode) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	runs := make([]lease.Extent, len(m))
-	for i, e := range m {
-		runs[i] = lease.Extent{Logical: e.Logical, Physical: e.Physical, Count: e.Count, Unwritten: e.Unwritten}
-	}
-	return lease.HashLayout(runs), nil
+	return layout.Hash(m), nil
 }
 
 // view returns the host's reader of generation gen.

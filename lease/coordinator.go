@@ -14,6 +14,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/layout"
 )
 
 // Config configures a Coordinator. Zero fields take the defaults.
@@ -107,7 +109,7 @@ type file struct {
 	pending   int           // breaking grants not yet acknowledged
 	timer     *time.Timer   // ack deadline
 	users     int           // ReadAt calls using fd now
-	layout    atomic.Uint64 // HashLayout of its blocks once read; they cannot move while leased
+	layout    atomic.Uint64 // layout.Hash of its blocks once read; they cannot move while leased
 }
 
 type grantState uint8
@@ -252,7 +254,7 @@ type Request struct {
 	Ino  uint32
 	IGen uint32 // i_generation; 0 matches any
 	// Expected state. Ctime catches any change to the inode; Layout (if
-	// not 0) is the HashLayout of its blocks.
+	// not 0) is the layout.Hash of its blocks.
 	Size   uint64
 	Ctime  unix.Timespec
 	Layout uint64
@@ -423,14 +425,14 @@ func (c *Coordinator) check(f *file, r Request) (st unix.Stat_t, err error) {
 	}
 	hash := f.layout.Load()
 	if hash == 0 {
-		runs, err := Layout(f.fd, c.bsize)
-		if errors.Is(err, errNoLayout) {
+		runs, err := layout.Fiemap(f.fd, c.bsize)
+		if errors.Is(err, layout.ErrNotAllocated) {
 			return st, fmt.Errorf("%w: inode %d has data not yet allocated", ErrStale, r.Ino)
 		}
 		if err != nil {
 			return st, fmt.Errorf("inode %d: %w", r.Ino, err)
 		}
-		hash = HashLayout(runs)
+		hash = layout.Hash(runs)
 		f.layout.Store(hash)
 	}
 	if hash != r.Layout {

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"strconv"
 	"unsafe"
 
@@ -14,14 +13,9 @@ import (
 // The kernel interfaces this package uses, each in one small function.
 
 const (
-	fOwnerTID        = 0          // F_OWNER_TID, for F_SETOWN_EX
-	fsIocGetVersion  = 0x80087601 // FS_IOC_GETVERSION: i_generation
-	fsIocFiemap      = 0xC020660B // FS_IOC_FIEMAP
-	fileidIno32Gen   = 1          // FILEID_INO32_GEN: u32 inode, u32 generation
-	fiemapExtentLast = 0x1
-	fiemapUnknown    = 0x2 | 0x4 | 0x8 // UNKNOWN, DELALLOC, ENCODED
-	fiemapUnwritten  = 0x800
-	fiemapInline     = 0x200 // DATA_INLINE
+	fOwnerTID       = 0          // F_OWNER_TID, for F_SETOWN_EX
+	fsIocGetVersion = 0x80087601 // FS_IOC_GETVERSION: i_generation
+	fileidIno32Gen  = 1          // FILEID_INO32_GEN: u32 inode, u32 generation
 )
 
 // openInode opens inode ino (incarnation igen; 0 matches any) on the
@@ -100,92 +94,3 @@ func leaseHeld(fd int) bool {
 // dropLease releases fd's lease, letting a waiting writer go. It never
 // blocks.
 func dropLease(fd int) { _, _ = unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_UNLCK) }
-
-// Extent is a run of a file's mapped blocks, in filesystem blocks.
-type Extent struct {
-	Logical, Physical, Count uint64
-	Unwritten                bool
-}
-
-// HashLayout is the layout hash of docs/protocol.md: runs merged where
-// they continue each other, FNV-1a over (logical, physical, count,
-// unwritten). No runs hash to 0. The runs must be sorted by Logical.
-func HashLayout(runs []Extent) uint64 {
-	var merged []Extent
-	for _, r := range runs {
-		if r.Count == 0 {
-			continue
-		}
-		if n := len(merged); n > 0 {
-			p := &merged[n-1]
-			if p.Logical+p.Count == r.Logical && p.Physical+p.Count == r.Physical && p.Unwritten == r.Unwritten {
-				p.Count += r.Count
-				continue
-			}
-		}
-		merged = append(merged, r)
-	}
-	if len(merged) == 0 {
-		return 0
-	}
-	h := fnv.New64a()
-	var b [25]byte
-	for _, r := range merged {
-		binary.LittleEndian.PutUint64(b[0:], r.Logical)
-		binary.LittleEndian.PutUint64(b[8:], r.Physical)
-		binary.LittleEndian.PutUint64(b[16:], r.Count)
-		b[24] = 0
-		if r.Unwritten {
-			b[24] = 1
-		}
-		h.Write(b[:])
-	}
-	return h.Sum64()
-}
-
-// errNoLayout: the file has blocks whose place is not final (delayed
-// allocation), so no generation can describe it yet.
-var errNoLayout = errors.New("data not yet allocated")
-
-// Layout reads fd's extents with FIEMAP, without syncing (a sync could
-// wait on a frozen filesystem), in blocks of size bs.
-func Layout(fd int, bs uint64) ([]Extent, error) {
-	const batch = 128
-	buf := make([]byte, 32+56*batch)
-	var runs []Extent
-	start := uint64(0)
-	for {
-		clear(buf)
-		binary.NativeEndian.PutUint64(buf[0:], start)
-		binary.NativeEndian.PutUint64(buf[8:], ^uint64(0)-start)
-		binary.NativeEndian.PutUint32(buf[24:], batch)
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0]))); e != 0 {
-			return nil, fmt.Errorf("FIEMAP: %w", e)
-		}
-		n := binary.NativeEndian.Uint32(buf[20:])
-		if n == 0 {
-			return runs, nil
-		}
-		for i := range n {
-			e := buf[32+56*i:]
-			logical := binary.NativeEndian.Uint64(e[0:])
-			physical := binary.NativeEndian.Uint64(e[8:])
-			length := binary.NativeEndian.Uint64(e[16:])
-			flags := binary.NativeEndian.Uint32(e[40:])
-			switch {
-			case flags&fiemapInline != 0:
-			case flags&fiemapUnknown != 0:
-				return nil, errNoLayout
-			default:
-				runs = append(runs, Extent{
-					Logical: logical / bs, Physical: physical / bs,
-					Count: (length + bs - 1) / bs, Unwritten: flags&fiemapUnwritten != 0,
-				})
-			}
-			if flags&fiemapExtentLast != 0 {
-				return runs, nil
-			}
-			start = logical + length
-		}
-	}
-}

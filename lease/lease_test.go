@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/layout"
 )
 
 func TestAcquireChecksTheLiveInode(t *testing.T) {
@@ -123,7 +124,7 @@ func TestLayoutCheck(t *testing.T) {
 	r := requestFor(t, path)
 	src := findSource(t, dir)
 	out := imgtest.Run(t, "debugfs", "-R", "blocks <"+strconv.Itoa(int(r.Ino))+">", src)
-	var runs []Extent
+	var runs []layout.Extent
 	logical := uint64(0)
 	for _, tok := range strings.Fields(out) {
 		n, err := strconv.ParseUint(tok, 10, 64)
@@ -133,7 +134,7 @@ func TestLayoutCheck(t *testing.T) {
 		if len(runs) == 75 { // 300 KiB = 75 blocks; the tail sits at 5 MiB
 			logical = 5 << 20 / 4096
 		}
-		runs = append(runs, Extent{Logical: logical, Physical: n, Count: 1})
+		runs = append(runs, layout.Extent{Logical: logical, Physical: n, Count: 1})
 		logical++
 	}
 	if len(runs) != 76 {
@@ -141,7 +142,7 @@ func TestLayoutCheck(t *testing.T) {
 	}
 	c := coordinator(t, dir, Config{})
 	s := session(t, c, "g", newBreaks().sink)
-	r.Layout = HashLayout(runs)
+	r.Layout = layout.Hash(runs)
 	mustAcquire(t, s, r)
 	s.Close()
 	r.Layout ^= 1
@@ -163,29 +164,6 @@ func findSource(t *testing.T, dir string) string {
 	return strings.TrimSpace(string(back))
 }
 
-func TestHashLayoutMergesRuns(t *testing.T) {
-	one := []Extent{{Logical: 0, Physical: 100, Count: 4}}
-	split := []Extent{{0, 100, 1, false}, {1, 101, 3, false}}
-	if HashLayout(one) != HashLayout(split) || HashLayout(one) == 0 {
-		t.Fatal("contiguous runs must hash as one")
-	}
-	for _, other := range [][]Extent{
-		{{0, 100, 3, false}},
-		{{0, 101, 4, false}},
-		{{1, 100, 4, false}},
-		{{0, 100, 4, true}},
-		{{0, 100, 1, false}, {1, 101, 3, true}},
-		{{0, 100, 2, false}, {3, 102, 2, false}},
-	} {
-		if HashLayout(other) == HashLayout(one) {
-			t.Errorf("%v hashes like %v", other, one)
-		}
-	}
-	if HashLayout(nil) != 0 || HashLayout([]Extent{{5, 5, 0, false}}) != 0 {
-		t.Fatal("no blocks must hash to 0")
-	}
-}
-
 // A leased file that the host unlinks keeps its exact bytes, on the
 // device too, while the filesystem is filled with new data; its blocks
 // are freed once the lease ends.
@@ -203,7 +181,7 @@ func TestUnlinkedLeasedFileKeepsItsBytes(t *testing.T) {
 	id := mustAcquire(t, s, requestFor(t, path))
 
 	fd, _ := unix.Open(path, unix.O_RDONLY, 0)
-	runs, err := Layout(fd, 4096)
+	runs, err := layout.Fiemap(fd, 4096)
 	unix.Close(fd)
 	if err != nil || len(runs) == 0 {
 		t.Fatalf("layout: %v %v", runs, err)

@@ -22,6 +22,7 @@ const (
 	CodeInternal     Code = 13
 	CodeGone         Code = 14
 	CodeNotRegular   Code = 15
+	CodeRetry        Code = 16
 )
 
 var codeNames = map[Code]string{
@@ -40,6 +41,7 @@ var codeNames = map[Code]string{
 	CodeInternal:     "internal",
 	CodeGone:         "gone",
 	CodeNotRegular:   "not_regular",
+	CodeRetry:        "retry",
 }
 
 func (c Code) String() string {
@@ -73,6 +75,7 @@ var (
 	ErrInternal     = &Error{Code: CodeInternal}
 	ErrGone         = &Error{Code: CodeGone}
 	ErrNotRegular   = &Error{Code: CodeNotRegular}
+	ErrRetry        = &Error{Code: CodeRetry}
 )
 
 // Errorf makes an Error with a formatted message.

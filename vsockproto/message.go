@@ -1,6 +1,9 @@
 package vsockproto
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // Type is a message type. A reply's type is its request's with ReplyBit
 // set; Error answers any request.
@@ -117,6 +120,9 @@ const (
 	FeatureReadData Features = 1 << 0 // the host serves Read
 	FeatureLayout   Features = 1 << 1 // Open carries a checked layout hash
 	FeatureResume   Features = 1 << 2 // sessions survive a disconnect
+	// FeaturePublishPolicy: the Welcome says how the host publishes, so
+	// a guest knows how long a newer generation can take to come.
+	FeaturePublishPolicy Features = 1 << 3
 )
 
 // Has reports whether every feature in f is in s.
@@ -224,14 +230,28 @@ func (m *Hello) decode(d *decoder) {
 
 // Welcome accepts a Hello.
 type Welcome struct {
-	Version    uint16
-	Resumed    bool
+	Version uint16
+	Resumed bool
+	// Kept: the generation the Hello named is kept by the host, so the
+	// guest may stay on it. Otherwise it must move to Generation.
+	Kept       bool
 	MaxFrame   uint32
 	Features   Features
 	Token      Token
 	Generation uint64
 	BlockSize  uint32
+	// With FeaturePublishPolicy: the host publishes on its own once the
+	// tree has been quiet for PublishQuiet, and at the latest PublishMax
+	// after the first unpublished change; a zero PublishMax means it
+	// publishes only when told (leasefs publish).
+	PublishQuiet, PublishMax time.Duration
 }
+
+// Welcome flags.
+const (
+	welcomeResumed = 1 << 0
+	welcomeKept    = 1 << 1
+)
 
 func (*Welcome) Type() Type { return TypeWelcome }
 
@@ -239,28 +259,45 @@ func (m *Welcome) Append(b []byte) []byte {
 	b = putU16(b, m.Version)
 	var flags uint16
 	if m.Resumed {
-		flags = 1
+		flags |= welcomeResumed
+	}
+	if m.Kept {
+		flags |= welcomeKept
 	}
 	b = putU16(b, flags)
 	b = putU32(b, m.MaxFrame)
 	b = putU64(b, uint64(m.Features))
 	b = append(b, m.Token[:]...)
 	b = putU64(b, m.Generation)
-	return putU32(b, m.BlockSize)
+	b = putU32(b, m.BlockSize)
+	if m.Features.Has(FeaturePublishPolicy) {
+		b = putU32(b, millis(m.PublishQuiet))
+		b = putU32(b, millis(m.PublishMax))
+	}
+	return b
+}
+
+// millis is d in whole milliseconds, saturated to 32 bits.
+func millis(d time.Duration) uint32 {
+	return uint32(min(max(d.Milliseconds(), 0), 1<<32-1))
 }
 
 func (m *Welcome) decode(d *decoder) {
 	m.Version = d.u16()
 	flags := d.u16()
-	m.Resumed = flags&1 != 0
+	m.Resumed, m.Kept = flags&welcomeResumed != 0, flags&welcomeKept != 0
 	m.MaxFrame = d.u32()
 	m.Features = Features(d.u64())
 	copy(m.Token[:], d.take(16))
 	m.Generation = d.u64()
 	m.BlockSize = d.u32()
+	if m.Features.Has(FeaturePublishPolicy) {
+		m.PublishQuiet = time.Duration(d.u32()) * time.Millisecond
+		m.PublishMax = time.Duration(d.u32()) * time.Millisecond
+	}
 	switch {
 	case d.err != nil:
-	case flags&^1 != 0:
+	case flags&^(welcomeResumed|welcomeKept) != 0:
 		d.fail("unknown flags %#x", flags)
 	case m.Version == 0:
 		d.fail("version 0")

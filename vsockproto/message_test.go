@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // hx turns "01 02 ab" into bytes; it ignores spaces, newlines and |.
@@ -40,6 +41,11 @@ var golden = []struct {
 		`2c000000 0180 0000 0100000000000000 |
 		 0100 0100 00000100 0100000000000000 ffffffffffffffffffffffffffffffff
 		 0807060504030201 00100000`},
+	{"WelcomePolicy", 1, &Welcome{Version: 1, Kept: true, MaxFrame: 64 << 10, Features: FeatureResume | FeaturePublishPolicy,
+		Generation: 3, BlockSize: 1024, PublishQuiet: 2 * time.Second, PublishMax: 30 * time.Second},
+		`34000000 0180 0000 0100000000000000 |
+		 0100 0200 00000100 0c00000000000000 00000000000000000000000000000000
+		 0300000000000000 00040000 d0070000 30750000`},
 	{"Announce", 5, &Announce{Generation: 9, Blocks: []BlockRange{{Start: 0x10, Count: 2}}, Inodes: []uint32{12, 13}},
 		`28000000 0200 0000 0500000000000000 |
 		 0900000000000000 00000000 01000000 1000000000000000 02000000
@@ -134,7 +140,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"hello tiny frame", TypeHello, `0100 0000 00100000 0000000000000000 00000000000000000000000000000000 0000000000000000 0100 61`, "max_frame"},
 		{"hello trailing", TypeHello, `0100 0000 00001000 0000000000000000 00000000000000000000000000000000 0000000000000000 0100 61 00`, "left over"},
 		{"welcome block size", TypeWelcome, `0100 0000 00001000 0000000000000000 00000000000000000000000000000000 0000000000000000 00300000`, "block size"},
-		{"welcome flags", TypeWelcome, `0100 0200 00001000 0000000000000000 00000000000000000000000000000000 0000000000000000 00100000`, "flags"},
+		{"welcome flags", TypeWelcome, `0100 0400 00001000 0000000000000000 00000000000000000000000000000000 0000000000000000 00100000`, "flags"},
 		{"announce huge count", TypeAnnounce, `0100000000000000 00000000 ffffffff`, "do not fit"},
 		{"announce inode count", TypeAnnounce, `0100000000000000 00000000 00000000 02000000 01000000`, "do not fit"},
 		{"announce flags", TypeAnnounce, `0100000000000000 02000000 00000000 00000000`, "flags"},
