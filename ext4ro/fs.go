@@ -54,13 +54,13 @@ type BlockSource interface {
 type FS struct {
 	meta, data io.ReaderAt
 	sb         *Superblock
-	bs         uint64 // block size
+	bs         uint64      // block size
 	cache      *blockCache // nil with src
 	src        BlockSource // the metadata reader's own blocks, if it has them
-	csum       bool   // metadata_csum: verify crc32c checksums
-	gdtCsum    bool   // gdt_csum: crc16 on group descriptors
-	seed       uint32 // checksum seed
-	hashSigned bool   // directory hashes use signed chars
+	csum       bool        // metadata_csum: verify crc32c checksums
+	gdtCsum    bool        // gdt_csum: crc16 on group descriptors
+	seed       uint32      // checksum seed
+	hashSigned bool        // directory hashes use signed chars
 	descPerBlk uint32
 	metaFd     int    // the metadata reader's descriptor, for readahead advice; -1 if none
 	readAhead  uint64 // blocks per readahead

@@ -30,14 +30,12 @@ type FileSystem struct {
 	log     hclog.Logger
 	errLog  *rate.Limiter // of error log lines
 
-	files Files // nil: files are read straight from the view
+	files Files  // nil: files are read straight from the view
+	nodes *nodes // what the kernel holds; nil for a view that never changes
 
 	mu      sync.Mutex
 	handles map[uint64]*handle // open files and directories; guarded by mu
 	nextFh  uint64             // guarded by mu
-
-	kmu   sync.Mutex
-	known map[uint64]struct{} // node ids handed to the kernel; guarded by kmu
 }
 
 // handle is an open file or directory: the view it was opened in, so a
@@ -59,12 +57,6 @@ type OpenFile interface {
 	ReadAt(p []byte, off int64) (int, error)
 	Close() error
 }
-
-// Errors an OpenFile or Files returns, mapped to ESTALE and EBUSY.
-var (
-	ErrStale = errors.New("the file changed on the host; open it again")
-	ErrBusy  = errors.New("the file is being written on the host")
-)
 
 // Config configures a FileSystem.
 type Config struct {
@@ -93,7 +85,9 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		files:         cfg.Files,
 		handles:       make(map[uint64]*handle),
-		known:         make(map[uint64]struct{}),
+	}
+	if cfg.Files != nil {
+		fs.nodes = newNodes()
 	}
 	fs.view.Store(view)
 	return fs
@@ -107,29 +101,13 @@ func (fs *FileSystem) View() *ext4ro.FS { return fs.view.Load() }
 // then invalidates what the kernel may have cached of the old view.
 func (fs *FileSystem) SetView(v *ext4ro.FS) *ext4ro.FS { return fs.view.Swap(v) }
 
-// Known returns the node ids the kernel has been told of (and may cache).
-func (fs *FileSystem) Known() []uint64 {
-	fs.kmu.Lock()
-	defer fs.kmu.Unlock()
-	ids := make([]uint64, 0, len(fs.known))
-	for id := range fs.known {
-		ids = append(ids, id)
+// Nodes returns how many nodes the kernel holds, besides the root (0 for
+// a view that never changes, which does not count them).
+func (fs *FileSystem) Nodes() int {
+	if fs.nodes == nil {
+		return 0
 	}
-	return ids
-}
-
-// IsKnown reports whether the kernel has been told of node id.
-func (fs *FileSystem) IsKnown(id uint64) bool {
-	fs.kmu.Lock()
-	defer fs.kmu.Unlock()
-	_, ok := fs.known[id]
-	return ok
-}
-
-func (fs *FileSystem) remember(id uint64) {
-	fs.kmu.Lock()
-	fs.known[id] = struct{}{}
-	fs.kmu.Unlock()
+	return fs.nodes.len()
 }
 
 func (fs *FileSystem) String() string { return "leasefs" }
@@ -160,43 +138,17 @@ func splitNodeID(id uint64) (ino, gen uint32, any bool) {
 	return uint32(id), uint32(id >> 32), false
 }
 
-// status maps an error to an errno: the one place where that happens on
-// the guest. Errors that mean damage or failure are logged, rate-limited.
+// status answers a request that failed with err (errnoOf), logging
+// what means damage or failure: a burst of ten lines, then one a second.
 func (fs *FileSystem) status(op string, err error) fuse.Status {
 	if err == nil {
 		return fuse.OK
 	}
-	var st fuse.Status
-	switch {
-	case errors.Is(err, ext4ro.ErrNotExist):
-		return fuse.ENOENT
-	case errors.Is(err, ext4ro.ErrNotDir):
-		return fuse.ENOTDIR
-	case errors.Is(err, ext4ro.ErrIsDir):
-		return fuse.Status(syscall.EISDIR)
-	case errors.Is(err, ext4ro.ErrNameTooLong):
-		return fuse.Status(syscall.ENAMETOOLONG)
-	case errors.Is(err, ext4ro.ErrNoXattr):
-		return fuse.ENODATA
-	case errors.Is(err, ext4ro.ErrInvalid):
-		return fuse.EINVAL
-	case errors.Is(err, ErrStale):
-		return fuse.Status(syscall.ESTALE)
-	case errors.Is(err, ErrBusy):
-		return fuse.EBUSY
-	case errors.Is(err, ext4ro.ErrEncrypted):
-		st = fuse.EACCES
-	case errors.Is(err, ext4ro.ErrCorrupt):
-		st = fuse.Status(syscall.EUCLEAN) // as the kernel's ext4 reports it
-	case errors.Is(err, ext4ro.ErrUnsupported):
-		st = fuse.ENOTSUP
-	default:
-		st = fuse.EIO
+	errno, log := errnoOf(err)
+	if log && fs.errLog.Allow() {
+		fs.log.Error("request failed", "op", op, "errno", errno, "error", err)
 	}
-	if fs.errLog.Allow() {
-		fs.log.Error("request failed", "op", op, "errno", syscall.Errno(st), "error", err)
-	}
-	return st
+	return fuse.Status(errno)
 }
 
 func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
@@ -237,9 +189,13 @@ func (fs *FileSystem) fillAttr(v *ext4ro.FS, in *ext4ro.Inode, a *fuse.Attr) {
 	}
 }
 
-func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut) {
+// fillEntry answers a lookup of name in directory parent with in: the
+// kernel holds one more reference to its node from then on.
+func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut, parent uint64, name string) {
 	out.NodeId = NodeID(in)
-	fs.remember(out.NodeId)
+	if fs.nodes != nil {
+		fs.nodes.add(out.NodeId, parent, name)
+	}
 	out.Generation = uint64(in.Generation)
 	out.SetEntryTimeout(fs.timeout)
 	out.SetAttrTimeout(fs.timeout)
@@ -266,12 +222,16 @@ func (fs *FileSystem) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, o
 	if err != nil {
 		return fs.status("lookup", err)
 	}
-	fs.fillEntry(v, in, out)
+	fs.fillEntry(v, in, out, h.NodeId, name)
 	return fuse.OK
 }
 
-// Forget needs nothing: node ids are inode numbers, not references.
-func (fs *FileSystem) Forget(nodeID, nlookup uint64) {}
+// Forget: the kernel dropped nlookup references to the node.
+func (fs *FileSystem) Forget(nodeID, nlookup uint64) {
+	if fs.nodes != nil {
+		fs.nodes.forget(nodeID, nlookup)
+	}
+}
 
 func (fs *FileSystem) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
 	// On an open file, the attributes are those it was opened with: the
@@ -368,6 +328,13 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	if fs.files != nil && ino.IsRegular() {
 		f, err := fs.files.Open(v, ino)
 		if err != nil {
+			if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
+				// Not a failure, but an application sees an error it
+				// may not expect: say which file and why.
+				if fs.errLog.Allow() {
+					fs.log.Warn("open refused", "path", fs.nodes.path(in.NodeId), "inode", ino.Ino, "error", err)
+				}
+			}
 			return fs.status("open", err)
 		}
 		h.f = f
@@ -459,7 +426,7 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 			return false
 		}
 		if child != nil {
-			fs.fillEntry(v, child, eo)
+			fs.fillEntry(v, child, eo, in.NodeId, e.Name)
 		}
 		return true
 	})

@@ -51,6 +51,7 @@ func TestMain(m *testing.M) {
 type host struct {
 	img, dev, mnt, state string
 	ackTimeout, grace    time.Duration
+	auto                 *hostagent.AutoPublish // publishes on its own, if set (before start)
 	onFrozen             func()
 	wd                   *hostagent.Watchdog
 	exp                  *hostagent.Export
@@ -66,13 +67,29 @@ func startHost(t testing.TB, ackTimeout time.Duration) *host {
 
 func startHostGrace(t testing.TB, ackTimeout, grace time.Duration) *host {
 	t.Helper()
+	return startHostLike(t, &host{ackTimeout: ackTimeout, grace: grace})
+}
+
+// startHostLike starts h on a fresh export: its ackTimeout (3 s if
+// unset), grace (a minute) and auto as set.
+func startHostLike(t testing.TB, h *host) *host {
+	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
-	h := &host{ackTimeout: ackTimeout, grace: grace, state: t.TempDir(), img: imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")}
+	if h.ackTimeout == 0 {
+		h.ackTimeout = 3 * time.Second
+	}
+	if h.grace == 0 {
+		h.grace = time.Minute
+	}
+	h.state = t.TempDir()
+	h.img = imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
+		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
 	h.mnt = imgtest.KernelMount(t, h.img, "rw")
 	h.dev = imgtest.LoopDevice(t, h.mnt)
-	h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
+	if h.addr.Path == "" {
+		h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
+	}
 	wcmd := exec.Command(os.Args[0])
 	wcmd.Env = append(os.Environ(), "GUESTAGENT_TEST_WATCHDOG="+h.mnt)
 	var err error
@@ -85,12 +102,22 @@ func startHostGrace(t testing.TB, ackTimeout, grace time.Duration) *host {
 	return h
 }
 
-// start opens the export and serves it, as an agent starting does.
-func (h *host) start(t testing.TB) {
+// start opens the export and serves it, with no generation yet.
+func (h *host) start(t testing.TB) { h.startServing(t, false) }
+
+// restart starts the agent again as 'leasefs host' does: it publishes
+// before it serves. It returns the generation.
+func (h *host) restart(t testing.TB) uint64 {
+	t.Helper()
+	h.shutdown()
+	return h.startServing(t, true)
+}
+
+func (h *host) startServing(t testing.TB, publish bool) (gen uint64) {
 	t.Helper()
 	var err error
 	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state,
-		Watchdog: h.wd, FreezeBudget: 10 * time.Second, Watch: true, OnFrozen: func() {
+		Watchdog: h.wd, FreezeBudget: 10 * time.Second, Watch: true, AutoPublish: h.auto, OnFrozen: func() {
 			if h.onFrozen != nil {
 				h.onFrozen()
 			}
@@ -102,6 +129,9 @@ func (h *host) start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if publish {
+		gen = h.publish(t)
+	}
 	l, err := vsockproto.Listen(h.addr, vsockproto.ListenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -109,6 +139,10 @@ func (h *host) start(t testing.TB) {
 	ctx, cancel := context.WithCancel(context.Background())
 	h.stop = cancel
 	go h.srv.Serve(ctx, l)
+	if h.auto != nil {
+		go h.srv.AutoPublish(ctx, "test")
+	}
+	return gen
 }
 
 // shutdown stops serving and closes the export, as an agent exiting does.
@@ -169,9 +203,21 @@ func startGuest(t testing.TB, h *host, device string) *guestMount {
 
 func startGuestFollowing(t testing.TB, h *host, device string, follow Follow) *guestMount {
 	t.Helper()
+	return startGuestWith(t, h, ClientConfig{Device: device, Follow: follow, OpenWait: 3 * time.Second})
+}
+
+// startGuestWith starts a guest of h configured by cfg (its address and
+// export are h's; its logger, if unset, the test's).
+func startGuestWith(t testing.TB, h *host, cfg ClientConfig) *guestMount {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: device, Follow: follow, BusyWait: 3 * time.Second, Logger: testLogger(t)})
+	cfg.Addr, cfg.Export = h.addr, "test"
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger(t)
+	}
+	c, err := NewClient(ctx, cfg)
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
@@ -375,26 +421,75 @@ func TestGuestWritesAreEROFS(t *testing.T) {
 }
 
 // A file replaced on the host but not yet published cannot be read at
-// the guest's generation (its blocks may be reused): an open waits for
-// the next generation and reads what that has.
+// the guest's generation (its blocks may be reused). When the host
+// publishes on its own, an open waits for the generation that has the
+// change and reads what that has.
 func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
-	h := startHost(t, 3*time.Second)
+	h := &host{auto: &hostagent.AutoPublish{Quiet: 400 * time.Millisecond, Max: 2 * time.Second}}
+	h = startHostLike(t, h)
 	h.write(t, "f", "before")
 	h.publish(t)
-	g := startGuest(t, h, h.img)
+	g := startGuestWith(t, h, ClientConfig{Device: h.img}) // OpenWait from the host's policy
+	if g.read(t, "f") != "before" {
+		t.Fatal("first generation")
+	}
+	gen := g.c.Generation()
+	h.replace(t, "f", "after")
+	start := time.Now()
+	got := g.read(t, "f")
+	if got != "after" || time.Since(start) < 200*time.Millisecond || g.c.Generation() == gen {
+		t.Fatalf("read %q after %v, on generation %d", got, time.Since(start), g.c.Generation())
+	}
+}
+
+// When the host publishes only when told, an open of a file that changed
+// since the guest's generation fails at once with ESTALE, and one log
+// line names the path, the generation and why.
+func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.write(t, "f", "before")
+	gen := h.publish(t)
+	var log syncBuffer
+	g := startGuestWith(t, h, ClientConfig{Device: h.img, OpenWait: time.Minute,
+		Logger: hclog.New(&hclog.LoggerOptions{Output: &log, Level: hclog.Info})})
 	if g.read(t, "f") != "before" {
 		t.Fatal("first generation")
 	}
 	h.replace(t, "f", "after")
-	go func() {
-		time.Sleep(500 * time.Millisecond)
-		h.publish(t)
-	}()
 	start := time.Now()
-	got := g.read(t, "f")
-	if got != "after" || time.Since(start) < 400*time.Millisecond {
-		t.Fatalf("read %q after %v", got, time.Since(start))
+	_, err := os.ReadFile(filepath.Join(g.dir, "f"))
+	if !errors.Is(err, syscall.ESTALE) || time.Since(start) > time.Second {
+		t.Fatalf("open after %v: %v, want ESTALE at once", time.Since(start), err)
 	}
+	line := log.String()
+	for _, want := range []string{"open refused", "path=/f", fmt.Sprintf("at generation %d", gen), "publishes only when told"} {
+		if !strings.Contains(line, want) {
+			t.Fatalf("the log does not say %q:\n%s", want, line)
+		}
+	}
+	h.publish(t)
+	g.waitFor(t, gen+1)
+	if got := g.read(t, "f"); got != "after" {
+		t.Fatalf("after the publish: %q", got)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // The host agent restarts: guests reconnect and go on with the new
@@ -502,7 +597,9 @@ func TestGuestViewEqualsFrozenCopy(t *testing.T) {
 		}
 	}
 	gen := h.publish(t)
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	// The third reads through a metadata cache of 16 blocks: most of what
+	// it reads, it has to fetch again.
+	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, ""), startGuestWith(t, h, ClientConfig{Device: h.img, CacheBytes: 1})}
 	for round := range 3 {
 		if round > 0 {
 			h.write(t, fmt.Sprint("round", round), strings.Repeat("r", 5000*round))

@@ -3,6 +3,7 @@ package guestagent
 import (
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 
@@ -39,6 +40,11 @@ func Mount(fs *FileSystem, dir string, cfg MountConfig) (*fuse.Server, error) {
 		// pages themselves; mtime changes must not drop the cache.
 		ExplicitDataCacheControl: true,
 		Debug:                    cfg.Debug,
+		// A bug in one request fails that request, not the mount.
+		PanicHandler: func(r any) fuse.Status {
+			fs.log.Error("a FUSE request handler panicked; answering EIO", "panic", r, "stack", string(debug.Stack()))
+			return fuse.EIO
+		},
 	}
 	srv, err := fuse.NewServer(fs, dir, opts)
 	if err != nil {

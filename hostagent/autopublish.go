@@ -41,11 +41,11 @@ func ParseAutoPublish(s string) (*AutoPublish, error) {
 	return ap, nil
 }
 
-// AutoPublish publishes export name when its tree changes, as ap says,
-// until ctx ends. It follows the export's watcher (ExportConfig.Watch),
+// AutoPublish publishes export name when its tree changes, as its
+// ExportConfig.AutoPublish says, until ctx ends. It follows the export's watcher (ExportConfig.Watch),
 // so the tree is watched once for both purposes; when events were lost
 // the watcher makes the next publish a full scan.
-func (s *Server) AutoPublish(ctx context.Context, name string, ap *AutoPublish) error {
+func (s *Server) AutoPublish(ctx context.Context, name string) error {
 	sv := s.exports[name]
 	if sv == nil {
 		return fmt.Errorf("no export %q", name)
@@ -53,6 +53,10 @@ func (s *Server) AutoPublish(ctx context.Context, name string, ap *AutoPublish) 
 	w := sv.exp.watch
 	if w == nil {
 		return fmt.Errorf("export %q is not watched (ExportConfig.Watch)", name)
+	}
+	ap := sv.exp.cfg.AutoPublish
+	if ap == nil {
+		return fmt.Errorf("export %q publishes only when told (ExportConfig.AutoPublish)", name)
 	}
 	var first time.Time
 	timer := time.NewTimer(time.Hour)

@@ -47,6 +47,10 @@ type ExportConfig struct {
 	// never) and any after lost events is a full scan all the same.
 	Watch         bool
 	FullScanEvery int
+	// AutoPublish, if set, is how the export publishes on its own
+	// (Server.AutoPublish runs it), and what guests are told to expect;
+	// nil: only when told (Server.Publish).
+	AutoPublish *AutoPublish
 	// OnFrozen, if set, runs during each publish's freeze, after the
 	// scan: for diagnostics and tests (a copy of the frozen device).
 	OnFrozen func()

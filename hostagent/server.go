@@ -204,14 +204,24 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		g.att = 1
 	}
 	g.sv, g.max = sv, h.MaxFrame
-	sv.mu.Lock()
-	sv.on[g.sess.Token()] = cur.Number
-	sv.mu.Unlock()
-	return &vsockproto.Welcome{
-		Resumed: resumed, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
+	// The guest may stay on the generation it names if it is kept.
+	kept := h.Generation != 0 && sv.exp.Generation(h.Generation) != nil
+	w := &vsockproto.Welcome{
+		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
-		Features:  vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume,
-	}, g.handle, nil
+		Features:  vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy,
+	}
+	on := cur.Number
+	if kept {
+		on = h.Generation
+	}
+	if ap := sv.exp.cfg.AutoPublish; ap != nil {
+		w.PublishQuiet, w.PublishMax = ap.Quiet, ap.Max
+	}
+	sv.mu.Lock()
+	sv.on[g.sess.Token()] = on
+	sv.mu.Unlock()
+	return w, g.handle, nil
 }
 
 // forwardBreaks sends the session's breaks to the guest, each in its own

@@ -128,7 +128,7 @@ func TestServerChecksGuests(t *testing.T) {
 // after the maximum delay while changes keep coming.
 func TestAutoPublish(t *testing.T) {
 	x := newExport(t, 64)
-	e := x.openWith(t, ExportConfig{Watch: true})
+	e := x.openWith(t, ExportConfig{Watch: true, AutoPublish: &AutoPublish{Quiet: 200 * time.Millisecond, Max: 600 * time.Millisecond}})
 	g0, err := e.Publish()
 	if err != nil {
 		t.Fatal(err)
@@ -136,7 +136,7 @@ func TestAutoPublish(t *testing.T) {
 	s, _ := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go s.AutoPublish(ctx, "test", &AutoPublish{Quiet: 200 * time.Millisecond, Max: 600 * time.Millisecond})
+	go s.AutoPublish(ctx, "test")
 	time.Sleep(400 * time.Millisecond)
 	if e.Current() != g0 {
 		t.Fatal("published with nothing changed")

@@ -2,12 +2,19 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime/debug"
 	"syscall"
+	"text/tabwriter"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -20,7 +27,10 @@ type guestOptions struct {
 	addr                vsockproto.Addr
 	export, device, dir string
 	follow              guestagent.Follow
-	metrics, logFile    string
+	metrics, logTo      string
+	logLevel            string
+	cacheMB             int
+	statusSocket        string
 	foreground, debug   bool
 }
 
@@ -29,31 +39,37 @@ func parseGuest(args []string, stderr io.Writer) (*guestOptions, error) {
 	var o guestOptions
 	var connect, follow string
 	fs := newFlagSet("guest", `Usage: leasefs guest --connect ADDR --export NAME [--device PATH] [flags] MOUNTPOINT
+       leasefs guest status [--json] MOUNTPOINT
 
 Mounts export NAME of a host agent read-only at MOUNTPOINT. The host
 publishes numbered generations of the export; the guest serves one at a
 time, reading its metadata from the host and file data from --device, the
 export's disk attached read-only to this VM (without it, data comes
-through the host too). When a newer generation arrives the guest moves to
-it (--follow) and tells the kernel exactly what changed; a file open here
-keeps its bytes however the host replaces it.
+through the host too). The device is checked against the export when the
+guest connects: a wrong disk is refused. When a newer generation arrives
+the guest moves to it (--follow) and tells the kernel exactly what
+changed; a file open here keeps its bytes however the host replaces it.
 
 ADDR is vsock:2:PORT from a VM (QEMU vhost-vsock or Firecracker), or
 unix:PATH or hvsock:PATH:PORT on one machine. The command returns once the
 mount is ready and serves in the background (--foreground under systemd);
 'umount MOUNTPOINT' ends it. With --follow manual, SIGHUP to the server
-moves it to the newest generation. 'mount -t fuse.leasefs' does the same
-(see docs/operations.md).
+moves it to the newest generation. 'leasefs guest status MOUNTPOINT' shows
+what it serves. 'mount -t fuse.leasefs' does the same (see
+docs/operations.md).
 
 `)
 	fs.StringVar(&connect, "connect", "", "the host agent's address (required)")
 	fs.StringVar(&o.export, "export", "", "the export to mount (required)")
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")
 	fs.StringVar(&follow, "follow", "always", "when to move to a new generation: always, interval=DURATION or manual")
+	fs.IntVar(&o.cacheMB, "cache-mb", guestagent.DefaultCacheBytes>>20, "metadata cache size in MiB; the agent's memory is held to about this plus 32 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics over HTTP (/metrics) on a loopback HOST:PORT or unix:PATH")
+	fs.StringVar(&o.statusSocket, "status-socket", "", "the status socket (default: one per mount point under "+runDir()+")")
 	fs.BoolVar(&o.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
 	fs.BoolVar(&o.debug, "debug", false, "log every FUSE request (implies --foreground)")
-	fs.StringVar(&o.logFile, "log", "", "append the agent's log to this file (default: stderr in the foreground, none in the background)")
+	fs.StringVar(&o.logTo, "log", "", logHelp)
+	fs.StringVar(&o.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return nil, err
 	}
@@ -69,17 +85,54 @@ moves it to the newest generation. 'mount -t fuse.leasefs' does the same
 	if o.follow, err = guestagent.ParseFollow(follow); err != nil {
 		return nil, err
 	}
-	o.dir = fs.Arg(0)
+	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
+		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
+	}
+	if o.cacheMB <= 0 {
+		return nil, fmt.Errorf("--cache-mb %d: must be positive", o.cacheMB)
+	}
+	if o.dir, err = filepath.Abs(fs.Arg(0)); err != nil {
+		return nil, err
+	}
+	if o.statusSocket == "" {
+		o.statusSocket = statusSocketFor(o.dir)
+	}
 	o.foreground = o.foreground || o.debug
 	return &o, nil
 }
 
+// runDir is where guests keep their status sockets: /run/leasefs, or
+// $LEASEFS_RUN_DIR (tests, unusual layouts).
+func runDir() string {
+	if d := os.Getenv("LEASEFS_RUN_DIR"); d != "" {
+		return d
+	}
+	return "/run/leasefs"
+}
+
+// statusSocketFor is the status socket of the mount at dir (absolute):
+// named by a digest of the path, which fits a socket address however
+// long the path is.
+func statusSocketFor(dir string) string {
+	sum := sha256.Sum256([]byte(filepath.Clean(dir)))
+	return filepath.Join(runDir(), "guest-"+hex.EncodeToString(sum[:8])+".sock")
+}
+
 func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
+	if len(args) > 0 && args[0] == "status" {
+		return runGuestStatus(ctx, args[1:], stdout, stderr)
+	}
 	o, err := parseGuest(args, stderr)
 	if err != nil {
 		return err
 	}
 	if !o.foreground {
+		if o.logTo == "" {
+			if backgroundLogGoesNowhere() {
+				fmt.Fprintln(stderr, "leasefs guest: no journal or syslog here: the agent will log nothing in the background (--log FILE keeps its log)")
+			}
+			args = append([]string{"--log", logAuto}, args...)
+		}
 		return inBackground("guest", args)
 	}
 	ready := readyPipe()
@@ -89,16 +142,16 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 			ready.Close()
 		}
 	}()
-	logOut := stderr
-	if o.logFile != "" {
-		f, err := os.OpenFile(o.logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		logOut = f
+	log, closeLog, err := openLog(o.logTo, "leasefs-guest", o.logLevel, stderr)
+	if err != nil {
+		return err
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-guest", Output: logOut, Level: hclog.Info})
+	defer closeLog()
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// A soft bound: the metadata cache, the kernel's nodes, FUSE
+		// request buffers in flight and garbage.
+		debug.SetMemoryLimit(int64(o.cacheMB+32) << 20)
+	}
 	var ml net.Listener
 	if o.metrics != "" {
 		if ml, err = metricsListener(o.metrics); err != nil {
@@ -106,7 +159,16 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 		}
 		defer ml.Close()
 	}
-	c, err := guestagent.NewClient(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow, Logger: log})
+	if err := os.MkdirAll(filepath.Dir(o.statusSocket), 0o755); err != nil {
+		return fmt.Errorf("the status socket's directory: %w", err)
+	}
+	sl, err := vsockproto.Listen(vsockproto.Addr{Kind: vsockproto.KindUnix, Path: o.statusSocket}, vsockproto.ListenOptions{Mode: 0o600})
+	if err != nil {
+		return fmt.Errorf("the status socket: %w", err)
+	}
+	defer sl.Close()
+	c, err := guestagent.NewClient(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow,
+		CacheBytes: int64(o.cacheMB) << 20, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -119,6 +181,11 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
 	go c.Run(runCtx)
+	go func() {
+		if err := c.ServeStatus(runCtx, sl); err != nil {
+			log.Error("the status socket failed", "error", err)
+		}
+	}()
 	if ml != nil {
 		go serveMetrics(runCtx, ml, c.Gatherer(), log)
 	}
@@ -130,7 +197,99 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 			c.Refresh()
 		}
 	}()
-	log.Info("mounted", "export", o.export, "dir", o.dir, "generation", c.Generation())
+	log.Info("mounted", "export", o.export, "host", o.addr.String(), "dir", o.dir, "generation", c.Generation(),
+		"device", o.device, "status", o.statusSocket)
 	signalReady(&ready)
 	return serveUntilUnmounted(ctx, srv, o.dir, log)
+}
+
+func runGuestStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("guest status", `Usage: leasefs guest status [--json] MOUNTPOINT
+
+Shows what the guest agent serving MOUNTPOINT is doing: its host and
+session, the generation it serves and the newest announced, its follow
+policy and how the host publishes, its metadata cache against its bound,
+its open files and those fenced (their reads are ESTALE: why, and when),
+whether its device verified, and its last error.
+
+`)
+	asJSON := fs.Bool("json", false, "print JSON")
+	socket := fs.String("status-socket", "", "the agent's status socket (default: the one for MOUNTPOINT)")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "leasefs guest status: name one mount point")
+		fs.Usage()
+		return errUsage
+	}
+	path := *socket
+	if path == "" {
+		dir, err := filepath.Abs(fs.Arg(0))
+		if err != nil {
+			return err
+		}
+		path = statusSocketFor(dir)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := guestagent.GetStatus(ctx, vsockproto.Addr{Kind: vsockproto.KindUnix, Path: path})
+	if err != nil {
+		return fmt.Errorf("%s: %w", fs.Arg(0), err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	return writeGuestStatus(stdout, st, time.Now())
+}
+
+// writeGuestStatus shows a guest's status at a glance.
+func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
+	ago := func(t time.Time) string {
+		if t.IsZero() {
+			return "never"
+		}
+		return now.Sub(t).Round(time.Second).String() + " ago"
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	conn := "connected " + ago(st.Since)
+	if !st.Connected {
+		conn = "DISCONNECTED since " + ago(st.Since) + " (reconnecting)"
+	}
+	fmt.Fprintf(tw, "host\t%s, export %s: %s; session %s, %d reconnects (%d resumed)\n", st.Host, st.Export, conn, st.Session, st.Reconnects, st.Resumes)
+	gen := fmt.Sprintf("%d, since %s", st.Generation, ago(st.Switched))
+	if st.Latest != st.Generation {
+		gen += fmt.Sprintf("; %d announced", st.Latest)
+	}
+	fmt.Fprintf(tw, "generation\t%s; follows %s; the host publishes %s\n", gen, st.Follow, st.Publish)
+	fmt.Fprintf(tw, "metadata cache\t%.1f of %.1f MiB (%d hits, %d misses); the kernel holds %d nodes\n",
+		float64(st.Cache.Bytes)/(1<<20), float64(st.Cache.LimitBytes)/(1<<20), st.Cache.Hits, st.Cache.Misses, st.Nodes)
+	fmt.Fprintf(tw, "open files\t%d\n", st.OpenFiles)
+	if d := st.Device; d != nil {
+		fmt.Fprintf(tw, "device\t%s: %s (%s, checked %s)\n", d.Path, d.State, d.Detail, ago(d.Checked))
+	} else {
+		fmt.Fprintf(tw, "device\tnone: file data comes through the host\n")
+	}
+	if st.LastError != "" {
+		fmt.Fprintf(tw, "last error\t%s: %s\n", ago(st.LastErrorAt), st.LastError)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Fenced) > 0 {
+		fmt.Fprintf(w, "\nfenced files (reads are ESTALE; open them again):\n")
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  PATH\tINODE\tGEN\tWHEN\tWHY")
+		for _, f := range st.Fenced {
+			path := f.Path
+			if path == "" {
+				path = "?"
+			}
+			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s\t%s\n", path, f.Inode, f.Generation, ago(f.At), f.Why)
+		}
+		return tw.Flush()
+	}
+	return nil
 }

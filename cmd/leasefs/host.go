@@ -152,7 +152,8 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer wd.Close()
 		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
 			FreezeBudget: o.budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			Progress: progressTo(stderr, "export "+sp.name+": reading the inode tables")})
+			AutoPublish: o.autoPublish,
+			Progress:    progressTo(stderr, "export "+sp.name+": reading the inode tables")})
 		if err != nil {
 			return err
 		}
@@ -197,7 +198,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if o.autoPublish != nil {
 		for _, e := range exps {
-			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name(), o.autoPublish) })
+			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name()) })
 		}
 	}
 	fmt.Fprintln(stdout, "ready")

@@ -48,7 +48,7 @@ or SIGTERM to the server ends it.
 	fs.StringVar(&c.image, "image", "", "the ext4 image or device to mount (required)")
 	fs.BoolVar(&c.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
 	fs.BoolVar(&c.debug, "debug", false, "log every FUSE request (implies --foreground)")
-	fs.StringVar(&c.logFile, "log", "", "append the server's log to this file (default: stderr in the foreground, none in the background)")
+	fs.StringVar(&c.logFile, "log", "", logHelp)
 	fs.IntVar(&c.cacheMB, "cache-mb", 32, "metadata block cache size in MiB; the server's memory is held to about this plus 48 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
 	fs.IntVar(&c.readAheadKB, "readahead-kb", 4096, "kernel readahead for the mount in KiB (0: kernel default)")
 	fs.BoolVar(&c.allowDirtyJournal, "allow-dirty-journal", false,
@@ -66,6 +66,9 @@ or SIGTERM to the server ends it.
 		c.foreground = true
 	}
 	if !c.foreground {
+		if c.logFile == "" {
+			args = append([]string{"--log", logAuto}, args...)
+		}
 		return inBackground("mount", args)
 	}
 	return mountForeground(ctx, c, stderr)
@@ -119,16 +122,11 @@ func mountForeground(ctx context.Context, c mountConfig, stderr io.Writer) (err 
 			ready.Close()
 		}
 	}()
-	logOut := stderr
-	if c.logFile != "" {
-		f, err := os.OpenFile(c.logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		logOut = f
+	log, closeLog, err := openLog(c.logFile, "leasefs-mount", "info", stderr)
+	if err != nil {
+		return err
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-mount", Output: logOut, Level: hclog.Info})
+	defer closeLog()
 	if os.Getenv("GOMEMLIMIT") == "" {
 		// A soft bound: the block cache, FUSE request buffers in flight
 		// (up to 1 MiB each) and garbage. Without it the heap grows to

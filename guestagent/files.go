@@ -1,0 +1,250 @@
+package guestagent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/layout"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// Open leases a regular file for a FUSE open (Files). If the host says
+// the file is not as the view's generation has it (it changed, went, or a
+// writer has it), the open moves to a newer generation and tries the
+// same inode there: at once if one was announced; otherwise, when the
+// host publishes on its own, after waiting for one (OpenWait); when it
+// publishes only when told, it fails at once. The error then says which
+// generation and why.
+func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
+	var waitUntil time.Time // for a newer generation; set on the first refusal
+	for {
+		gv := c.viewOf(v)
+		if gv == nil { // a reader too old to remember: the view served now
+			var err error
+			if v, in, err = c.sameFileNow(in); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		lf, err := c.lease(gv, v, in)
+		if err == nil {
+			return lf, nil
+		}
+		var cause error
+		switch {
+		case errors.Is(err, vsockproto.ErrStale), errors.Is(err, vsockproto.ErrNotFound),
+			errors.Is(err, vsockproto.ErrNotRegular), errors.Is(err, vsockproto.ErrGone):
+			cause = ErrStale
+		case errors.Is(err, vsockproto.ErrBusy):
+			cause = ErrBusy
+		default:
+			return nil, err
+		}
+		if waitUntil.IsZero() {
+			c.mu.Lock()
+			waitUntil = time.Now().Add(c.openWaitLocked())
+			c.mu.Unlock()
+		}
+		if why := c.awaitNewer(gv, waitUntil); why != "" {
+			label := "stale"
+			if cause == ErrBusy {
+				label = "busy"
+			}
+			c.m.openRefusals.WithLabelValues(label).Inc()
+			return nil, fmt.Errorf("%w: inode %d at generation %d: %v; %s", cause, in.Ino, gv.gen, err, why)
+		}
+		if v, in, err = c.sameFileNow(in); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// openWaitLocked is how long an open may wait for a newer generation.
+// Called with c.mu held.
+func (c *Client) openWaitLocked() time.Duration {
+	if c.cfg.OpenWait > 0 {
+		return c.cfg.OpenWait
+	}
+	return c.policy.max + 5*time.Second
+}
+
+// awaitNewer moves the client off gv (forcing the switch), waiting until
+// the deadline for a newer generation to be announced. It returns why it
+// could not, or "".
+func (c *Client) awaitNewer(gv *genView, deadline time.Time) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cur != gv {
+		return "" // moved meanwhile
+	}
+	if c.latest == gv.gen {
+		if c.policy.known && c.policy.max == 0 {
+			return "the host publishes only when told (leasefs publish), and has not since"
+		}
+		c.waitLocked(func() bool { return c.latest != gv.gen }, deadline)
+		if c.latest == gv.gen {
+			return fmt.Sprintf("no newer generation came within %v", c.openWaitLocked())
+		}
+	}
+	c.force = true
+	c.wake()
+	switchBy := time.Now().Add(10 * time.Second)
+	if deadline.After(switchBy) {
+		switchBy = deadline
+	}
+	c.waitLocked(func() bool { return c.cur != gv }, switchBy)
+	if c.cur == gv {
+		return "the switch to a newer generation did not finish in time"
+	}
+	return ""
+}
+
+// sameFileNow finds in (the same inode number and i_generation) in the
+// view served now.
+func (c *Client) sameFileNow(in *ext4ro.Inode) (*ext4ro.FS, *ext4ro.Inode, error) {
+	v := c.fs.View()
+	nin, err := v.Inode(in.Ino)
+	if err != nil || !nin.IsRegular() || nin.Generation != in.Generation {
+		return nil, nil, fmt.Errorf("%w: inode %d is another file, or none, in the generation served now", ErrStale, in.Ino)
+	}
+	return v, nin, nil
+}
+
+// lease asks the host for a lease on in as generation gv has it.
+func (c *Client) lease(gv *genView, v *ext4ro.FS, in *ext4ro.Inode) (*leasedFile, error) {
+	file, err := v.OpenFile(in)
+	if err != nil {
+		return nil, err
+	}
+	reply, err := c.call(&vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
+		Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}, Layout: layout.Hash(file.Extents())})
+	if err != nil {
+		c.log.Debug("open refused", "inode", in.Ino, "generation", gv.gen, "error", err)
+		return nil, err
+	}
+	lf := &leasedFile{c: c, id: reply.(*vsockproto.Leased).Lease, node: NodeID(in), ino: in.Ino, gen: gv.gen, file: file}
+	switch {
+	case file.Inline():
+		lf.data = c.m.data.WithLabelValues("inline")
+	case c.dev != nil:
+		lf.data = c.m.data.WithLabelValues("device")
+	}
+	c.mu.Lock()
+	c.files[lf.id] = lf
+	c.mu.Unlock()
+	return lf, nil
+}
+
+// leasedFile is a file open under a lease. It reads its data from the
+// device through the block map it was opened with, or through the host
+// (no device, or one that does not verify).
+type leasedFile struct {
+	c    *Client
+	id   uint64
+	node uint64 // the FUSE node id, for invalidation
+	ino  uint32
+	gen  uint64       // the generation it was opened in
+	file *ext4ro.File // its size and block map then, over the device (if any)
+	data prometheus.Counter
+
+	// fenced is why the file may no longer be read (a break, a lost
+	// session), once it is. Reads check it before and after they read:
+	// one that finds it set after is thrown away, for the lease may have
+	// ended while it read.
+	fenced atomic.Pointer[string]
+}
+
+// fence stops lf's reads: from now on, and of those in flight, every one
+// that ends after this is ESTALE. Its pages and attributes are dropped
+// from the kernel's caches (by the switcher). No lock may be held.
+func (c *Client) fence(lf *leasedFile, why string) {
+	lf.fenced.Store(&why)
+	path := c.fs.nodes.path(lf.node)
+	c.log.Warn("an open file was fenced: its reads are ESTALE from now on", "path", path, "inode", lf.ino, "generation", lf.gen, "why", why)
+	c.mu.Lock()
+	c.inval = append(c.inval, lf.node)
+	c.fenced = append(c.fenced, FencedFile{Inode: lf.ino, Path: path, Generation: lf.gen, Why: why, At: time.Now()})
+	if n := len(c.fenced); n > maxFenced {
+		c.fenced = append(c.fenced[:0], c.fenced[n-maxFenced:]...)
+	}
+	c.mu.Unlock()
+	c.wake()
+}
+
+// maxFenced is how many fenced files status remembers.
+const maxFenced = 32
+
+func (lf *leasedFile) stale() error {
+	if why := lf.fenced.Load(); why != nil {
+		return fmt.Errorf("%w: inode %d: %s", ErrStale, lf.ino, *why)
+	}
+	return nil
+}
+
+func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
+	if err := lf.stale(); err != nil {
+		return 0, err
+	}
+	var n int
+	var err error
+	if lf.file.Inline() || lf.c.deviceOK() {
+		n, err = lf.file.ReadAt(p, off)
+		if lf.data != nil {
+			lf.data.Add(float64(n))
+		}
+	} else {
+		n, err = lf.readHost(p, off)
+	}
+	if serr := lf.stale(); serr != nil {
+		return 0, serr // the lease may have ended while we read
+	}
+	return n, err
+}
+
+// readHost reads through the host, a frame at most per request.
+func (lf *leasedFile) readHost(p []byte, off int64) (int, error) {
+	c := lf.c
+	if off >= 0 && uint64(off) >= lf.file.Size() {
+		return 0, io.EOF
+	}
+	n := 0
+	for n < len(p) {
+		want := min(len(p)-n, maxRead)
+		reply, err := c.call(&vsockproto.Read{Lease: lf.id, Offset: uint64(off) + uint64(n), Length: uint32(want)})
+		if err != nil {
+			return n, err
+		}
+		d := reply.(*vsockproto.Data).Data
+		if len(d) > want {
+			return n, fmt.Errorf("the host sent %d bytes for a read of %d", len(d), want)
+		}
+		n += copy(p[n:], d)
+		c.m.data.WithLabelValues("host").Add(float64(len(d)))
+		if len(d) < want {
+			return n, io.EOF
+		}
+	}
+	return n, nil
+}
+
+// maxRead is the most one Read asks for.
+const maxRead = 1 << 20
+
+func (lf *leasedFile) Close() error {
+	c := lf.c
+	c.mu.Lock()
+	_, held := c.files[lf.id]
+	delete(c.files, lf.id)
+	c.mu.Unlock()
+	if !held {
+		return nil // broken, revoked or lost: nothing to release
+	}
+	_, err := c.call(&vsockproto.Release{Lease: lf.id})
+	return err
+}

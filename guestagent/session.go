@@ -1,0 +1,232 @@
+package guestagent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+func (c *Client) features() vsockproto.Features {
+	// Data through the host even with a device: the fallback while the
+	// device does not verify.
+	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy
+}
+
+// dial connects and runs the handshake, resuming the session if the host
+// still has it. If it does not, the files open under the old session are
+// fenced: the host may have freed what they were.
+func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
+	c.mu.Lock()
+	hello := vsockproto.Hello{Export: c.cfg.Export, Token: c.token, Features: c.features()}
+	if c.cur != nil {
+		hello.Generation = c.cur.gen
+	}
+	c.mu.Unlock()
+	conn, w, err := vsockproto.DialHello(ctx, c.cfg.Addr, hello, c.handle, c.cfg.Conn)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %v: %w", c.cfg.Addr, err)
+	}
+	if c.dev == nil && !conn.Features().Has(vsockproto.FeatureReadData) {
+		conn.Close()
+		return nil, fmt.Errorf("the host does not serve file data, and no --device was given")
+	}
+	c.mu.Lock()
+	cur := c.cur
+	c.mu.Unlock()
+	if w.Kept && cur != nil && !sameGeneration(ctx, conn, cur) {
+		// Another lineage of generations (another export under the same
+		// name, or a host agent whose state was wiped): the number is
+		// the same, the generation is not.
+		c.log.Warn("the host's generation of this number is not ours; moving to the host's newest", "generation", cur.gen)
+		w.Kept = false
+	}
+	var lost []*leasedFile
+	c.mu.Lock()
+	c.conn, c.token, c.connected = conn, w.Token, time.Now()
+	c.policy = publishPolicy{known: conn.Features().Has(vsockproto.FeaturePublishPolicy), quiet: w.PublishQuiet, max: w.PublishMax}
+	if w.Resumed {
+		c.resumes++
+	} else {
+		for id, lf := range c.files {
+			lost = append(lost, lf)
+			delete(c.files, id)
+		}
+	}
+	if c.cur != nil {
+		switch {
+		case !w.Kept:
+			// Our generation is gone (the host agent restarted, or
+			// dropped it): move to the host's, whatever Follow says,
+			// without knowing what changed. Until then nothing may be
+			// read for the old views: their numbers may now name
+			// another lineage's generations.
+			for f, v := range c.views {
+				v.dead.Store(true)
+				delete(c.views, f)
+			}
+			c.cache.forget()
+			c.latest, c.force = w.Generation, true
+			c.pending = changes{all: true}
+		case w.Generation > c.latest:
+			c.latest = w.Generation
+			c.pending.all = true // announcements were missed
+		}
+	}
+	c.changed.Broadcast()
+	c.mu.Unlock()
+	for _, lf := range lost {
+		c.fence(lf, "the host agent's session is gone (restarted?)")
+	}
+	c.wake()
+	return w, nil
+}
+
+// Run keeps the connection up, reconnecting with backoff, until ctx ends
+// or the client is closed.
+func (c *Client) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		c.mu.Lock()
+		conn := c.conn
+		c.mu.Unlock()
+		if conn != nil {
+			select {
+			case <-ctx.Done():
+				c.Close()
+				return nil
+			case <-c.done:
+				return nil
+			case <-conn.Done():
+			}
+			c.log.Warn("lost the host", "error", conn.Err())
+			c.noteError(fmt.Errorf("lost the host: %w", conn.Err()))
+			c.mu.Lock()
+			if c.conn == conn {
+				c.conn = nil
+			}
+			c.changed.Broadcast()
+			c.mu.Unlock()
+		}
+		select {
+		case <-ctx.Done():
+			c.Close()
+			return nil
+		case <-c.done:
+			return nil
+		case <-time.After(backoff):
+		}
+		w, err := c.dial(ctx)
+		if err != nil {
+			backoff = min(backoff*2, 5*time.Second)
+			c.log.Debug("reconnecting", "error", err)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		c.m.reconnects.Inc()
+		c.mu.Lock()
+		c.reconnects++
+		c.mu.Unlock()
+		c.log.Info("reconnected to the host", "resumed", w.Resumed, "generation", w.Generation)
+		if c.dev != nil {
+			c.reverifyDevice(w)
+		}
+	}
+}
+
+// callDeadline bounds a request, waits for a connection and retries
+// included.
+const callDeadline = 30 * time.Second
+
+// call sends a request and waits for its reply. When the connection ends
+// under it, the request is sent again on the next connection; when the
+// host answers retry (it is at a passing limit), again after a short
+// wait; both within callDeadline. Every request may be sent twice: an
+// Open whose reply was lost leaves a lease the guest does not know of on
+// a resumed session, until the session ends.
+func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
+	deadline := time.Now().Add(callDeadline)
+	backoff := 5 * time.Millisecond
+	for {
+		c.mu.Lock()
+		c.waitLocked(func() bool { return c.conn != nil }, deadline)
+		conn := c.conn
+		c.mu.Unlock()
+		if conn == nil {
+			return nil, fmt.Errorf("%w: %v", errNotConnected, c.cfg.Addr)
+		}
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		reply, err := conn.Call(ctx, m)
+		cancel()
+		switch {
+		case err == nil:
+			return reply, nil
+		case errors.Is(err, vsockproto.ErrRetry) && time.Now().Add(backoff).Before(deadline):
+			time.Sleep(backoff)
+			backoff = min(2*backoff, 500*time.Millisecond)
+			continue
+		case conn.Err() != nil && time.Now().Before(deadline):
+			// The connection ended: wait for the next one.
+			c.mu.Lock()
+			c.waitLocked(func() bool { return c.conn != conn }, deadline)
+			c.mu.Unlock()
+			continue
+		}
+		return nil, err
+	}
+}
+
+// handle answers the host's requests.
+func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+	switch m := req.(type) {
+	case *vsockproto.Announce:
+		c.announced(m)
+		return &vsockproto.AnnounceAck{Generation: c.Generation()}, nil
+	case *vsockproto.Break:
+		var broken []*leasedFile
+		c.mu.Lock()
+		for _, id := range m.Leases {
+			if lf := c.files[id]; lf != nil {
+				broken = append(broken, lf)
+				delete(c.files, id)
+			}
+		}
+		c.mu.Unlock()
+		for _, lf := range broken {
+			c.m.breaks.Inc()
+			c.fence(lf, "a writer on the host wanted it back")
+		}
+		return &vsockproto.BreakAck{}, nil
+	}
+	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by a guest", req.Type())
+}
+
+// generationGone: the host no longer keeps v's generation. If it is the
+// one served, move to the newest whatever Follow says: nothing of it can
+// be read any more.
+func (c *Client) generationGone(v *genView) {
+	c.mu.Lock()
+	if c.cur == v {
+		c.force = true
+	}
+	c.mu.Unlock()
+	c.wake()
+}
+
+// sameGeneration reports whether the host's generation numbered like v
+// is v's: whether its superblock reads the same.
+func sameGeneration(ctx context.Context, conn *vsockproto.Conn, v *genView) bool {
+	first, last := uint64(superblockAt/v.bs), uint64((superblockAt+superblockSize-1)/v.bs)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	reply, err := conn.Call(ctx, &vsockproto.ReadMeta{Generation: v.gen, Blocks: []vsockproto.BlockRange{{Start: first, Count: uint32(last - first + 1)}}})
+	if err != nil {
+		return false
+	}
+	data := reply.(*vsockproto.Meta).Data
+	off := superblockAt - int64(first)*v.bs
+	return int64(len(data)) >= off+superblockSize && bytes.Equal(data[off:off+superblockSize], v.sb)
+}

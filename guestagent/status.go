@@ -1,0 +1,76 @@
+package guestagent
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
+
+// Status is what 'leasefs guest status' shows of a guest.
+type Status struct {
+	Host        string        `json:"host"`
+	Export      string        `json:"export"`
+	Connected   bool          `json:"connected"`
+	Since       time.Time     `json:"since"` // connected, or started
+	Session     string        `json:"session"`
+	Reconnects  int           `json:"reconnects"`
+	Resumes     int           `json:"resumes"`
+	Generation  uint64        `json:"generation"`
+	Latest      uint64        `json:"latest_announced"`
+	Switched    time.Time     `json:"switched"`
+	Follow      string        `json:"follow"`
+	Publish     string        `json:"host_publishes"`
+	Cache       CacheStatus   `json:"metadata_cache"`
+	Nodes       int           `json:"kernel_nodes"`
+	OpenFiles   int           `json:"open_files"`
+	Fenced      []FencedFile  `json:"fenced,omitempty"`
+	Device      *DeviceStatus `json:"device,omitempty"`
+	LastError   string        `json:"last_error,omitempty"`
+	LastErrorAt time.Time     `json:"last_error_at,omitzero"`
+}
+
+// CacheStatus is the metadata cache's use against its bound.
+type CacheStatus struct {
+	Blocks      int    `json:"blocks"`
+	LimitBlocks int    `json:"limit_blocks"`
+	Bytes       int64  `json:"bytes"`
+	LimitBytes  int64  `json:"limit_bytes"`
+	Hits        uint64 `json:"hits"`
+	Misses      uint64 `json:"misses"`
+}
+
+// FencedFile is a file that was open when its lease ended: reads of it
+// are ESTALE.
+type FencedFile struct {
+	Inode      uint32    `json:"inode"`
+	Path       string    `json:"path,omitempty"`
+	Generation uint64    `json:"generation"`
+	Why        string    `json:"why"`
+	At         time.Time `json:"at"`
+}
+
+// Status reports the client's state.
+func (c *Client) Status() *Status {
+	c.mu.Lock()
+	st := &Status{
+		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.conn != nil, Since: c.started,
+		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Latest: c.latest,
+		Switched: c.switched, Follow: c.cfg.Follow.String(), Publish: c.policy.String(),
+		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
+		Fenced: append([]FencedFile(nil), c.fenced...),
+	}
+	if c.conn != nil {
+		st.Since = c.connected
+	}
+	// The token is a secret (it resumes the session): show a digest.
+	sum := sha256.Sum256(c.token[:])
+	st.Session = hex.EncodeToString(sum[:4])
+	if c.dev != nil {
+		d := c.device
+		st.Device = &d
+	}
+	c.mu.Unlock()
+	st.Cache = c.cache.stats()
+	st.Nodes = c.fs.Nodes()
+	return st
+}

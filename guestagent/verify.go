@@ -1,0 +1,181 @@
+package guestagent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// The device is the export's disk attached to this VM read-only, file
+// data is read from it, and nothing but the host's word says it is the
+// right disk. So it is checked at connect and after every reconnect: its
+// superblock must name the export's filesystem (UUID, block size, block
+// count, inode count), and most of a sample of metadata blocks of the
+// generation (inode-table blocks spread over the filesystem) must read
+// on the device as the host serves them. Blocks the host wrote since the
+// generation may differ; a disk that is another filesystem, or a stale
+// copy of this one, differs in its identity or in most of them. A
+// mismatch refuses the mount; after a reconnect it sends reads through
+// the host (logged) until a later check matches.
+
+// DeviceState is where the device's verification stands.
+type DeviceState string
+
+// Device states.
+const (
+	DeviceUnchecked DeviceState = "unchecked"
+	DeviceVerified  DeviceState = "verified"
+	DeviceMismatch  DeviceState = "mismatch" // it holds something else: data comes through the host
+	DeviceFailing   DeviceState = "failing"  // reading it failed: data comes through the host
+)
+
+// DeviceStatus is the device's verification state.
+type DeviceStatus struct {
+	Path    string      `json:"path"`
+	State   DeviceState `json:"state"`
+	Detail  string      `json:"detail,omitempty"`
+	Checked time.Time   `json:"checked"`
+}
+
+// ErrWrongDevice: the device does not hold the export's filesystem.
+var ErrWrongDevice = errors.New("the device does not hold the export's filesystem")
+
+// openDevice opens the device and reads its first block with O_DIRECT:
+// a device that cannot be read past the page cache is no use (the
+// guest's own cache of it would go stale as the host writes).
+func openDevice(path string) (*directio.File, error) {
+	d, err := directio.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("--device %s: %w (the device is read with O_DIRECT, past this machine's page cache)", path, err)
+	}
+	buf := directio.AlignedBuf(directio.Align)
+	if _, err := d.ReadAt(buf, 0); err != nil {
+		d.Close()
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("--device %s: empty: it is not the export's disk", path)
+		}
+		return nil, fmt.Errorf("--device %s: reading with O_DIRECT: %w", path, err)
+	}
+	return d, nil
+}
+
+// deviceOK reports whether file data may be read from the device.
+func (c *Client) deviceOK() bool {
+	if c.dev == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.device.State
+	return s == DeviceVerified || s == DeviceUnchecked
+}
+
+// verifyDevice checks the device against generation view f (of gv) and
+// records the outcome; an error means the device must not be used.
+func (c *Client) verifyDevice(f *ext4ro.FS) error {
+	c.mu.Lock()
+	gv := c.views[f]
+	c.mu.Unlock()
+	state, detail := c.checkDevice(gv, f)
+	c.mu.Lock()
+	c.device = DeviceStatus{Path: c.cfg.Device, State: state, Detail: detail, Checked: time.Now()}
+	c.mu.Unlock()
+	if state != DeviceVerified {
+		return fmt.Errorf("%w: --device %s, export %s at %v: %s", ErrWrongDevice, c.cfg.Device, c.cfg.Export, c.cfg.Addr, detail)
+	}
+	c.log.Info("device verified", "device", c.cfg.Device, "detail", detail)
+	return nil
+}
+
+// reverifyDevice checks the device again after a reconnect, against the
+// generation the host welcomed us with.
+func (c *Client) reverifyDevice(w *vsockproto.Welcome) {
+	f, err := c.open(&genView{c: c, gen: w.Generation, bs: int64(w.BlockSize)})
+	if err == nil {
+		err = c.verifyDevice(f)
+	}
+	if err != nil {
+		c.log.Error("the device does not verify after a reconnect; reading file data through the host until it does", "error", err)
+		c.noteError(err)
+		return
+	}
+}
+
+// checkDevice compares the device with generation view f.
+func (c *Client) checkDevice(gv *genView, f *ext4ro.FS) (DeviceState, string) {
+	if gv == nil {
+		return DeviceFailing, "no view of the generation to compare with"
+	}
+	want := f.Superblock()
+	dev, err := ext4ro.Open(c.dev, &ext4ro.Options{AllowDirtyJournal: true, CacheBytes: 1 << 18, ReadAhead: 1})
+	if err != nil {
+		if errors.Is(err, ext4ro.ErrCorrupt) || errors.Is(err, ext4ro.ErrUnsupported) {
+			return DeviceMismatch, fmt.Sprintf("it does not hold an ext4 filesystem the reader accepts: %v", err)
+		}
+		return DeviceFailing, fmt.Sprintf("reading its superblock: %v", err)
+	}
+	got := dev.Superblock()
+	if got.UUID != want.UUID || got.BlockSize != want.BlockSize || got.BlocksCount != want.BlocksCount || got.InodesCount != want.InodesCount {
+		return DeviceMismatch, fmt.Sprintf("it holds filesystem %s (%d blocks of %d bytes, %d inodes); the export is %s (%d blocks of %d bytes, %d inodes)",
+			fmtUUID(got.UUID), got.BlocksCount, got.BlockSize, got.InodesCount,
+			fmtUUID(want.UUID), want.BlocksCount, want.BlockSize, want.InodesCount)
+	}
+	blocks := sampleBlocks(f, 16)
+	bs := int64(want.BlockSize)
+	buf := directio.AlignedBuf(int(max(bs, directio.Align)))[:bs]
+	same := 0
+	for _, n := range blocks {
+		hostCopy, err := gv.ReadBlock(n, 1)
+		if err != nil {
+			return DeviceFailing, fmt.Sprintf("fetching block %d of generation %d from the host: %v", n, gv.gen, err)
+		}
+		if _, err := c.dev.ReadAt(buf, int64(n)*bs); err != nil {
+			return DeviceFailing, fmt.Sprintf("reading block %d: %v", n, err)
+		}
+		if bytes.Equal(buf, hostCopy) {
+			same++
+		}
+	}
+	detail := fmt.Sprintf("filesystem %s; %d of %d sampled metadata blocks of generation %d match", fmtUUID(want.UUID), same, len(blocks), gv.gen)
+	if len(blocks) > 0 && 2*same < len(blocks) {
+		return DeviceMismatch, detail + ": a different copy of the filesystem"
+	}
+	return DeviceVerified, detail
+}
+
+// sampleBlocks picks up to n inode-table blocks in use, spread over the
+// filesystem's groups and over each table.
+func sampleBlocks(f *ext4ro.FS, n int) []uint64 {
+	var all []uint64
+	sb := f.Superblock()
+	groups := sb.GroupCount()
+	for g := range groups {
+		start, used, err := f.InodeTable(g)
+		if err != nil || used == 0 {
+			continue
+		}
+		for _, i := range []uint64{0, used / 2, used - 1} {
+			if len(all) == 0 || all[len(all)-1] != start+i {
+				all = append(all, start+i)
+			}
+		}
+	}
+	if len(all) <= n {
+		return all
+	}
+	out := make([]uint64, n)
+	for i := range out {
+		out[i] = all[i*len(all)/n]
+	}
+	return out
+}
+
+func fmtUUID(u [16]byte) string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}

@@ -1,0 +1,213 @@
+package guestagent
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// metaCache is the guest's one cache of metadata blocks: a bounded LRU of
+// the blocks of one generation, the one served. A switch drops what the
+// announcements said changed and moves the rest to the new generation,
+// at a cost that grows with the change, not with the cache. Blocks of
+// other generations are never cached: an older view still in use (a
+// directory listing begun before a switch) fetches what it reads, and a
+// fetch for a generation that a switch left behind meanwhile is not
+// added.
+type metaCache struct {
+	bs    int64
+	limit int // blocks
+
+	mu     sync.Mutex
+	gen    uint64                         // guarded by mu
+	lru    *simplelru.LRU[uint64, []byte] // guarded by mu
+	hits   uint64                         // guarded by mu
+	misses uint64                         // guarded by mu
+}
+
+// newMetaCache caches up to bytes of blocks of size bs of generation gen.
+func newMetaCache(bytes, bs int64, gen uint64) *metaCache {
+	limit := int(max(bytes/bs, 16))
+	lru, _ := simplelru.NewLRU[uint64, []byte](limit, nil) // errors only for size <= 0
+	return &metaCache{bs: bs, limit: limit, gen: gen, lru: lru}
+}
+
+func (c *metaCache) get(gen, n uint64) ([]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return nil, false
+	}
+	b, ok := c.lru.Get(n)
+	if ok {
+		c.hits++
+	} else {
+		c.misses++
+	}
+	return b, ok
+}
+
+// has reports whether block n of gen is cached, without counting or
+// refreshing it.
+func (c *metaCache) has(gen, n uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return gen == c.gen && c.lru.Contains(n)
+}
+
+// add caches block n of gen, if gen is still the cached generation.
+func (c *metaCache) add(gen, n uint64, b []byte) {
+	c.mu.Lock()
+	if gen == c.gen {
+		c.lru.Add(n, b)
+	}
+	c.mu.Unlock()
+}
+
+// forget drops every block: what the host serves under a generation
+// number may no longer be what was cached for it.
+func (c *metaCache) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen = noGeneration
+	c.lru.Purge()
+}
+
+// noGeneration is no generation's number.
+const noGeneration = ^uint64(0)
+
+// advance makes gen the cached generation: the blocks that changed go,
+// the rest stay.
+func (c *metaCache) advance(gen uint64, ch *changes) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen = gen
+	if ch.all {
+		c.lru.Purge()
+		return
+	}
+	for _, r := range ch.blocks {
+		if int(r.Count) > c.lru.Len() {
+			for _, n := range c.lru.Keys() {
+				if n >= r.Start && n-r.Start < uint64(r.Count) {
+					c.lru.Remove(n)
+				}
+			}
+			continue
+		}
+		for n := r.Start; n < r.Start+uint64(r.Count); n++ {
+			c.lru.Remove(n)
+		}
+	}
+}
+
+// stats reports the cache's use against its bound.
+func (c *metaCache) stats() CacheStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.lru.Len()
+	return CacheStatus{Blocks: n, LimitBlocks: c.limit, Bytes: int64(n) * c.bs, LimitBytes: int64(c.limit) * c.bs,
+		Hits: c.hits, Misses: c.misses}
+}
+
+// maxFetch is the most blocks one ReadMeta asks for.
+const maxFetch = 64
+
+// genView is one generation's metadata as ext4ro reads it: a BlockSource
+// over the guest's cache, which fetches what it misses from the host.
+type genView struct {
+	c   *Client
+	gen uint64
+	bs  int64
+	sb  []byte // the superblock's bytes, read at open: the generation's fingerprint
+	// dead: the host no longer has this generation, and what it serves
+	// under its number (another lineage's) must not be read for it.
+	dead atomic.Bool
+}
+
+// superblockAt is where the superblock's bytes are, whatever the block
+// size.
+const superblockAt, superblockSize = 1024, 1024
+
+// ReadBlock returns block n: cached, or fetched with the missing blocks
+// after it, up to ahead, in one request. Concurrent misses of one block
+// make one request.
+func (v *genView) ReadBlock(n, ahead uint64) ([]byte, error) {
+	if v.dead.Load() {
+		return nil, v.deadErr()
+	}
+	cache := v.c.cache
+	if b, ok := cache.get(v.gen, n); ok {
+		v.c.m.cacheHits.Inc()
+		return b, nil
+	}
+	v.c.m.cacheMisses.Inc()
+	key := strconv.FormatUint(v.gen, 10) + ":" + strconv.FormatUint(n, 10)
+	b, err, _ := v.c.fetches.Do(key, func() (any, error) {
+		blocks := []uint64{n}
+		for b := n + 1; b < n+min(ahead, maxFetch); b++ {
+			if cache.has(v.gen, b) {
+				break
+			}
+			blocks = append(blocks, b)
+		}
+		data, err := v.fetch(blocks)
+		if err != nil {
+			return nil, err
+		}
+		for i, b := range blocks {
+			cache.add(v.gen, b, data[int64(i)*v.bs:int64(i+1)*v.bs:int64(i+1)*v.bs])
+		}
+		return data[:v.bs:v.bs], nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return b.([]byte), nil
+}
+
+// fetch reads blocks (consecutive) of the view's generation from the host.
+func (v *genView) fetch(blocks []uint64) ([]byte, error) {
+	v.c.m.metaFetches.Inc()
+	reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(blocks)})
+	if err != nil {
+		if errors.Is(err, vsockproto.ErrGone) {
+			v.c.generationGone(v)
+		}
+		return nil, fmt.Errorf("generation %d: %w", v.gen, err)
+	}
+	if v.dead.Load() { // the request may have gone to another lineage's host
+		return nil, v.deadErr()
+	}
+	data := reply.(*vsockproto.Meta).Data
+	if int64(len(data)) != int64(len(blocks))*v.bs {
+		return nil, fmt.Errorf("generation %d: the host sent %d bytes for %d blocks", v.gen, len(data), len(blocks))
+	}
+	v.c.m.metaBytes.Add(float64(len(data)))
+	return data, nil
+}
+
+// ReadAt reads metadata bytes block by block, as ext4ro reads a
+// superblock, a slow symlink or an xattr inode.
+func (v *genView) ReadAt(p []byte, off int64) (int, error) {
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		b, err := v.ReadBlock(uint64(pos/v.bs), 1)
+		if err != nil {
+			return n, err
+		}
+		n += copy(p[n:], b[pos%v.bs:])
+	}
+	return n, nil
+}
+
+func (v *genView) deadErr() error {
+	return fmt.Errorf("%w: generation %d is gone from the host", ErrStale, v.gen)
+}
