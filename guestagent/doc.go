@@ -5,11 +5,14 @@
 // # Node ids
 //
 // FileSystem uses go-fuse's raw API. A FUSE node id is the ext4 inode
-// number (the root, inode 2, is FUSE's node 1, and node 2 is never handed
-// out), and the entry generation is the inode's i_generation. So the
-// filesystem keeps no table of nodes: LOOKUP and FORGET need no
-// bookkeeping, memory does not grow with the number of inodes the kernel
-// holds, and any node id can be answered straight from the view.
+// number with its i_generation in the high 32 bits (the root, inode 2, is
+// FUSE's node 1, and node 2 is never handed out), so an inode number the
+// host reuses for another file is another node, and any node id can be
+// answered straight from the view. For a live view the filesystem also
+// counts the kernel's references (nodes.go): each LOOKUP reply and
+// READDIRPLUS entry adds one, FORGET takes them away, and a node at zero
+// is dropped, so its memory follows the kernel's inode cache. A static
+// image keeps no count: nothing ever needs invalidating.
 //
 // # Kernel caching
 //
@@ -23,46 +26,87 @@
 //
 // # Errors
 //
-// FileSystem.status is the one place where errors become errnos: ENOENT,
-// ENOTDIR, EISDIR, ENAMETOOLONG, ENODATA and EINVAL for the caller's
-// mistakes; EACCES for encrypted inodes; EUCLEAN (as the kernel's ext4
-// says "structure needs cleaning") for a corrupt image; ENOTSUP for what
-// the reader does not implement; EIO for failed I/O. The last four are
-// logged: a burst of ten lines, then at most one a second. Every write
-// operation is EROFS, and the mount itself is read-only.
+// errnoOf (errors.go) is the one place where errors become errnos: the
+// reader's (ENOENT, ENOTDIR, EISDIR, ENAMETOOLONG, ENODATA, EINVAL for the
+// caller's mistakes; EACCES for encrypted inodes; EUCLEAN, as the kernel's
+// ext4 says "structure needs cleaning", for a corrupt image; ENOTSUP for
+// what the reader does not implement), then one table for every answer
+// the host can give (ESTALE when a file or generation is not what the
+// guest's view says, EBUSY, EMFILE for quota, EAGAIN for a limit that
+// did not pass, EIO for failures), and EIO for a failed transport or
+// device. Failures are logged: a burst of ten lines, then one a second.
+// Every write operation is EROFS, and the mount itself is read-only. A
+// handler that panics answers EIO and logs the panic; the mount stays.
 //
 // # The live guest
 //
-// Client connects to the host agent and serves its current generation.
-// A generation's view is an ext4ro.FS whose metadata reader is a
-// genView: blocks it has, or fetched from the host (ReadMeta) in one
-// request per miss and kept. Moving to generation G (Refresh) makes a new
-// view that keeps every cached block the announcements since say did not
-// change, swaps it into the FileSystem, then tells the kernel what
-// changed — each changed inode's attributes and pages, and in each
-// changed directory the names that went, came (cached misses) or now
-// name another inode, found by comparing the two listings — and only
-// then acknowledges G. This runs on the goroutine that handles the
-// announcement, never inside a FUSE request and never under our locks.
-// ClientConfig.Follow says when to move: always, at most once per
-// interval, or only when told (Refresh; SIGHUP for 'leasefs guest').
+// Client connects to the host agent (session.go) and serves one of its
+// generations. A generation's view is an ext4ro.FS whose metadata source
+// is a genView (view.go): blocks from the guest's one metadata cache, a
+// bounded LRU holding blocks of the generation served, or fetched from
+// the host (ReadMeta, with the blocks after a miss that ext4ro will want,
+// one request for concurrent misses of a block) and added to it.
 //
-// Opening a regular file takes a lease on it at the view's generation;
-// the open file keeps that view's inode, attributes (GETATTR with a file
-// handle) and block map (ext4ro.File), so it reads the same bytes however
-// the host replaces or deletes it. Data come from the shared device,
-// through that map with O_DIRECT, or through the lease over the
-// connection. An open the host answers stale, busy or not found (the file
-// changed or went after this generation) waits up to BusyWait for a newer
-// generation, moves to it and tries the same inode there; otherwise it
-// fails with ESTALE or EBUSY. A break fences the file once the reads in
-// flight are done, drops its pages and acknowledges; later reads are
-// ESTALE. If a reconnect does not resume the session (the host agent
-// restarted), every open file is fenced the same way: never different
-// bytes.
+// The switcher (switcher.go), one goroutine, is the only code that moves
+// the served view to another generation and the only code that sends the
+// kernel notifications. A switch reads the changed directories as the
+// old view has them, moves the cache to the new generation (dropping the
+// blocks the announcements listed, at a cost that grows with the change),
+// swaps the view into the FileSystem, then tells the kernel what changed:
+// each changed inode's attributes and pages, and in each changed
+// directory the names that went, came (cached misses) or now name another
+// inode. When what changed is not known (missed announcements, a new
+// host agent), it goes through the nodes the kernel holds and the names
+// it was given them under. Only then does the switch count as done and
+// is the generation acknowledged. ClientConfig.Follow says when to move:
+// always, at most once per interval, or only when told (Refresh; SIGHUP
+// for 'leasefs guest'); an open that needs a newer generation, and a
+// generation the host no longer has, move it whatever Follow says.
 //
-// Lock order: Client.switchMu (one switch at a time) before Client.mu;
-// a leasedFile's mu is taken with neither held.
+// Opening a regular file takes a lease on it at the view's generation
+// (files.go); the open file keeps that view's inode, attributes (GETATTR
+// with a file handle) and block map (ext4ro.File), so it reads the same
+// bytes however the host replaces or deletes it. Data come from the
+// shared device through that map with O_DIRECT, or through the lease over
+// the connection (no device, or a device that did not verify). An open
+// the host answers stale, not found or busy (the file changed or went
+// after this generation, or a writer has it) moves to a newer generation
+// and tries the same inode there: at once if one was announced; else, if
+// the host publishes on its own, after waiting for one as long as the
+// host's publish policy (told in the handshake) says one can take; else
+// it fails at once with ESTALE (or EBUSY), and one log line names the
+// path, the generation and why.
+//
+// A break fences the file: its reads check the fence before and after
+// they read, so a read that ends after the fence is ESTALE whatever it
+// read, and the acknowledgement can go at once. If a reconnect does not
+// resume the session (the host agent restarted), every open file is
+// fenced the same way: never other bytes. If the host does not have the
+// guest's generation any more, the old views are dead (nothing more is
+// read for them: their numbers may now name another lineage's
+// generations, which the superblock, the generation's fingerprint, tells
+// apart) and the switcher moves to the host's newest.
+//
+// The device (verify.go) is checked at connect and after every reconnect
+// against the generation served: its superblock's identity, and a sample
+// of metadata blocks. A mismatch refuses the mount; after a reconnect it
+// sends file data through the host until a later check matches.
+//
+// # Locking
+//
+// Client.mu guards the session, switching and open-file state; it is
+// held only to read and change that state, never during I/O, a call to
+// the host or a notification (it is released while waiting on
+// Client.changed). The locks taken with it held are metaCache.mu and
+// nodes.mu (through FileSystem methods), each a leaf held for a map
+// operation; nothing takes Client.mu while holding them. FileSystem.mu
+// (the handle table) is a leaf too. A leasedFile has no lock (its fence is
+// atomic), so nothing ever waits for a read in flight. The switcher sends
+// notifications with no lock held, and the only FUSE request that waits
+// for it is OPEN, during which the kernel holds no lock a notification
+// needs (a notification waits on a directory's lock while a LOOKUP in it
+// runs, and on a page's while a READ of it runs; neither ever waits for
+// the switcher).
 //
 // # What FUSE cannot show
 //

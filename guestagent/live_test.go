@@ -397,29 +397,6 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 	}
 }
 
-// Every write from a guest is EROFS.
-func TestGuestWritesAreEROFS(t *testing.T) {
-	h := startHost(t, 3*time.Second)
-	h.write(t, "f", "x")
-	h.publish(t)
-	g := startGuest(t, h, "")
-	p := filepath.Join(g.dir, "f")
-	for name, op := range map[string]func() error{
-		"open for writing": func() error { f, err := os.OpenFile(p, os.O_WRONLY, 0); f.Close(); return err },
-		"create":           func() error { return os.WriteFile(filepath.Join(g.dir, "n"), nil, 0o644) },
-		"mkdir":            func() error { return os.Mkdir(filepath.Join(g.dir, "d"), 0o755) },
-		"unlink":           func() error { return os.Remove(p) },
-		"rename":           func() error { return os.Rename(p, p+"2") },
-		"chmod":            func() error { return os.Chmod(p, 0o600) },
-		"truncate":         func() error { return os.Truncate(p, 0) },
-		"setxattr":         func() error { return syscall.Setxattr(p, "user.x", []byte("v"), 0) },
-	} {
-		if err := op(); !errors.Is(err, syscall.EROFS) {
-			t.Errorf("%s: %v, want EROFS", name, err)
-		}
-	}
-}
-
 // A file replaced on the host but not yet published cannot be read at
 // the guest's generation (its blocks may be reused). When the host
 // publishes on its own, an open waits for the generation that has the

@@ -43,8 +43,22 @@ func newClientMetrics(c *Client) *clientMetrics {
 		func() float64 { return float64(c.Generation()) })
 	open := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_open_files", Help: "Files open under a lease."},
 		func() float64 { c.mu.Lock(); defer c.mu.Unlock(); return float64(len(c.files)) })
+	cached := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_metadata_cache_bytes",
+		Help: "Bytes of metadata blocks cached (bounded by --cache-mb)."},
+		func() float64 { return float64(c.cache.stats().Bytes) })
+	nodes := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_kernel_nodes",
+		Help: "Inodes the kernel holds of the mount (what the guest keeps a node for)."},
+		func() float64 { return float64(c.fs.Nodes()) })
+	device := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_device_verified",
+		Help: "1 while file data is read from the shared device, verified; 0 while it comes through the host."},
+		func() float64 {
+			if c.deviceOK() {
+				return 1
+			}
+			return 0
+		})
 	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.cacheHits, m.cacheMisses, m.inval, m.data,
-		m.switches, m.reconnects, m.breaks, m.openRefusals, gen, open)
+		m.switches, m.reconnects, m.breaks, m.openRefusals, gen, open, cached, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)
 	}

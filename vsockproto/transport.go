@@ -209,6 +209,8 @@ func listenUnix(path string, opt ListenOptions) (net.Listener, func(), error) {
 		return nil, nil, &os.PathError{Op: "stat", Path: path, Err: err}
 	case old.Mode&unix.S_IFMT != unix.S_IFSOCK:
 		return nil, nil, fmt.Errorf("%s exists and is not a socket (mode %#o): refusing to replace it", path, old.Mode)
+	case socketServed(fmt.Sprintf("/proc/self/fd/%d/%s", dfd, name)):
+		return nil, nil, fmt.Errorf("%s is being served by another process: %w", path, ErrInUse)
 	default: // a stale socket from an earlier run
 		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
 			return nil, nil, &os.PathError{Op: "remove stale socket", Path: path, Err: err}
@@ -333,4 +335,18 @@ func DialHello(ctx context.Context, a Addr, hello Hello, h Handler, opt Options)
 		return nil, nil, err
 	}
 	return Client(ctx, nc, hello, h, opt)
+}
+
+// ErrInUse: another process serves the socket path asked to listen on.
+var ErrInUse = errors.New("address in use")
+
+// socketServed reports whether someone accepts connections on the Unix
+// socket at path: a socket nobody listens on refuses them at once.
+func socketServed(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return !errors.Is(err, unix.ECONNREFUSED) && !errors.Is(err, unix.ENOENT)
+	}
+	c.Close()
+	return true
 }

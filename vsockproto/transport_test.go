@@ -117,6 +117,19 @@ func TestUnixSocketHygiene(t *testing.T) {
 	if err := unix.Lstat(path, &st); err != nil || st.Mode&0o777 != 0o660 {
 		t.Fatalf("socket mode %#o, %v", st.Mode&0o777, err)
 	}
+	// A live socket is never taken over: a second agent is refused, and
+	// the first keeps its socket.
+	if l2, err := Listen(a, ListenOptions{VM: "vm1"}); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), path) {
+		if l2 != nil {
+			l2.Close()
+		}
+		t.Fatalf("over a live socket: %v, want ErrInUse naming it", err)
+	}
+	if c, err := net.Dial("unix", path); err != nil {
+		t.Fatalf("the first listener lost its socket: %v", err)
+	} else {
+		c.Close()
+	}
 	l.Close()
 	if _, err := os.Lstat(path); !os.IsNotExist(err) {
 		t.Fatalf("socket left behind: %v", err)

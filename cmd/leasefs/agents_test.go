@@ -43,11 +43,19 @@ func hostExport(t *testing.T) (mnt, dev string) {
 func startHostCmd(t *testing.T) (h *hostProc, mnt, dev string) {
 	t.Helper()
 	mnt, dev = hostExport(t)
-	run := t.TempDir()
+	h, _ = startHostOn(t, mnt, dev)
+	return h, mnt, dev
+}
+
+// startHostOn runs 'leasefs host' on the export mounted at mnt from dev,
+// publishing only when told, and waits until it is ready.
+func startHostOn(t *testing.T, mnt, dev string) (h *hostProc, run string) {
+	t.Helper()
+	run = t.TempDir()
 	h = &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock")}
 	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest,
 		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	return h, mnt, dev
+	return h, run
 }
 
 // runHostCmd runs leasefs with args, a host agent of the export at mnt,

@@ -264,8 +264,8 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 		gen += fmt.Sprintf("; %d announced", st.Latest)
 	}
 	fmt.Fprintf(tw, "generation\t%s; follows %s; the host publishes %s\n", gen, st.Follow, st.Publish)
-	fmt.Fprintf(tw, "metadata cache\t%.1f of %.1f MiB (%d hits, %d misses); the kernel holds %d nodes\n",
-		float64(st.Cache.Bytes)/(1<<20), float64(st.Cache.LimitBytes)/(1<<20), st.Cache.Hits, st.Cache.Misses, st.Nodes)
+	fmt.Fprintf(tw, "metadata cache\t%s of %s (%d hits, %d misses); the kernel holds %d nodes\n",
+		sizeOf(st.Cache.Bytes), sizeOf(st.Cache.LimitBytes), st.Cache.Hits, st.Cache.Misses, st.Nodes)
 	fmt.Fprintf(tw, "open files\t%d\n", st.OpenFiles)
 	if d := st.Device; d != nil {
 		fmt.Fprintf(tw, "device\t%s: %s (%s, checked %s)\n", d.Path, d.State, d.Detail, ago(d.Checked))
@@ -292,4 +292,12 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 		return tw.Flush()
 	}
 	return nil
+}
+
+// sizeOf writes n bytes in KiB or MiB, whole.
+func sizeOf(n int64) string {
+	if n < 10<<20 {
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d MiB", n>>20)
 }

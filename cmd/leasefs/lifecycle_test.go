@@ -2,8 +2,6 @@ package main
 
 import (
 	"bytes"
-	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,94 +30,6 @@ func smallImage(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return imgtest.Mkfs(t, "ext4", src, 16, "-O", "extent,metadata_csum,64bit")
-}
-
-// TestWritesAreEROFS: every operation that would change the filesystem
-// fails with EROFS, not EPERM, EACCES, ENOSYS or EIO — exactly as on the
-// kernel's read-only mount of the same image, which is the oracle (an
-// operation on a read-only descriptor fails with EBADF on both).
-func TestWritesAreEROFS(t *testing.T) {
-	img := smallImage(t)
-	kernel := writeOps(imgtest.KernelMount(t, img, "ro"))
-	ours := writeOps(startMount(t, img))
-	for name, op := range ours {
-		want := kernel[name]()
-		got := op()
-		if got == nil || !errors.Is(got, want) {
-			t.Errorf("%s: %v, want %v as the kernel's read-only ext4", name, got, want)
-		}
-	}
-	eroFS := 0
-	for _, op := range kernel {
-		if errors.Is(op(), unix.EROFS) {
-			eroFS++
-		}
-	}
-	if eroFS < len(kernel)-2 {
-		t.Fatalf("only %d of %d operations gave EROFS on the kernel mount", eroFS, len(kernel))
-	}
-}
-
-// writeOps are the write operations, on the mount at dir.
-func writeOps(dir string) map[string]func() error {
-	p := func(n string) string { return filepath.Join(dir, n) }
-	return map[string]func() error{
-		"open O_WRONLY": func() error { return openErr(p("file"), unix.O_WRONLY) },
-		"open O_RDWR":   func() error { return openErr(p("file"), unix.O_RDWR) },
-		"open O_TRUNC":  func() error { return openErr(p("file"), unix.O_RDONLY|unix.O_TRUNC) },
-		"open O_CREAT":  func() error { return openErr(p("new"), unix.O_WRONLY|unix.O_CREAT) },
-		"creat existing": func() error {
-			return openErr(p("file"), unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC)
-		},
-		"mkdir":       func() error { return unix.Mkdir(p("newdir"), 0o755) },
-		"rmdir":       func() error { return unix.Rmdir(p("dir")) },
-		"unlink":      func() error { return unix.Unlink(p("file")) },
-		"rename":      func() error { return unix.Rename(p("file"), p("renamed")) },
-		"link":        func() error { return unix.Link(p("file"), p("hardlink")) },
-		"symlink":     func() error { return unix.Symlink("file", p("symlink")) },
-		"mknod":       func() error { return unix.Mknod(p("fifo"), unix.S_IFIFO|0o644, 0) },
-		"chmod":       func() error { return unix.Chmod(p("file"), 0o600) },
-		"chown":       func() error { return unix.Chown(p("file"), 1, 1) },
-		"utimensat":   func() error { return unix.UtimesNano(p("file"), []unix.Timespec{{}, {}}) },
-		"truncate":    func() error { return unix.Truncate(p("file"), 0) },
-		"setxattr":    func() error { return unix.Setxattr(p("file"), "user.y", []byte("2"), 0) },
-		"removexattr": func() error { return unix.Removexattr(p("file"), "user.x") },
-		"fallocate": func() error {
-			f, err := os.Open(p("file"))
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			return unix.Fallocate(int(f.Fd()), 0, 0, 4096)
-		},
-		"mmap MAP_SHARED write": func() error {
-			f, err := os.Open(p("file"))
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			m, err := unix.Mmap(int(f.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-			if err == nil {
-				unix.Munmap(m)
-				return errors.New("writable shared mapping allowed")
-			}
-			return err
-		},
-		"unchanged": func() error {
-			if b, err := os.ReadFile(p("file")); err != nil || string(b) != "content\n" {
-				return fmt.Errorf("file reads %q, %v", b, err)
-			}
-			return unix.EROFS // nothing to compare: the content is the check
-		},
-	}
-}
-
-func openErr(path string, flags int) error {
-	fd, err := unix.Open(path, flags, 0o644)
-	if err == nil {
-		unix.Close(fd)
-	}
-	return err
 }
 
 // serverPids returns the pids of leasefs processes whose command line

@@ -1,0 +1,55 @@
+package main
+
+import (
+	"os/exec"
+	"testing"
+
+	"github.com/leasefs/leasefs/internal/conformance"
+	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
+)
+
+// The read-only conformance suite on every kind of leasefs mount: the
+// static image mount against the kernel's read-only mount of the image;
+// the live guest, with the shared device and without it, against a
+// read-only bind of the host's own mount of the export, which shows the
+// generation published (nothing changes after it).
+func TestConformance(t *testing.T) {
+	testenv.RequireFUSE(t)
+	testenv.RequireLoop(t)
+	spec := imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 300, NanoTimes: true}
+	t.Run("static", func(t *testing.T) {
+		src := t.TempDir()
+		imgtest.Populate(t, src, spec)
+		conformance.Populate(t, src)
+		img := imgtest.Mkfs(t, "ext4", src, 64, "-b", "4096", "-O", "has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
+		conformance.Run(t, startMount(t, img), imgtest.KernelMount(t, img, "ro"))
+	})
+	t.Run("live", func(t *testing.T) {
+		mnt, dev := hostExport(t)
+		imgtest.Populate(t, mnt, spec)
+		conformance.Populate(t, mnt)
+		h, _ := startHostOn(t, mnt, dev) // publishes what is there
+		oracle := bindReadOnly(t, mnt)
+		t.Run("device", func(t *testing.T) {
+			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev), oracle)
+		})
+		t.Run("no device", func(t *testing.T) {
+			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror"), oracle)
+		})
+	})
+}
+
+// bindReadOnly binds dir read-only at a new directory, until t ends.
+func bindReadOnly(t *testing.T, dir string) string {
+	t.Helper()
+	ro := t.TempDir()
+	if out, err := exec.Command("mount", "--bind", dir, ro).CombinedOutput(); err != nil {
+		t.Fatalf("bind: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { imgtest.Unmount(t, ro) })
+	if out, err := exec.Command("mount", "-o", "remount,bind,ro", ro).CombinedOutput(); err != nil {
+		t.Fatalf("remount read-only: %v\n%s", err, out)
+	}
+	return ro
+}
