@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test lint fuzz bench bench-lease demo deps clean install
+.PHONY: all build test lint fuzz bench bench-live bench-lease demo deps clean install
 
 all: build
 
@@ -36,6 +36,12 @@ fuzz:
 bench: build
 	@scripts/deps.sh bench
 	bench/run.sh
+
+# The live guest against the host's kernel mount: walks, guest memory.
+# LEASEFS_BEFORE=path/to/another/build measures it too, side by side.
+bench-live: build
+	@scripts/deps.sh bench
+	bench/live.sh
 
 # Lease acquisition latency and memory per lease (root and loop devices).
 bench-lease: deps

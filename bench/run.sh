@@ -3,11 +3,8 @@
 # in one run, on the same image. Prints a markdown table of medians and
 # ratios (and writes it to $LEASEFS_BENCH_DIR/results.md).
 #
-# The image (made once and kept in LEASEFS_BENCH_DIR, default
-# /var/tmp/leasefs-bench) is written by the kernel, so its directories are
-# htree-indexed as on a real host: a copy of /usr/lib, /usr/share and
-# /usr/include (>= 100k entries, ~4.5 GB), a directory of 100,000 empty
-# files, and a 1 GiB file of random bytes.
+# The image is bench/image.sh's (made once and kept in LEASEFS_BENCH_DIR,
+# default /var/tmp/leasefs-bench).
 #
 # Environment: RUNS_COLD (default 5), RUNS_WARM (5), ONLY (a regexp of
 # workload names to run).
@@ -23,22 +20,10 @@ img=$work/bench.img
 tool=$work/benchtool
 leasefs=$(pwd)/bin/leasefs
 runs_cold=${RUNS_COLD:-5} runs_warm=${RUNS_WARM:-5} only=${ONLY:-.}
-mkdir -p "$work/json" "$work/m/kernel" "$work/m/fuse2fs" "$work/m/leasefs" "$work/rw"
+mkdir -p "$work/json" "$work/m/kernel" "$work/m/fuse2fs" "$work/m/leasefs"
 go build -o "$tool" ./bench/benchtool
 
-if [ ! -f "$img.done" ]; then
-  echo "bench: making $img (once)" >&2
-  rm -f "$img"; truncate -s 12G "$img"
-  mkfs.ext4 -q -F -b 4096 -I 256 -O has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize "$img"
-  mount -o loop "$img" "$work/rw"
-  mkdir "$work/rw/tree"
-  cp -a /usr/lib /usr/share /usr/include "$work/rw/tree/"
-  "$tool" mkdir-many "$work/rw/bigdir" 100000
-  head -c 1G /dev/urandom > "$work/rw/big.bin"
-  umount "$work/rw"
-  e2fsck -fn "$img" >/dev/null
-  touch "$img.done"
-fi
+bench/image.sh "$work"
 
 mounted() { mountpoint -q "$1"; }
 umount_all() { local m; for m in kernel fuse2fs leasefs; do mounted "$work/m/$m" && umount "$work/m/$m"; done; return 0; }

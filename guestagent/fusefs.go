@@ -29,6 +29,7 @@ type FileSystem struct {
 	noOpen  bool
 	log     hclog.Logger
 	errLog  *rate.Limiter // of error log lines
+	warnLog *rate.Limiter // of lines about refused opens
 
 	files Files  // nil: files are read straight from the view
 	nodes *nodes // what the kernel holds; nil for a view that never changes
@@ -83,6 +84,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		noOpen:        cfg.NoOpen,
 		log:           cfg.Logger,
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
+		warnLog:       rate.NewLimiter(rate.Every(time.Second), 10),
 		files:         cfg.Files,
 		handles:       make(map[uint64]*handle),
 	}
@@ -331,7 +333,7 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 			if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
 				// Not a failure, but an application sees an error it
 				// may not expect: say which file and why.
-				if fs.errLog.Allow() {
+				if fs.warnLog.Allow() {
 					fs.log.Warn("open refused", "path", fs.nodes.path(in.NodeId), "inode", ino.Ino, "error", err)
 				}
 			}

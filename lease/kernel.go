@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -29,8 +30,15 @@ func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
 	binary.NativeEndian.PutUint32(h[0:], ino)
 	binary.NativeEndian.PutUint32(h[4:], igen)
 	pfd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileidIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
+	for try := 0; errors.Is(err, unix.ENOMEM) && try < 3; try++ {
+		// Seen on 6.18 for an inode a writer had just unlinked and
+		// freed (the consistency torture, a few times a minute), not
+		// only when memory is short: try again, then call it gone.
+		time.Sleep(time.Millisecond)
+		pfd, err = unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileidIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
+	}
 	if err != nil {
-		if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) {
+		if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOMEM) {
 			return -1, st, fmt.Errorf("%w: inode %d generation %d (%v)", ErrNotFound, ino, igen, err)
 		}
 		return -1, st, fmt.Errorf("open_by_handle_at inode %d: %w", ino, err)

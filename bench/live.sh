@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# bench/live.sh: the live guest (leasefs host + leasefs guest --device, over a
+# Unix socket) against the host's own kernel mount of the same filesystem,
+# side by side in one run. Prints a markdown table (also written to
+# $LEASEFS_BENCH_DIR/live-results.md).
+#
+#   - cold walk of the bench tree (find DIR -printf '%s %m\n'), each run on
+#     a fresh guest mount after dropping the caches, interleaved with the
+#     same walk on the host's mount; the guest's RSS after it;
+#   - warm walk (the same mount, walked once before);
+#   - guests idle on a small export (2,000 files): RSS of each of N.
+#
+# The bench image is bench/run.sh's (made once, kept in LEASEFS_BENCH_DIR,
+# default /var/tmp/leasefs-bench): a kernel-written copy of /usr (>= 100k
+# entries). It is mounted read-write here and exported by a host agent.
+#
+# Environment: RUNS_COLD (3), RUNS_WARM (3), GUESTS (16), LEASEFS (the
+# binary to measure, bin/leasefs), LEASEFS_BEFORE (another build, e.g. of
+# an older commit, measured the same way in the same run, as "before").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "bench-live: needs root (mounts)" >&2; exit 1; }
+for t in mkfs.ext4 python3 find; do
+  command -v $t >/dev/null || { echo "bench-live: needs $t" >&2; exit 1; }
+done
+
+work=${LEASEFS_BENCH_DIR:-/var/tmp/leasefs-bench}
+img=$work/bench.img
+leasefs=${LEASEFS:-$(pwd)/bin/leasefs}
+before=${LEASEFS_BEFORE:-}
+runs_cold=${RUNS_COLD:-3} runs_warm=${RUNS_WARM:-3} guests=${GUESTS:-16}
+live=$work/live
+bench/image.sh "$work"
+mkdir -p "$live"
+out=$live/times
+: > "$out"
+
+pids=()
+cleanup() {
+  local m
+  for m in $(awk -v d="$live/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${small_dev:-}" ] && losetup -d "$small_dev" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# start_host NAME IMG MOUNTPOINT: loop-mounts IMG read-write and exports it.
+start_host() {
+  local name=$1 image=$2 mnt=$3 dev
+  mkdir -p "$mnt" "$live/$name-state"
+  mount -o loop "$image" "$mnt"
+  dev=$(findmnt -no SOURCE "$mnt")
+  "$leasefs" host --export "$name=$dev:$mnt" --listen "unix:$live/$name.sock" --control "unix:$live/$name-control.sock" \
+    --state-dir "$live/$name-state" --auto-publish off > "$live/$name-host.out" 2> "$live/$name-host.log" &
+  pids+=($!)
+  for _ in $(seq 600); do grep -q '^ready$' "$live/$name-host.out" && break; sleep 0.1; done
+  grep -q '^ready$' "$live/$name-host.out" || { echo "bench-live: host $name not ready" >&2; cat "$live/$name-host.log" >&2; exit 1; }
+  echo "$dev"
+}
+
+# guest BINARY EXPORT DEVICE DIR: mounts a guest in the foreground (in the
+# background of this script) and prints its pid once it is mounted.
+guest() {
+  local bin=$1 export=$2 device=$3 dir=$4
+  mkdir -p "$dir"
+  LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$export.sock" --export "$export" \
+    ${device:+--device "$device"} "$dir" 2>> "$live/guests.log" &
+  local pid=$!
+  for _ in $(seq 200); do mountpoint -q "$dir" && break; sleep 0.05; done
+  mountpoint -q "$dir" || { echo "bench-live: guest at $dir did not mount" >&2; tail "$live/guests.log" >&2; exit 1; }
+  echo "$pid"
+}
+
+stop_guest() { umount "$1"; wait "$2" 2>/dev/null || true; }
+
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+walk() { find "$1" -printf '%s %m\n' > /dev/null; }
+
+timed() { # timed LABEL COMMAND...: appends "LABEL microseconds" to $out
+  local label=$1; shift
+  local t0 t1
+  t0=$(date +%s%N); "$@"; t1=$(date +%s%N)
+  echo "$label $(( (t1 - t0) / 1000 ))" >> "$out"
+}
+
+dev=$(start_host bench "$img" "$live/host")
+builds=(after)
+declare -A bin=([after]=$leasefs)
+if [ -n "$before" ]; then builds=(before after); bin[before]=$before; fi
+entries=$(find "$live/host/tree" | wc -l)
+echo "bench-live: tree of $entries entries; $(nproc) cores; $(uname -r)" >&2
+
+# Cold walks, interleaved: kernel, then each build, rotating the order.
+for ((r = 0; r < runs_cold; r++)); do
+  order=(kernel "${builds[@]}")
+  for ((i = 0; i < ${#order[@]}; i++)); do
+    who=${order[(i + r) % ${#order[@]}]}
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    if [ "$who" = kernel ]; then
+      timed walk-cold-kernel walk "$live/host/tree"
+    else
+      pid=$(guest "${bin[$who]}" bench "$dev" "$live/g-$who")
+      timed "walk-cold-$who" walk "$live/g-$who/tree"
+      echo "rss-walk-$who $(rss_kib "$pid")" >> "$out"
+      stop_guest "$live/g-$who" "$pid"
+    fi
+    echo "  cold $who: $(tail -1 "$out")" >&2
+  done
+done
+
+# Warm walks: each mount walked once, then timed.
+for who in kernel "${builds[@]}"; do
+  dir=$live/host/tree
+  if [ "$who" != kernel ]; then
+    pid=$(guest "${bin[$who]}" bench "$dev" "$live/g-$who"); dir=$live/g-$who/tree
+  fi
+  walk "$dir"
+  for ((r = 0; r < runs_warm; r++)); do timed "walk-warm-$who" walk "$dir"; done
+  [ "$who" != kernel ] && stop_guest "$live/g-$who" "$pid"
+  echo "  warm $who: $(tail -1 "$out")" >&2
+done
+
+# Guests idle on a small export.
+small=$live/small.img
+if [ ! -f "$small.done" ]; then
+  rm -f "$small"; mkdir -p "$live/small-src"
+  for d in $(seq 0 19); do
+    mkdir -p "$live/small-src/d$d"
+    for f in $(seq 0 99); do echo "file $d/$f" > "$live/small-src/d$d/f$f"; done
+  done
+  mkfs.ext4 -q -F -b 4096 -d "$live/small-src" "$small" 256M
+  touch "$small.done"
+fi
+small_dev=$(start_host small "$small" "$live/small-host")
+for who in "${builds[@]}"; do
+  gp=()
+  for g in $(seq 1 "$guests"); do
+    gp+=("$(guest "${bin[$who]}" small "$small_dev" "$live/s-$who-$g")")
+    ls -lR "$live/s-$who-$g" > /dev/null
+  done
+  sleep 5
+  for g in $(seq 1 "$guests"); do
+    echo "rss-idle-small-$who $(rss_kib "${gp[$((g - 1))]}")" >> "$out"
+    stop_guest "$live/s-$who-$g" "${gp[$((g - 1))]}"
+  done
+done
+
+python3 - "$out" "$entries" "$guests" "${builds[@]}" <<'EOF' | tee "$work/live-results.md"
+import statistics, sys
+path, entries, guests, builds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+v = {}
+for line in open(path):
+    k, n = line.split()
+    v.setdefault(k, []).append(int(n))
+med = lambda k: statistics.median(v[k])
+rng = lambda k, div, unit: f"{min(v[k]) / div:.2f}–{max(v[k]) / div:.2f} {unit}"
+print(f"| {entries:,} entries | " + " | ".join(["host kernel"] + [f"guest ({b})" for b in builds]) + " |")
+print("| --- |" + " ---: |" * (1 + len(builds)))
+for kind in ("cold", "warm"):
+    k = med(f"walk-{kind}-kernel")
+    cells = [f"{k / 1e6:.2f} s"]
+    for b in builds:
+        g = med(f"walk-{kind}-{b}")
+        cells.append(f"{g / 1e6:.2f} s ({g / k:.2f}×; {rng(f'walk-{kind}-{b}', 1e6, 's')})")
+    print(f"| {kind} walk, median | " + " | ".join(cells) + " |")
+print("| guest RSS after a cold walk | – | " + " | ".join(f"{med(f'rss-walk-{b}') / 1024:.0f} MiB" for b in builds) + " |")
+print(f"| RSS of each of {guests} guests idle on 2,000 files | – | " +
+      " | ".join(f"{med(f'rss-idle-small-{b}') / 1024:.1f} MiB (max {max(v[f'rss-idle-small-{b}']) / 1024:.1f})" for b in builds) + " |")
+EOF
