@@ -54,7 +54,7 @@ start_host() {
   mount -o loop "$image" "$mnt"
   dev=$(findmnt -no SOURCE "$mnt")
   "$leasefs" host --export "$name=$dev:$mnt" --listen "unix:$live/$name.sock" --control "unix:$live/$name-control.sock" \
-    --state-dir "$live/$name-state" --auto-publish off > "$live/$name-host.out" 2> "$live/$name-host.log" &
+    --state-dir "$live/$name-state" --auto-publish off --max-conns-per-guest 1024 --max-sessions-per-guest 1024 > "$live/$name-host.out" 2> "$live/$name-host.log" &
   pids+=($!)
   for _ in $(seq 600); do grep -q '^ready$' "$live/$name-host.out" && break; sleep 0.1; done
   grep -q '^ready$' "$live/$name-host.out" || { echo "bench-live: host $name not ready" >&2; cat "$live/$name-host.log" >&2; exit 1; }
@@ -67,7 +67,7 @@ guest() {
   local bin=$1 export=$2 device=$3 dir=$4
   mkdir -p "$dir"
   LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$export.sock" --export "$export" \
-    ${device:+--device "$device"} "$dir" 2>> "$live/guests.log" &
+    ${device:+--device "$device"} "$dir" > /dev/null 2>> "$live/guests.log" &
   local pid=$!
   for _ in $(seq 200); do mountpoint -q "$dir" && break; sleep 0.05; done
   mountpoint -q "$dir" || { echo "bench-live: guest at $dir did not mount" >&2; tail "$live/guests.log" >&2; exit 1; }

@@ -310,7 +310,7 @@ type scanReader struct {
 func (r *scanReader) ReadAt(p []byte, off int64) (int, error) {
 	n := 0
 	if r.g != nil {
-		n = r.g.copyOut(p, off)
+		n, _ = r.g.ReadAt(p, off) // as far as blocks read so far go
 	}
 	if n == len(p) {
 		return n, nil

@@ -108,7 +108,7 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // ServeControl answers control requests on l until ctx ends.
 func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error {
-	return acceptLoop(ctx, l, func(nc net.Conn, peer vsockproto.Peer) {
+	return s.acceptLoop(ctx, l, true, func(nc net.Conn, peer vsockproto.Peer) {
 		if peer.UID != 0 && int(peer.UID) != os.Geteuid() {
 			s.log.Warn("control connection from an unauthorised user", "peer", peer.String())
 			nc.Close()

@@ -208,22 +208,36 @@ func (e *Export) Current() *Generation {
 	return e.cur
 }
 
-// Generation returns kept generation n, or nil.
+// Generation returns kept generation n, referenced: the caller reads it
+// and then releases it (Generation.Release). Nil if it is not kept.
 func (e *Export) Generation(n uint64) *Generation {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.gens[n]
+	if g := e.gens[n]; g != nil && g.acquire() {
+		return g
+	}
+	return nil
 }
 
-// Drop forgets generation n (never the current one) and frees the blocks
-// no kept generation shares.
-func (e *Export) Drop(n uint64) {
+// Has reports whether generation n is kept.
+func (e *Export) Has(n uint64) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if g := e.gens[n]; g != nil && g != e.cur {
-		delete(e.gens, n)
-		g.release()
+	return e.gens[n] != nil
+}
+
+// Drop forgets generation n (never the current one); its blocks that no
+// kept generation shares are freed once no request reads it.
+func (e *Export) Drop(n uint64) {
+	e.mu.Lock()
+	g := e.gens[n]
+	if g == nil || g == e.cur {
+		e.mu.Unlock()
+		return
 	}
+	delete(e.gens, n)
+	e.mu.Unlock()
+	g.Release() // the export's own reference
 }
 
 // DropBefore drops every kept generation older than n (never the
@@ -353,6 +367,7 @@ func (e *Export) Publish() (*Generation, error) {
 	if err := e.dropStaleData(g); err != nil {
 		e.log.Error("dropping the device's cached file data; guests reading it buffered may see stale bytes", "error", err)
 	}
+	g.refs.Store(1) // the export's
 	e.mu.Lock()
 	g.Number, g.Frozen, g.Captured = e.next, frozen, time.Now()
 	e.next++
@@ -448,7 +463,7 @@ func (e *Export) resolve(cand map[uint32]bool, names []string, prev *Generation)
 	if len(names) == 0 {
 		return
 	}
-	pv, err := ext4ro.Open(prev, &ext4ro.Options{CacheBytes: 16 << 20, ReadAhead: 1})
+	pv, err := prev.FS() // the current generation: never dropped while current
 	if err != nil {
 		e.needFull = true
 		return

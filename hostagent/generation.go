@@ -2,8 +2,11 @@ package hostagent
 
 import (
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -31,6 +34,57 @@ type Generation struct {
 	store  *Store
 	blocks map[uint64]Hash     // block number → content
 	deps   map[uint32][]uint64 // inode → its MetaBlocks, for the next capture
+
+	// refs counts the export's hold on the generation (one, until it
+	// is dropped) and each request reading it (Export.Generation to
+	// Release); the last release frees its blocks, so a drop never
+	// pulls blocks from under a reader.
+	refs   atomic.Int64
+	fsOnce sync.Once
+	fs     *ext4ro.FS
+	fsErr  error
+}
+
+// acquire takes a reference, unless the last one is gone.
+func (g *Generation) acquire() bool {
+	for {
+		n := g.refs.Load()
+		if n <= 0 {
+			return false
+		}
+		if g.refs.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Release gives back a reference from Export.Generation.
+func (g *Generation) Release() {
+	if g.refs.Add(-1) == 0 {
+		g.release()
+	}
+}
+
+// FS is the generation's reader, opened on first use. It reads the
+// generation's blocks where the store keeps them (a BlockSource), so it
+// keeps no cache of its own.
+func (g *Generation) FS() (*ext4ro.FS, error) {
+	g.fsOnce.Do(func() { g.fs, g.fsErr = ext4ro.Open(g, nil) })
+	return g.fs, g.fsErr
+}
+
+// ReadBlock returns block n, shared with the store: it makes a
+// Generation an ext4ro.BlockSource.
+func (g *Generation) ReadBlock(n, _ uint64) ([]byte, error) {
+	h, ok := g.blocks[n]
+	if !ok {
+		return nil, fmt.Errorf("generation %d: block %d is not metadata", g.Number, n)
+	}
+	b := g.store.get(h)
+	if b == nil {
+		return nil, fmt.Errorf("generation %d: block %d is gone from the store", g.Number, n)
+	}
+	return b, nil
 }
 
 // Blocks returns how many metadata blocks the generation holds.
@@ -41,29 +95,19 @@ func (g *Generation) Has(n uint64) bool { _, ok := g.blocks[n]; return ok }
 
 // ReadAt reads the generation's metadata as an image would read: a block
 // that is not metadata of this generation is an error, so nothing but
-// metadata is ever served from it. It makes a Generation the metadata
-// reader of an ext4ro.FS.
+// metadata is ever served from it.
 func (g *Generation) ReadAt(p []byte, off int64) (int, error) {
-	if n := g.copyOut(p, off); n < len(p) {
-		return n, fmt.Errorf("generation %d: block %d is not metadata", g.Number, (off+int64(n))/int64(g.BlockSize))
-	}
-	return len(p), nil
-}
-
-// copyOut copies the bytes at off into p for as long as their blocks are
-// in the generation, and returns how many it copied.
-func (g *Generation) copyOut(p []byte, off int64) int {
 	bs := int64(g.BlockSize)
 	n := 0
 	for n < len(p) {
 		pos := off + int64(n)
-		h, ok := g.blocks[uint64(pos/bs)]
-		if !ok {
-			break
+		b, err := g.ReadBlock(uint64(pos/bs), 1)
+		if err != nil {
+			return n, err
 		}
-		n += copy(p[n:], g.store.get(h)[pos%bs:])
+		n += copy(p[n:], b[pos%bs:])
 	}
-	return n
+	return n, nil
 }
 
 // release drops the generation's references to its blocks.

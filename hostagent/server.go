@@ -10,19 +10,22 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 
-	"github.com/leasefs/leasefs/ext4ro"
-	"github.com/leasefs/leasefs/layout"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // ServerOptions configure a Server. Zero fields take the defaults.
 type ServerOptions struct {
-	Lease           lease.Config       // per export; Root and Logger are set by the server
-	Conn            vsockproto.Options // per connection
-	MaxConnsPerPeer int                // 8
-	Logger          hclog.Logger
+	Lease  lease.Config       // per export; Root, Logger and FDs are set by the server
+	Conn   vsockproto.Options // per connection
+	Limits Limits
+	// FDs is the budget of descriptors that guests' files and
+	// connections come from; nil: the fd limit less lease.Config's
+	// FDReserve (256, or a quarter of a limit under 1,024).
+	FDs    *lease.FDs
+	Logger hclog.Logger
 }
 
 // Server serves guests the exports' generations and leases.
@@ -31,32 +34,35 @@ type Server struct {
 	log     hclog.Logger
 	exports map[string]*served
 	m       *metrics
+	quotas  *quotas
+	fds     *lease.FDs
+	spare   spareFD
+	warn    *rate.Limiter // of log lines about refused guests
 
-	mu      sync.Mutex
-	conns   map[*guest]struct{} // guarded by mu
-	perPeer map[string]int      // guarded by mu
-	closed  bool                // guarded by mu
+	mu     sync.Mutex
+	conns  map[*guest]struct{} // guarded by mu
+	closed bool                // guarded by mu
 }
 
-// served is one export with its lease coordinator and the readers of
-// its generations.
+// served is one export with its lease coordinator.
 type served struct {
 	exp   *Export
 	coord *lease.Coordinator
 	m     *metrics
 
-	mu    sync.Mutex
-	views map[uint64]*ext4ro.FS  // guarded by mu
-	on    map[lease.Token]uint64 // the generation each session is on; guarded by mu
+	mu sync.Mutex
+	on map[lease.Token]uint64 // the generation each session is on; guarded by mu
 }
 
 // guest is one connection.
 type guest struct {
+	s      *Server
 	sv     *served
 	conn   *vsockproto.Conn
 	sess   *lease.Session
 	att    uint64 // which attachment of sess this connection is
 	peer   vsockproto.Peer
+	quota  *guestQuota
 	breaks chan []lease.ID
 	max    uint32 // the guest's frame limit
 }
@@ -66,26 +72,60 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 	if opt.Logger == nil {
 		opt.Logger = hclog.NewNullLogger()
 	}
-	if opt.MaxConnsPerPeer <= 0 {
-		opt.MaxConnsPerPeer = 8
+	opt.Limits = opt.Limits.withDefaults()
+	if err := opt.Limits.Validate(); err != nil {
+		return nil, err
 	}
-	s := &Server{opt: opt, log: opt.Logger, exports: map[string]*served{}, conns: map[*guest]struct{}{}, perPeer: map[string]int{}}
+	// Guests' requests are small; a receive limit of the smallest frame
+	// bounds what one can make us buffer.
+	if opt.Conn.MaxFrame == 0 {
+		opt.Conn.MaxFrame = vsockproto.MinFrame
+	}
+	if opt.FDs == nil {
+		var err error
+		if opt.FDs, err = lease.NewFDs(fdReserve(opt.Lease.FDReserve)); err != nil {
+			return nil, err
+		}
+	}
+	s := &Server{opt: opt, log: opt.Logger, exports: map[string]*served{}, conns: map[*guest]struct{}{}, fds: opt.FDs,
+		warn: rate.NewLimiter(rate.Every(time.Second), 10)}
 	for _, e := range exports {
+		if s.exports[e.cfg.Name] != nil {
+			s.Close()
+			return nil, fmt.Errorf("export %s is named twice", e.cfg.Name)
+		}
 		cfg := opt.Lease
 		cfg.Root = e.cfg.Mount
+		cfg.FDs = opt.FDs
 		cfg.Logger = opt.Logger.Named("lease").With("export", e.cfg.Name)
 		c, err := lease.New(cfg)
 		if err != nil {
 			s.Close()
 			return nil, fmt.Errorf("export %s: %w", e.cfg.Name, err)
 		}
-		s.exports[e.cfg.Name] = &served{exp: e, coord: c, views: map[uint64]*ext4ro.FS{}, on: map[lease.Token]uint64{}}
+		s.exports[e.cfg.Name] = &served{exp: e, coord: c, on: map[lease.Token]uint64{}}
 	}
 	s.m = newMetrics(s)
 	for _, sv := range s.exports {
 		sv.m = s.m
 	}
+	s.quotas = newQuotas(opt.Limits, s.m)
+	s.spare.open()
 	return s, nil
+}
+
+// fdReserve is the descriptors left out of the guests' budget for the
+// agent itself: listeners, the control socket, logs, the watchdog's
+// pipe, inotify.
+func fdReserve(want int) int {
+	if want > 0 {
+		return want
+	}
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < 1024 {
+		return int(rl.Cur / 4)
+	}
+	return 256
 }
 
 // Close ends every connection and coordinator.
@@ -101,54 +141,143 @@ func (s *Server) Close() {
 	for _, sv := range s.exports {
 		sv.coord.Close()
 	}
+	s.spare.close()
 }
 
 // Serve accepts guests on l until ctx ends or l fails.
 func (s *Server) Serve(ctx context.Context, l *vsockproto.Listener) error {
-	return acceptLoop(ctx, l, func(nc net.Conn, peer vsockproto.Peer) { go s.serveConn(ctx, nc, peer) })
+	return s.acceptLoop(ctx, l, false, func(nc net.Conn, peer vsockproto.Peer) { go s.serveConn(ctx, nc, peer) })
 }
 
 // acceptLoop hands every connection l accepts to serve until ctx ends
-// (nil) or l fails.
-func acceptLoop(ctx context.Context, l *vsockproto.Listener, serve func(net.Conn, vsockproto.Peer)) error {
+// (nil) or l fails. Running out of descriptors (or memory) does not end
+// it: it backs off and tries again, and meanwhile uses the spare
+// descriptor to take the connection waiting and — a guest's — close it
+// at once, so the guest learns at once rather than at its timeout; or —
+// trusted (the control socket) — serve it.
+func (s *Server) acceptLoop(ctx context.Context, l *vsockproto.Listener, trusted bool, serve func(net.Conn, vsockproto.Peer)) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	backoff := 5 * time.Millisecond
 	for {
 		nc, peer, err := l.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+		switch {
+		case err == nil:
+			backoff = 5 * time.Millisecond
+			serve(nc, peer)
+			continue
+		case ctx.Err() != nil:
+			return nil
+		case !exhausted(err):
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
 			}
 			return err
 		}
-		serve(nc, peer)
+		if s.warn.Allow() {
+			s.log.Error("out of descriptors or memory accepting a connection; backing off", "listener", l.Addr().String(), "error", err)
+		}
+		if nc, peer, ok := s.spare.acceptWith(l); ok {
+			if trusted {
+				serve(nc, peer)
+			} else {
+				nc.Close()
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
 	}
 }
 
+// exhausted reports whether an accept failed for want of descriptors or
+// memory, which passes.
+func exhausted(err error) bool {
+	for _, e := range []error{unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// spareFD is a descriptor kept open to be given up when the process has
+// none left, so that one more connection can still be accepted.
+type spareFD struct {
+	mu sync.Mutex
+	fd int // guarded by mu
+}
+
+func (sp *spareFD) open() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.fd, _ = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+}
+
+func (sp *spareFD) close() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.fd >= 0 {
+		unix.Close(sp.fd)
+		sp.fd = -1
+	}
+}
+
+// acceptWith gives up the spare descriptor, accepts the connection
+// waiting on l, if one comes within a moment, and takes the spare again.
+func (sp *spareFD) acceptWith(l *vsockproto.Listener) (net.Conn, vsockproto.Peer, bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.fd < 0 {
+		sp.fd, _ = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		return nil, vsockproto.Peer{}, false
+	}
+	unix.Close(sp.fd)
+	_ = l.SetDeadline(time.Now().Add(10 * time.Millisecond))
+	nc, peer, err := l.Accept()
+	_ = l.SetDeadline(time.Time{})
+	sp.fd, _ = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	return nc, peer, err == nil
+}
+
 func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Peer) {
-	key := peer.String()
+	who := peer.Guest()
+	refuse := func(limit, why string) {
+		s.m.quota.WithLabelValues("", limit).Inc()
+		if s.warn.Allow() {
+			s.log.Warn("refusing a connection: "+why, "guest", who, "peer", peer.String())
+		}
+		nc.Close()
+	}
 	s.mu.Lock()
-	if s.closed || s.perPeer[key] >= s.opt.MaxConnsPerPeer {
-		s.mu.Unlock()
-		s.m.quota.WithLabelValues("", "connections").Inc()
-		s.log.Warn("refusing a connection: too many from this peer", "peer", key)
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
 		nc.Close()
 		return
 	}
-	s.perPeer[key]++
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		s.perPeer[key]--
-		s.mu.Unlock()
-	}()
+	if !s.fds.Take() {
+		refuse("fds", "the descriptors for guests are all in use")
+		return
+	}
+	defer s.fds.Give()
+	gq, ok := s.quotas.connect(who)
+	if !ok {
+		refuse("connections", "too many from this guest")
+		return
+	}
+	defer s.quotas.disconnect(gq)
 
-	g := &guest{peer: peer, breaks: make(chan []lease.ID, 1024)}
+	g := &guest{s: s, peer: peer, quota: gq, breaks: make(chan []lease.ID, 1024)}
 	conn, _, err := vsockproto.Server(ctx, nc, func(h *vsockproto.Hello) (*vsockproto.Welcome, vsockproto.Handler, error) {
 		return s.welcome(g, h)
 	}, s.opt.Conn)
 	if err != nil {
-		s.log.Debug("handshake failed", "peer", key, "error", err)
+		s.log.Debug("handshake failed", "peer", peer.String(), "error", err)
 		if g.sess != nil { // the Welcome was not sent
 			g.sess.Detach(g.att)
 		}
@@ -158,11 +287,11 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	s.mu.Lock()
 	s.conns[g] = struct{}{}
 	s.mu.Unlock()
-	s.log.Info("guest connected", "peer", key, "export", g.sv.exp.cfg.Name)
+	s.log.Info("guest connected", "guest", who, "peer", peer.String(), "export", g.sv.exp.cfg.Name)
 
 	go g.forwardBreaks(s.opt.Lease.AckTimeout)
 	<-conn.Done()
-	s.log.Info("guest disconnected", "peer", key, "why", conn.Err())
+	s.log.Info("guest disconnected", "guest", who, "peer", peer.String(), "why", conn.Err())
 	s.mu.Lock()
 	delete(s.conns, g)
 	s.mu.Unlock()
@@ -190,22 +319,26 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 			s.log.Warn("break queue full; the guest will be revoked", "peer", g.peer.String())
 		}
 	}
+	who := g.peer.Guest()
 	resumed := false
 	var err error
 	if h.Token != zeroToken && h.Features.Has(vsockproto.FeatureResume) {
-		if g.sess, g.att, err = sv.coord.Resume(lease.Token(h.Token), g.peer.String(), sink); err == nil {
+		if g.sess, g.att, err = sv.coord.Resume(lease.Token(h.Token), who, g.peer.String(), sink); err == nil {
 			resumed = true
 		}
 	}
 	if !resumed {
-		if g.sess, err = sv.coord.NewSession(g.peer.String(), sink); err != nil {
-			return nil, nil, err
+		if g.sess, err = sv.coord.NewSession(who, g.peer.String(), sink); err != nil {
+			if errors.Is(err, lease.ErrQuota) {
+				s.m.quota.WithLabelValues(sv.exp.cfg.Name, "sessions").Inc()
+			}
+			return nil, nil, protoErr(err)
 		}
 		g.att = 1
 	}
 	g.sv, g.max = sv, h.MaxFrame
 	// The guest may stay on the generation it names if it is kept.
-	kept := h.Generation != 0 && sv.exp.Generation(h.Generation) != nil
+	kept := h.Generation != 0 && sv.exp.Has(h.Generation)
 	w := &vsockproto.Welcome{
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
@@ -254,237 +387,4 @@ func (g *guest) forwardBreaks(deadline time.Duration) {
 			}
 		}()
 	}
-}
-
-// handle answers a guest's request.
-func (g *guest) handle(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
-	switch m := req.(type) {
-	case *vsockproto.ReadMeta:
-		return g.readMeta(m)
-	case *vsockproto.Open:
-		return g.open(m)
-	case *vsockproto.Read:
-		if m.Length > g.max {
-			return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "read of %d bytes exceeds your frame limit", m.Length)
-		}
-		p := make([]byte, m.Length)
-		n, err := g.sess.ReadAt(lease.ID(m.Lease), p, int64(m.Offset))
-		if err != nil {
-			return nil, protoErr(err)
-		}
-		g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "data").Add(float64(n))
-		return &vsockproto.Data{Data: p[:n]}, nil
-	case *vsockproto.Release:
-		if err := g.sess.Release(lease.ID(m.Lease)); err != nil {
-			return nil, protoErr(err)
-		}
-		return &vsockproto.Released{}, nil
-	}
-	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by the host", req.Type())
-}
-
-func (g *guest) generation(n uint64) (*Generation, error) {
-	gen := g.sv.exp.Generation(n)
-	if gen == nil {
-		return nil, vsockproto.Errorf(vsockproto.CodeGone, "generation %d is not kept", n)
-	}
-	return gen, nil
-}
-
-func (g *guest) readMeta(m *vsockproto.ReadMeta) (vsockproto.Message, error) {
-	gen, err := g.generation(m.Generation)
-	if err != nil {
-		return nil, err
-	}
-	bs := uint64(gen.BlockSize)
-	total := uint64(0)
-	for _, r := range m.Blocks {
-		total += uint64(r.Count) * bs
-		if total > uint64(g.max) {
-			return nil, vsockproto.Errorf(vsockproto.CodeTooBig, "%d bytes of blocks exceed your frame limit", total)
-		}
-		for b := r.Start; b < r.Start+uint64(r.Count); b++ {
-			if !gen.Has(b) {
-				return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "block %d is not metadata of generation %d", b, m.Generation)
-			}
-		}
-	}
-	out := make([]byte, 0, total)
-	for _, r := range m.Blocks {
-		p := make([]byte, uint64(r.Count)*bs)
-		if _, err := gen.ReadAt(p, int64(r.Start*bs)); err != nil {
-			return nil, err
-		}
-		out = append(out, p...)
-	}
-	g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "meta").Add(float64(len(out)))
-	return &vsockproto.Meta{Data: out}, nil
-}
-
-// open checks the guest's description of the inode against the host's own
-// copy of the generation, and leases the inode as that generation has it.
-func (g *guest) open(m *vsockproto.Open) (vsockproto.Message, error) {
-	gen, err := g.generation(m.Generation)
-	if err != nil {
-		return nil, err
-	}
-	view, err := g.sv.view(gen)
-	if err != nil {
-		return nil, err
-	}
-	in, err := view.Inode(m.Inode)
-	switch {
-	case errors.Is(err, ext4ro.ErrNotExist), errors.Is(err, ext4ro.ErrInvalid):
-		return nil, vsockproto.Errorf(vsockproto.CodeNotFound, "inode %d is not in use in generation %d", m.Inode, m.Generation)
-	case err != nil:
-		return nil, vsockproto.Errorf(vsockproto.CodeInternal, "inode %d: %v", m.Inode, err)
-	case !in.IsRegular():
-		return nil, vsockproto.Errorf(vsockproto.CodeNotRegular, "inode %d", m.Inode)
-	case in.Generation != m.IGen || in.Size != m.Size || in.Ctime.Sec != m.Ctime.Sec || in.Ctime.Nsec != m.Ctime.Nsec:
-		return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "inode %d is not like that in generation %d", m.Inode, m.Generation)
-	}
-	layout, err := LayoutHash(view, in)
-	if err != nil {
-		return nil, vsockproto.Errorf(vsockproto.CodeInternal, "inode %d: %v", m.Inode, err)
-	}
-	if m.Layout != 0 && m.Layout != layout {
-		return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "inode %d's layout is not that of generation %d", m.Inode, m.Generation)
-	}
-	id, err := g.sess.Acquire(lease.Request{Ino: m.Inode, IGen: in.Generation, Size: in.Size,
-		Ctime: unix.Timespec{Sec: in.Ctime.Sec, Nsec: int64(in.Ctime.Nsec)}, Layout: layout})
-	if err != nil {
-		if errors.Is(err, lease.ErrQuota) {
-			g.sv.m.quota.WithLabelValues(g.sv.exp.cfg.Name, "leases").Inc()
-		}
-		return nil, protoErr(err)
-	}
-	return &vsockproto.Leased{Lease: uint64(id)}, nil
-}
-
-// LayoutHash is the protocol's layout hash of in's blocks.
-func LayoutHash(f *ext4ro.FS, in *ext4ro.Inode) (uint64, error) {
-	m, err := f.Map(in)
-	if err != nil {
-		return 0, err
-	}
-	return layout.Hash(m), nil
-}
-
-// view returns the host's reader of generation gen.
-func (sv *served) view(gen *Generation) (*ext4ro.FS, error) {
-	sv.mu.Lock()
-	defer sv.mu.Unlock()
-	if f := sv.views[gen.Number]; f != nil {
-		return f, nil
-	}
-	f, err := ext4ro.Open(gen, &ext4ro.Options{CacheBytes: 4 << 20, ReadAhead: 1})
-	if err != nil {
-		return nil, vsockproto.Errorf(vsockproto.CodeInternal, "generation %d: %v", gen.Number, err)
-	}
-	sv.views[gen.Number] = f
-	return f, nil
-}
-
-// protoErr maps a lease error to its protocol error: the one place the
-// host turns errors into codes.
-func protoErr(err error) error {
-	code := vsockproto.CodeInternal
-	for _, lc := range leaseCodes {
-		if errors.Is(err, lc.err) {
-			code = lc.code
-			break
-		}
-	}
-	return &vsockproto.Error{Code: code, Message: err.Error()}
-}
-
-var leaseCodes = []struct {
-	err  error
-	code vsockproto.Code
-}{
-	{lease.ErrStale, vsockproto.CodeStale},
-	{lease.ErrBusy, vsockproto.CodeBusy},
-	{lease.ErrNotFound, vsockproto.CodeNotFound},
-	{lease.ErrNotRegular, vsockproto.CodeNotRegular},
-	{lease.ErrQuota, vsockproto.CodeQuota},
-	{lease.ErrUnknown, vsockproto.CodeBadLease},
-	{lease.ErrRevoked, vsockproto.CodeRevoked},
-	{lease.ErrClosed, vsockproto.CodeGone},
-}
-
-// Publish publishes a generation of the named export and announces it to
-// its guests. It does not wait for their acks.
-func (s *Server) Publish(name string) (*Generation, error) {
-	sv := s.exports[name]
-	if sv == nil {
-		return nil, fmt.Errorf("no export %q", name)
-	}
-	gen, err := sv.exp.Publish()
-	if err != nil {
-		s.m.failed.WithLabelValues(name).Inc()
-		return nil, err
-	}
-	s.m.published.WithLabelValues(name).Inc()
-	s.m.freeze.WithLabelValues(name).Observe(gen.Frozen.Seconds())
-	ann := &vsockproto.Announce{Generation: gen.Number, Blocks: gen.Changed, Inodes: gen.ChangedInodes}
-	if gen.All {
-		ann = &vsockproto.Announce{Generation: gen.Number, Flags: vsockproto.AnnounceAll}
-	}
-	s.mu.Lock()
-	var gs []*guest
-	for g := range s.conns {
-		if g.sv == sv {
-			gs = append(gs, g)
-		}
-	}
-	s.mu.Unlock()
-	for _, g := range gs {
-		go g.announce(ann, gen.Captured, s.opt.Conn.KeepAlive)
-	}
-	s.retain(sv)
-	return gen, nil
-}
-
-// announce tells one guest of a generation and notes which it is on.
-func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAlive time.Duration) {
-	ctx, cancel := context.WithTimeout(context.Background(), max(keepAlive, 10*time.Second)*3)
-	defer cancel()
-	reply, err := g.conn.Call(ctx, ann)
-	if errors.Is(err, vsockproto.ErrTooBig) {
-		reply, err = g.conn.Call(ctx, &vsockproto.Announce{Generation: ann.Generation, Flags: vsockproto.AnnounceAll})
-	}
-	if err != nil {
-		return
-	}
-	g.sv.m.announceAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(published))
-	on := reply.(*vsockproto.AnnounceAck).Generation
-	if on > ann.Generation {
-		return // a guest that lies about its generation keeps what it was on
-	}
-	g.sv.mu.Lock()
-	g.sv.on[g.sess.Token()] = on
-	g.sv.mu.Unlock()
-	// Retention runs at the next publish.
-}
-
-// retain drops the generations older than every one a session is on.
-// Those between are kept too: a guest that follows at intervals may move
-// to any generation announced to it before it can say so.
-func (s *Server) retain(sv *served) {
-	oldest := sv.exp.Current().Number
-	sv.mu.Lock()
-	for tok, n := range sv.on {
-		if !sv.coord.HasSession(tok) {
-			delete(sv.on, tok)
-			continue
-		}
-		oldest = min(oldest, n)
-	}
-	for n := range sv.views {
-		if n < oldest {
-			delete(sv.views, n)
-		}
-	}
-	sv.mu.Unlock()
-	sv.exp.DropBefore(oldest)
 }

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,7 +57,7 @@ func TestConnectionsPerPeerAreCapped(t *testing.T) {
 	if _, err := e.Publish(); err != nil {
 		t.Fatal(err)
 	}
-	_, a := serve(t, e, ServerOptions{MaxConnsPerPeer: 3, Lease: lease.Config{AckTimeout: time.Second}})
+	_, a := serve(t, e, ServerOptions{Limits: Limits{ConnsPerGuest: 3}, Lease: lease.Config{AckTimeout: time.Second}})
 	var conns []*vsockproto.Conn
 	for range 3 {
 		c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
@@ -108,7 +110,11 @@ func TestServerChecksGuests(t *testing.T) {
 	}{
 		{"gone generation", &vsockproto.ReadMeta{Generation: g.Number + 5, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}}, vsockproto.ErrGone},
 		{"not metadata", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 10000, Count: 1}}}, vsockproto.ErrInvalid},
-		{"too big", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1 << 20}}}, vsockproto.ErrTooBig},
+		{"too many blocks", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1 << 20}}}, vsockproto.ErrInvalid},
+		{"a block twice", &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 2}, {Start: 1, Count: 1}}}, vsockproto.ErrInvalid},
+		{"block 0 4,096 times", &vsockproto.ReadMeta{Generation: g.Number, Blocks: slices.Repeat([]vsockproto.BlockRange{{Start: 0, Count: 1}}, 4096)}, vsockproto.ErrInvalid},
+		{"the journal inode", &vsockproto.Open{Generation: g.Number, Inode: 8}, vsockproto.ErrNotFound},
+		{"a read over the reply limit", &vsockproto.Read{Lease: 12345, Length: 2 << 20}, vsockproto.ErrInvalid},
 		{"wrong size", &vsockproto.Open{Generation: g.Number, Inode: ino, Size: 99}, vsockproto.ErrInvalid},
 		{"no such inode", &vsockproto.Open{Generation: g.Number, Inode: 5000}, vsockproto.ErrNotFound},
 		{"a directory", &vsockproto.Open{Generation: g.Number, Inode: 2}, vsockproto.ErrNotRegular},
@@ -121,6 +127,36 @@ func TestServerChecksGuests(t *testing.T) {
 	}
 	if _, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}}); err != nil {
 		t.Fatalf("the superblock: %v", err)
+	}
+	// A real lease: reads at and far past the end are empty.
+	in := inodeOf(t, filepath.Join(x.mnt, "f"))
+	var st syscall.Stat_t
+	syscall.Stat(filepath.Join(x.mnt, "f"), &st)
+	view, _ := g.FS()
+	fin, err := view.Inode(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reply, err := c.Call(context.Background(), &vsockproto.Open{Generation: g.Number, Inode: in, IGen: fin.Generation, Size: fin.Size,
+		Ctime: vsockproto.Timespec{Sec: fin.Ctime.Sec, Nsec: fin.Ctime.Nsec}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := reply.(*vsockproto.Leased).Lease
+	for _, off := range []uint64{uint64(st.Size), vsockproto.MaxOffset} {
+		m, err := c.Call(context.Background(), &vsockproto.Read{Lease: id, Offset: off, Length: 10})
+		if err != nil || len(m.(*vsockproto.Data).Data) != 0 {
+			t.Fatalf("a read at %d: %v, want nothing", off, err)
+		}
+	}
+	// A guest whose frames are small gets too_big for more blocks than fit.
+	small, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{MaxFrame: vsockproto.MinFrame})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer small.Close()
+	if _, err := small.Call(context.Background(), &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 17}}}); !errors.Is(err, vsockproto.ErrTooBig) {
+		t.Fatalf("17 blocks to a guest of 64 KiB frames: %v", err)
 	}
 }
 

@@ -85,7 +85,7 @@ func BenchmarkAcquire(b *testing.B) {
 				return
 			}
 			go vsockproto.Server(context.Background(), nc, func(*vsockproto.Hello) (*vsockproto.Welcome, vsockproto.Handler, error) {
-				s, err := c.NewSession("bench", func([]ID) {})
+				s, err := c.NewSession("bench", "bench", func([]ID) {})
 				if err != nil {
 					return nil, nil, err
 				}
@@ -198,7 +198,7 @@ func BenchmarkMemoryPerLease(b *testing.B) {
 				for _, s := range ss {
 					s.Close()
 				}
-				for c.fds.Load() != 0 {
+				for c.held.Load() != 0 {
 					time.Sleep(10 * time.Millisecond)
 				}
 			}

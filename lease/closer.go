@@ -2,7 +2,6 @@ package lease
 
 import (
 	"sync"
-	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,16 +11,16 @@ import (
 // nothing on the break path may wait for that, or a writer blocked in a
 // break would hold up the freeze that holds up the close.
 type closer struct {
-	mu    sync.Mutex
-	cond  *sync.Cond
-	fds   []int // guarded by mu
-	quit  bool  // guarded by mu
-	done  chan struct{}
-	count *atomic.Int64 // the coordinator's fd count
+	mu   sync.Mutex
+	cond *sync.Cond
+	fds  []int // guarded by mu
+	quit bool  // guarded by mu
+	done chan struct{}
+	gone func() // called for each fd closed
 }
 
-func newCloser(count *atomic.Int64) *closer {
-	c := &closer{done: make(chan struct{}), count: count}
+func newCloser(gone func()) *closer {
+	c := &closer{done: make(chan struct{}), gone: gone}
 	c.cond = sync.NewCond(&c.mu)
 	go c.run()
 	return c
@@ -32,7 +31,7 @@ func (c *closer) queue(fd int) {
 	if c.quit { // after stop: a ReadAt that outlived Close
 		c.mu.Unlock()
 		unix.Close(fd)
-		c.count.Add(-1)
+		c.gone()
 		return
 	}
 	c.fds = append(c.fds, fd)
@@ -53,7 +52,7 @@ func (c *closer) run() {
 		c.mu.Unlock()
 		for _, fd := range fds {
 			unix.Close(fd)
-			c.count.Add(-1)
+			c.gone()
 		}
 		if quit && len(fds) == 0 {
 			return

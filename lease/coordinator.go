@@ -29,13 +29,18 @@ type Config struct {
 	AckTimeout time.Duration
 	// Grace is how long a detached session keeps its leases (30 s).
 	Grace time.Duration
-	// MaxPerSession caps the leases of one session (65,536).
-	MaxPerSession int
-	// MaxFiles caps the files held open across all sessions; the default
-	// is the fd limit less FDReserve.
-	MaxFiles int
-	// FDReserve is what MaxFiles leaves of the fd limit for everything
-	// else: sockets, the control listener, logs (256).
+	// MaxPerGuest caps the leases of one guest: all its sessions
+	// together, detached ones included (65,536).
+	MaxPerGuest int
+	// MaxSessionsPerGuest caps a guest's sessions (16): one more ends
+	// its oldest detached session, with its leases.
+	MaxSessionsPerGuest int
+	// FDs is the budget held files come from, shared with other
+	// coordinators and with the guests' connections. Nil: a budget of
+	// its own, of MaxFiles if set, else the fd limit less FDReserve
+	// (256).
+	FDs       *FDs
+	MaxFiles  int
 	FDReserve int
 	// Signal is the real-time signal breaks arrive on (SIGRTMIN+8 = 42).
 	Signal int
@@ -45,6 +50,7 @@ type Config struct {
 // Stats are the coordinator's counters and gauges.
 type Stats struct {
 	Files, Leases, Sessions int    // now
+	Guests                  int    // guests with a session, now
 	Breaking                int    // files whose break is out, now
 	Breaks                  uint64 // breaks started by a writer
 	Modified                uint64 // breaks started by a modification seen after the fact
@@ -67,15 +73,17 @@ type Coordinator struct {
 	closer  *closer
 
 	mu       sync.Mutex
-	files    map[uint32]*file // by inode; guarded by mu
-	byFD     map[int]*file    // open fds only; guarded by mu
-	byWD     map[int]*file    // guarded by mu
-	grants   map[ID]*grant    // every session's; guarded by mu
-	sessions map[Token]*Session
-	rng      *mrand.ChaCha8 // lease ids; guarded by mu
+	files    map[uint32]*file    // by inode; guarded by mu
+	byFD     map[int]*file       // open fds only; guarded by mu
+	byWD     map[int]*file       // guarded by mu
+	grants   map[ID]*grant       // every session's; guarded by mu
+	sessions map[Token]*Session  // guarded by mu
+	accounts map[string]*account // by guest; guarded by mu
+	rng      *mrand.ChaCha8      // lease ids; guarded by mu
 	closed   bool
 
-	fds atomic.Int64 // fds held, including those queued for closing
+	fds  *FDs         // the budget held files come from
+	held atomic.Int64 // fds this coordinator holds, including those queued for closing
 
 	breaks, modified, rescans, revoked, quota, spurious atomic.Uint64
 }
@@ -109,7 +117,16 @@ type file struct {
 	pending   int           // breaking grants not yet acknowledged
 	timer     *time.Timer   // ack deadline
 	users     int           // ReadAt calls using fd now
+	owner     *account      // the guest its fd is charged to: one that holds it
 	layout    atomic.Uint64 // layout.Hash of its blocks once read; they cannot move while leased
+}
+
+// account is what one guest (all its sessions) holds, for its quotas.
+type account struct {
+	guest    string
+	leases   int        // grants of all its sessions
+	files    int        // files charged to it
+	sessions []*Session // oldest first
 }
 
 type grantState uint8
@@ -136,8 +153,11 @@ func New(cfg Config) (*Coordinator, error) {
 	if cfg.Grace <= 0 {
 		cfg.Grace = 30 * time.Second
 	}
-	if cfg.MaxPerSession <= 0 {
-		cfg.MaxPerSession = 65536
+	if cfg.MaxPerGuest <= 0 {
+		cfg.MaxPerGuest = 65536
+	}
+	if cfg.MaxSessionsPerGuest <= 0 {
+		cfg.MaxSessionsPerGuest = 16
 	}
 	if cfg.FDReserve <= 0 {
 		cfg.FDReserve = 256
@@ -154,14 +174,14 @@ func New(cfg Config) (*Coordinator, error) {
 	if bt, err := breakTime(); err == nil && cfg.AckTimeout > bt/2 {
 		return nil, fmt.Errorf("lease: ack timeout %v must be at most half the kernel's lease-break-time (%v)", cfg.AckTimeout, bt)
 	}
-	if cfg.MaxFiles <= 0 {
-		var rl unix.Rlimit
-		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+	switch {
+	case cfg.FDs != nil:
+	case cfg.MaxFiles > 0:
+		cfg.FDs = NewFDsLimit(cfg.MaxFiles)
+	default:
+		var err error
+		if cfg.FDs, err = NewFDs(cfg.FDReserve); err != nil {
 			return nil, err
-		}
-		cfg.MaxFiles = int(rl.Cur) - cfg.FDReserve
-		if cfg.MaxFiles < 1 {
-			return nil, fmt.Errorf("lease: fd limit %d leaves nothing after a reserve of %d", rl.Cur, cfg.FDReserve)
 		}
 	}
 	// Not O_PATH: open_by_handle_at does not accept one as its mount fd.
@@ -184,9 +204,10 @@ func New(cfg Config) (*Coordinator, error) {
 	c := &Coordinator{
 		cfg: cfg, log: cfg.Logger, mountFD: mfd, dev: st.Dev, bsize: uint64(sfs.Bsize),
 		files: map[uint32]*file{}, byFD: map[int]*file{}, byWD: map[int]*file{},
-		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, rng: mrand.NewChaCha8(seed),
+		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, accounts: map[string]*account{},
+		rng: mrand.NewChaCha8(seed), fds: cfg.FDs,
 	}
-	c.closer = newCloser(&c.fds)
+	c.closer = newCloser(func() { c.held.Add(-1); c.fds.Give() })
 	if c.watch, err = newWatcher(c.onModify, c.onWatchOverflow); err != nil {
 		c.closer.stop()
 		unix.Close(mfd)
@@ -237,7 +258,7 @@ func (c *Coordinator) Close() error {
 // Stats returns the counters.
 func (c *Coordinator) Stats() Stats {
 	c.mu.Lock()
-	s := Stats{Files: len(c.files), Leases: len(c.grants), Sessions: len(c.sessions)}
+	s := Stats{Files: len(c.files), Leases: len(c.grants), Sessions: len(c.sessions), Guests: len(c.accounts)}
 	for _, f := range c.files {
 		if f.state == breaking {
 			s.Breaking++
@@ -277,10 +298,10 @@ func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
 			c.mu.Unlock()
 			return 0, ErrClosed
 		}
-		if len(s.grants) >= c.cfg.MaxPerSession {
+		if s.acct.leases >= c.cfg.MaxPerGuest {
 			c.mu.Unlock()
 			c.quota.Add(1)
-			return 0, fmt.Errorf("%w: this guest holds %d leases, its limit", ErrQuota, c.cfg.MaxPerSession)
+			return 0, fmt.Errorf("%w: this guest holds %d leases, its limit", ErrQuota, c.cfg.MaxPerGuest)
 		}
 		f := c.files[r.Ino]
 		if f == nil {
@@ -327,14 +348,16 @@ func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
 // open opens and leases a file not yet held. Called with c.mu held; it
 // unlocks.
 func (c *Coordinator) open(s *Session, r Request) (ID, error) {
-	if c.fds.Load() >= int64(c.cfg.MaxFiles) {
+	if err := c.admit(s.acct); err != nil {
 		c.mu.Unlock()
 		c.quota.Add(1)
-		return 0, fmt.Errorf("%w: the host holds %d files, its limit", ErrQuota, c.cfg.MaxFiles)
+		return 0, err
 	}
-	f := &file{ino: r.Ino, fd: -1, wd: -1, state: opening, ready: make(chan struct{})}
+	// Reserved now, so concurrent opens respect the limits.
+	f := &file{ino: r.Ino, fd: -1, wd: -1, state: opening, ready: make(chan struct{}), owner: s.acct}
+	s.acct.files++
+	c.held.Add(1)
 	c.files[r.Ino] = f
-	c.fds.Add(1) // reserved now, so concurrent opens respect the cap
 	c.mu.Unlock()
 
 	err := c.lease(f, r)
@@ -355,6 +378,42 @@ func (c *Coordinator) open(s *Session, r Request) (ID, error) {
 	f.state = held
 	close(f.ready)
 	return c.grant(s, f), nil
+}
+
+// admit takes a descriptor from the budget for one more file of a's, if
+// a is within its share: half of what the other guests leave. So a guest
+// that grabs what it can still leaves half of what remains for the next,
+// and a guest holding nothing gets a file whenever any is left. Called
+// with c.mu held.
+func (c *Coordinator) admit(a *account) error {
+	limit, used := c.fds.Limit(), c.fds.Used()
+	share := (limit - (used - int64(a.files))) / 2
+	if a.files > 0 && int64(a.files) >= share {
+		return fmt.Errorf("%w: this guest holds %d of the host's %d files, its share of what the other guests leave", ErrQuota, a.files, limit)
+	}
+	if !c.fds.Take() {
+		return fmt.Errorf("%w: the host holds all the %d files it may", ErrQuota, limit)
+	}
+	return nil
+}
+
+// recharge moves f's charge from its owner, if the owner no longer
+// holds it, to a guest that does. Called with c.mu held.
+func (c *Coordinator) recharge(f *file) {
+	if f.owner == nil {
+		return
+	}
+	for _, g := range f.grants {
+		if g.s.acct == f.owner {
+			return
+		}
+	}
+	f.owner.files--
+	f.owner = nil
+	if len(f.grants) > 0 {
+		f.owner = f.grants[0].s.acct
+		f.owner.files++
+	}
 }
 
 // lease does the syscalls of open, outside c.mu. Every step that can
@@ -447,6 +506,7 @@ func (c *Coordinator) grant(s *Session, f *file) ID {
 	f.grants = append(f.grants, g)
 	c.grants[g.id] = g
 	s.grants[g.id] = g
+	s.acct.leases++
 	return g.id
 }
 
@@ -459,12 +519,14 @@ func (c *Coordinator) unlink(g *grant) {
 	f.grants[len(f.grants)-1] = nil
 	f.grants = f.grants[:len(f.grants)-1]
 	g.f = nil
+	c.recharge(f)
 }
 
 // forget removes g entirely. Called with c.mu held.
 func (c *Coordinator) forget(g *grant) {
 	delete(c.grants, g.id)
 	delete(g.s.grants, g.id)
+	g.s.acct.leases--
 }
 
 // end ends the lease g, acknowledged or released. Called with c.mu held.
@@ -498,6 +560,10 @@ func (c *Coordinator) finish(f *file) {
 		g.f = nil
 	}
 	f.grants = nil
+	if f.owner != nil {
+		f.owner.files--
+		f.owner = nil
+	}
 	f.state = done
 	if c.files[f.ino] == f {
 		delete(c.files, f.ino)
@@ -510,7 +576,8 @@ func (c *Coordinator) finish(f *file) {
 		f.wd = -1
 	}
 	if f.fd < 0 {
-		c.fds.Add(-1) // the reservation of a failed open
+		c.held.Add(-1) // the reservation of a failed open
+		c.fds.Give()
 		return
 	}
 	delete(c.byFD, f.fd)

@@ -200,7 +200,7 @@ func (b *breaks) next(t *testing.T) []ID {
 
 func session(t testing.TB, c *Coordinator, name string, sink BreakFunc) *Session {
 	t.Helper()
-	s, err := c.NewSession(name, sink)
+	s, err := c.NewSession(name, name, sink)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -470,7 +471,7 @@ func TestUntrustedGuests(t *testing.T) {
 		writeFile(t, p, []byte("data"+strconv.Itoa(i)))
 		paths = append(paths, p)
 	}
-	c := coordinator(t, dir, Config{MaxPerSession: 3, MaxFiles: 5})
+	c := coordinator(t, dir, Config{MaxPerGuest: 3, MaxFiles: 8})
 	a := session(t, c, "a", newBreaks().sink)
 	b := session(t, c, "b", newBreaks().sink)
 	var aids []ID
@@ -478,11 +479,12 @@ func TestUntrustedGuests(t *testing.T) {
 		aids = append(aids, mustAcquire(t, a, requestFor(t, paths[i])))
 	}
 	_, err := a.Acquire(requestFor(t, paths[3]))
-	wantErr(t, "over the session cap", err, ErrQuota)
+	wantErr(t, "over the guest's lease cap", err, ErrQuota)
+	// b's share is half of what a leaves: (8 - 3) / 2.
 	mustAcquire(t, b, requestFor(t, paths[3]))
 	mustAcquire(t, b, requestFor(t, paths[4]))
 	_, err = b.Acquire(requestFor(t, paths[5]))
-	wantErr(t, "over the host's file cap", err, ErrQuota)
+	wantErr(t, "over the guest's share of the host's files", err, ErrQuota)
 	bshared := mustAcquire(t, b, requestFor(t, paths[0])) // no new fd needed
 	if st := c.Stats(); st.Files != 5 || st.QuotaRefusals != 2 {
 		t.Fatalf("stats %+v", st)
@@ -521,15 +523,18 @@ func TestSessionsResumeWithinGrace(t *testing.T) {
 	id := mustAcquire(t, s, requestFor(t, path))
 	s.Detach(1)
 	time.Sleep(100 * time.Millisecond)
-	r, att, err := c.Resume(s.Token(), "g again", newBreaks().sink)
+	r, att, err := c.Resume(s.Token(), "g", "g again", newBreaks().sink)
 	if err != nil || r != s || att != 2 {
 		t.Fatalf("resume: %v, attachment %d", err, att)
 	}
 	if _, err := s.ReadAt(id, make([]byte, 1), 0); err != nil {
 		t.Fatalf("lease after resume: %v", err)
 	}
-	if _, _, err := c.Resume(Token{1}, "thief", newBreaks().sink); err != ErrNoSession {
+	if _, _, err := c.Resume(Token{1}, "g", "thief", newBreaks().sink); err != ErrNoSession {
 		t.Fatalf("made-up token: %v", err)
+	}
+	if _, _, err := c.Resume(s.Token(), "another guest", "thief", newBreaks().sink); err != ErrNoSession {
+		t.Fatalf("another guest with the token: %v", err)
 	}
 	// The first connection is found dead only now: that does not detach
 	// the session, which lives on the second.
@@ -543,7 +548,7 @@ func TestSessionsResumeWithinGrace(t *testing.T) {
 	if st := c.Stats(); st.Files != 0 || st.Leases != 0 {
 		t.Fatalf("stats %+v", st)
 	}
-	if _, _, err := c.Resume(s.Token(), "late", newBreaks().sink); err != ErrNoSession {
+	if _, _, err := c.Resume(s.Token(), "g", "late", newBreaks().sink); err != ErrNoSession {
 		t.Fatalf("resume after the grace period: %v", err)
 	}
 }
@@ -560,7 +565,7 @@ func TestBreakDoesNotWaitForDetachedGuests(t *testing.T) {
 	if !w.finished(t, 5*time.Second) {
 		t.Fatal("writer waits for a detached guest")
 	}
-	c.Resume(s.Token(), "back", newBreaks().sink)
+	c.Resume(s.Token(), "g", "back", newBreaks().sink)
 	_, err := s.ReadAt(id, make([]byte, 1), 0)
 	wantErr(t, "after reconnecting", err, ErrRevoked)
 }
@@ -636,7 +641,7 @@ func TestBreakPathNeverWaitsOnAFreeze(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the unlinked file is closed after the thaw", func() bool {
-		return c.fds.Load() == 1
+		return c.held.Load() == 1
 	})
 }
 
@@ -712,5 +717,72 @@ func TestKernelLeaseFacts(t *testing.T) {
 	unix.Close(hold)
 	if _, _, err := openInode(mfd, r.Ino, r.IGen); err == nil || !regexp.MustCompile("no such inode").MatchString(err.Error()) {
 		t.Errorf("after the last close: %v, want not found (ESTALE)", err)
+	}
+}
+
+// The host's files are shared: a guest that grabs all it can gets half,
+// the next half of what is left, and so on, so a guest can always open a
+// file while any is left; a guest's quotas hold across all its sessions,
+// detached ones included; and a guest with too many sessions loses its
+// oldest detached one.
+func TestQuotasArePerGuestAndShared(t *testing.T) {
+	dir := exportFS(t, 32)
+	var paths []string
+	for i := range 40 {
+		p := filepath.Join(dir, "f"+strconv.Itoa(i))
+		writeFile(t, p, []byte("x"))
+		paths = append(paths, p)
+	}
+	c := coordinator(t, dir, Config{MaxFiles: 16, MaxPerGuest: 20, MaxSessionsPerGuest: 3, Grace: time.Minute})
+	next := 0
+	grab := func(s *Session) int {
+		n := 0
+		for ; next < len(paths); next++ {
+			if _, err := s.Acquire(requestFor(t, paths[next])); err != nil {
+				wantErr(t, "grabbing", err, ErrQuota)
+				break
+			}
+			n++
+		}
+		return n
+	}
+	hog := session(t, c, "hog", newBreaks().sink)
+	if n := grab(hog); n != 8 {
+		t.Fatalf("the first guest got %d files of 16, want half", n)
+	}
+	// New sessions of the same guest get nothing more.
+	hog2, err := c.NewSession("hog", "hog again", newBreaks().sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hog.Detach(1)
+	if n := grab(hog2); n != 0 {
+		t.Fatalf("a second session of the hog got %d more files", n)
+	}
+	honest := session(t, c, "honest", newBreaks().sink)
+	if n := grab(honest); n != 4 {
+		t.Fatalf("the second guest got %d files, want half of the 8 left", n)
+	}
+	third := session(t, c, "third", newBreaks().sink)
+	if n := grab(third); n != 2 {
+		t.Fatalf("the third guest got %d files, want 2", n)
+	}
+	if st := c.Stats(); st.Files != 14 || st.Guests != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+	// Sessions: the hog has two (one detached); two more end the
+	// detached one, and its leases go.
+	if _, err := c.NewSession("hog", "hog 3", newBreaks().sink); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.NewSession("hog", "hog 4", newBreaks().sink); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Stats(); st.Files != 6 || st.Sessions != 5 {
+		t.Fatalf("after the hog's oldest detached session ended: %+v", st)
+	}
+	// Every session of the hog attached: one more is refused.
+	if _, err := c.NewSession("hog", "hog 5", newBreaks().sink); !errors.Is(err, ErrQuota) {
+		t.Fatalf("a fourth attached session: %v", err)
 	}
 }

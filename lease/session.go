@@ -13,15 +13,18 @@ import (
 // block: queue the break and return.
 type BreakFunc func(ids []ID)
 
-// Session is one guest's set of leases. A guest's connection attaches
+// Session is a set of leases of one guest. A guest's connection attaches
 // to it; when the connection goes, the session waits for a reconnect for
-// the grace period, then ends and its leases go with it.
+// the grace period, then ends and its leases go with it. A guest may
+// have several sessions (one per connection, and detached ones); its
+// quotas hold for all of them together.
 type Session struct {
 	c     *Coordinator
 	token Token
-	name  string
+	acct  *account // its guest's
 
 	// All guarded by c.mu.
+	name     string
 	grants   map[ID]*grant
 	sink     BreakFunc // nil while detached
 	attached uint64    // counts attachments: 1 for NewSession, +1 per Resume
@@ -29,31 +32,56 @@ type Session struct {
 	closed   bool
 }
 
-// NewSession starts a session for the guest called name (for logs),
-// whose breaks go to sink. This first attachment is number 1 (Detach).
-func (c *Coordinator) NewSession(name string, sink BreakFunc) (*Session, error) {
+// NewSession starts a session of guest (the identity its quotas hold
+// for, from the transport), called name in logs, whose breaks go to sink.
+// This first attachment is number 1 (Detach). A guest with
+// MaxSessionsPerGuest sessions loses its oldest detached one, with its
+// leases; if none is detached, the answer is ErrQuota.
+func (c *Coordinator) NewSession(guest, name string, sink BreakFunc) (*Session, error) {
 	if sink == nil {
 		return nil, fmt.Errorf("lease: a session needs a BreakFunc")
 	}
-	s := &Session{c: c, name: name, grants: map[ID]*grant{}, sink: sink, attached: 1}
-	_, _ = rand.Read(s.token[:])
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, ErrClosed
 	}
+	a := c.accounts[guest]
+	if a == nil {
+		a = &account{guest: guest}
+		c.accounts[guest] = a
+	}
+	if len(a.sessions) >= c.cfg.MaxSessionsPerGuest {
+		var oldest *Session
+		for _, s := range a.sessions {
+			if s.sink == nil {
+				oldest = s
+				break
+			}
+		}
+		if oldest == nil {
+			c.quota.Add(1)
+			return nil, fmt.Errorf("%w: guest %s has %d sessions, its limit", ErrQuota, guest, len(a.sessions))
+		}
+		c.log.Warn("a guest has too many sessions: ending its oldest detached one", "guest", guest, "session", oldest.name, "leases", len(oldest.grants))
+		c.endSession(oldest)
+	}
+	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1}
+	_, _ = rand.Read(s.token[:])
+	a.sessions = append(a.sessions, s)
 	c.sessions[s.token] = s
 	return s, nil
 }
 
-// Resume reattaches the session with this token, within its grace
+// Resume reattaches guest's session with this token, within its grace
 // period or while an old connection of it is still thought alive, to a
 // new connection's sink. It returns the attachment's number, for Detach.
-func (c *Coordinator) Resume(token Token, name string, sink BreakFunc) (*Session, uint64, error) {
+// Another guest's token resumes nothing.
+func (c *Coordinator) Resume(token Token, guest, name string, sink BreakFunc) (*Session, uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.sessions[token]
-	if s == nil || s.closed || sink == nil {
+	if s == nil || s.closed || sink == nil || s.acct.guest != guest {
 		return nil, 0, ErrNoSession
 	}
 	if s.grace != nil {
@@ -127,6 +155,16 @@ func (c *Coordinator) endSession(s *Session) {
 		c.end(g)
 	}
 	delete(c.sessions, s.token)
+	a := s.acct
+	for i, o := range a.sessions {
+		if o == s {
+			a.sessions = append(a.sessions[:i], a.sessions[i+1:]...)
+			break
+		}
+	}
+	if len(a.sessions) == 0 {
+		delete(c.accounts, a.guest)
+	}
 }
 
 // Acquire leases inode r.Ino for the session, if the live inode matches
@@ -200,6 +238,23 @@ func (s *Session) ReadAt(id ID, p []byte, off int64) (int, error) {
 	c.unuse(f)
 	c.mu.Unlock()
 	return n, err
+}
+
+// Size checks lease id as ReadAt does and returns the size of its file
+// when it was leased (it cannot grow while leased: a write breaks the
+// lease first).
+func (s *Session) Size(id ID) (int64, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	g, err := s.lookup(id)
+	if err == nil && g.state == revoked {
+		err = fmt.Errorf("%w: %#x", ErrRevoked, uint64(id))
+	}
+	if err != nil {
+		return 0, err
+	}
+	return g.f.size, nil
 }
 
 // preadFull reads until p is full or the file ends.

@@ -54,8 +54,41 @@ func (o Options) withDefaults() Options {
 // Handler answers a peer's request. Returning an *Error sends it; any
 // other error is sent as internal. ctx ends when the connection does.
 // A handler that panics gets an internal error reply; the connection
-// stays up.
+// stays up. A reply that is a Releaser is released once it has been
+// written, or could not be.
 type Handler func(ctx context.Context, req Message) (Message, error)
+
+// Releaser is a reply holding something (a buffer, a budget) until it
+// has been sent.
+type Releaser interface {
+	Message
+	Release()
+}
+
+// WithRelease returns reply m, with release to run once it has been
+// sent (or could not be).
+func WithRelease(m Message, release func()) Releaser {
+	if b, ok := m.(bulkPayload); ok {
+		return releasingBulk{m, b, release}
+	}
+	return releasing{m, release}
+}
+
+type releasing struct {
+	Message
+	release func()
+}
+
+func (r releasing) Release() { r.release() }
+
+type releasingBulk struct {
+	Message
+	bulk    bulkPayload
+	release func()
+}
+
+func (r releasingBulk) Release()        { r.release() }
+func (r releasingBulk) payload() []byte { return r.bulk.payload() }
 
 // MaxOutstanding is how many requests a side may have waiting for
 // replies on one connection; Call waits for a free slot.
@@ -204,18 +237,30 @@ func (c *Conn) send(id uint64, m Message) error {
 func (c *Conn) write(id uint64, m Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.wbuf = AppendFrame(c.wbuf[:0], id, m)
-	if n := len(c.wbuf) - HeaderSize; n > int(c.peerMax) {
+	// A payload that is bytes (Data, Meta) is written where it is, after
+	// the header, not copied into the frame buffer.
+	var bulk []byte
+	if b, ok := m.(bulkPayload); ok {
+		bulk = b.payload()
+		c.wbuf = appendHeader(c.wbuf[:0], id, m.Type(), len(bulk))
+	} else {
+		c.wbuf = AppendFrame(c.wbuf[:0], id, m)
+	}
+	if n := len(c.wbuf) - HeaderSize + len(bulk); n > int(c.peerMax) {
 		tooBig := Errorf(CodeTooBig, "%v of %d bytes exceeds the peer's limit of %d", m.Type(), n, c.peerMax)
 		if !m.Type().IsReply() {
 			return tooBig
 		}
-		c.wbuf = AppendFrame(c.wbuf[:0], id, tooBig)
+		c.wbuf, bulk = AppendFrame(c.wbuf[:0], id, tooBig), nil
 	}
 	if err := c.nc.SetWriteDeadline(time.Now().Add(c.opt.WriteTimeout)); err != nil {
 		return err
 	}
-	if _, err := c.nc.Write(c.wbuf); err != nil {
+	bufs := net.Buffers{c.wbuf}
+	if len(bulk) > 0 {
+		bufs = append(bufs, bulk)
+	}
+	if _, err := bufs.WriteTo(c.nc); err != nil {
 		return fmt.Errorf("vsockproto: write %v: %w", m.Type(), err)
 	}
 	c.lastSend.Store(time.Now().UnixNano())
@@ -257,8 +302,16 @@ func (c *Conn) readLoop() {
 	idle := 3 * c.opt.KeepAlive
 	var hb [HeaderSize]byte
 	for {
+		// Idle until a frame starts; from its first byte, the frame
+		// timeout (a peer that sends part of a header and stops is not
+		// merely idle).
 		_ = c.nc.SetReadDeadline(time.Now().Add(idle))
-		if _, err := io.ReadFull(c.nc, hb[:]); err != nil {
+		if _, err := io.ReadFull(c.nc, hb[:1]); err != nil {
+			c.fail(readErr(err))
+			return
+		}
+		_ = c.nc.SetReadDeadline(time.Now().Add(c.opt.FrameTimeout))
+		if _, err := io.ReadFull(c.nc, hb[1:]); err != nil {
 			c.fail(readErr(err))
 			return
 		}
@@ -267,7 +320,6 @@ func (c *Conn) readLoop() {
 			c.fail(err)
 			return
 		}
-		_ = c.nc.SetReadDeadline(time.Now().Add(c.opt.FrameTimeout))
 		p := make([]byte, h.Length)
 		if _, err := io.ReadFull(c.nc, p); err != nil {
 			c.fail(readErr(err))
@@ -355,8 +407,13 @@ func (c *Conn) reply(h Header, p []byte) error {
 }
 
 func (c *Conn) handle(id uint64, req Message) {
-	var resp Message
+	var resp, orig Message
 	var err error
+	defer func() {
+		if r, ok := orig.(Releaser); ok {
+			r.Release()
+		}
+	}()
 	func() {
 		defer func() {
 			if r := recover(); r != nil {
@@ -371,6 +428,7 @@ func (c *Conn) handle(id uint64, req Message) {
 			err = Errorf(CodeNotSupported, "%v is not served here", req.Type())
 		default:
 			resp, err = c.handler(c.ctx, req)
+			orig = resp
 		}
 	}()
 	if err != nil {

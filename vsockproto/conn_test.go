@@ -401,6 +401,18 @@ func TestSlowPeersAreCutOff(t *testing.T) {
 			t.Fatalf("ended with %v", err)
 		}
 	})
+	t.Run("stalled header, long idle limit", func(t *testing.T) {
+		// A header that starts is a frame: the frame timeout applies,
+		// not the (much longer) idle limit.
+		a, conns := server(t, welcome(nil), Options{KeepAlive: time.Hour, FrameTimeout: 100 * time.Millisecond})
+		nc := raw(t, a)
+		host := <-conns
+		start := time.Now()
+		nc.Write(AppendFrame(nil, 2, &Ping{})[:5])
+		if err := waitDone(t, host, 5*time.Second); err == nil || !strings.Contains(err.Error(), "timeout") || time.Since(start) > 2*time.Second {
+			t.Fatalf("ended with %v after %v", err, time.Since(start))
+		}
+	})
 	t.Run("stalled payload", func(t *testing.T) {
 		a, conns := server(t, welcome(nil), opt)
 		nc := raw(t, a)
@@ -452,5 +464,79 @@ func TestCallAfterClose(t *testing.T) {
 	c.Close()
 	if _, err := c.Call(context.Background(), &Ping{}); !errors.Is(err, ErrClosed) {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// A reply WithRelease is released once it is sent, and also when it
+// cannot be: the peer gone, or the handler's reply replaced by an error.
+func TestRepliesAreReleased(t *testing.T) {
+	released := make(chan struct{}, 10)
+	a, _ := server(t, welcome(func(ctx context.Context, req Message) (Message, error) {
+		release := func() { released <- struct{}{} }
+		r := req.(*Read)
+		switch r.Offset {
+		case 1: // the wrong reply type: replaced by internal
+			return WithRelease(&Released{}, release), nil
+		case 2: // a peer that has gone by the time it is written
+			time.Sleep(200 * time.Millisecond)
+		}
+		return WithRelease(&Data{Data: make([]byte, r.Length)}, release), nil
+	}), Options{})
+	c := client(t, a, nil, Options{})
+	if m, err := c.Call(context.Background(), &Read{Length: 100 << 10}); err != nil || len(m.(*Data).Data) != 100<<10 {
+		t.Fatalf("bulk reply: %v", err)
+	}
+	if _, err := c.Call(context.Background(), &Read{Offset: 1}); !errors.Is(err, ErrInternal) {
+		t.Fatalf("wrong reply: %v", err)
+	}
+	go c.Call(context.Background(), &Read{Offset: 2, Length: 10})
+	time.Sleep(50 * time.Millisecond)
+	c.Close()
+	for i := range 3 {
+		select {
+		case <-released:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d replies released, want 3", i)
+		}
+	}
+}
+
+// Quotas key on who a peer is, never on what it may change: the user on
+// a shared Unix socket (a process that forks is the same guest), the VM
+// on a per-VM socket.
+func TestPeerGuest(t *testing.T) {
+	for _, c := range []struct {
+		p    Peer
+		want string
+	}{
+		{Peer{Kind: KindUnix, PID: 10, UID: 1000}, "uid 1000"},
+		{Peer{Kind: KindUnix, PID: 11, UID: 1000}, "uid 1000"},
+		{Peer{Kind: KindUnix, PID: 11, UID: 1000, VM: "vm7"}, "vm vm7"},
+		{Peer{Kind: KindHybrid, VM: "/run/fc/vm3.sock"}, "vm /run/fc/vm3.sock"},
+		{Peer{Kind: KindVsock, CID: 42}, "cid 42"},
+	} {
+		if got := c.p.Guest(); got != c.want {
+			t.Errorf("%v: %q, want %q", c.p, got, c.want)
+		}
+	}
+	dir := t.TempDir()
+	l, err := Listen(Addr{Kind: KindUnix, Path: filepath.Join(dir, "vm7.sock")}, ListenOptions{VM: "vm7"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		if nc, err := net.Dial("unix", filepath.Join(dir, "vm7.sock")); err == nil {
+			defer nc.Close()
+			time.Sleep(time.Second)
+		}
+	}()
+	nc, p, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+	if p.Guest() != "vm vm7" || p.UID != 0 {
+		t.Fatalf("a connection on a per-VM socket is %q (%+v)", p.Guest(), p)
 	}
 }

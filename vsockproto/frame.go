@@ -37,6 +37,15 @@ func AppendFrame(b []byte, id uint64, m Message) []byte {
 	return b
 }
 
+// appendHeader appends the header of a frame of type t whose payload is n
+// bytes.
+func appendHeader(b []byte, id uint64, t Type, n int) []byte {
+	b = putU32(b, uint32(n))
+	b = putU16(b, uint16(t))
+	b = putU16(b, 0)
+	return putU64(b, id)
+}
+
 // ParseHeader decodes a frame header and checks it against limit, the
 // receiver's largest payload.
 func ParseHeader(b *[HeaderSize]byte, limit uint32) (Header, error) {

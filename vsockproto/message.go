@@ -378,6 +378,13 @@ func (m *ReadMeta) decode(d *decoder) {
 // Meta answers ReadMeta: the blocks' bytes in request order.
 type Meta struct{ Data []byte }
 
+// bulkPayload is a message whose payload is one byte slice, written as
+// it is.
+type bulkPayload interface{ payload() []byte }
+
+func (m *Meta) payload() []byte { return m.Data }
+func (m *Data) payload() []byte { return m.Data }
+
 func (*Meta) Type() Type               { return TypeMeta }
 func (m *Meta) Append(b []byte) []byte { return append(b, m.Data...) }
 func (m *Meta) decode(d *decoder)      { m.Data = d.rest() }

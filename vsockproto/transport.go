@@ -32,15 +32,36 @@ func (p Peer) String() string {
 	case KindHybrid:
 		return "vm " + p.VM
 	case KindUnix:
+		if p.VM != "" {
+			return fmt.Sprintf("vm %s (pid %d uid %d)", p.VM, p.PID, p.UID)
+		}
 		return fmt.Sprintf("pid %d uid %d", p.PID, p.UID)
 	}
 	return "unknown peer"
 }
 
+// Guest is who the peer is for quotas: what the transport says and the
+// peer cannot change. The VM for vsock (its CID) and hybrid vsock (its
+// socket); on a Unix socket, the VM its listener serves (ListenOptions.VM)
+// or else the user: a process that forks is the same guest.
+func (p Peer) Guest() string {
+	switch {
+	case p.Kind == KindVsock:
+		return fmt.Sprintf("cid %d", p.CID)
+	case p.VM != "":
+		return "vm " + p.VM
+	case p.Kind == KindUnix:
+		return fmt.Sprintf("uid %d", p.UID)
+	}
+	return "unknown"
+}
+
 // ListenOptions configure Listen.
 type ListenOptions struct {
 	// VM names the VM a hybrid-vsock socket belongs to: the identity of
-	// every connection accepted on it. Default: the socket's path.
+	// every connection accepted on it. Default: the socket's path. On a
+	// Unix socket it makes the socket a per-VM one: its connections are
+	// that VM, not their user.
 	VM string
 	// TrustUID is a user besides root and ourselves that may own the
 	// directory a Unix or hybrid socket is made in (a jailed VMM's user).
@@ -98,7 +119,15 @@ func Listen(a Addr, opt ListenOptions) (*Listener, error) {
 		if err != nil {
 			return nil, fmt.Errorf("listen %v: %w", a, err)
 		}
-		return &Listener{l: l, addr: a, peer: unixPeer, close: cleanup}, nil
+		peer := unixPeer
+		if opt.VM != "" {
+			peer = func(nc net.Conn) (Peer, error) {
+				p, err := unixPeer(nc)
+				p.VM = opt.VM
+				return p, err
+			}
+		}
+		return &Listener{l: l, addr: a, peer: peer, close: cleanup}, nil
 	}
 	return nil, fmt.Errorf("listen: invalid address %+v", a)
 }
@@ -117,6 +146,14 @@ func (l *Listener) Accept() (net.Conn, Peer, error) {
 		}
 		return nc, p, nil
 	}
+}
+
+// SetDeadline sets a deadline for Accept.
+func (l *Listener) SetDeadline(t time.Time) error {
+	if d, ok := l.l.(interface{ SetDeadline(time.Time) error }); ok {
+		return d.SetDeadline(t)
+	}
+	return errors.ErrUnsupported
 }
 
 // Addr returns the address listened on.

@@ -29,19 +29,20 @@ func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
 // hostOptions is what 'leasefs host' is told.
 type hostOptions struct {
-	exports          []exportSpec
-	listen           []vsockproto.Addr
-	control          vsockproto.Addr
-	metrics          string // "control", or a listener for metricsListener
-	autoPublish      *hostagent.AutoPublish
-	stateDir         string
-	logLevel         string
-	ackTimeout       time.Duration
-	grace, budget    time.Duration
-	fullEvery        int
-	expedite         bool
-	maxLeases        int
-	maxConnsPerGuest int
+	exports       []exportSpec
+	listen        []vsockproto.Addr
+	control       vsockproto.Addr
+	metrics       string // "control", or a listener for metricsListener
+	autoPublish   *hostagent.AutoPublish
+	stateDir      string
+	logLevel      string
+	ackTimeout    time.Duration
+	grace, budget time.Duration
+	fullEvery     int
+	expedite      bool
+	maxLeases     int
+	maxSessions   int
+	limits        hostagent.Limits
 }
 
 type exportSpec struct{ name, dev, mnt string }
@@ -78,8 +79,17 @@ docs/operations.md).
 	fs.DurationVar(&o.budget, "freeze-budget", 2*time.Second, "the watchdog thaws a freeze that lasts longer")
 	fs.IntVar(&o.fullEvery, "full-scan-every", 20, "every Nth publish scans every inode, not just those inotify named (-1: never)")
 	fs.BoolVar(&o.expedite, "expedite-rcu", true, "expedite the kernel's RCU grace periods (system-wide, /sys/kernel/rcu_expedited) for the\nmoment of each freeze: FIFREEZE then takes well under 1 ms instead of tens (see docs/benchmarks.md)")
-	fs.IntVar(&o.maxLeases, "max-leases-per-guest", 65536, "the leases (open files) one guest may hold")
-	fs.IntVar(&o.maxConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
+	fs.IntVar(&o.maxLeases, "max-leases-per-guest", 65536, "the leases (open files) one guest may hold, all its sessions together\n"+
+		"(a guest is a VM, or a user on a shared Unix socket); the host's files are shared besides:\n"+
+		"a guest may hold at most half of what the others leave")
+	fs.IntVar(&o.maxSessions, "max-sessions-per-guest", 16, "the sessions one guest may have; one more ends its oldest detached one")
+	fs.IntVar(&o.limits.ConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
+	var perGuestMB, allMB int
+	fs.IntVar(&perGuestMB, "max-inflight-mb-per-guest", 8, "the reply bytes (MiB) one guest may have in flight")
+	fs.IntVar(&allMB, "max-inflight-mb", 64, "the reply bytes (MiB) all guests together may have in flight")
+	fs.IntVar(&o.limits.RunningPerGuest, "max-running-per-guest", 4, "the requests of one guest worked on at once (more wait their turn)")
+	fs.IntVar(&o.limits.Running, "max-running", 32, "the requests of all guests worked on at once")
+	fs.IntVar(&o.limits.GenerationsBehind, "max-generations-behind", 16, "how many generations a guest may hold the export back by")
 	fs.StringVar(&o.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return nil, err
@@ -117,8 +127,17 @@ docs/operations.md).
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
 	}
-	if o.maxLeases <= 0 || o.maxConnsPerGuest <= 0 {
-		return nil, fmt.Errorf("--max-leases-per-guest and --max-conns-per-guest must be positive")
+	for name, v := range map[string]int{"--max-leases-per-guest": o.maxLeases, "--max-sessions-per-guest": o.maxSessions,
+		"--max-conns-per-guest": o.limits.ConnsPerGuest, "--max-inflight-mb-per-guest": perGuestMB, "--max-inflight-mb": allMB,
+		"--max-running-per-guest": o.limits.RunningPerGuest, "--max-running": o.limits.Running,
+		"--max-generations-behind": o.limits.GenerationsBehind} {
+		if v <= 0 {
+			return nil, fmt.Errorf("%s %d: must be positive", name, v)
+		}
+	}
+	o.limits.BytesPerGuest, o.limits.Bytes = int64(perGuestMB)<<20, int64(allMB)<<20
+	if err := o.limits.Validate(); err != nil {
+		return nil, err
 	}
 	return &o, nil
 }
@@ -160,9 +179,9 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		exps = append(exps, e)
 	}
 	srv, err := hostagent.NewServer(exps, hostagent.ServerOptions{
-		Lease:           lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerSession: o.maxLeases},
-		MaxConnsPerPeer: o.maxConnsPerGuest,
-		Logger:          log,
+		Lease:  lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
+		Limits: o.limits,
+		Logger: log,
 	})
 	if err != nil {
 		return err

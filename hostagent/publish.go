@@ -1,0 +1,103 @@
+package hostagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// Publish publishes a generation of the named export and announces it to
+// its guests. It does not wait for their acks.
+func (s *Server) Publish(name string) (*Generation, error) {
+	sv := s.exports[name]
+	if sv == nil {
+		return nil, fmt.Errorf("no export %q", name)
+	}
+	gen, err := sv.exp.Publish()
+	if err != nil {
+		s.m.failed.WithLabelValues(name).Inc()
+		return nil, err
+	}
+	s.m.published.WithLabelValues(name).Inc()
+	s.m.freeze.WithLabelValues(name).Observe(gen.Frozen.Seconds())
+	ann := &vsockproto.Announce{Generation: gen.Number, Blocks: gen.Changed, Inodes: gen.ChangedInodes}
+	if gen.All {
+		ann = &vsockproto.Announce{Generation: gen.Number, Flags: vsockproto.AnnounceAll}
+	}
+	s.mu.Lock()
+	var gs []*guest
+	for g := range s.conns {
+		if g.sv == sv {
+			gs = append(gs, g)
+		}
+	}
+	s.mu.Unlock()
+	for _, g := range gs {
+		go g.announce(ann, gen.Captured, s.opt.Conn.KeepAlive)
+	}
+	s.retain(sv)
+	return gen, nil
+}
+
+// announce tells one guest of a generation and notes which it is on.
+func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAlive time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), max(keepAlive, 10*time.Second)*3)
+	defer cancel()
+	reply, err := g.conn.Call(ctx, ann)
+	if errors.Is(err, vsockproto.ErrTooBig) {
+		reply, err = g.conn.Call(ctx, &vsockproto.Announce{Generation: ann.Generation, Flags: vsockproto.AnnounceAll})
+	}
+	if err != nil {
+		return
+	}
+	g.sv.m.announceAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(published))
+	on := reply.(*vsockproto.AnnounceAck).Generation
+	if on > ann.Generation {
+		return // a guest that lies about its generation keeps what it was on
+	}
+	g.sv.mu.Lock()
+	defer g.sv.mu.Unlock()
+	tok := g.sess.Token()
+	if prev, ok := g.sv.on[tok]; ok && on < prev {
+		// A guest never goes back; one that says so would pin old
+		// generations. It stays where it was.
+		return
+	}
+	g.sv.on[tok] = on
+	// Retention runs at the next publish.
+}
+
+// retain drops the generations older than every one a session is on, or
+// than Limits.GenerationsBehind before the current one, whoever is on
+// them: one guest cannot pin them all. Those between are kept: a guest
+// that follows at intervals may move to any generation announced to it
+// before it can say so.
+func (s *Server) retain(sv *served) {
+	cur := sv.exp.Current().Number
+	floor := uint64(0)
+	if behind := uint64(s.opt.Limits.GenerationsBehind); cur > behind {
+		floor = cur - behind
+	}
+	oldest := cur
+	sv.mu.Lock()
+	for tok, n := range sv.on {
+		if !sv.coord.HasSession(tok) {
+			delete(sv.on, tok)
+			continue
+		}
+		if n < floor {
+			if s.warn.Allow() {
+				s.log.Warn("a guest holds the export back too far; dropping the generation it is on", "export", sv.exp.cfg.Name,
+					"generation", n, "current", cur)
+			}
+			sv.on[tok] = floor
+			n = floor
+		}
+		oldest = min(oldest, n)
+	}
+	sv.mu.Unlock()
+	sv.exp.DropBefore(oldest)
+}
