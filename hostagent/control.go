@@ -49,6 +49,7 @@ type ExportStatus struct {
 	Published     time.Time     `json:"published"`
 	LastFreezeMS  float64       `json:"last_freeze_ms"`
 	Blocks        int           `json:"metadata_blocks"`
+	Kept          int           `json:"kept_generations"`
 	StoreBytes    int64         `json:"store_bytes"`
 	Guests        []GuestStatus `json:"guests"`
 	Leases        int           `json:"leases"`
@@ -88,6 +89,7 @@ func (s *Server) Status() *Status {
 			es.Generation, es.Published, es.LastFreezeMS, es.Blocks = g.Number, g.Captured, ms(g.Frozen), g.Blocks()
 		}
 		_, es.StoreBytes = sv.exp.Store().Size()
+		es.Kept = sv.exp.Kept()
 		ls := sv.coord.Stats()
 		es.Leases, es.Files, es.PendingBreaks = ls.Leases, ls.Files, ls.Breaking
 		es.Breaks, es.Revoked, es.Rescans = ls.Breaks+ls.Modified, ls.Revoked, ls.Rescans

@@ -219,6 +219,13 @@ func (e *Export) Generation(n uint64) *Generation {
 	return nil
 }
 
+// Kept is how many generations are kept.
+func (e *Export) Kept() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.gens)
+}
+
 // Has reports whether generation n is kept.
 func (e *Export) Has(n uint64) bool {
 	e.mu.Lock()

@@ -78,15 +78,16 @@ func (g *guest) readMeta(ctx context.Context, m *vsockproto.ReadMeta) (vsockprot
 			}
 		}
 	}
-	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
-	if err != nil {
-		return nil, err
-	}
-	defer done()
 	release, err := g.s.quotas.reserve(ctx, g.quota, int64(total), g.sv.exp.cfg.Name)
 	if err != nil {
 		return nil, err
 	}
+	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	defer done()
 	out := make([]byte, 0, total)
 	for _, r := range m.Blocks {
 		for b := r.Start; b < r.Start+uint64(r.Count); b++ {
@@ -177,15 +178,17 @@ func (g *guest) read(ctx context.Context, m *vsockproto.Read) (vsockproto.Messag
 		return &vsockproto.Data{}, nil // past the end
 	}
 	n := min(uint64(m.Length), uint64(size)-m.Offset)
-	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
-	if err != nil {
-		return nil, err
-	}
-	defer done()
+	// The bytes first: a request waiting for them holds no turn.
 	release, err := g.s.quotas.reserve(ctx, g.quota, int64(n), g.sv.exp.cfg.Name)
 	if err != nil {
 		return nil, err
 	}
+	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	defer done()
 	p := make([]byte, n)
 	got, err := g.sess.ReadAt(lease.ID(m.Lease), p, int64(m.Offset))
 	if err != nil {
@@ -230,4 +233,5 @@ var leaseCodes = []struct {
 	{lease.ErrUnknown, vsockproto.CodeBadLease},
 	{lease.ErrRevoked, vsockproto.CodeRevoked},
 	{lease.ErrClosed, vsockproto.CodeGone},
+	{lease.ErrExhausted, vsockproto.CodeRetry},
 }

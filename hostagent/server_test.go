@@ -3,11 +3,13 @@ package hostagent
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -304,5 +306,65 @@ func TestGuestThatNeverAcks(t *testing.T) {
 	}
 	if _, err := c.Call(context.Background(), &vsockproto.Read{Lease: id, Length: 4}); !errors.Is(err, vsockproto.ErrRevoked) {
 		t.Fatalf("read through the unacknowledged lease: %v, want revoked", err)
+	}
+}
+
+// Generations dropped while guests read them: every answer is the
+// blocks or gone, never internal, and (under the race detector) no read
+// races the drop.
+func TestDroppedGenerationsRaceNoRead(t *testing.T) {
+	x, e, g := publishedFile(t)
+	s, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}, Limits: Limits{GenerationsBehind: 2}})
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, func(_ context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+		return &vsockproto.AnnounceAck{Generation: req.(*vsockproto.Announce).Generation}, nil
+	}, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var newest atomic.Uint64
+	newest.Store(g.Number)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var served, gone atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := newest.Load() - uint64(rand.IntN(4))
+				_, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: n, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}})
+				switch {
+				case err == nil:
+					served.Add(1)
+				case errors.Is(err, vsockproto.ErrGone):
+					gone.Add(1)
+				default:
+					t.Errorf("generation %d: %v", n, err)
+					return
+				}
+			}
+		})
+	}
+	for i := range 60 {
+		x.write(t, "churn", strconv.Itoa(i))
+		gen, err := s.Publish("test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		newest.Store(gen.Number)
+		time.Sleep(5 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d reads served, %d gone", served.Load(), gone.Load())
+	if served.Load() == 0 || gone.Load() == 0 {
+		t.Fatal("the reads did not meet the drops")
+	}
+	if k := e.Kept(); k > 4 {
+		t.Fatalf("%d generations kept; the guest is on the newest and may hold back 2", k)
 	}
 }

@@ -15,4 +15,7 @@ var (
 	ErrNotBreaking = errors.New("lease: acknowledged a break that was not sent")
 	ErrNoSession   = errors.New("lease: no such session")
 	ErrClosed      = errors.New("lease: coordinator or session closed")
+	// ErrExhausted: the host ran out of descriptors or memory opening
+	// the file, which passes; try again.
+	ErrExhausted = errors.New("lease: the host is out of descriptors or memory")
 )

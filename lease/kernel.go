@@ -38,8 +38,11 @@ func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
 		pfd, err = unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileidIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
 	}
 	if err != nil {
-		if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOMEM) {
+		switch {
+		case errors.Is(err, unix.ESTALE), errors.Is(err, unix.ENOENT), errors.Is(err, unix.ENOMEM):
 			return -1, st, fmt.Errorf("%w: inode %d generation %d (%v)", ErrNotFound, ino, igen, err)
+		case errors.Is(err, unix.EMFILE), errors.Is(err, unix.ENFILE):
+			return -1, st, fmt.Errorf("%w: open_by_handle_at inode %d: %v", ErrExhausted, ino, err)
 		}
 		return -1, st, fmt.Errorf("open_by_handle_at inode %d: %w", ino, err)
 	}
@@ -55,6 +58,9 @@ func openInode(mountFD int, ino, igen uint32) (int, unix.Stat_t, error) {
 	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOATIME|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.EAGAIN) {
 		return -1, st, fmt.Errorf("%w: inode %d has a write lease", ErrBusy, ino)
+	}
+	if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ENOMEM) {
+		return -1, st, fmt.Errorf("%w: reopen inode %d: %v", ErrExhausted, ino, err)
 	}
 	if err != nil {
 		return -1, st, fmt.Errorf("reopen inode %d: %w", ino, err)

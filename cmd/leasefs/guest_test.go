@@ -30,6 +30,7 @@ import (
 // as a supervisor would.
 type agent struct {
 	t      *testing.T
+	prog   string // leasefsBin unless set
 	args   []string
 	mnt    string
 	cmd    *exec.Cmd
@@ -69,7 +70,11 @@ func newAgent(t *testing.T, mnt string, args ...string) *agent {
 // start runs the agent and waits until it is ready.
 func (a *agent) start() {
 	a.t.Helper()
-	a.cmd = exec.Command(leasefsBin, a.args...)
+	prog := a.prog
+	if prog == "" {
+		prog = leasefsBin
+	}
+	a.cmd = exec.Command(prog, a.args...)
 	a.cmd.Stderr = a.log
 	out, err := a.cmd.StdoutPipe()
 	if err != nil {

@@ -15,10 +15,16 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// leasefsBin is the binary under test, built once by TestMain.
-var leasefsBin string
+// leasefsBin is the binary under test, built once by TestMain (with the
+// race detector when the tests run with it); leasefsBinNoRace is the same
+// without it, for tests that measure the agent's memory.
+var leasefsBin, leasefsBinNoRace string
 
 func TestMain(m *testing.M) {
+	if addr := os.Getenv("LEASEFS_TEST_HELLO"); addr != "" {
+		helloMain(addr)
+		os.Exit(0)
+	}
 	dir, err := os.MkdirTemp("", "leasefs-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -32,6 +38,14 @@ func TestMain(m *testing.M) {
 	if out, err := exec.Command("go", append(build, ".")...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building leasefs: %v\n%s", err, out)
 		os.Exit(1)
+	}
+	leasefsBinNoRace = leasefsBin
+	if raceEnabled {
+		leasefsBinNoRace = filepath.Join(dir, "leasefs-norace")
+		if out, err := exec.Command("go", "build", "-o", leasefsBinNoRace, ".").CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building leasefs: %v\n%s", err, out)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
