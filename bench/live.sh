@@ -35,15 +35,18 @@ mkdir -p "$live"
 out=$live/times
 : > "$out"
 
-pids=()
+# The pids of what this script starts, one per line (command substitutions
+# run in subshells, so an array would not see them).
+pidfile=$live/pids
+: > "$pidfile"
 cleanup() {
-  local m
+  local m p
   for m in $(awk -v d="$live/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
-    umount -l "$m" 2>/dev/null || true
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${small_dev:-}" ] && losetup -d "$small_dev" 2>/dev/null || true
+  while read -r p; do kill "$p" 2>/dev/null || true; done < "$pidfile"
+  sleep 1
+  for m in "$live/host" "$live/small-host"; do umount "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -55,7 +58,7 @@ start_host() {
   dev=$(findmnt -no SOURCE "$mnt")
   "$leasefs" host --export "$name=$dev:$mnt" --listen "unix:$live/$name.sock" --control "unix:$live/$name-control.sock" \
     --state-dir "$live/$name-state" --auto-publish off --max-conns-per-guest 1024 --max-sessions-per-guest 1024 > "$live/$name-host.out" 2> "$live/$name-host.log" &
-  pids+=($!)
+  echo $! >> "$pidfile"
   for _ in $(seq 600); do grep -q '^ready$' "$live/$name-host.out" && break; sleep 0.1; done
   grep -q '^ready$' "$live/$name-host.out" || { echo "bench-live: host $name not ready" >&2; cat "$live/$name-host.log" >&2; exit 1; }
   echo "$dev"
@@ -69,6 +72,7 @@ guest() {
   LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$export.sock" --export "$export" \
     ${device:+--device "$device"} "$dir" > /dev/null 2>> "$live/guests.log" &
   local pid=$!
+  echo "$pid" >> "$pidfile"
   for _ in $(seq 200); do mountpoint -q "$dir" && break; sleep 0.05; done
   mountpoint -q "$dir" || { echo "bench-live: guest at $dir did not mount" >&2; tail "$live/guests.log" >&2; exit 1; }
   echo "$pid"

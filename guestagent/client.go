@@ -245,6 +245,7 @@ func (c *Client) Close() {
 	close(c.done)
 	c.changed.Broadcast() // no one waits for a connection or a generation any more
 	conn := c.conn
+	c.conn = nil
 	if c.timer != nil {
 		c.timer.Stop()
 	}

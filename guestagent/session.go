@@ -153,8 +153,11 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 	for {
 		c.mu.Lock()
 		c.waitLocked(func() bool { return c.conn != nil }, deadline)
-		conn := c.conn
+		conn, closed := c.conn, c.closed
 		c.mu.Unlock()
+		if closed {
+			return nil, fmt.Errorf("%w: the mount is going away", errNotConnected)
+		}
 		if conn == nil {
 			return nil, fmt.Errorf("%w: %v", errNotConnected, c.cfg.Addr)
 		}

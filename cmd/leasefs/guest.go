@@ -189,6 +189,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	if ml != nil {
 		go serveMetrics(runCtx, ml, c.Gatherer(), log)
 	}
+	go closeWhenUnmounted(runCtx, o.dir, c)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -300,4 +301,28 @@ func sizeOf(n int64) string {
 		return fmt.Sprintf("%d KiB", n>>10)
 	}
 	return fmt.Sprintf("%d MiB", n>>20)
+}
+
+// closeWhenUnmounted closes the client once the mount at dir is gone
+// (umount from outside), so that requests still waiting for the host end
+// at once and the server exits, instead of after their deadline.
+func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client) {
+	var st syscall.Stat_t
+	if syscall.Stat(dir, &st) != nil {
+		return
+	}
+	dev := st.Dev
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if syscall.Stat(dir, &st) != nil || st.Dev != dev {
+			c.Close()
+			return
+		}
+	}
 }

@@ -439,3 +439,47 @@ func guestMountOut(t *testing.T, args ...string) string {
 	t.Cleanup(func() { imgtest.Unmount(t, dir); waitGone(t, dir) })
 	return out
 }
+
+// With its host agent gone, a guest whose mount is unmounted from outside
+// (lazily: a read is still waiting for the host) exits at once: the read
+// ends, and the server does not wait out the read's deadline.
+func TestGuestExitsWhenUnmountedWithoutItsHost(t *testing.T) {
+	mnt, dev := hostExport(t)
+	os.WriteFile(filepath.Join(mnt, "big"), bytes.Repeat([]byte("x"), 8<<20), 0o644)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	guest := "unix:" + filepath.Join(run, "guest.sock")
+	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--control", "unix:"+filepath.Join(run, "control.sock"),
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	dir := t.TempDir()
+	if out, err := leasefs(t, "guest", "--connect", guest, "--export", "mirror", dir); err != nil {
+		t.Fatalf("leasefs guest: %v\n%s", err, out)
+	}
+	f, err := os.Open(filepath.Join(dir, "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	a.stop(syscall.SIGKILL)
+	read := make(chan error, 1)
+	go func() { _, err := f.ReadAt(make([]byte, 10), 7<<20); read <- err }()
+	time.Sleep(300 * time.Millisecond)
+	if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	select {
+	case err := <-read:
+		if err == nil {
+			t.Fatal("a read with no host and no mount succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read waits on")
+	}
+	f.Close()
+	waitGone(t, dir)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("the guest took %v to exit", d)
+	}
+	a.start() // for the cleanup's clean stop
+}

@@ -65,11 +65,17 @@ func TestHostileGuest(t *testing.T) {
 	evil := vsockproto.Addr{Kind: vsockproto.KindUnix, Path: evilVM + "_5000"} // the host side of its hybrid socket
 
 	// 800 descriptors: a budget of 600 for guests' files and connections.
-	a := &agent{t: t, mnt: mnt, log: &syncBuilder{}, prog: "sh", args: []string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
-		cg.procs(), leasefsBinNoRace, "host", "--export", "mirror=" + dev + ":" + mnt,
+	// LEASEFS_HOSTILE_AGENT runs another build instead (an older one, to
+	// measure what it did), given only the flags every build has.
+	bin, limits := leasefsBinNoRace, []string{"--max-sessions-per-guest", "8", "--max-generations-behind", "8"}
+	if other := os.Getenv("LEASEFS_HOSTILE_AGENT"); other != "" {
+		bin, limits = other, nil
+	}
+	a := &agent{t: t, mnt: mnt, log: &syncBuilder{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
+		cg.procs(), bin, "host", "--export", "mirror=" + dev + ":" + mnt,
 		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--ack-timeout", "2s", "--grace", "2s",
-		"--max-leases-per-guest", "400", "--max-sessions-per-guest", "8", "--max-generations-behind", "8"}}
+		"--max-leases-per-guest", "400"}, limits...)}
 	a.start()
 	t.Cleanup(func() {
 		if a.cmd != nil {
