@@ -105,13 +105,8 @@ func startHostLike(t testing.TB, h *host) *host {
 // start opens the export and serves it, with no generation yet.
 func (h *host) start(t testing.TB) { h.startServing(t, false) }
 
-// restart starts the agent again as 'leasefs host' does: it publishes
-// before it serves. It returns the generation.
-func (h *host) restart(t testing.TB) uint64 {
-	t.Helper()
-	h.shutdown()
-	return h.startServing(t, true)
-}
+// startServing starts the agent; with publish, as 'leasefs host' does:
+// it publishes before it serves, and returns the generation.
 
 func (h *host) startServing(t testing.TB, publish bool) (gen uint64) {
 	t.Helper()

@@ -489,7 +489,6 @@ type honestGuest struct {
 	times   map[string][]time.Duration
 	errs    []string
 	longest time.Duration
-	leases  int
 }
 
 func startHonest(t *testing.T, dir string, want []byte) *honestGuest {
