@@ -1,16 +1,14 @@
 package guestagent
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/ctlsock"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -52,36 +50,23 @@ func (c *Client) ServeStatus(ctx context.Context, l *vsockproto.Listener) error 
 }
 
 func (c *Client) answer(nc net.Conn) {
-	defer nc.Close()
-	_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
 	var req controlRequest
-	var reply controlReply
-	if err := json.NewDecoder(io.LimitReader(nc, 4096)).Decode(&req); err != nil {
-		reply.Error = "bad request: " + err.Error()
-	} else if req.Op == "status" {
-		reply.Status = c.Status()
-	} else {
-		reply.Error = fmt.Sprintf("unknown op %q", req.Op)
-	}
-	_ = json.NewEncoder(nc).Encode(reply)
+	ctlsock.Answer(nc, 10*time.Second, &req, func(bad error) any {
+		switch {
+		case bad != nil:
+			return controlReply{Error: bad.Error()}
+		case req.Op == "status":
+			return controlReply{Status: c.Status()}
+		}
+		return controlReply{Error: fmt.Sprintf("unknown op %q", req.Op)}
+	})
 }
 
 // GetStatus asks the guest agent serving the status socket at addr.
 func GetStatus(ctx context.Context, addr vsockproto.Addr) (*Status, error) {
-	nc, err := vsockproto.Dial(ctx, addr)
-	if err != nil {
-		return nil, fmt.Errorf("the guest agent's status socket %s: %w (is the mount served by 'leasefs guest', and are you root?)", addr, err)
-	}
-	defer nc.Close()
-	if d, ok := ctx.Deadline(); ok {
-		_ = nc.SetDeadline(d)
-	}
-	if err := json.NewEncoder(nc).Encode(controlRequest{Op: "status"}); err != nil {
-		return nil, err
-	}
 	var reply controlReply
-	if err := json.NewDecoder(bufio.NewReader(io.LimitReader(nc, 1<<20))).Decode(&reply); err != nil {
-		return nil, fmt.Errorf("reading the guest agent's reply: %w", err)
+	if err := ctlsock.Call(ctx, addr, controlRequest{Op: "status"}, &reply, 1<<20); err != nil {
+		return nil, fmt.Errorf("the guest agent's status socket %s: %w (is the mount served by 'leasefs guest', and are you root?)", addr, err)
 	}
 	if reply.Error != "" {
 		return nil, errors.New(reply.Error)

@@ -1,18 +1,16 @@
 package hostagent
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/ctlsock"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -121,13 +119,13 @@ func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error
 }
 
 func (s *Server) control(nc net.Conn) {
-	defer nc.Close()
-	_ = nc.SetDeadline(time.Now().Add(time.Minute))
 	var req ControlRequest
-	var reply controlReply
-	if err := json.NewDecoder(io.LimitReader(nc, 4096)).Decode(&req); err != nil {
-		reply.Error = "bad request: " + err.Error()
-	} else {
+	ctlsock.Answer(nc, time.Minute, &req, func(bad error) any {
+		var reply controlReply
+		if bad != nil {
+			reply.Error = bad.Error()
+			return reply
+		}
 		switch req.Op {
 		case "publish":
 			g, err := s.Publish(req.Export)
@@ -148,8 +146,8 @@ func (s *Server) control(nc net.Conn) {
 		default:
 			reply.Error = fmt.Sprintf("unknown op %q", req.Op)
 		}
-	}
-	_ = json.NewEncoder(nc).Encode(reply)
+		return reply
+	})
 }
 
 // ControlMetrics fetches the metrics from the control socket at addr, in
@@ -172,20 +170,9 @@ func Control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*Pu
 }
 
 func control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*controlReply, error) {
-	nc, err := vsockproto.Dial(ctx, addr)
-	if err != nil {
-		return nil, fmt.Errorf("the host agent's control socket %s: %w (is 'leasefs host --control %s' running, and are you root?)", addr, err, addr)
-	}
-	defer nc.Close()
-	if d, ok := ctx.Deadline(); ok {
-		_ = nc.SetDeadline(d)
-	}
-	if err := json.NewEncoder(nc).Encode(req); err != nil {
-		return nil, err
-	}
 	var reply controlReply
-	if err := json.NewDecoder(bufio.NewReader(io.LimitReader(nc, 16<<20))).Decode(&reply); err != nil {
-		return nil, fmt.Errorf("reading the host agent's reply: %w", err)
+	if err := ctlsock.Call(ctx, addr, req, &reply, 16<<20); err != nil {
+		return nil, fmt.Errorf("the host agent's control socket %s: %w (is 'leasefs host --control %s' running, and are you root?)", addr, err, addr)
 	}
 	if reply.Error != "" {
 		return nil, errors.New(reply.Error)

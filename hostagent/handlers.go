@@ -38,6 +38,21 @@ func (g *guest) handle(ctx context.Context, req vsockproto.Message) (vsockproto.
 // maxReply is the most bytes one reply to this guest may carry.
 func (g *guest) maxReply() uint64 { return uint64(min(MaxReply, g.max)) }
 
+// budget waits for n bytes of reply from the budgets, then for a turn to
+// work (the bytes first: a request waiting for them holds no turn).
+// release gives the bytes back, once the reply is sent; done ends the
+// turn.
+func (g *guest) budget(ctx context.Context, n int64) (release, done func(), err error) {
+	if release, err = g.s.quotas.reserve(ctx, g.quota, n, g.sv.exp.cfg.Name); err != nil {
+		return nil, nil, err
+	}
+	if done, err = g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name); err != nil {
+		release()
+		return nil, nil, err
+	}
+	return release, done, nil
+}
+
 // generation returns kept generation n, referenced until released.
 func (g *guest) generation(n uint64) (*Generation, error) {
 	gen := g.sv.exp.Generation(n)
@@ -78,13 +93,8 @@ func (g *guest) readMeta(ctx context.Context, m *vsockproto.ReadMeta) (vsockprot
 			}
 		}
 	}
-	release, err := g.s.quotas.reserve(ctx, g.quota, int64(total), g.sv.exp.cfg.Name)
+	release, done, err := g.budget(ctx, int64(total))
 	if err != nil {
-		return nil, err
-	}
-	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
-	if err != nil {
-		release()
 		return nil, err
 	}
 	defer done()
@@ -178,14 +188,8 @@ func (g *guest) read(ctx context.Context, m *vsockproto.Read) (vsockproto.Messag
 		return &vsockproto.Data{}, nil // past the end
 	}
 	n := min(uint64(m.Length), uint64(size)-m.Offset)
-	// The bytes first: a request waiting for them holds no turn.
-	release, err := g.s.quotas.reserve(ctx, g.quota, int64(n), g.sv.exp.cfg.Name)
+	release, done, err := g.budget(ctx, int64(n))
 	if err != nil {
-		return nil, err
-	}
-	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
-	if err != nil {
-		release()
 		return nil, err
 	}
 	defer done()

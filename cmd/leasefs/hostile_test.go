@@ -333,6 +333,10 @@ func TestHostileGuest(t *testing.T) {
 	}
 }
 
+// phases are the soak's, in order.
+var phases = []string{"baseline", "unread flood", "read flood", "metadata abuse", "session churn", "file hog",
+	"generation pinning", "descriptor exhaustion", "forking guest"}
+
 // evilGuest is the attacker: a VM on its own hybrid vsock socket.
 type evilGuest struct {
 	t     *testing.T
@@ -481,9 +485,7 @@ func (r *metaReader) ReadAt(p []byte, off int64) (int, error) {
 // honestGuest opens and reads a file through its mount all along, and
 // times each open and read, by phase.
 type honestGuest struct {
-	stopc chan struct{}
-	done  chan struct{}
-	phase atomic.Value // string
+	phased
 
 	mu      sync.Mutex
 	times   map[string][]time.Duration
@@ -492,8 +494,7 @@ type honestGuest struct {
 }
 
 func startHonest(t *testing.T, dir string, want []byte) *honestGuest {
-	h := &honestGuest{stopc: make(chan struct{}), done: make(chan struct{}), times: map[string][]time.Duration{}}
-	h.phase.Store("start")
+	h := &honestGuest{phased: newPhased(), times: map[string][]time.Duration{}}
 	go func() {
 		defer close(h.done)
 		rng := rand.New(rand.NewPCG(3, 4))
@@ -535,15 +536,30 @@ func startHonest(t *testing.T, dir string, want []byte) *honestGuest {
 	return h
 }
 
-func (h *honestGuest) setPhase(p string) { h.phase.Store(p) }
+// phased is a loop in the background that files what it finds by the
+// soak's phase.
+type phased struct {
+	stopc chan struct{}
+	done  chan struct{} // closed by the loop when it ends
+	phase atomic.Value  // string
+}
 
-func (h *honestGuest) stop() {
+func newPhased() phased {
+	p := phased{stopc: make(chan struct{}), done: make(chan struct{})}
+	p.phase.Store("start")
+	return p
+}
+
+func (p *phased) setPhase(name string) { p.phase.Store(name) }
+
+// stop ends the loop and waits for it.
+func (p *phased) stop() {
 	select {
-	case <-h.stopc:
+	case <-p.stopc:
 	default:
-		close(h.stopc)
+		close(p.stopc)
 	}
-	<-h.done
+	<-p.done
 }
 
 // maxLeases bounds the leases the honest guest holds at once: one file
@@ -563,8 +579,7 @@ func (h *honestGuest) report(t *testing.T) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	base := median(h.times["baseline"])
-	for _, p := range []string{"baseline", "unread flood", "read flood", "metadata abuse", "session churn", "file hog",
-		"generation pinning", "descriptor exhaustion", "forking guest"} {
+	for _, p := range phases {
 		ds := h.times[p]
 		if len(ds) == 0 {
 			continue
@@ -600,10 +615,8 @@ func (h *honestGuest) check() error {
 
 // watcher samples a process's RSS and descriptors, by phase.
 type watcher struct {
-	pid   int
-	stopc chan struct{}
-	done  chan struct{}
-	phase atomic.Value
+	phased
+	pid int
 
 	mu     sync.Mutex
 	rss    map[string]int64
@@ -613,8 +626,7 @@ type watcher struct {
 }
 
 func watchProcess(pid int) *watcher {
-	w := &watcher{pid: pid, stopc: make(chan struct{}), done: make(chan struct{}), rss: map[string]int64{}, fds: map[string]int{}, baseFD: fdCount(pid)}
-	w.phase.Store("start")
+	w := &watcher{phased: newPhased(), pid: pid, rss: map[string]int64{}, fds: map[string]int{}, baseFD: fdCount(pid)}
 	go func() {
 		defer close(w.done)
 		for {
@@ -635,17 +647,6 @@ func watchProcess(pid int) *watcher {
 	return w
 }
 
-func (w *watcher) setPhase(p string) { w.phase.Store(p) }
-
-func (w *watcher) stop() {
-	select {
-	case <-w.stopc:
-	default:
-		close(w.stopc)
-	}
-	<-w.done
-}
-
 func (w *watcher) maxRSS() int64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -657,8 +658,7 @@ func (w *watcher) baselineFDs() int { return w.baseFD }
 func (w *watcher) report(t *testing.T) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for _, p := range []string{"baseline", "unread flood", "read flood", "metadata abuse", "session churn", "file hog",
-		"generation pinning", "descriptor exhaustion", "forking guest"} {
+	for _, p := range phases {
 		t.Logf("agent, %-22s max RSS %4d MiB, max %4d descriptors", p+":", w.rss[p]>>20, w.fds[p])
 	}
 }
