@@ -65,19 +65,40 @@
 //
 // # Serving guests
 //
-// Server answers each guest's requests on its connection: metadata blocks
-// of a kept generation (nothing else), Open checked against the host's own
-// reader of that generation before the lease is taken with its i_generation,
-// size, ctime and layout hash, reads and releases through leases. Breaks go
-// to the guest as calls whose replies acknowledge the leases; the break
-// queue of a guest never blocks the coordinator, so a stuck guest only loses
-// its own leases at the deadline. A publish is announced to every guest in
-// its own goroutine; generations older than every one a guest is on are
-// dropped. protoErr is the one place lease errors become protocol codes.
+// Server answers each guest's requests on its connection (handlers.go):
+// metadata blocks of a kept generation (nothing else), Open checked
+// against the host's own reader of that generation (Generation.FS, which
+// reads the store's blocks in place and keeps no cache) before the lease
+// is taken with its i_generation, size, ctime and layout hash, reads and
+// releases through leases. Breaks go to the guest as calls whose replies
+// acknowledge the leases; the break queue of a guest never blocks the
+// coordinator, so a stuck guest only loses its own leases at the
+// deadline. A publish is announced to every guest in its own goroutine;
+// generations older than every one a guest is on, or than
+// Limits.GenerationsBehind, are dropped (publish.go). protoErr is the one
+// place lease errors become protocol codes.
+//
+// # What a guest may make the agent hold
+//
+// A guest is who the transport says (vsockproto.Peer.Guest). Every
+// request is checked before anything is allocated for it; the requests
+// that do work wait for their reply's bytes from the guest's and all
+// guests' byte budgets, then for a turn from the guest's and all guests'
+// running budgets (quota.go: FIFO semaphores, bounded waits, `retry`
+// beyond), and give the bytes back once the reply is written. Replies are
+// at most MaxReply. The lease coordinators count leases, sessions and a
+// share of files per guest across sessions; files and connections come
+// from one fd budget below the process's limit (lease.FDs), and an accept
+// that meets EMFILE backs off with a spare descriptor in hand.
 //
 // # Locking
 //
 // Export.pub serialises publishes; Export.mu guards the kept generations
 // and is never held during I/O. A Generation is immutable once published
-// and read without locks; the Store has its own lock.
+// and read without locks; a request holds a reference to it
+// (Export.Generation to Generation.Release), so a drop frees its blocks
+// only after the last reader. The Store has its own lock. Server.mu
+// guards the connections, served.mu the generation each session is on,
+// quotas.mu the per-guest budgets; each is a leaf, held for a map
+// operation, never while waiting on a budget or doing I/O.
 package hostagent

@@ -57,17 +57,24 @@
 //
 // When a guest's connection ends, Detach keeps its session for
 // Config.Grace; Resume with its token reattaches it with its leases.
-// Each session may hold Config.MaxPerSession leases, and all sessions
-// together Config.MaxFiles files, which leaves Config.FDReserve of the fd
-// limit for sockets and the rest; past either limit Acquire answers
-// ErrQuota and nothing else changes. Lease ids are random 64-bit values
-// valid only on the session that got them.
+// A session belongs to a guest (an identity the caller takes from the
+// transport), and a guest's quotas hold across its sessions, detached
+// ones included: Config.MaxPerGuest leases, Config.MaxSessionsPerGuest
+// sessions (one more ends its oldest detached one), and at most half of
+// the files the other guests leave of the fd budget (FDs: the process's
+// limit less a reserve, shared with other coordinators and the guests'
+// connections). Each held file is charged to one guest that holds it, and
+// passes to another holder when that one lets go. Past a limit Acquire
+// answers ErrQuota and nothing else changes; out of descriptors or memory
+// while opening a file it answers ErrExhausted. Only the guest that got a
+// token can resume its session. Lease ids are random 64-bit values valid
+// only on the session that got them.
 //
 // # Locking
 //
-// Coordinator.mu guards every file, grant and session. Syscalls that can
-// take time (opening, leasing, reading) run outside it; a file being
-// opened is in state opening, and other Acquires of the same inode wait
-// for it. A ReadAt marks the file in use, so its fd is not closed under
+// Coordinator.mu guards every file, grant, session and account.
+// Syscalls that can take time (opening, leasing, reading) run outside it;
+// a file being opened is in state opening, and other Acquires of the
+// same inode wait for it. A ReadAt marks the file in use, so its fd is not closed under
 // it. BreakFuncs are called after mu is released.
 package lease
