@@ -119,6 +119,81 @@ func (in *Inode) extraIsize() int {
 // fits reports whether the extra field at [off, off+n) is present.
 func (in *Inode) fits(off, n int) bool { return off+n <= 128+in.extraIsize() }
 
+// InodeBlock returns the block of the inode table that holds inode ino,
+// and whether the inode can be in use (it is not in the uninitialised
+// part of its group's table). It reads nothing but the group descriptor.
+func (f *FS) InodeBlock(ino uint32) (uint64, bool, error) {
+	sb := f.sb
+	if ino == 0 || ino > sb.InodesCount {
+		return 0, false, fmt.Errorf("ext4ro: inode %d out of range 1..%d: %w", ino, sb.InodesCount, ErrInvalid)
+	}
+	grp, idx := (ino-1)/sb.InodesPerGroup, (ino-1)%sb.InodesPerGroup
+	gd, err := f.group(grp)
+	if err != nil {
+		return 0, false, err
+	}
+	inUse := gd.flags&bgInodeUninit == 0 && idx < sb.InodesPerGroup-min(gd.itableUnused, sb.InodesPerGroup)
+	return gd.inodeTable + uint64(idx)*uint64(sb.InodeSize)/f.bs, inUse, nil
+}
+
+// Prefetcher is what a BlockSource may offer to be told of blocks that
+// will be wanted soon, to fetch them together.
+type Prefetcher interface {
+	Prefetch(blocks []uint64)
+}
+
+// PrefetchInodes tells the metadata source, if it is a Prefetcher, of
+// the inode-table blocks that hold inodes inos (as a directory listing
+// names them, before they are read one by one).
+func (f *FS) PrefetchInodes(inos []uint32) {
+	p, ok := f.src.(Prefetcher)
+	if !ok || len(inos) == 0 {
+		return
+	}
+	blocks := make([]uint64, 0, len(inos))
+	for _, ino := range inos {
+		if b, ok, err := f.InodeBlock(ino); err == nil && ok {
+			blocks = append(blocks, b)
+		}
+	}
+	p.Prefetch(blocks)
+}
+
+// PrefetchFirstBlocks tells the metadata source, if it is a Prefetcher,
+// of the first blocks of directories dirs whose extent tree fits in the
+// inode (reading nothing to find them): a walk will list them next.
+func (f *FS) PrefetchFirstBlocks(dirs []*Inode) {
+	p, ok := f.src.(Prefetcher)
+	if !ok || len(dirs) == 0 {
+		return
+	}
+	var blocks []uint64
+	for _, in := range dirs {
+		if !in.IsDir() || !in.hasExtents() || in.hasInlineData() {
+			continue
+		}
+		b := in.iblock()
+		le := binary.LittleEndian
+		// A leaf root: header (magic, entries, max, depth), then extents
+		// of (logical u32, length u16, start hi u16, start lo u32).
+		if le.Uint16(b[0:]) != extentMagic || le.Uint16(b[6:]) != 0 || le.Uint16(b[2:]) == 0 {
+			continue
+		}
+		e := b[12:24]
+		length := uint64(le.Uint16(e[4:]))
+		if length > 32768 { // unwritten
+			continue
+		}
+		start := uint64(le.Uint16(e[6:]))<<32 | uint64(le.Uint32(e[8:]))
+		for i := range min(length, 4) {
+			if start+i < f.sb.BlocksCount {
+				blocks = append(blocks, start+i)
+			}
+		}
+	}
+	p.Prefetch(blocks)
+}
+
 // Inode reads inode ino. An inode that is not in use is ErrNotExist.
 func (f *FS) Inode(ino uint32) (*Inode, error) {
 	sb := f.sb

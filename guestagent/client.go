@@ -9,7 +9,6 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
@@ -86,17 +85,17 @@ type Notifier interface {
 // serves through a FileSystem. See the package documentation for the
 // model and the lock order.
 type Client struct {
-	cfg     ClientConfig
-	log     hclog.Logger
-	dev     *directio.File // nil: data over the connection
-	fs      *FileSystem
-	cache   *metaCache
-	m       *clientMetrics
-	fetches singleflight.Group // metadata misses in flight, by generation and block
-	notify  Notifier           // set by Attach before Run; the switcher's alone
-	kick    chan struct{}      // wakes the switcher
-	done    chan struct{}      // closed by Close
-	started time.Time
+	cfg      ClientConfig
+	log      hclog.Logger
+	dev      *directio.File // nil: data over the connection
+	fs       *FileSystem
+	cache    *metaCache
+	m        *clientMetrics
+	fetching *inFlight     // metadata blocks being fetched
+	notify   Notifier      // set by Attach before Run; the switcher's alone
+	kick     chan struct{} // wakes the switcher
+	done     chan struct{} // closed by Close
+	started  time.Time
 
 	mu      sync.Mutex
 	changed *sync.Cond // broadcast when conn, latest, cur or closed change
@@ -183,7 +182,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		cfg.CacheBytes = DefaultCacheBytes
 	}
 	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{},
-		kick: make(chan struct{}, 1), done: make(chan struct{}), started: time.Now()}
+		kick: make(chan struct{}, 1), done: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
 	c.m = newClientMetrics(c)
 	if cfg.Device != "" {
@@ -215,7 +214,8 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	c.mu.Lock()
 	c.cur, c.latest, c.switched = v, w.Generation, time.Now()
 	c.mu.Unlock()
-	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, Logger: cfg.Logger})
+	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, Logger: cfg.Logger})
+	c.fs.SetView(f, uint32(w.Generation))
 	go c.switcher()
 	return c, nil
 }

@@ -24,12 +24,14 @@ import (
 type FileSystem struct {
 	fuse.RawFileSystem // ENOSYS for whatever is not implemented below
 
-	view    atomic.Pointer[ext4ro.FS]
-	timeout time.Duration
-	noOpen  bool
-	log     hclog.Logger
-	errLog  *rate.Limiter // of error log lines
-	warnLog *rate.Limiter // of lines about refused opens
+	view      atomic.Pointer[ext4ro.FS]
+	recent    atomic.Pointer[[]taggedView] // the views served lately, newest first
+	timeout   time.Duration
+	noOpen    bool
+	noOpenDir bool
+	log       hclog.Logger
+	errLog    *rate.Limiter // of error log lines
+	warnLog   *rate.Limiter // of lines about refused opens
 
 	files Files  // nil: files are read straight from the view
 	nodes *nodes // what the kernel holds; nil for a view that never changes
@@ -68,9 +70,21 @@ type Config struct {
 	// listing caches: two round trips fewer per open. Only for a view
 	// that never changes and needs no per-open state (a static image).
 	NoOpen bool
+	// NoOpenDir answers OPENDIR with ENOSYS, after which the kernel lists
+	// directories without opening them (and without releasing them): two
+	// round trips fewer per directory. A listing then stays in the view
+	// it began in through its cookies, which carry the view's tag
+	// (SetView): a view that changes may do it.
+	NoOpenDir bool
 	// Files, if set, opens regular files (and NoOpen must be false).
 	Files  Files
 	Logger hclog.Logger
+}
+
+// taggedView is a view and the tag its directory cookies carry.
+type taggedView struct {
+	tag uint32
+	v   *ext4ro.FS
 }
 
 // NewFileSystem serves view.
@@ -82,6 +96,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		timeout:       cfg.Timeout,
 		noOpen:        cfg.NoOpen,
+		noOpenDir:     cfg.NoOpen || cfg.NoOpenDir,
 		log:           cfg.Logger,
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		warnLog:       rate.NewLimiter(rate.Every(time.Second), 10),
@@ -92,16 +107,55 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		fs.nodes = newNodes()
 	}
 	fs.view.Store(view)
+	fs.recent.Store(&[]taggedView{{0, view}})
 	return fs
 }
 
 // View returns the view being served.
 func (fs *FileSystem) View() *ext4ro.FS { return fs.view.Load() }
 
-// SetView serves v from now on and returns the view it replaces. Open
-// files and directories keep the view they were opened in. The caller
-// then invalidates what the kernel may have cached of the old view.
-func (fs *FileSystem) SetView(v *ext4ro.FS) *ext4ro.FS { return fs.view.Swap(v) }
+// SetView serves v from now on, tagged tag (a number that names it among
+// the recent views), and returns the view it replaces. Open files and
+// directories keep the view they were opened in, and a directory listing
+// begun in an earlier view goes on in it while it is among the last few.
+// The caller then invalidates what the kernel may have cached of the old
+// view.
+func (fs *FileSystem) SetView(v *ext4ro.FS, tag uint32) *ext4ro.FS {
+	tag %= maxTag
+	old := *fs.recent.Load()
+	recent := append([]taggedView{{tag, v}}, old[:min(len(old), keptViews-1)]...)
+	fs.recent.Store(&recent)
+	return fs.view.Swap(v)
+}
+
+// Directory cookies carry the tag of the view a listing began in, above
+// the directory position (ext4ro's, under 2^40), keeping the sign bit
+// clear: the kernel stores them as signed file positions.
+const (
+	cookieBits = 40
+	maxTag     = 1<<(63-cookieBits) - 1
+	keptViews  = 8 // recent views a listing may go on in
+)
+
+func tagCookie(tag uint32, pos uint64) uint64 { return uint64(tag)<<cookieBits | pos }
+
+func splitCookie(c uint64) (tag uint32, pos uint64) {
+	return uint32(c >> cookieBits), c & (1<<cookieBits - 1)
+}
+
+// viewTagged returns the recent view tagged tag, or (for tag 0, a new
+// listing, or a view no longer recent) the current one.
+func (fs *FileSystem) viewTagged(tag uint32) (uint32, *ext4ro.FS) {
+	recent := *fs.recent.Load()
+	if tag != 0 {
+		for _, r := range recent {
+			if r.tag == tag {
+				return r.tag, r.v
+			}
+		}
+	}
+	return recent[0].tag, recent[0].v
+}
 
 // Nodes returns how many nodes the kernel holds, besides the root (0 for
 // a view that never changes, which does not count them).
@@ -154,7 +208,11 @@ func (fs *FileSystem) status(op string, err error) fuse.Status {
 }
 
 func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
-	v := fs.view.Load()
+	return fs.inodeIn(fs.view.Load(), nodeID)
+}
+
+// inodeIn resolves nodeID in view v.
+func (fs *FileSystem) inodeIn(v *ext4ro.FS, nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
 	ino, gen, anyGen := splitNodeID(nodeID)
 	if ino == 0 {
 		return nil, nil, fuse.Status(syscall.ESTALE)
@@ -372,7 +430,7 @@ func (fs *FileSystem) Release(_ <-chan struct{}, in *fuse.ReleaseIn) { fs.dropHa
 func (fs *FileSystem) Flush(<-chan struct{}, *fuse.FlushIn) fuse.Status { return fuse.ENOSYS }
 
 func (fs *FileSystem) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	if fs.noOpen {
+	if fs.noOpenDir {
 		return fuse.ENOSYS
 	}
 	v, ino, st := fs.inode(in.NodeId)
@@ -400,19 +458,56 @@ func (fs *FileSystem) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.
 	return fs.readDir(in, out, true)
 }
 
+// prefetchEntries is how many entries a listing prefetches the inodes of:
+// about what one READDIRPLUS reply holds.
+const prefetchEntries = 256
+
 // readDir lists from the cookie in in.Offset. Entry offsets are ext4ro
 // cookies, so a listing resumes exactly where the last one stopped.
 func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	v, dir, st := fs.opened(in.NodeId, in.Fh)
+	var v *ext4ro.FS
+	var dir *ext4ro.Inode
+	st := fuse.OK
+	tag, pos := uint32(0), in.Offset
+	if fs.noOpenDir {
+		// No handle: the cookie says which view the listing is in.
+		tag, pos = splitCookie(in.Offset)
+		tag, v = fs.viewTagged(tag)
+		v, dir, st = fs.inodeIn(v, in.NodeId)
+	} else {
+		v, dir, st = fs.opened(in.NodeId, in.Fh)
+	}
 	if !st.Ok() {
 		return st
 	}
 	if !dir.IsDir() {
 		return fuse.ENOTDIR
 	}
+	if plus && fs.files != nil {
+		// The inode-table blocks this reply will read, in one go, and
+		// (meanwhile) the subdirectories' first blocks, which a walk
+		// lists next.
+		var inos []uint32
+		_ = v.ReadDir(dir, pos, func(e ext4ro.DirEntry) bool {
+			if e.Name != "." && e.Name != ".." {
+				inos = append(inos, e.Ino)
+			}
+			return len(inos) < prefetchEntries
+		})
+		v.PrefetchInodes(inos)
+		defer func() {
+			var dirs []*ext4ro.Inode
+			for _, ino := range inos {
+				if in, err := v.Inode(ino); err == nil && in.IsDir() {
+					dirs = append(dirs, in)
+				}
+			}
+			go v.PrefetchFirstBlocks(dirs)
+		}()
+	}
 	var ierr error
-	err := v.ReadDir(dir, in.Offset, func(e ext4ro.DirEntry) bool {
-		de := fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: e.Type, Off: e.Cookie}
+	err := v.ReadDir(dir, pos, func(e ext4ro.DirEntry) bool {
+		de := fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: e.Type, Off: tagCookie(tag, e.Cookie)}
 		if !plus {
 			return out.AddDirEntry(de)
 		}

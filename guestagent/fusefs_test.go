@@ -119,7 +119,7 @@ func TestReusedInodeNumberIsAnotherNode(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(dir, "old")); err != nil || string(b) != "old content" {
 		t.Fatalf("before: %q %v", b, err)
 	}
-	fsys.SetView(after)
+	fsys.SetView(after, 2)
 	// The kernel drops what it cached of the inode (as an expired
 	// attribute timeout or an invalidation would) but keeps the name.
 	oldIn, _ := before.Inode(12)

@@ -655,3 +655,74 @@ func TestStuckGuestDelaysNoOne(t *testing.T) {
 		}
 	}
 }
+
+// A listing in progress when the guest moves to a generation that changes
+// the directory goes on in the generation it began in: every name of
+// that generation once, none of the new one's (the guest opens no
+// directories, so the listing's cookies carry its generation).
+func TestListingStaysInItsGeneration(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	dir := filepath.Join(h.mnt, "many")
+	os.Mkdir(dir, 0o755)
+	want := map[string]bool{}
+	for i := range 3000 {
+		name := fmt.Sprintf("old-%04d-%s", i, strings.Repeat("x", i%40))
+		os.WriteFile(filepath.Join(dir, name), nil, 0o644)
+		want[name] = true
+	}
+	gen := h.publish(t)
+	g := startGuest(t, h, "")
+	fd, err := syscall.Open(filepath.Join(g.dir, "many"), syscall.O_RDONLY|syscall.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	seen := map[string]int{}
+	buf := make([]byte, 2048)
+	read := func() int {
+		n, err := syscall.Getdents(fd, buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		_, _, names = syscall.ParseDirent(buf[:n], -1, names)
+		for _, name := range names {
+			seen[name]++
+		}
+		return n
+	}
+	read()
+	// The host removes half of them and adds as many; the guest moves.
+	for i := range 1500 {
+		os.Remove(filepath.Join(dir, fmt.Sprintf("old-%04d-%s", 2*i, strings.Repeat("x", (2*i)%40))))
+		os.WriteFile(filepath.Join(dir, fmt.Sprint("new-", i)), nil, 0o644)
+	}
+	g.waitFor(t, h.publish(t))
+	if g.c.Generation() <= gen {
+		t.Fatal("the guest did not move")
+	}
+	t0 := time.Now()
+	calls := 0
+	for read() > 0 {
+		calls++
+	}
+	t.Logf("rest of the listing: %d getdents in %v", calls, time.Since(t0))
+	for name, n := range seen {
+		if n > 1 {
+			t.Errorf("%s listed %d times", name, n)
+		}
+		if !want[name] {
+			t.Errorf("%s listed: not in the generation the listing began in", name)
+		}
+	}
+	if len(seen) != len(want) {
+		t.Errorf("%d names listed, the generation the listing began in has %d", len(seen), len(want))
+	}
+	// A new listing shows the new generation.
+	t0 = time.Now()
+	names, _ := os.ReadDir(filepath.Join(g.dir, "many"))
+	t.Logf("a new listing: %v", time.Since(t0))
+	if len(names) != 3000 || !strings.HasPrefix(names[len(names)-1].Name(), "old-") && !strings.HasPrefix(names[0].Name(), "new-") {
+		t.Fatalf("a new listing has %d names", len(names))
+	}
+}

@@ -115,7 +115,7 @@ func (c *Client) switchTo(old *genView, target uint64, ch *changes) error {
 	if err != nil {
 		return err
 	}
-	c.fs.SetView(f)
+	c.fs.SetView(f, uint32(target))
 	if ch.all {
 		c.invalidateAll(f)
 	} else {

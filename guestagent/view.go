@@ -3,7 +3,7 @@ package guestagent
 import (
 	"errors"
 	"fmt"
-	"strconv"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -61,13 +61,15 @@ func (c *metaCache) has(gen, n uint64) bool {
 	return gen == c.gen && c.lru.Contains(n)
 }
 
-// add caches block n of gen, if gen is still the cached generation.
-func (c *metaCache) add(gen, n uint64, b []byte) {
+// add caches block n of gen, if gen is still the cached generation, and
+// reports whether it did.
+func (c *metaCache) add(gen, n uint64, b []byte) bool {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if gen == c.gen {
 		c.lru.Add(n, b)
 	}
-	c.mu.Unlock()
+	return gen == c.gen
 }
 
 // forget drops every block: what the host serves under a generation
@@ -129,6 +131,43 @@ type genView struct {
 	// dead: the host no longer has this generation, and what it serves
 	// under its number (another lineage's) must not be read for it.
 	dead atomic.Bool
+
+	// A generation not cached any more (a listing begun before a switch
+	// still reads it) keeps the few blocks it fetches since.
+	mu      sync.Mutex
+	private *simplelru.LRU[uint64, []byte] // guarded by mu
+}
+
+// privateBlocks is how many blocks a generation no longer cached keeps.
+const privateBlocks = 256
+
+// has reports whether block n is in the view's cache (the shared one or
+// its own), without counting or refreshing it.
+func (v *genView) has(n uint64) bool {
+	if v.c.cache.has(v.gen, n) {
+		return true
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.private != nil && v.private.Contains(n)
+}
+
+func (v *genView) getPrivate(n uint64) ([]byte, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.private == nil {
+		return nil, false
+	}
+	return v.private.Get(n)
+}
+
+func (v *genView) addPrivate(n uint64, b []byte) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.private == nil {
+		v.private, _ = simplelru.NewLRU[uint64, []byte](privateBlocks, nil)
+	}
+	v.private.Add(n, b)
 }
 
 // superblockAt is where the superblock's bytes are, whatever the block
@@ -136,8 +175,8 @@ type genView struct {
 const superblockAt, superblockSize = 1024, 1024
 
 // ReadBlock returns block n: cached, or fetched with the missing blocks
-// after it, up to ahead, in one request. Concurrent misses of one block
-// make one request.
+// after it, up to ahead, in one request. A block already being fetched
+// (by a prefetch, or another miss) is waited for, not asked for again.
 func (v *genView) ReadBlock(n, ahead uint64) ([]byte, error) {
 	if v.dead.Load() {
 		return nil, v.deadErr()
@@ -147,32 +186,132 @@ func (v *genView) ReadBlock(n, ahead uint64) ([]byte, error) {
 		v.c.m.cacheHits.Inc()
 		return b, nil
 	}
+	if b, ok := v.getPrivate(n); ok {
+		return b, nil
+	}
+	if v.c.fetching.wait(v.gen, n) {
+		if b, ok := cache.get(v.gen, n); ok {
+			v.c.m.cacheHits.Inc()
+			return b, nil
+		}
+	}
 	v.c.m.cacheMisses.Inc()
-	key := strconv.FormatUint(v.gen, 10) + ":" + strconv.FormatUint(n, 10)
-	b, err, _ := v.c.fetches.Do(key, func() (any, error) {
-		blocks := []uint64{n}
-		for b := n + 1; b < n+min(ahead, maxFetch); b++ {
-			if cache.has(v.gen, b) {
-				break
-			}
-			blocks = append(blocks, b)
+	blocks := []uint64{n}
+	for b := n + 1; b < n+min(ahead, maxFetch); b++ {
+		if v.has(b) {
+			break
 		}
-		data, err := v.fetch(blocks)
-		if err != nil {
-			return nil, err
-		}
-		for i, b := range blocks {
-			cache.add(v.gen, b, data[int64(i)*v.bs:int64(i+1)*v.bs:int64(i+1)*v.bs])
-		}
-		return data[:v.bs:v.bs], nil
-	})
+		blocks = append(blocks, b)
+	}
+	data, err := v.load(blocks)
 	if err != nil {
 		return nil, err
 	}
-	return b.([]byte), nil
+	return data[:v.bs:v.bs], nil
 }
 
-// fetch reads blocks (consecutive) of the view's generation from the host.
+// Prefetch fetches the blocks that are neither cached nor being fetched,
+// in as few requests as the host takes, at once, and caches them: what a
+// directory listing's entries and subdirectories will need next.
+func (v *genView) Prefetch(blocks []uint64) {
+	if v.dead.Load() || len(blocks) == 0 {
+		return
+	}
+	slices.Sort(blocks)
+	blocks = slices.Compact(blocks)
+	var want []uint64
+	for _, b := range blocks {
+		if !v.has(b) && !v.c.fetching.busy(v.gen, b) {
+			want = append(want, b)
+		}
+	}
+	per := int(min(maxPrefetch, hostMaxReply/v.bs))
+	var wg sync.WaitGroup
+	for len(want) > 0 {
+		chunk := want[:min(per, len(want))]
+		want = want[len(chunk):]
+		wg.Go(func() { _, _ = v.load(chunk) })
+	}
+	wg.Wait()
+}
+
+// maxPrefetch is the most blocks one prefetch request asks for (the
+// host's limit), and hostMaxReply the most bytes it answers with.
+const maxPrefetch, hostMaxReply = 256, 1 << 20
+
+// load fetches blocks (sorted) and caches them, marking them in flight
+// meanwhile. It returns their bytes, in order.
+func (v *genView) load(blocks []uint64) ([]byte, error) {
+	done := v.c.fetching.start(v.gen, blocks)
+	defer done()
+	data, err := v.fetch(blocks)
+	if err != nil {
+		return nil, err
+	}
+	for i, b := range blocks {
+		block := data[int64(i)*v.bs : int64(i+1)*v.bs : int64(i+1)*v.bs]
+		if !v.c.cache.add(v.gen, b, block) {
+			v.addPrivate(b, block)
+		}
+	}
+	return data, nil
+}
+
+// inFlight is the metadata blocks being fetched, so that a miss of one
+// waits for its fetch instead of asking again.
+type inFlight struct {
+	mu     sync.Mutex
+	blocks map[blockKey]chan struct{} // closed when the fetch ends; guarded by mu
+}
+
+type blockKey struct{ gen, block uint64 }
+
+func newInFlight() *inFlight { return &inFlight{blocks: map[blockKey]chan struct{}{}} }
+
+// start marks blocks of gen in flight (those not already) until done.
+func (f *inFlight) start(gen uint64, blocks []uint64) (done func()) {
+	ch := make(chan struct{})
+	var mine []blockKey
+	f.mu.Lock()
+	for _, b := range blocks {
+		k := blockKey{gen, b}
+		if _, ok := f.blocks[k]; !ok {
+			f.blocks[k] = ch
+			mine = append(mine, k)
+		}
+	}
+	f.mu.Unlock()
+	return func() {
+		f.mu.Lock()
+		for _, k := range mine {
+			delete(f.blocks, k)
+		}
+		f.mu.Unlock()
+		close(ch)
+	}
+}
+
+// busy reports whether block of gen is being fetched.
+func (f *inFlight) busy(gen, block uint64) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.blocks[blockKey{gen, block}]
+	return ok
+}
+
+// wait waits for the fetch of block of gen, if one is in flight, and
+// reports whether there was one.
+func (f *inFlight) wait(gen, block uint64) bool {
+	f.mu.Lock()
+	ch, ok := f.blocks[blockKey{gen, block}]
+	f.mu.Unlock()
+	if ok {
+		<-ch
+	}
+	return ok
+}
+
+// fetch reads blocks (sorted) of the view's generation from the host.
 func (v *genView) fetch(blocks []uint64) ([]byte, error) {
 	v.c.m.metaFetches.Inc()
 	reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(blocks)})

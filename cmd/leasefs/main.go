@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 )
@@ -73,7 +74,9 @@ func main() {
 	if strings.HasPrefix(filepath.Base(os.Args[0]), "mount.") { // mount(8)'s helper
 		args = append([]string{"mount-helper"}, args...)
 	}
+	stopProfile := profile(args)
 	err := run(ctx, args, os.Stdout, os.Stderr)
+	stopProfile()
 	stop()
 	switch {
 	case err == nil:
@@ -125,4 +128,23 @@ func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 		return errUsage
 	}
 	return nil
+}
+
+// profile writes a CPU profile of the command, for benchmarks, when
+// LEASEFS_CPUPROFILE=PREFIX is set: to PREFIX.COMMAND.PID.pprof.
+func profile(args []string) func() {
+	prefix := os.Getenv("LEASEFS_CPUPROFILE")
+	if prefix == "" || len(args) == 0 {
+		return func() {}
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%s.%d.pprof", prefix, args[0], os.Getpid()))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "leasefs: LEASEFS_CPUPROFILE:", err)
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return func() {}
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }
 }
