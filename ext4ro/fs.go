@@ -64,6 +64,7 @@ type FS struct {
 	descPerBlk uint32
 	metaFd     int    // the metadata reader's descriptor, for readahead advice; -1 if none
 	readAhead  uint64 // blocks per readahead
+	groups     []atomic.Pointer[groupDesc] // descriptors read and checked so far
 	stats      stats
 }
 
@@ -117,6 +118,9 @@ func Open(r io.ReaderAt, opts *Options) (*FS, error) {
 	f.readAhead = readAheadBlocks
 	if opts.ReadAhead > 0 {
 		f.readAhead = uint64(opts.ReadAhead)
+	}
+	if n := sb.GroupCount(); n <= maxCachedGroups { // whatever a corrupt superblock claims
+		f.groups = make([]atomic.Pointer[groupDesc], n)
 	}
 	f.metaFd = -1
 	if fd, ok := r.(interface{ Fd() uintptr }); ok {
@@ -244,12 +248,31 @@ type groupDesc struct {
 
 const bgInodeUninit = 0x1
 
-// group reads and verifies the descriptor of block group g.
+// maxCachedGroups bounds the descriptors kept parsed (a million groups:
+// 128 TiB of 4 KiB blocks).
+const maxCachedGroups = 1 << 20
+
+// group returns the descriptor of block group g, read and checked once.
 func (f *FS) group(g uint32) (groupDesc, error) {
-	sb := f.sb
-	if g >= sb.GroupCount() {
+	if g >= f.sb.GroupCount() {
 		return groupDesc{}, fmt.Errorf("ext4ro: group %d out of range: %w", g, ErrInvalid)
 	}
+	if g >= uint32(len(f.groups)) {
+		return f.readGroup(g)
+	}
+	if gd := f.groups[g].Load(); gd != nil {
+		return *gd, nil
+	}
+	gd, err := f.readGroup(g)
+	if err == nil {
+		f.groups[g].Store(&gd)
+	}
+	return gd, err
+}
+
+// readGroup reads and verifies the descriptor of block group g.
+func (f *FS) readGroup(g uint32) (groupDesc, error) {
+	sb := f.sb
 	blk := f.descBlock(g / f.descPerBlk)
 	b, err := f.block(blk)
 	if err != nil {

@@ -159,14 +159,50 @@ func (f *FS) PrefetchInodes(inos []uint32) {
 	p.Prefetch(blocks)
 }
 
-// PrefetchFirstBlocks tells the metadata source, if it is a Prefetcher,
-// of the first blocks of directories dirs whose extent tree fits in the
-// inode (reading nothing to find them): a walk will list them next.
-func (f *FS) PrefetchFirstBlocks(dirs []*Inode) {
-	p, ok := f.src.(Prefetcher)
-	if !ok || len(dirs) == 0 {
+// PrefetchSubdirs tells the metadata source, if it is a Prefetcher, of
+// what listing directories dirs will read, a walk being about to: their
+// first blocks, then (once those are in) the inode-table blocks of the
+// entries in those blocks. It waits for the source; run it aside.
+func (f *FS) PrefetchSubdirs(dirs []*Inode) {
+	if _, ok := f.src.(Prefetcher); !ok || len(dirs) == 0 {
 		return
 	}
+	// The first directory first: a walk lists it at once.
+	f.prefetchFirstBlocks(dirs[:1])
+	f.PrefetchInodes(f.firstEntries(dirs[0]))
+	f.prefetchFirstBlocks(dirs[1:])
+	var inos []uint32
+	for _, d := range dirs[1:] {
+		inos = append(inos, f.firstEntries(d)...)
+		if len(inos) >= maxPrefetchInodes {
+			break
+		}
+	}
+	f.PrefetchInodes(inos)
+}
+
+// firstEntries returns the inodes named in dir's first block (at most
+// subdirEntries).
+func (f *FS) firstEntries(dir *Inode) []uint32 {
+	var inos []uint32
+	_ = f.ReadDir(dir, 0, func(e DirEntry) bool {
+		if e.Name != "." && e.Name != ".." {
+			inos = append(inos, e.Ino)
+		}
+		return len(inos) < subdirEntries && e.Cookie < f.bs
+	})
+	return inos
+}
+
+// What PrefetchSubdirs reads ahead: the entries of each directory's first
+// block, at most so many, and so many in all.
+const subdirEntries, maxPrefetchInodes = 128, 4096
+
+// prefetchFirstBlocks tells the metadata source of the first blocks of
+// directories dirs whose extent tree fits in the inode (reading nothing
+// to find them).
+func (f *FS) prefetchFirstBlocks(dirs []*Inode) {
+	p := f.src.(Prefetcher)
 	var blocks []uint64
 	for _, in := range dirs {
 		if !in.IsDir() || !in.hasExtents() || in.hasInlineData() {

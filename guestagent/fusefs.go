@@ -483,10 +483,11 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 	if !dir.IsDir() {
 		return fuse.ENOTDIR
 	}
+	var subdirs []*ext4ro.Inode
 	if plus && fs.files != nil {
-		// The inode-table blocks this reply will read, in one go, and
-		// (meanwhile) the subdirectories' first blocks, which a walk
-		// lists next.
+		// The inode-table blocks this reply will read, in one go; and,
+		// once it is sent, what listing its subdirectories will read,
+		// which a walk does next.
 		var inos []uint32
 		_ = v.ReadDir(dir, pos, func(e ext4ro.DirEntry) bool {
 			if e.Name != "." && e.Name != ".." {
@@ -496,13 +497,9 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 		})
 		v.PrefetchInodes(inos)
 		defer func() {
-			var dirs []*ext4ro.Inode
-			for _, ino := range inos {
-				if in, err := v.Inode(ino); err == nil && in.IsDir() {
-					dirs = append(dirs, in)
-				}
+			if len(subdirs) > 0 {
+				go v.PrefetchSubdirs(subdirs)
 			}
-			go v.PrefetchFirstBlocks(dirs)
 		}()
 	}
 	var ierr error
@@ -524,6 +521,9 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 		}
 		if child != nil {
 			fs.fillEntry(v, child, eo, in.NodeId, e.Name)
+			if child.IsDir() && fs.files != nil {
+				subdirs = append(subdirs, child)
+			}
 		}
 		return true
 	})

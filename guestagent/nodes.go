@@ -9,32 +9,51 @@ import "sync"
 // kernel does. For each node it keeps the directory and name it was last
 // given under, which is how a switch that cannot say what changed finds
 // the names the kernel may have cached, and how a log line names a path.
+//
+// A guest walking a large tree holds a node for each of its inodes, so
+// they are kept small and free of pointers (the collector never scans
+// them): names live in one arena, compacted when mostly garbage.
 type nodes struct {
-	mu   sync.Mutex
-	m    map[uint64]nodeRef // guarded by mu
-	peak int                // len(m) since m was made; guarded by mu
+	mu    sync.Mutex
+	m     map[uint64]nodeRef // guarded by mu
+	peak  int                // len(m) since m was made; guarded by mu
+	names []byte             // the arena; guarded by mu
+	live  int                // bytes of names still used; guarded by mu
 }
 
 type nodeRef struct {
-	refs   uint64
-	parent uint64
-	name   string
+	refs    uint64
+	parent  uint64
+	nameOff uint32
+	nameLen uint8 // ext4 names are at most 255 bytes
 }
 
 func newNodes() *nodes { return &nodes{m: map[uint64]nodeRef{}} }
+
+func (t *nodes) name(r nodeRef) string {
+	return string(t.names[r.nameOff : r.nameOff+uint32(r.nameLen)])
+}
 
 // add records one more kernel reference to id, as the entry name of
 // directory parent.
 func (t *nodes) add(id, parent uint64, name string) {
 	t.mu.Lock()
-	r := t.m[id]
+	defer t.mu.Unlock()
+	r, ok := t.m[id]
 	r.refs++
-	if r.parent != parent || r.name != name {
-		r.parent, r.name = parent, name
+	if !ok || r.parent != parent || string(t.names[r.nameOff:r.nameOff+uint32(r.nameLen)]) != name {
+		if ok {
+			t.live -= int(r.nameLen)
+		}
+		r.parent, r.nameOff, r.nameLen = parent, uint32(len(t.names)), uint8(min(len(name), 255))
+		t.names = append(t.names, name[:r.nameLen]...)
+		t.live += int(r.nameLen)
 	}
 	t.m[id] = r
 	t.peak = max(t.peak, len(t.m))
-	t.mu.Unlock()
+	if len(t.names) > 2*t.live+1<<20 { // names given again and again
+		t.compact()
+	}
 }
 
 // forget drops n references to id, and id with the last.
@@ -51,15 +70,26 @@ func (t *nodes) forget(id, n uint64) {
 		return
 	}
 	delete(t.m, id)
-	// Go maps never give their buckets back: once the kernel has let go
-	// of most of what it held, move what is left to a map its size.
+	t.live -= int(r.nameLen)
+	// Go maps never give their buckets back, and the arena only grows:
+	// once the kernel has let go of most of what it held, move what is
+	// left to a map and an arena its size.
 	if t.peak > 4096 && len(t.m) < t.peak/4 {
-		m := make(map[uint64]nodeRef, len(t.m))
-		for k, v := range t.m {
-			m[k] = v
-		}
-		t.m, t.peak = m, len(m)
+		t.compact()
 	}
+}
+
+// compact rebuilds the map and the arena. Called with t.mu held.
+func (t *nodes) compact() {
+	m := make(map[uint64]nodeRef, len(t.m))
+	names := make([]byte, 0, t.live)
+	for id, r := range t.m {
+		off := uint32(len(names))
+		names = append(names, t.names[r.nameOff:r.nameOff+uint32(r.nameLen)]...)
+		r.nameOff = off
+		m[id] = r
+	}
+	t.m, t.names, t.peak = m, names, len(m)
 }
 
 // has reports whether the kernel holds id. The root always is.
@@ -92,7 +122,7 @@ func (t *nodes) entries() []entry {
 	defer t.mu.Unlock()
 	es := make([]entry, 0, len(t.m))
 	for id, r := range t.m {
-		es = append(es, entry{id, r.parent, r.name})
+		es = append(es, entry{id, r.parent, t.name(r)})
 	}
 	return es
 }
@@ -111,7 +141,7 @@ func (t *nodes) path(id uint64) string {
 		if !ok {
 			return ""
 		}
-		p = "/" + r.name + p
+		p = "/" + t.name(r) + p
 		if r.parent == fuseRoot {
 			return p
 		}

@@ -1,6 +1,7 @@
 package hostagent
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
+	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // BenchmarkPublish measures the freeze of a publish on an export with
@@ -111,6 +113,35 @@ func BenchmarkPublish(b *testing.B) {
 				e.Drop(g.Number - 1)
 			}
 			report(b, gs)
+		})
+	}
+}
+
+// BenchmarkReadMeta is one guest's metadata request and its reply, over a
+// Unix socket, as a cold walk makes them one after another: 1 block, and
+// the 16 of a directory's inode-table blocks.
+func BenchmarkReadMeta(b *testing.B) {
+	_, e, g := publishedFile(b)
+	_, a := serve(b, e, ServerOptions{})
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	var blocks []uint64
+	for n := uint64(0); n < 1<<20 && len(blocks) < 16; n++ {
+		if g.Has(n) {
+			blocks = append(blocks, n)
+		}
+	}
+	for _, n := range []int{1, len(blocks)} {
+		b.Run(fmt.Sprint(n, " blocks"), func(b *testing.B) {
+			req := &vsockproto.ReadMeta{Generation: g.Number, Blocks: vsockproto.Ranges(blocks[:n])}
+			for range b.N {
+				if _, err := c.Call(context.Background(), req); err != nil {
+					b.Fatal(err)
+				}
+			}
 		})
 	}
 }

@@ -66,7 +66,7 @@ type export struct {
 	img, dev, mnt, state string
 }
 
-func newExport(t *testing.T, sizeMB int, args ...string) export {
+func newExport(t testing.TB, sizeMB int, args ...string) export {
 	t.Helper()
 	testenv.RequireLoop(t)
 	img := imgtest.Mkfs(t, "ext4", "", sizeMB, append([]string{"-b", "4096", "-O",
@@ -76,12 +76,12 @@ func newExport(t *testing.T, sizeMB int, args ...string) export {
 }
 
 // open opens the export with a watchdog, both closed when t ends.
-func (x export) open(t *testing.T, budget time.Duration) *Export {
+func (x export) open(t testing.TB, budget time.Duration) *Export {
 	t.Helper()
 	return x.openWith(t, ExportConfig{FreezeBudget: budget})
 }
 
-func (x export) openWith(t *testing.T, cfg ExportConfig) *Export {
+func (x export) openWith(t testing.TB, cfg ExportConfig) *Export {
 	t.Helper()
 	wd, err := StartWatchdog(watchdogCmd(x.mnt))
 	if err != nil {
@@ -98,7 +98,7 @@ func (x export) openWith(t *testing.T, cfg ExportConfig) *Export {
 }
 
 // write writes a file on the export.
-func (x export) write(t *testing.T, name, content string) {
+func (x export) write(t testing.TB, name, content string) {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(x.mnt, name), []byte(content), 0o644); err != nil {
 		t.Fatal(err)

@@ -20,7 +20,7 @@ import (
 )
 
 // serve runs a Server for e on a Unix socket and returns its address.
-func serve(t *testing.T, e *Export, opt ServerOptions) (*Server, vsockproto.Addr) {
+func serve(t testing.TB, e *Export, opt ServerOptions) (*Server, vsockproto.Addr) {
 	t.Helper()
 	s, err := NewServer([]*Export{e}, opt)
 	if err != nil {
@@ -39,7 +39,7 @@ func serve(t *testing.T, e *Export, opt ServerOptions) (*Server, vsockproto.Addr
 }
 
 // publishedFile is an export holding file f, published once.
-func publishedFile(t *testing.T) (export, *Export, *Generation) {
+func publishedFile(t testing.TB) (export, *Export, *Generation) {
 	t.Helper()
 	x := newExport(t, 64)
 	x.write(t, "f", "content")
