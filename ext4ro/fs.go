@@ -62,8 +62,8 @@ type FS struct {
 	seed       uint32      // checksum seed
 	hashSigned bool        // directory hashes use signed chars
 	descPerBlk uint32
-	metaFd     int    // the metadata reader's descriptor, for readahead advice; -1 if none
-	readAhead  uint64 // blocks per readahead
+	metaFd     int                         // the metadata reader's descriptor, for readahead advice; -1 if none
+	readAhead  uint64                      // blocks per readahead
 	groups     []atomic.Pointer[groupDesc] // descriptors read and checked so far
 	stats      stats
 }
