@@ -3,6 +3,8 @@ package guestagent
 import (
 	"context"
 	"fmt"
+	"io"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -48,6 +50,24 @@ func (f Follow) String() string {
 	return "always"
 }
 
+// PageCache is where a guest's file data is cached.
+type PageCache string
+
+// The page cache modes.
+const (
+	PageCacheGuest PageCache = "guest"
+	PageCacheHost  PageCache = "host"
+)
+
+// ParsePageCache parses --page-cache.
+func ParsePageCache(s string) (PageCache, error) {
+	switch p := PageCache(s); p {
+	case PageCacheGuest, PageCacheHost:
+		return p, nil
+	}
+	return "", fmt.Errorf("--page-cache %q: want guest or host", s)
+}
+
 // DefaultCacheBytes bounds the metadata cache unless told otherwise:
 // enough for a cold walk of a large tree, small enough for a small VM.
 const DefaultCacheBytes = 16 << 20
@@ -71,8 +91,15 @@ type ClientConfig struct {
 	Timeout time.Duration
 	// CacheBytes bounds the metadata cache (DefaultCacheBytes).
 	CacheBytes int64
-	Conn       vsockproto.Options
-	Logger     hclog.Logger
+	// PageCache says where file data is cached: PageCacheGuest (the
+	// default) in this kernel's page cache, like any file's; PageCacheHost
+	// nowhere here (FUSE direct I/O), the device being read so that only
+	// the host caches it — with O_DIRECT on a block device (the VMM's
+	// cache of the drive on the host), through the file's own page cache
+	// on an image file (the host's, when the guest runs on the host).
+	PageCache PageCache
+	Conn      vsockproto.Options
+	Logger    hclog.Logger
 }
 
 // Notifier is what the client tells the kernel through: *fuse.Server.
@@ -88,6 +115,7 @@ type Client struct {
 	cfg      ClientConfig
 	log      hclog.Logger
 	dev      *directio.File // nil: data over the connection
+	data     io.ReaderAt    // what file data is read from: dev, or the image file through its page cache
 	fs       *FileSystem
 	cache    *metaCache
 	m        *clientMetrics
@@ -181,6 +209,9 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if cfg.CacheBytes <= 0 {
 		cfg.CacheBytes = DefaultCacheBytes
 	}
+	if cfg.PageCache == "" {
+		cfg.PageCache = PageCacheGuest
+	}
 	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{},
 		kick: make(chan struct{}, 1), done: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
@@ -190,8 +221,16 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		if err != nil {
 			return nil, err
 		}
-		c.dev = d
+		c.dev, c.data = d, d
 		c.device = DeviceStatus{Path: cfg.Device, State: DeviceUnchecked}
+		if cfg.PageCache == PageCacheHost {
+			if f, err := buffered(cfg.Device); err != nil {
+				d.Close()
+				return nil, err
+			} else if f != nil {
+				c.data = f
+			}
+		}
 	}
 	w, err := c.dial(ctx)
 	if err != nil {
@@ -214,7 +253,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	c.mu.Lock()
 	c.cur, c.latest, c.switched = v, w.Generation, time.Now()
 	c.mu.Unlock()
-	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, Logger: cfg.Logger})
+	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost, Logger: cfg.Logger})
 	c.fs.SetView(f, uint32(w.Generation))
 	go c.switcher()
 	return c, nil
@@ -256,6 +295,24 @@ func (c *Client) Close() {
 	if c.dev != nil {
 		c.dev.Close()
 	}
+	if f, ok := c.data.(*os.File); ok {
+		f.Close()
+	}
+}
+
+// buffered opens the device through its page cache if it is a regular
+// file (an image on the machine the guest runs on, whose page cache is
+// the host's); nil for a block device, which is read with O_DIRECT.
+func buffered(path string) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // open opens an ext4ro reader over v and remembers which generation it
@@ -266,8 +323,8 @@ func (c *Client) open(v *genView) (*ext4ro.FS, error) {
 		return nil, err
 	}
 	opts := &ext4ro.Options{}
-	if c.dev != nil {
-		opts.Data = c.dev
+	if c.data != nil {
+		opts.Data = c.data
 	}
 	f, err := ext4ro.Open(v, opts)
 	if err != nil {

@@ -29,6 +29,7 @@ type FileSystem struct {
 	timeout   time.Duration
 	noOpen    bool
 	noOpenDir bool
+	directIO  bool
 	log       hclog.Logger
 	errLog    *rate.Limiter // of error log lines
 	warnLog   *rate.Limiter // of lines about refused opens
@@ -76,6 +77,9 @@ type Config struct {
 	// it began in through its cookies, which carry the view's tag
 	// (SetView): a view that changes may do it.
 	NoOpenDir bool
+	// DirectIO opens regular files for direct I/O: the kernel caches
+	// none of their data, every read comes here (--page-cache=host).
+	DirectIO bool
 	// Files, if set, opens regular files (and NoOpen must be false).
 	Files  Files
 	Logger hclog.Logger
@@ -97,6 +101,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		timeout:       cfg.Timeout,
 		noOpen:        cfg.NoOpen,
 		noOpenDir:     cfg.NoOpen || cfg.NoOpenDir,
+		directIO:      cfg.DirectIO,
 		log:           cfg.Logger,
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		warnLog:       rate.NewLimiter(rate.Every(time.Second), 10),
@@ -401,6 +406,9 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	}
 	out.Fh = fs.addHandle(h)
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	if fs.directIO && ino.IsRegular() {
+		out.OpenFlags = fuse.FOPEN_DIRECT_IO
+	}
 	return fuse.OK
 }
 

@@ -39,7 +39,10 @@ func Mount(fs *FileSystem, dir string, cfg MountConfig) (*fuse.Server, error) {
 		// The view only changes by explicit switches, which invalidate
 		// pages themselves; mtime changes must not drop the cache.
 		ExplicitDataCacheControl: true,
-		Debug:                    cfg.Debug,
+		// Mappings of files opened for direct I/O (--page-cache=host),
+		// where the kernel has it (6.6): see DirectIOMmap.
+		ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+		Debug:             cfg.Debug,
 		// A bug in one request fails that request, not the mount.
 		PanicHandler: func(r any) fuse.Status {
 			fs.log.Error("a FUSE request handler panicked; answering EIO", "panic", r, "stack", string(debug.Stack()))
@@ -72,4 +75,12 @@ func setReadAhead(dir string, kb int) error {
 	}
 	path := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
 	return os.WriteFile(path, []byte(strconv.Itoa(kb)), 0)
+}
+
+// DirectIOMmap reports whether the kernel of a mount maps files opened
+// for direct I/O (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6). Without it a
+// shared mapping of such a file fails (ENODEV); private ones — exec,
+// and most programs that map files to read them — work either way.
+func DirectIOMmap(srv *fuse.Server) bool {
+	return srv.KernelSettings().Flags64()&fuse.CAP_DIRECT_IO_ALLOW_MMAP != 0
 }

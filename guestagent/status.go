@@ -19,6 +19,7 @@ type Status struct {
 	Latest      uint64        `json:"latest_announced"`
 	Switched    time.Time     `json:"switched"`
 	Follow      string        `json:"follow"`
+	PageCache   PageCache     `json:"page_cache"`
 	Publish     string        `json:"host_publishes"`
 	Cache       CacheStatus   `json:"metadata_cache"`
 	Nodes       int           `json:"kernel_nodes"`
@@ -55,7 +56,7 @@ func (c *Client) Status() *Status {
 	st := &Status{
 		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.conn != nil, Since: c.started,
 		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Latest: c.latest,
-		Switched: c.switched, Follow: c.cfg.Follow.String(), Publish: c.policy.String(),
+		Switched: c.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.policy.String(),
 		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
 		Fenced: append([]FencedFile(nil), c.fenced...),
 	}

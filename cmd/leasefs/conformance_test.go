@@ -34,6 +34,9 @@ func TestConformance(t *testing.T) {
 		t.Run("device", func(t *testing.T) {
 			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev), oracle)
 		})
+		t.Run("device, page cache on the host", func(t *testing.T) {
+			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev, "--page-cache", "host"), oracle)
+		})
 		t.Run("no device", func(t *testing.T) {
 			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror"), oracle)
 		})

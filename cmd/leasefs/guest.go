@@ -29,6 +29,7 @@ type guestOptions struct {
 	follow              guestagent.Follow
 	metrics, logTo      string
 	logLevel            string
+	pageCache           guestagent.PageCache
 	cacheMB             int
 	statusSocket        string
 	foreground, debug   bool
@@ -37,7 +38,7 @@ type guestOptions struct {
 // parseGuest checks a guest command line without acting on it.
 func parseGuest(args []string, stderr io.Writer) (*guestOptions, error) {
 	var o guestOptions
-	var connect, follow string
+	var connect, follow, pageCache string
 	fs := newFlagSet("guest", `Usage: leasefs guest --connect ADDR --export NAME [--device PATH] [flags] MOUNTPOINT
        leasefs guest status [--json] MOUNTPOINT
 
@@ -63,6 +64,8 @@ docs/operations.md).
 	fs.StringVar(&o.export, "export", "", "the export to mount (required)")
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")
 	fs.StringVar(&follow, "follow", "always", "when to move to a new generation: always, interval=DURATION or manual")
+	fs.StringVar(&pageCache, "page-cache", "guest", "where file data is cached: guest (this kernel's page cache) or host (none here: the\n"+
+		"device is read past it, so that only the host's cache of the drive holds data, once for all guests)")
 	fs.IntVar(&o.cacheMB, "cache-mb", guestagent.DefaultCacheBytes>>20, "metadata cache size in MiB; the agent's memory is held to about this plus 32 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics over HTTP (/metrics) on a loopback HOST:PORT or unix:PATH")
 	fs.StringVar(&o.statusSocket, "status-socket", "", "the status socket (default: one per mount point under "+runDir()+")")
@@ -87,6 +90,9 @@ docs/operations.md).
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
+	}
+	if o.pageCache, err = guestagent.ParsePageCache(pageCache); err != nil {
+		return nil, err
 	}
 	if o.cacheMB <= 0 {
 		return nil, fmt.Errorf("--cache-mb %d: must be positive", o.cacheMB)
@@ -168,7 +174,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	}
 	defer sl.Close()
 	c, err := guestagent.NewClient(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow,
-		CacheBytes: int64(o.cacheMB) << 20, Logger: log})
+		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -178,6 +184,9 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 		return err
 	}
 	c.Attach(srv)
+	if o.pageCache == guestagent.PageCacheHost && !guestagent.DirectIOMmap(srv) {
+		log.Warn("this kernel cannot map files opened for direct I/O (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6): with --page-cache=host, shared mappings of files fail with ENODEV; private ones (exec) work")
+	}
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
 	go c.Run(runCtx)
@@ -267,7 +276,7 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 	fmt.Fprintf(tw, "generation\t%s; follows %s; the host publishes %s\n", gen, st.Follow, st.Publish)
 	fmt.Fprintf(tw, "metadata cache\t%s of %s (%d hits, %d misses); the kernel holds %d nodes\n",
 		sizeOf(st.Cache.Bytes), sizeOf(st.Cache.LimitBytes), st.Cache.Hits, st.Cache.Misses, st.Nodes)
-	fmt.Fprintf(tw, "open files\t%d\n", st.OpenFiles)
+	fmt.Fprintf(tw, "open files\t%d; file data cached in the %s's page cache\n", st.OpenFiles, st.PageCache)
 	if d := st.Device; d != nil {
 		fmt.Fprintf(tw, "device\t%s: %s (%s, checked %s)\n", d.Path, d.State, d.Detail, ago(d.Checked))
 	} else {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/guestagent"
 	"github.com/leasefs/leasefs/internal/imgtest"
@@ -373,7 +374,7 @@ func TestGuestStatusAndLogs(t *testing.T) {
 		t.Fatalf("guest status: %v\n%s", err, out)
 	}
 	for _, want := range []string{`export mirror: connected`, `(?m)^generation +1, `, `(?m)^device +/dev/loop\d+: verified`,
-		`(?m)^open files +1$`, `the host publishes explicit`, `(?m)^metadata cache +\d+ KiB of 16 MiB`} {
+		`(?m)^open files +1; file data cached in the guest's page cache$`, `the host publishes explicit`, `(?m)^metadata cache +\d+ KiB of 16 MiB`} {
 		if !regexp.MustCompile(want).MatchString(out) {
 			t.Errorf("guest status does not say %q:\n%s", want, out)
 		}
@@ -482,4 +483,54 @@ func TestGuestExitsWhenUnmountedWithoutItsHost(t *testing.T) {
 		t.Fatalf("the guest took %v to exit", d)
 	}
 	a.start() // for the cleanup's clean stop
+}
+
+// Programs run and files map from a guest mount in both page-cache
+// modes: exec, a private mapping, and a shared read-only mapping (with
+// --page-cache=host it needs FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6; the
+// guest says so in its log when the kernel lacks it).
+func TestMmapAndExecInBothPageCacheModes(t *testing.T) {
+	h, mnt, dev := startHostCmd(t)
+	t.Setenv("LEASEFS_RUN_DIR", t.TempDir())
+	tool, err := os.ReadFile("/bin/true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(mnt, "tool"), tool, 0o755)
+	data := bytes.Repeat([]byte("mapped bytes, "), 10000)
+	os.WriteFile(filepath.Join(mnt, "data"), data, 0o644)
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"guest, device", []string{"--device", dev}},
+		{"host, device", []string{"--device", dev, "--page-cache", "host"}},
+		{"host, no device", []string{"--page-cache", "host"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := guestMount(t, append([]string{"--connect", h.guest, "--export", "mirror"}, c.args...)...)
+			if out, err := exec.Command(filepath.Join(dir, "tool")).CombinedOutput(); err != nil {
+				t.Fatalf("exec from the mount: %v %s", err, out)
+			}
+			f, err := os.Open(filepath.Join(dir, "data"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			for _, flags := range []int{unix.MAP_PRIVATE, unix.MAP_SHARED} {
+				m, err := unix.Mmap(int(f.Fd()), 0, len(data), unix.PROT_READ, flags)
+				if err != nil {
+					t.Fatalf("mmap %#x: %v", flags, err)
+				}
+				ok := bytes.Equal(m, data)
+				unix.Munmap(m)
+				if !ok {
+					t.Fatalf("mmap %#x: other bytes", flags)
+				}
+			}
+		})
+	}
 }
