@@ -8,7 +8,11 @@
 #     a fresh guest mount after dropping the caches, interleaved with the
 #     same walk on the host's mount; the guest's RSS after it;
 #   - warm walk (the same mount, walked once before);
-#   - guests idle on a small export (2,000 files): RSS of each of N.
+#   - reading 1 GiB cold and warm, on the host and a guest in each
+#     --page-cache mode, and how the page cache grows when N guests read
+#     the same 256 MiB;
+#   - guests idle on a small export (2,000 files): RSS of each of N; and
+#     how long after a publish a new name is visible in all of 16 and 64.
 #
 # The bench image is bench/run.sh's (made once, kept in LEASEFS_BENCH_DIR,
 # default /var/tmp/leasefs-bench): a kernel-written copy of /usr (>= 100k
@@ -68,9 +72,10 @@ start_host() {
 # background of this script) and prints its pid once it is mounted.
 guest() {
   local bin=$1 export=$2 device=$3 dir=$4
+  shift 4
   mkdir -p "$dir"
   LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$export.sock" --export "$export" \
-    ${device:+--device "$device"} "$dir" > /dev/null 2>> "$live/guests.log" &
+    ${device:+--device "$device"} "$@" "$dir" > /dev/null 2>> "$live/guests.log" &
   local pid=$!
   echo "$pid" >> "$pidfile"
   for _ in $(seq 200); do mountpoint -q "$dir" && break; sleep 0.05; done
@@ -128,7 +133,40 @@ for who in kernel "${builds[@]}"; do
   echo "  warm $who: $(tail -1 "$out")" >&2
 done
 
-# Guests idle on a small export.
+# Reading 1 GiB (big.bin): cold (fresh mounts, caches dropped) and warm
+# (read again), on the host's mount and on a guest in each page-cache
+# mode. Then 16 guests each read the same 256 MiB: how much the page
+# cache grows, in each mode.
+tool=$work/benchtool
+go build -o "$tool" ./bench/benchtool
+readbig() { dd if="$1/big.bin" of=/dev/null bs=1M count="${2:-1024}" status=none; }
+cached_kib() { awk '/^Cached:/ { print $2 }' /proc/meminfo; }
+for ((r = 0; r < runs_cold; r++)); do
+  for who in kernel guest host; do
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    if [ "$who" = kernel ]; then
+      timed read-cold-kernel readbig "$live/host"; timed read-warm-kernel readbig "$live/host"
+    else
+      pid=$(guest "$leasefs" bench "$dev" "$live/r-$who" --page-cache "$who")
+      timed "read-cold-$who" readbig "$live/r-$who"; timed "read-warm-$who" readbig "$live/r-$who"
+      stop_guest "$live/r-$who" "$pid"
+    fi
+    echo "  read $who: $(tail -2 "$out" | tr '\n' ' ')" >&2
+  done
+done
+for mode in guest host; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  gp=()
+  for g in $(seq 1 "$guests"); do gp+=("$(guest "$leasefs" bench "$dev" "$live/m-$mode-$g" --page-cache "$mode")"); done
+  before=$(cached_kib)
+  for g in $(seq 1 "$guests"); do readbig "$live/m-$mode-$g" 256; done
+  echo "cache-growth-$mode $(( $(cached_kib) - before ))" >> "$out"
+  echo "  $guests guests, --page-cache=$mode: page cache +$(( ($(cached_kib) - before) / 1024 )) MiB" >&2
+  for g in $(seq 1 "$guests"); do stop_guest "$live/m-$mode-$g" "${gp[$((g - 1))]}"; done
+done
+
+# Guests on a small export: idle memory, and how long after a publish a
+# new name is visible in all of them (16, then 64).
 small=$live/small.img
 if [ ! -f "$small.done" ]; then
   rm -f "$small"; mkdir -p "$live/small-src"
@@ -152,6 +190,23 @@ for who in "${builds[@]}"; do
     stop_guest "$live/s-$who-$g" "${gp[$((g - 1))]}"
   done
 done
+publish_visible() { # publish_visible N DIRS...: a new name in all of them
+  local n=$1; shift
+  for i in $(seq 1 5); do
+    echo x > "$live/small-host/new-$n-$i"
+    "$leasefs" publish --control "unix:$live/small-control.sock" small > /dev/null
+    echo "visible-$n $("$tool" visible "new-$n-$i" "$@" | awk '{ printf "%d", $1 * 1000 }')" >> "$out"
+  done
+}
+vp=() vd=()
+for n in 16 64; do
+  while [ ${#vd[@]} -lt "$n" ]; do
+    d=$live/v-${#vd[@]}; vd+=("$d"); vp+=("$(guest "$leasefs" small "$small_dev" "$d")")
+  done
+  publish_visible "$n" "${vd[@]}"
+  echo "  publish to visible in $n guests: $(grep "^visible-$n " "$out" | awk '{ print $2 / 1000 }' | tr '\n' ' ')ms" >&2
+done
+for i in "${!vd[@]}"; do stop_guest "${vd[$i]}" "${vp[$i]}"; done
 
 python3 - "$out" "$entries" "$guests" "${builds[@]}" <<'EOF' | tee "$work/live-results.md"
 import statistics, sys
@@ -174,4 +229,17 @@ for kind in ("cold", "warm"):
 print("| guest RSS after a cold walk | – | " + " | ".join(f"{med(f'rss-walk-{b}') / 1024:.0f} MiB" for b in builds) + " |")
 print(f"| RSS of each of {guests} guests idle on 2,000 files | – | " +
       " | ".join(f"{med(f'rss-idle-small-{b}') / 1024:.1f} MiB (max {max(v[f'rss-idle-small-{b}']) / 1024:.1f})" for b in builds) + " |")
+print()
+print("| reading 1 GiB (dd bs=1M) | host kernel | guest, --page-cache=guest | guest, --page-cache=host |")
+print("| --- | ---: | ---: | ---: |")
+for kind in ("cold", "warm"):
+    cells = [f"{1024 / (med(f'read-{kind}-{w}') / 1e6):.0f} MiB/s" for w in ("kernel", "guest", "host")]
+    print(f"| {kind}, median | " + " | ".join(cells) + " |")
+print(f"| page cache growth, {guests} guests reading the same 256 MiB | – | " +
+      " | ".join(f"{med(f'cache-growth-{m}') / 1024:.0f} MiB" for m in ("guest", "host")) + " |")
+print()
+print("| publish → a new name visible in every guest | median | max |")
+print("| --- | ---: | ---: |")
+for n in (16, 64):
+    print(f"| {n} guests | {med(f'visible-{n}') / 1000:.1f} ms | {max(v[f'visible-{n}']) / 1000:.1f} ms |")
 EOF

@@ -70,7 +70,7 @@ func ParsePageCache(s string) (PageCache, error) {
 
 // DefaultCacheBytes bounds the metadata cache unless told otherwise:
 // enough for a cold walk of a large tree, small enough for a small VM.
-const DefaultCacheBytes = 16 << 20
+const DefaultCacheBytes = 8 << 20
 
 // ClientConfig configures a Client.
 type ClientConfig struct {

@@ -1,6 +1,7 @@
 package guestagent
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"slices"
@@ -249,7 +250,10 @@ func (v *genView) load(blocks []uint64) ([]byte, error) {
 		return nil, err
 	}
 	for i, b := range blocks {
-		block := data[int64(i)*v.bs : int64(i+1)*v.bs : int64(i+1)*v.bs]
+		// A copy of its own: a block kept must not keep the whole reply
+		// (up to a MiB) it came in, or the cache's bound would not be
+		// what it holds.
+		block := bytes.Clone(data[int64(i)*v.bs : int64(i+1)*v.bs])
 		if !v.c.cache.add(v.gen, b, block) {
 			v.addPrivate(b, block)
 		}

@@ -6,6 +6,7 @@
 //	benchtool randread FILE N SEED  N random 4 KiB preads
 //	benchtool mkdir-many DIR N    create N empty files f0000000… (setup)
 //	benchtool peakrss PID         print the peak RSS of PID in MiB
+//	benchtool visible NAME DIR... wait until NAME is in every DIR; print the ms it took
 package main
 
 import (
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 func main() {
@@ -88,6 +90,8 @@ func run(args []string) error {
 		return os.WriteFile(filepath.Join(args[1], ".count"), []byte(strconv.Itoa(num(2))), 0o644)
 	case "peakrss":
 		return peakRSS(args[1])
+	case "visible":
+		return visible(args[1], args[2:])
 	}
 	return fmt.Errorf("unknown workload %q", args[0])
 }
@@ -149,4 +153,28 @@ func peakRSS(pid string) error {
 		}
 	}
 	return fmt.Errorf("no VmHWM for pid %s", pid)
+}
+
+// visible polls each dir until name is in it, and prints how long it took
+// until the last one had it.
+func visible(name string, dirs []string) error {
+	start := time.Now()
+	left := dirs
+	for len(left) > 0 {
+		var still []string
+		for _, d := range left {
+			if _, err := os.Lstat(filepath.Join(d, name)); err != nil {
+				still = append(still, d)
+			}
+		}
+		left = still
+		if time.Since(start) > time.Minute {
+			return fmt.Errorf("%s not visible in %d of %d mounts after a minute", name, len(left), len(dirs))
+		}
+		if len(left) > 0 {
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
+	fmt.Printf("%.2f\n", float64(time.Since(start).Microseconds())/1000)
+	return nil
 }

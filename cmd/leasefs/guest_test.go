@@ -374,7 +374,7 @@ func TestGuestStatusAndLogs(t *testing.T) {
 		t.Fatalf("guest status: %v\n%s", err, out)
 	}
 	for _, want := range []string{`export mirror: connected`, `(?m)^generation +1, `, `(?m)^device +/dev/loop\d+: verified`,
-		`(?m)^open files +1; file data cached in the guest's page cache$`, `the host publishes explicit`, `(?m)^metadata cache +\d+ KiB of 16 MiB`} {
+		`(?m)^open files +1; file data cached in the guest's page cache$`, `the host publishes explicit`, `(?m)^metadata cache +\d+ KiB of 8192 KiB`} {
 		if !regexp.MustCompile(want).MatchString(out) {
 			t.Errorf("guest status does not say %q:\n%s", want, out)
 		}

@@ -131,7 +131,8 @@ func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 }
 
 // profile writes a CPU profile of the command, for benchmarks, when
-// LEASEFS_CPUPROFILE=PREFIX is set: to PREFIX.COMMAND.PID.pprof.
+// LEASEFS_CPUPROFILE=PREFIX is set: to PREFIX.COMMAND.PID.pprof; and a
+// heap profile as it ends, to PREFIX.COMMAND.PID.heap.
 func profile(args []string) func() {
 	prefix := os.Getenv("LEASEFS_CPUPROFILE")
 	if prefix == "" || len(args) == 0 {
@@ -146,5 +147,12 @@ func profile(args []string) func() {
 		f.Close()
 		return func() {}
 	}
-	return func() { pprof.StopCPUProfile(); f.Close() }
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+		if h, err := os.Create(fmt.Sprintf("%s.%s.%d.heap", prefix, args[0], os.Getpid())); err == nil {
+			_ = pprof.Lookup("heap").WriteTo(h, 0)
+			h.Close()
+		}
+	}
 }
