@@ -22,7 +22,11 @@
 // kernel never drops pages because an mtime changed. Whatever changes the
 // view must invalidate what changed. For a static image nothing changes,
 // and Config.NoOpen lets the kernel open files and directories without a
-// round trip.
+// round trip. A live view lets the kernel open directories without one
+// too (Config.NoOpenDir): a listing's cookies carry a tag of the view it
+// began in (SetView), so one that meets a switch goes on in that view.
+// With Config.DirectIO (--page-cache=host) files are opened for direct
+// I/O and the kernel caches none of their data.
 //
 // # Errors
 //
@@ -44,8 +48,10 @@
 // generations. A generation's view is an ext4ro.FS whose metadata source
 // is a genView (view.go): blocks from the guest's one metadata cache, a
 // bounded LRU holding blocks of the generation served, or fetched from
-// the host (ReadMeta, with the blocks after a miss that ext4ro will want,
-// one request for concurrent misses of a block) and added to it.
+// the host (ReadMeta, with the blocks after a miss that ext4ro will want;
+// a block being fetched is waited for, not asked for again) and added to
+// it. A READDIRPLUS prefetches its entries' inode-table blocks in one
+// request, and then, aside, what listing its subdirectories will need.
 //
 // The switcher (switcher.go), one goroutine, is the only code that moves
 // the served view to another generation and the only code that sends the
