@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test lint fuzz bench bench-live bench-lease demo deps clean install
+.PHONY: all build test lint fuzz bench bench-live bench-publish bench-lease demo deps clean install
 
 all: build
 
@@ -44,6 +44,10 @@ bench-live: build
 	bench/live.sh
 
 # Lease acquisition latency and memory per lease (root and loop devices).
+bench-publish: build
+	@scripts/deps.sh bench
+	bench/publish.sh
+
 bench-lease: deps
 	$(GO) test -run '^$$' -bench Acquire -benchtime 20000x -count 5 ./lease
 	$(GO) test -run '^$$' -bench MemoryPerLease -benchtime 1x -count 2 ./lease

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"slices"
 
@@ -13,223 +14,311 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-// scan captures the metadata of the frozen filesystem on dev, against
-// the previous generation (nil for the first). Inode table blocks are
-// read — all of them, or with cand only those holding the candidate
-// inodes — and compared by hash; an inode whose bytes differ has its
+// A capture reads what changed in the filesystem against a base
+// generation (nil for the first): a delta. While writers are frozen it
+// reads only what the change needs — the inode-table blocks that may hold
+// changed inodes, and the blocks those inodes depend on — so the freeze
+// costs what changed. Everything that grows with the filesystem (the full
+// block map, the references it takes, the list of changes for guests) is
+// done after the thaw, by delta.generation.
+//
+// A capture reads inode-table blocks — all of them, or with cand only
+// those holding candidate inodes and those newly in use — and compares
+// each inode with the base's; an inode whose bytes differ has its
 // MetaBlocks listed and read again. An unchanged inode's blocks are
 // carried over unread: ext4 changes an inode (its times, size or block
 // count) whenever it changes a block the inode's metadata lives in.
-func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation, cand map[uint32]bool) (g *Generation, err error) {
-	sr := &scanReader{dev: dev}
-	fs, err := ext4ro.Open(sr, &ext4ro.Options{Size: dev.Size(), CacheBytes: 8 << 20, ReadAhead: 1})
-	if err != nil {
-		return nil, fmt.Errorf("reading the frozen device: %w", err)
+
+// tableRange is the part of one group's inode table in use.
+type tableRange struct{ start, used uint64 }
+
+// delta is what a capture read, to become a generation over its base.
+type delta struct {
+	base   *Generation // nil: a first capture
+	store  *Store
+	bs     uint64
+	meta   []uint64     // the superblock's and group descriptors' blocks
+	tables []tableRange // the inode tables in use, by group
+	read   map[uint64]Hash
+	// Inodes whose bytes differ from the base's (in a first capture,
+	// those with blocks of their own), and their metadata blocks now.
+	changed []uint32
+	deps    map[uint32][]uint64
+	parsed  map[uint32]bool // changed inodes whose deps were redone
+	dev     *directio.File  // for ext4ro's reads of blocks not read yet
+	// Fingerprints of inode-table blocks: the base's, to skip unchanged
+	// blocks without hashing them, and (live) this capture's.
+	baseSums, sums map[uint64]int64
+}
+
+// tableSeed seeds the fingerprints of inode-table blocks. They only tell
+// whether a block changed between a live capture and the freeze that
+// follows it, and the seed is the process's secret, so no writer can make
+// a change that keeps a block's fingerprint.
+var tableSeed = maphash.MakeSeed()
+
+func fingerprint(p []byte) int64 { return int64(maphash.Bytes(tableSeed, p)) }
+
+// ReadAt reads as the capture sees the filesystem: the blocks read in
+// it, the rest from the device.
+func (d *delta) ReadAt(p []byte, off int64) (int, error) {
+	if d.bs == 0 { // the superblock, before the block size is known
+		return d.dev.ReadAt(p, off)
 	}
-	sb := fs.Superblock()
-	bs := uint64(fs.BlockSize())
-	if prev != nil && uint64(prev.BlockSize) != bs {
-		prev = nil // a different filesystem: start over
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		h, ok := d.read[uint64(pos)/d.bs]
+		if !ok {
+			break
+		}
+		b, err := d.store.get(h)
+		if err != nil {
+			return n, fmt.Errorf("block %d: %w", uint64(pos)/d.bs, err)
+		}
+		n += copy(p[n:], b[uint64(pos)%d.bs:])
 	}
-	g = &Generation{BlockSize: int(bs), store: store}
-	if prev != nil {
-		g.blocks = make(map[uint64]Hash, len(prev.blocks)+64)
-		g.deps = make(map[uint32][]uint64, len(prev.deps)+64)
-	} else {
-		g.blocks, g.deps = map[uint64]Hash{}, map[uint32][]uint64{}
+	if n == len(p) {
+		return n, nil
 	}
-	sr.g = g
-	var carried []uint64 // inode-table blocks carried over unread
-	carriedRefs := false // whether their references are taken yet
+	m, err := d.dev.ReadAt(p[n:], off+int64(n))
+	return n + m, err
+}
+
+// release drops the references of the blocks read.
+func (d *delta) release() {
+	for _, h := range d.read {
+		d.store.unref(h)
+	}
+	d.read = nil
+}
+
+// scan is what a capture reads, and against what.
+type scan struct {
+	dev    *directio.File // the device, read with O_DIRECT
+	tables io.ReaderAt    // the device through its page cache, for inode tables
+	store  *Store
+	base   *Generation      // nil: a first capture
+	cand   map[uint32]bool  // nil: every inode
+	sums   map[uint64]int64 // the base's inode-table blocks' fingerprints, if known
+	// live marks a capture made while writers run; between then runs
+	// after the inode tables are read and before anything they point to
+	// is, and the capture notes its tables' fingerprints.
+	live    bool
+	between func() error
+}
+
+// capture reads the filesystem on s.dev against s.base, as a delta. Inode
+// tables are read through s.tables, the device's page cache, where ext4
+// keeps them itself (its buffer heads are that cache), so it is warm and
+// never stale for them; other metadata with O_DIRECT: the page cache can
+// hold stale file data for a block that has since become metadata.
+func capture(s scan) (d *delta, err error) {
+	d = &delta{base: s.base, store: s.store, read: map[uint64]Hash{}, deps: map[uint32][]uint64{}, parsed: map[uint32]bool{}, dev: s.dev, baseSums: s.sums}
 	defer func() {
 		if err != nil {
-			if !carriedRefs {
-				for _, b := range carried {
-					delete(g.blocks, b)
-				}
-			}
-			g.release()
+			d.release()
 		}
 	}()
-	fresh := map[uint64]bool{} // blocks read from the device in this scan
-	set := func(b uint64, h Hash) {
-		if old, ok := g.blocks[b]; ok {
-			store.unref(old)
-		}
-		g.blocks[b] = h
+	// While writers run, the journal is in use, and the superblock says
+	// it needs recovery.
+	fs, err := ext4ro.Open(d, &ext4ro.Options{Size: s.dev.Size(), CacheBytes: 8 << 20, ReadAhead: 1, AllowDirtyJournal: s.live})
+	if err != nil {
+		return d, fmt.Errorf("reading the device: %w", err)
 	}
-	buf := directio.AlignedBuf(int(bs) * 256)
-	readBlocks := func(start, n uint64) ([]byte, error) {
-		p := buf[:n*bs]
-		if _, err := dev.ReadAt(p, int64(start*bs)); err != nil {
-			return nil, err
-		}
-		return p, nil
+	d.bs = uint64(fs.BlockSize())
+	cand := s.cand
+	if d.base != nil && uint64(d.base.BlockSize) != d.bs {
+		d.base, d.baseSums = nil, nil // a different filesystem: start over
 	}
-	// Inode table blocks are read through the device's page cache,
-	// which is where ext4 itself keeps them (its buffer heads are that
-	// cache), so it is never stale, and mostly already in memory. Other
-	// metadata can have been file data before, whose writes bypass that
-	// cache: it is read with O_DIRECT.
-	readTable := func(start, n uint64) ([]byte, error) {
-		p := buf[:n*bs]
-		if _, err := tables.ReadAt(p, int64(start*bs)); err != nil {
-			return nil, fmt.Errorf("reading inode table blocks %d+%d: %w", start, n, err)
-		}
-		return p, nil
+	if d.base == nil {
+		cand = nil
 	}
-	readFresh := func(b uint64) error {
-		if fresh[b] {
-			return nil
+	if s.live {
+		d.sums = map[uint64]int64{}
+	}
+	if err := d.readMeta(fs); err != nil {
+		return d, err
+	}
+	has, err := d.readTables(fs, s.tables, cand)
+	if err != nil {
+		return d, err
+	}
+	if s.between != nil {
+		if err := s.between(); err != nil {
+			return d, err
 		}
-		p, err := readBlocks(b, 1)
+	}
+	return d, d.readDeps(fs, has)
+}
+
+// readBlocks reads blocks [start, start+n) from dev, or through tables.
+func (d *delta) readBlocks(r io.ReaderAt, start, n uint64) ([]byte, error) {
+	p := directio.AlignedBuf(int(n * d.bs))
+	if _, err := r.ReadAt(p, int64(start*d.bs)); err != nil {
+		return nil, fmt.Errorf("reading blocks %d+%d: %w", start, n, err)
+	}
+	return p, nil
+}
+
+// keep records block b as read, with content p.
+func (d *delta) keep(b uint64, p []byte) { d.record(b, d.store.put(p)) }
+
+// readMeta reads the superblock and the group descriptors.
+func (d *delta) readMeta(fs *ext4ro.FS) error {
+	d.meta = append([]uint64{1024 / d.bs}, fs.DescriptorBlocks()...)
+	for _, b := range d.meta {
+		p, err := d.readBlocks(d.dev, b, 1)
 		if err != nil {
 			return err
 		}
-		fresh[b] = true
-		set(b, store.put(p))
-		return nil
+		d.keep(b, p)
 	}
+	return nil
+}
 
-	// Superblock and group descriptors.
-	for _, b := range append([]uint64{1024 / bs}, fs.DescriptorBlocks()...) {
-		if err := readFresh(b); err != nil {
-			return g, err
-		}
-	}
-
-	// Inode tables: find the inodes whose bytes changed. A narrowed scan
-	// (cand not nil) reads only the blocks holding candidate inodes, and
-	// blocks newly in use; the others are carried over unread.
-	var changed []uint32
-	parse := map[uint32]bool{} // changed inodes that may have blocks of their own
+// readTables reads the inode-table blocks that may hold changed inodes —
+// every one in use, or with cand those of the candidates and those not in
+// use in the base — and notes the inodes whose bytes differ from the
+// base's. It returns the changed inodes that may have blocks of their own.
+func (d *delta) readTables(fs *ext4ro.FS, tables io.ReaderAt, cand map[uint32]bool) (map[uint32]bool, error) {
+	sb := fs.Superblock()
 	isz := uint64(sb.InodeSize)
-	perBlock := bs / isz
-	if prev == nil {
-		cand = nil
-	}
+	perBlock := d.bs / isz
 	want := map[uint64]bool{}
 	for ino := range cand {
 		if ino == 0 || ino > sb.InodesCount {
 			continue
 		}
-		grp := (ino - 1) / sb.InodesPerGroup
-		start, _, err := fs.InodeTable(grp)
+		b, _, err := fs.InodeBlock(ino)
 		if err != nil {
-			return g, err
+			return nil, err
 		}
-		want[start+uint64((ino-1)%sb.InodesPerGroup)*isz/bs] = true
+		want[b] = true
 	}
+	has := map[uint32]bool{}
+	buf := make([]byte, 256*d.bs)
 	for grp := range sb.GroupCount() {
 		start, used, err := fs.InodeTable(grp)
 		if err != nil {
-			return g, err
+			return nil, err
 		}
+		d.tables = append(d.tables, tableRange{start, used})
 		read := func(blk uint64) bool {
 			if cand == nil || want[blk] {
 				return true
 			}
-			_, had := prev.blocks[blk]
+			_, had := d.base.blocks[blk]
 			return !had
 		}
 		for done := uint64(0); done < used; {
-			blk := start + done
-			if !read(blk) {
-				// Carried over: its reference is taken below, with the
-				// others, under one lock.
-				g.blocks[blk] = prev.blocks[blk]
-				carried = append(carried, blk)
+			if !read(start + done) {
 				done++
 				continue
 			}
 			n := uint64(1)
-			for n < 256 && done+n < used && read(blk+n) {
+			for n < 256 && done+n < used && read(start+done+n) {
 				n++
 			}
-			p, err := readTable(blk, n)
-			if err != nil {
-				return g, err
+			p := buf[:n*d.bs]
+			if _, err := tables.ReadAt(p, int64((start+done)*d.bs)); err != nil {
+				return nil, fmt.Errorf("reading blocks %d+%d: %w", start+done, n, err)
 			}
 			for i := range n {
 				blk := start + done + i
-				content := p[i*bs : (i+1)*bs]
-				h := Hash(sha256.Sum256(content))
-				var old []byte
-				if prev != nil {
-					if ph, ok := prev.blocks[blk]; ok {
-						if ph == h {
-							store.ref(h)
-							set(blk, h)
-							fresh[blk] = true
-							continue
-						}
-						old = store.get(ph)
-					}
+				content := p[i*d.bs : (i+1)*d.bs]
+				first := grp*sb.InodesPerGroup + uint32((done+i)*perBlock) + 1
+				if err := d.compareTable(blk, content, first, isz, has); err != nil {
+					return nil, err
 				}
-				first := uint64(grp)*uint64(sb.InodesPerGroup) + (done+i)*perBlock + 1
-				for k := range perBlock {
-					cur := content[k*isz : (k+1)*isz]
-					has := ext4ro.HasMetaBlocks(cur)
-					switch {
-					case prev == nil && !has:
-						// A first capture lists no changes: only inodes
-						// with blocks of their own need a look.
-					case old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]):
-						changed = append(changed, uint32(first+k))
-						if has {
-							parse[uint32(first+k)] = true
-						}
-					}
-				}
-				set(blk, store.putHashed(h, content))
-				fresh[blk] = true
 			}
 			done += n
 		}
 	}
-	store.refAll(g.blocks, carried)
-	carriedRefs = true
-	if prev == nil {
-		// Everything is new; only the inodes in use matter below.
-		g.All = true
-	}
+	return has, nil
+}
 
-	// Inode dependencies: carried over, then redone for changed inodes.
-	isChanged := make(map[uint32]bool, len(changed))
-	for _, ino := range changed {
-		isChanged[ino] = true
+// compareTable records inode-table block blk, whose first inode is first,
+// and notes its inodes that differ from the base's. A block the same as
+// the base's is known by its fingerprint or hash, and not compared.
+func (d *delta) compareTable(blk uint64, content []byte, first uint32, isz uint64, has map[uint32]bool) error {
+	var sum int64
+	if d.sums != nil || d.baseSums != nil {
+		sum = fingerprint(content)
 	}
-	reread := map[uint64]bool{}
-	if prev != nil {
-		for ino, deps := range prev.deps {
-			if !isChanged[ino] {
-				g.deps[ino] = deps
-				continue
-			}
-			for _, b := range deps {
-				reread[b] = true // shared blocks (xattr) may have changed for others
+	if d.sums != nil {
+		d.sums[blk] = sum
+	}
+	baseHash, inBase := d.base.lookup(blk)
+	same := false
+	var h Hash
+	if bs, ok := d.baseSums[blk]; ok && inBase && bs == sum {
+		same, h = true, baseHash
+	} else {
+		h = Hash(sha256.Sum256(content))
+		same = inBase && h == baseHash
+	}
+	if same {
+		d.store.ref(h)
+		d.record(blk, h)
+		return nil
+	}
+	var old []byte
+	if inBase {
+		var err error
+		if old, err = d.store.get(baseHash); err != nil {
+			return fmt.Errorf("block %d of the last generation: %w", blk, err)
+		}
+	}
+	for k := range d.bs / isz {
+		cur := content[k*isz : (k+1)*isz]
+		meta := ext4ro.HasMetaBlocks(cur)
+		switch ino := first + uint32(k); {
+		case d.base == nil && !meta:
+			// A first capture lists no changes: only inodes with blocks
+			// of their own need a look.
+		case old == nil || !bytes.Equal(cur, old[k*isz:(k+1)*isz]):
+			d.changed = append(d.changed, ino)
+			if meta {
+				has[ino] = true
 			}
 		}
 	}
-	var realChanged []uint32
-	for _, ino := range changed {
-		if !parse[ino] {
-			// No blocks of its own now (and any it had are re-read
-			// above): listing it is all there is to do.
-			realChanged = append(realChanged, ino)
-			continue
+	d.record(blk, d.store.putHashed(h, content))
+	return nil
+}
+
+// record notes block blk as read, as h, whose reference it takes over.
+func (d *delta) record(blk uint64, h Hash) {
+	if prev, ok := d.read[blk]; ok {
+		d.store.unref(prev)
+	}
+	d.read[blk] = h
+}
+
+// readDeps lists the metadata blocks of the changed inodes that have
+// blocks of their own, and reads them, with those the changed inodes had
+// in the base (shared ones, xattr blocks, may have changed for others).
+func (d *delta) readDeps(fs *ext4ro.FS, has map[uint32]bool) error {
+	sb := fs.Superblock()
+	reread := map[uint64]bool{}
+	for _, ino := range d.changed {
+		d.parsed[ino] = true
+		if d.base != nil {
+			for _, b := range d.base.deps[ino] {
+				reread[b] = true
+			}
+		}
+		if !has[ino] {
+			continue // no blocks of its own now
 		}
 		in, err := fs.Inode(ino)
 		if errors.Is(err, ext4ro.ErrNotExist) || errors.Is(err, ext4ro.ErrInvalid) {
-			if prev != nil {
-				realChanged = append(realChanged, ino) // removed
-			}
-			continue
+			continue // removed
 		}
 		if err != nil {
-			return g, fmt.Errorf("inode %d: %w", ino, err)
+			return fmt.Errorf("inode %d: %w", ino, err)
 		}
-		realChanged = append(realChanged, ino)
 		if ino < sb.FirstIno && ino != ext4ro.RootIno {
 			continue // the journal, resize inode and the like: never read by guests
 		}
@@ -239,30 +328,19 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 				deps = append(deps, b)
 			}
 		}); err != nil {
-			return g, fmt.Errorf("inode %d: %w", ino, err)
+			return fmt.Errorf("inode %d: %w", ino, err)
 		}
 		if len(deps) > 0 {
-			g.deps[ino] = deps
+			d.deps[ino] = deps
 			for _, b := range deps {
 				reread[b] = true
 			}
 		}
 	}
 	var toRead []uint64
-	for _, deps := range g.deps {
-		for _, b := range deps {
-			if _, done := g.blocks[b]; done {
-				continue
-			}
-			if ph, ok := prev.lookup(b); ok && !reread[b] {
-				store.ref(ph)
-				set(b, ph)
-				continue
-			}
-			if !fresh[b] {
-				fresh[b] = true
-				toRead = append(toRead, b)
-			}
+	for b := range reread {
+		if _, done := d.read[b]; !done {
+			toRead = append(toRead, b)
 		}
 	}
 	// Read them in runs: directories' blocks mostly lie together.
@@ -272,58 +350,133 @@ func scan(dev *directio.File, tables io.ReaderAt, store *Store, prev *Generation
 		for j < len(toRead) && j-i < 256 && toRead[j] == toRead[i]+uint64(j-i) {
 			j++
 		}
-		p, err := readBlocks(toRead[i], uint64(j-i))
+		p, err := d.readBlocks(d.dev, toRead[i], uint64(j-i))
 		if err != nil {
-			return g, err
+			return err
 		}
 		for k := i; k < j; k++ {
-			off := uint64(k-i) * bs
-			set(toRead[k], store.put(p[off:off+bs]))
+			off := uint64(k-i) * d.bs
+			d.keep(toRead[k], p[off:off+d.bs])
 		}
 		i = j
 	}
+	return nil
+}
 
-	// What changed since prev: only blocks read in this scan can have;
-	// the others were carried over.
+// generation makes the delta a generation: the base's block map and
+// dependencies with the delta's laid over them. It takes the references
+// the generation holds and drops those of blocks read but not kept. Its
+// cost grows with the filesystem: it runs after the thaw.
+func (d *delta) generation() (*Generation, error) {
+	base := d.base
+	g := &Generation{BlockSize: int(d.bs), store: d.store, All: base == nil}
+	g.blocks = make(map[uint64]Hash, len(base.blockMap())+len(d.read))
+	g.deps = make(map[uint32][]uint64, len(base.depMap())+len(d.deps))
+	for ino, deps := range base.depMap() {
+		if !d.parsed[ino] {
+			g.deps[ino] = deps
+		}
+	}
+	for ino, deps := range d.deps {
+		g.deps[ino] = deps
+	}
+	var carried []uint64
+	used := map[uint64]bool{}
+	need := func(b uint64) error {
+		if _, done := g.blocks[b]; done {
+			return nil
+		}
+		if h, ok := d.read[b]; ok {
+			g.blocks[b] = h
+			used[b] = true
+			return nil
+		}
+		if h, ok := base.blockMap()[b]; ok {
+			g.blocks[b] = h
+			carried = append(carried, b)
+			return nil
+		}
+		return fmt.Errorf("block %d is metadata but was neither read nor captured before", b)
+	}
+	fail := func(err error) (*Generation, error) {
+		for b := range used { // give the references back to d, which drops them
+			delete(g.blocks, b)
+		}
+		d.release()
+		return nil, err
+	}
+	for _, b := range d.meta {
+		if err := need(b); err != nil {
+			return fail(err)
+		}
+	}
+	for _, t := range d.tables {
+		for b := t.start; b < t.start+t.used; b++ {
+			if err := need(b); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	for _, deps := range g.deps {
+		for _, b := range deps {
+			if err := need(b); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	d.store.refAll(g.blocks, carried)
 	var diff []uint64
-	for b := range fresh {
-		if ph, ok := prev.lookup(b); !ok || ph != g.blocks[b] {
+	for b, h := range d.read {
+		if !used[b] {
+			d.store.unref(h)
+			continue
+		}
+		if ph, ok := base.lookup(b); !ok || ph != h {
 			diff = append(diff, b)
 		}
 	}
+	d.read = nil
 	slices.Sort(diff)
 	g.Changed = vsockproto.Ranges(diff)
 	if !g.All {
-		g.ChangedInodes = realChanged
+		g.ChangedInodes = d.changed
 	}
 	return g, nil
 }
 
-// scanReader is what ext4ro reads the frozen device through during a
-// scan: blocks already read in this scan come from the generation being
-// built, the rest from the device.
-type scanReader struct {
-	dev *directio.File
-	g   *Generation // nil until the scan has started filling it
-}
-
-func (r *scanReader) ReadAt(p []byte, off int64) (int, error) {
-	n := 0
-	if r.g != nil {
-		n, _ = r.g.ReadAt(p, off) // as far as blocks read so far go
-	}
-	if n == len(p) {
-		return n, nil
-	}
-	m, err := r.dev.ReadAt(p[n:], off+int64(n))
-	return n + m, err
-}
-
-// lookup is prev.blocks[b] for a possibly nil generation.
+// lookup is g.blocks[b] for a possibly nil generation.
 func (g *Generation) lookup(b uint64) (Hash, bool) {
 	if g == nil {
 		return Hash{}, false
 	}
 	h, ok := g.blocks[b]
 	return h, ok
+}
+
+// blockMap and depMap are g's maps, or nil for a nil generation.
+func (g *Generation) blockMap() map[uint64]Hash {
+	if g == nil {
+		return nil
+	}
+	return g.blocks
+}
+
+func (g *Generation) depMap() map[uint32][]uint64 {
+	if g == nil {
+		return nil
+	}
+	return g.deps
+}
+
+// changesSince lists what differs between prev and g, whole maps
+// compared (for a generation captured against another base than prev).
+func (g *Generation) changesSince(prev *Generation) {
+	var diff []uint64
+	for b, h := range g.blocks {
+		if ph, ok := prev.lookup(b); !ok || ph != h {
+			diff = append(diff, b)
+		}
+	}
+	slices.Sort(diff)
+	g.Changed = vsockproto.Ranges(diff)
 }

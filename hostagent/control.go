@@ -32,6 +32,24 @@ type Published struct {
 	FreezeMS      float64 `json:"freeze_ms"`
 	ChangedInodes int     `json:"changed_inodes"`
 	ChangedRanges int     `json:"changed_ranges"`
+	FullScan      bool    `json:"full_scan"`
+	// The publish's steps, in ms (see Phases).
+	SyncMS       float64 `json:"sync_ms"`
+	PrecaptureMS float64 `json:"precapture_ms"`
+	FIFreezeMS   float64 `json:"fifreeze_ms"`
+	ResolveMS    float64 `json:"resolve_ms"`
+	ScanMS       float64 `json:"scan_ms"`
+	FIThawMS     float64 `json:"fithaw_ms"`
+	MergeMS      float64 `json:"merge_ms"`
+}
+
+// published describes generation g of export name.
+func published(name string, g *Generation) *Published {
+	ph := g.Phases
+	return &Published{Export: name, Generation: g.Number, FreezeMS: ms(g.Frozen),
+		ChangedInodes: len(g.ChangedInodes), ChangedRanges: len(g.Changed), FullScan: g.Full,
+		SyncMS: ms(ph.Sync), PrecaptureMS: ms(ph.Pre), FIFreezeMS: ms(ph.Freeze), ResolveMS: ms(ph.Resolve),
+		ScanMS: ms(ph.Scan), FIThawMS: ms(ph.Thaw), MergeMS: ms(ph.Merge)}
 }
 
 // Status is the reply to status.
@@ -132,8 +150,7 @@ func (s *Server) control(nc net.Conn) {
 			if err != nil {
 				reply.Error = err.Error()
 			} else {
-				reply.Published = &Published{Export: req.Export, Generation: g.Number, FreezeMS: ms(g.Frozen),
-					ChangedInodes: len(g.ChangedInodes), ChangedRanges: len(g.Changed)}
+				reply.Published = published(req.Export, g)
 			}
 		case "status":
 			reply.Status = s.Status()

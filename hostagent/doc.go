@@ -14,12 +14,13 @@
 // that serves exactly those blocks, so an ext4ro.FS opened over it reads
 // that state and never anything else; file data is not in it.
 //
-// Export.Publish makes one: syncfs and a journal checkpoint, record the
-// freeze as ours in the state directory, arm the watchdog, FIFREEZE,
-// scan, FITHAW. The scan compares inode-table blocks with the previous
-// generation's by hash; only inodes whose bytes differ have their
-// MetaBlocks listed and read again, and the blocks of the others are
-// carried over unread. That is sound because ext4 changes an inode — its
+// Export.Publish makes one (capture.go): syncfs and a journal
+// checkpoint, record the freeze as ours in the state directory, arm the
+// watchdog, FIFREEZE, scan, FITHAW, and then — writers running again —
+// the full block map and the list of changes. The frozen scan is a
+// delta: it compares inode-table blocks with the previous generation's
+// by hash; only inodes whose bytes differ have their MetaBlocks listed
+// and read again, and the blocks of the others are carried over unread. That is sound because ext4 changes an inode — its
 // times, size or block count — whenever it changes a block the inode's
 // metadata lives in; blocks shared between inodes (xattr blocks) are read
 // again whenever any inode that shares them changes. A generation lists
@@ -38,11 +39,16 @@
 // is drained during the freeze, so no namespace change made before it is
 // missed. Lost events, a directory rename, a failed publish and every
 // FullScanEvery-th publish make a full scan, the safety net for what
-// inotify does not report (writes through shared mappings).
+// inotify does not report (writes through shared mappings). A full scan
+// first captures everything while writers run, then, frozen, reads the
+// inode tables again and looks only into the blocks whose fingerprint
+// (a seeded 64-bit hash) changed since.
 //
 // Blocks are kept once, by content, in a Store shared by the export's
 // generations, and counted: Drop releases a generation and the blocks
-// only it held.
+// only it held. The store keeps them in an unlinked file under the state
+// directory, the kernel's to cache, and only its index, a capture's new
+// blocks until after the thaw, and a cache of hot blocks in memory.
 //
 // # Freezes and the watchdog
 //
@@ -97,7 +103,9 @@
 // and is never held during I/O. A Generation is immutable once published
 // and read without locks; a request holds a reference to it
 // (Export.Generation to Generation.Release), so a drop frees its blocks
-// only after the last reader. The Store has its own lock. Server.mu
+// only after the last reader. Store.mu is a leaf, never held during
+// I/O: a block is read from the store's file by a caller holding a
+// reference to it, so its place is not reused under the read. Server.mu
 // guards the connections, served.mu the generation each session is on,
 // quotas.mu the per-guest budgets; each is a leaf, held for a map
 // operation, never while waiting on a budget or doing I/O.

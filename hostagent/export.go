@@ -120,12 +120,18 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: cfg.Mount, Err: err}
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, store: NewStore(), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
+	if e.store, err = NewStore(cfg.StateDir); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("export %s: %w", cfg.Name, err)
+	}
 	if e.dev, err = directio.Open(cfg.Device); err != nil {
+		e.store.Close()
 		unix.Close(fd)
 		return nil, err
 	}
 	if e.cached, err = os.Open(cfg.Device); err != nil {
+		e.store.Close()
 		e.dev.Close()
 		unix.Close(fd)
 		return nil, err
@@ -137,6 +143,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	}
 	if cfg.Watch {
 		if e.watch, err = newTreeWatcher(cfg.Mount); err != nil {
+			e.store.Close()
 			e.dev.Close()
 			e.cached.Close()
 			unix.Close(fd)
@@ -191,13 +198,14 @@ func checkMount(device, mount string) error {
 	return fmt.Errorf("nothing is mounted at %s", mount)
 }
 
-// Close releases the export (not its generations' readers).
+// Close releases the export; its generations can no longer be read.
 func (e *Export) Close() error {
 	if e.watch != nil {
 		e.watch.close()
 	}
 	e.dev.Close()
 	e.cached.Close()
+	e.store.Close()
 	return unix.Close(e.mountFD)
 }
 
@@ -269,22 +277,27 @@ func (e *Export) Name() string { return e.cfg.Name }
 // Store returns the export's block store.
 func (e *Export) Store() *Store { return e.store }
 
-// Publish captures a new generation: syncfs, record the freeze as ours,
-// arm the watchdog, FIFREEZE, scan the device, FITHAW.
+// Publish captures a new generation (capture.go). Before the freeze:
+// syncfs and a journal checkpoint, the names inotify saw change resolved
+// to inodes, and — for a full scan — a capture of everything made while
+// writers run. Frozen: the inode-table blocks that may have changed are
+// compared with the last generation's (or that capture's), and what the
+// changed inodes point to is read. After the thaw: the full block map.
+// The phases' times are in the generation.
 func (e *Export) Publish() (*Generation, error) {
 	e.pub.Lock()
 	defer e.pub.Unlock()
-	if err := unix.Syncfs(e.mountFD); err != nil {
-		return nil, fmt.Errorf("syncfs %s: %w", e.cfg.Mount, err)
+	var ph Phases
+	t := time.Now()
+	if err := e.checkpoint(); err != nil {
+		return nil, err
 	}
-	// FIFREEZE flushes the journal to its home locations; doing that
-	// first (EXT4_IOC_CHECKPOINT, Linux 5.13) keeps it out of the freeze.
-	// Without it (an old kernel) the freeze just takes longer.
-	_ = unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, 0)
+	ph.Sync = time.Since(t)
+	prev := e.Current()
 	// Names changed so far resolve before the freeze: the previous
 	// generation does not change, and a name that changes again before
 	// the freeze makes another event, taken while frozen.
-	full := e.Current() == nil || e.watch == nil || e.needFull ||
+	full := prev == nil || e.watch == nil || e.needFull ||
 		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
 	e.needFull = true // until this publish succeeds
 	cand := map[uint32]bool{}
@@ -292,91 +305,96 @@ func (e *Export) Publish() (*Generation, error) {
 		names, lost := e.watch.take()
 		full = full || lost
 		if !full {
-			e.resolve(cand, names, e.Current())
+			e.resolve(cand, names, prev)
 		}
 	}
-	if e.Current() == nil {
-		if err := e.warm(); err != nil {
+	// A full scan compares every inode with a capture made now, while
+	// writers run; frozen, it reads the inode tables again, but looks
+	// into and hashes only the blocks whose fingerprint changed since.
+	var pre *earlyCapture
+	if full {
+		t := time.Now()
+		var err error
+		if pre, err = e.precapture(prev); err != nil {
 			return nil, err
 		}
+		ph.Pre = time.Since(t)
 	}
-	if err := e.record(); err != nil {
+	var d *delta
+	err := e.frozen(&ph, func() error {
+		if e.watch != nil {
+			names, lost := e.watch.take() // all queued before the freeze
+			select {                      // its kick is for events just taken
+			case <-e.watch.kick:
+			default:
+			}
+			if lost && !full {
+				return errLostEvents
+			}
+			if !full {
+				t := time.Now()
+				e.resolve(cand, names, prev)
+				ph.Resolve = time.Since(t)
+			}
+		}
+		t := time.Now()
+		var err error
+		sc := scan{dev: e.dev, tables: e.cached, store: e.store, base: prev, cand: cand}
+		if full {
+			sc.base, sc.cand, sc.sums = pre.g, nil, pre.sums
+		}
+		d, err = capture(sc)
+		ph.Scan = time.Since(t)
+		if e.onFrozen != nil {
+			e.onFrozen()
+		}
+		return err
+	})
+	if pre != nil {
+		defer pre.drop()
+	}
+	if errors.Is(err, errLostEvents) {
+		e.log.Warn("inotify lost events during the freeze; the next publish scans everything")
 		return nil, err
 	}
-	defer os.Remove(e.path("freezing"))
-	if err := e.cfg.Watchdog.arm(e.cfg.FreezeBudget); err != nil {
+	if err != nil {
+		if d != nil {
+			d.release()
+		}
 		return nil, err
 	}
-	undoRCU := func() {}
-	if e.cfg.ExpediteRCU {
-		undoRCU = expediteRCU()
+	t = time.Now()
+	g, err := d.generation()
+	if err != nil {
+		return nil, fmt.Errorf("capturing %s: %w", e.cfg.Device, err)
 	}
-	start := time.Now()
-	if err := freezeFS(e.mountFD); err != nil {
-		undoRCU()
-		e.cfg.Watchdog.disarm()
-		if errors.Is(err, unix.EBUSY) {
-			return nil, ErrFrozenByOther
-		}
-		return nil, fmt.Errorf("FIFREEZE %s: %w", e.cfg.Mount, err)
-	}
-	frozeIn := time.Since(start)
-	prev := e.Current()
-	var resolved time.Duration
-	if e.watch != nil {
-		names, lost := e.watch.take() // all queued before the freeze
-		full = full || lost
-		select { // its kick is for events just taken
-		case <-e.watch.kick:
-		default:
-		}
-		if !full {
-			t := time.Now()
-			e.resolve(cand, names, prev)
-			resolved = time.Since(t)
+	if full && pre != nil {
+		// Captured against the early capture: what changed is what
+		// differs from the last generation.
+		g.All = prev == nil
+		g.changesSince(prev)
+		g.ChangedInodes = nil
+		if !g.All {
+			g.ChangedInodes = mergeInodes(pre.changed, d.changed)
 		}
 	}
-	if full {
-		cand = nil
-	}
-	scanStart := time.Now()
-	g, scanErr := scan(e.dev, e.cached, e.store, prev, cand)
-	scanned := time.Since(scanStart)
-	if e.onFrozen != nil {
-		e.onFrozen()
-	}
-	thawStart := time.Now()
-	thawErr := thawFS(e.mountFD)
-	frozen := time.Since(start)
-	undoRCU()
-	ioctls := frozeIn + time.Since(thawStart)
-	e.cfg.Watchdog.disarm()
-	if thawErr != nil {
-		if g != nil {
-			g.release()
-		}
-		if errors.Is(thawErr, unix.EINVAL) {
-			return nil, fmt.Errorf("%w (%v)", ErrOverrun, frozen.Round(time.Millisecond))
-		}
-		return nil, fmt.Errorf("FITHAW %s: %w", e.cfg.Mount, thawErr)
-	}
-	if scanErr != nil {
-		return nil, fmt.Errorf("scanning %s: %w", e.cfg.Device, scanErr)
-	}
+	e.flush()
+	ph.Merge = time.Since(t)
 	e.needFull = false
 	if full {
 		e.sinceFull = 0
 	} else {
 		e.sinceFull++
 	}
-	g.Full, g.Scan, g.Resolve, g.Ioctls = full, scanned, resolved, ioctls
+	g.Full, g.Phases = full, ph
+	g.Scan, g.Resolve, g.Ioctls = ph.Scan, ph.Resolve, ph.Freeze+ph.Thaw
 	// Before anyone can see the generation (see pagecache.go).
 	if err := e.dropStaleData(g); err != nil {
 		e.log.Error("dropping the device's cached file data; guests reading it buffered may see stale bytes", "error", err)
 	}
 	g.refs.Store(1) // the export's
 	e.mu.Lock()
-	g.Number, g.Frozen, g.Captured = e.next, frozen, time.Now()
+	g.Number, g.Frozen, g.Captured = e.next, ph.Frozen, time.Now()
 	e.next++
 	e.gens[g.Number] = g
 	e.cur = g
@@ -384,9 +402,138 @@ func (e *Export) Publish() (*Generation, error) {
 	if err := writeFileSync(e.path("generation"), strconv.FormatUint(g.Number, 10)+"\n"); err != nil {
 		e.log.Error("recording the generation number", "error", err)
 	}
-	e.log.Info("published", "generation", g.Number, "frozen", frozen, "full_scan", full, "blocks", g.Blocks(),
-		"changed_blocks", len(g.Changed), "changed_inodes", len(g.ChangedInodes))
+	e.log.Info("published", "generation", g.Number, "frozen", ph.Frozen, "full_scan", full, "blocks", g.Blocks(),
+		"changed_blocks", len(g.Changed), "changed_inodes", len(g.ChangedInodes),
+		"sync", ph.Sync, "precapture", ph.Pre, "fifreeze", ph.Freeze, "scan", ph.Scan, "fithaw", ph.Thaw, "merge", ph.Merge)
 	return g, nil
+}
+
+// errLostEvents: inotify lost events while the export was frozen; the
+// narrowed scan may miss changes, and the publish is given up.
+var errLostEvents = errors.New("inotify lost events during the freeze")
+
+// Phases are how long each step of a publish took.
+type Phases struct {
+	Sync    time.Duration // syncfs and the journal checkpoint, before the freeze
+	Pre     time.Duration // a full scan's early capture, before the freeze
+	Frozen  time.Duration // FIFREEZE to FITHAW: what writers wait
+	Freeze  time.Duration // FIFREEZE itself
+	Resolve time.Duration // changed names to inodes, frozen
+	Scan    time.Duration // the capture, frozen
+	Thaw    time.Duration // FITHAW itself
+	Merge   time.Duration // the full generation made from the capture, after the thaw
+}
+
+// checkpoint syncs the filesystem and writes the journal home: FIFREEZE
+// does both, and doing them first keeps them out of the freeze
+// (EXT4_IOC_CHECKPOINT, Linux 5.13; without it the freeze takes longer).
+func (e *Export) checkpoint() error {
+	if err := unix.Syncfs(e.mountFD); err != nil {
+		return fmt.Errorf("syncfs %s: %w", e.cfg.Mount, err)
+	}
+	_ = unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, 0)
+	return nil
+}
+
+// frozen runs fn with the export frozen: the freeze recorded as ours,
+// the watchdog armed, RCU expedited for the moment, FIFREEZE, fn,
+// FITHAW, and all of that undone. A freeze the watchdog had to thaw is
+// ErrOverrun, and fn's work is to be thrown away.
+func (e *Export) frozen(ph *Phases, fn func() error) error {
+	if err := e.record(); err != nil {
+		return err
+	}
+	defer os.Remove(e.path("freezing"))
+	if err := e.cfg.Watchdog.arm(e.cfg.FreezeBudget); err != nil {
+		return err
+	}
+	defer e.cfg.Watchdog.disarm()
+	undoRCU := func() {}
+	if e.cfg.ExpediteRCU {
+		undoRCU = expediteRCU()
+	}
+	defer undoRCU()
+	start := time.Now()
+	if err := freezeFS(e.mountFD); err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return ErrFrozenByOther
+		}
+		return fmt.Errorf("FIFREEZE %s: %w", e.cfg.Mount, err)
+	}
+	ph.Freeze = time.Since(start)
+	fnErr := fn()
+	t := time.Now()
+	thawErr := thawFS(e.mountFD)
+	ph.Thaw, ph.Frozen = time.Since(t), time.Since(start)
+	switch {
+	case thawErr != nil && errors.Is(thawErr, unix.EINVAL):
+		return fmt.Errorf("%w (%v)", ErrOverrun, ph.Frozen.Round(time.Millisecond))
+	case thawErr != nil:
+		return fmt.Errorf("FITHAW %s: %w", e.cfg.Mount, thawErr)
+	case fnErr != nil:
+		return fmt.Errorf("scanning %s: %w", e.cfg.Device, fnErr)
+	}
+	return nil
+}
+
+// earlyCapture is a full capture made while writers run, the base a full
+// scan compares with while frozen.
+type earlyCapture struct {
+	changed []uint32         // the inodes that differ from the last generation
+	sums    map[uint64]int64 // the inode-table blocks' fingerprints
+	g       *Generation      // over the last generation
+}
+
+// precapture reads every inode table (through the page cache, as ext4
+// keeps them), then — after syncfs and a checkpoint have put every change
+// made before them where O_DIRECT reads it — what the inodes that differ
+// from prev point to. It is not a consistent state, and need not be: an
+// inode changed after its table was read differs from it when frozen and
+// is read again then; one that has not changed since had its blocks
+// written home by the checkpoint before they were read.
+func (e *Export) precapture(prev *Generation) (*earlyCapture, error) {
+	if prev == nil {
+		if err := e.warm(); err != nil {
+			return nil, err
+		}
+	}
+	d, err := capture(scan{dev: e.dev, tables: e.cached, store: e.store, base: prev, live: true, between: e.checkpoint})
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", e.cfg.Device, err)
+	}
+	changed, sums := d.changed, d.sums
+	g, err := d.generation()
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", e.cfg.Device, err)
+	}
+	e.flush()
+	return &earlyCapture{changed: changed, sums: sums, g: g}, nil
+}
+
+// flush writes the blocks captured to the store's file, after the thaw.
+// Until it succeeds they stay in memory.
+func (e *Export) flush() {
+	if err := e.store.flush(); err != nil {
+		e.log.Error("keeping captured blocks in memory", "error", err)
+	}
+}
+
+// drop gives back the early capture's references.
+func (p *earlyCapture) drop() { p.g.release() }
+
+// mergeInodes is the union of two lists of inodes.
+func mergeInodes(a, b []uint32) []uint32 {
+	seen := make(map[uint32]bool, len(a)+len(b))
+	var out []uint32
+	for _, l := range [][]uint32{a, b} {
+		for _, ino := range l {
+			if !seen[ino] {
+				seen[ino] = true
+				out = append(out, ino)
+			}
+		}
+	}
+	return out
 }
 
 // warm drops whatever the device's page cache holds (see pagecache.go),

@@ -22,6 +22,7 @@ type Generation struct {
 	Scan      time.Duration // the scan, part of Frozen
 	Resolve   time.Duration // resolving changed names to inodes, part of Frozen
 	Ioctls    time.Duration // FIFREEZE and FITHAW themselves, part of Frozen
+	Phases    Phases        // every step of the publish, timed
 	Captured  time.Time
 
 	// What changed since the generation before: the blocks whose bytes
@@ -80,9 +81,9 @@ func (g *Generation) ReadBlock(n, _ uint64) ([]byte, error) {
 	if !ok {
 		return nil, fmt.Errorf("generation %d: block %d is not metadata", g.Number, n)
 	}
-	b := g.store.get(h)
-	if b == nil {
-		return nil, fmt.Errorf("generation %d: block %d is gone from the store", g.Number, n)
+	b, err := g.store.get(h)
+	if err != nil {
+		return nil, fmt.Errorf("generation %d: block %d: %w", g.Number, n, err)
 	}
 	return b, nil
 }

@@ -1,14 +1,18 @@
 package hostagent
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/leasefs/leasefs/internal/directio"
 	"github.com/leasefs/leasefs/internal/imgtest"
 )
 
@@ -114,5 +118,136 @@ func TestNarrowedScanEqualsFullScan(t *testing.T) {
 		}
 		t.Logf("round %d: %d blocks, %d inodes changed; narrowed: freeze %v, scan %v; full: freeze %v, scan %v",
 			round, len(full.blocks), len(narrow.ChangedInodes), narrow.Frozen, narrow.Scan, full.Frozen, full.Scan)
+	}
+}
+
+// At scale, with a writer running through every publish: each generation,
+// narrowed or full, is block for block what a capture from scratch reads
+// in the same freeze, and every block holds the device's bytes then.
+func TestCapturesEqualScratchAtScale(t *testing.T) {
+	const dirs, per = 120, 1000 // 120,000 files
+	x := newExport(t, 2048, "-N", "140000")
+	names := make([]string, 0, dirs*per)
+	for d := range dirs {
+		dir := filepath.Join(x.mnt, fmt.Sprintf("d%03d", d))
+		os.Mkdir(dir, 0o755)
+		for i := range per {
+			p := filepath.Join(dir, fmt.Sprintf("f%d", i))
+			if err := os.WriteFile(p, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, p)
+		}
+	}
+	varied := filepath.Join(x.mnt, "varied")
+	imgtest.Populate(t, varied, imgtest.TreeSpec{Seed: 12, BlockSize: 4096, ManyEntries: 300, NoSpecial: true})
+	e := x.openWith(t, ExportConfig{Watch: true, FullScanEvery: -1, FreezeBudget: 5 * time.Minute})
+
+	// The oracle: in the freeze, after the publish's own scan, a first
+	// capture into a store of its own, and the device's bytes.
+	oracle := &struct {
+		blocks map[uint64]Hash
+		store  *Store
+	}{}
+	e.onFrozen = func() {
+		s, err := NewStore(t.TempDir())
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		d, err := capture(scan{dev: e.dev, tables: e.cached, store: s})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		g, err := d.generation()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		oracle.blocks, oracle.store = g.blocks, s
+		buf := directio.AlignedBuf(g.BlockSize)
+		for b, h := range g.blocks {
+			if _, err := e.dev.ReadAt(buf, int64(b)*int64(g.BlockSize)); err != nil {
+				t.Error(err)
+				return
+			}
+			if Hash(sha256.Sum256(buf)) != h {
+				t.Errorf("the scratch capture's block %d is not the device's", b)
+			}
+		}
+	}
+	check := func(what string, g *Generation) {
+		t.Helper()
+		if t.Failed() {
+			t.FailNow()
+		}
+		defer oracle.store.Close()
+		if len(g.blocks) != len(oracle.blocks) {
+			t.Fatalf("%s: %d blocks, a capture from scratch %d", what, len(g.blocks), len(oracle.blocks))
+		}
+		for b, h := range oracle.blocks {
+			if gh, ok := g.blocks[b]; !ok || gh != h {
+				t.Fatalf("%s: block %d: has it %v, same bytes %v", what, b, ok, gh == h)
+			}
+		}
+	}
+	g, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("first publish", g)
+	if len(g.blocks) < 7500 {
+		t.Fatalf("only %d metadata blocks: not the size this test is about", len(g.blocks))
+	}
+
+	r := rand.New(rand.NewPCG(7, 8))
+	for round := range 6 {
+		// Changes made before the publish, and a writer that keeps on
+		// through it: before the freeze, blocked in it, after it.
+		for range 300 {
+			p := names[r.IntN(len(names))]
+			switch r.IntN(4) {
+			case 0:
+				os.Remove(p)
+			case 1:
+				os.WriteFile(p+"-new", make([]byte, r.IntN(20000)), 0o644)
+			default:
+				os.WriteFile(p, make([]byte, r.IntN(20000)), 0o644)
+			}
+		}
+		mutate(t, r, varied, 20)
+		if round == 2 { // a directory renamed: its names all move
+			os.Rename(filepath.Join(x.mnt, "d007"), filepath.Join(x.mnt, "d007-moved"))
+		}
+		full := round%2 == 1
+		e.needFull = full
+		stop, done := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(done)
+			wr := rand.New(rand.NewPCG(uint64(round), 9))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				p := names[wr.IntN(len(names))]
+				os.WriteFile(p, []byte(strconv.Itoa(i)), 0o644)
+				os.WriteFile(filepath.Join(x.mnt, fmt.Sprintf("d%03d", wr.IntN(dirs)), fmt.Sprintf("w%d-%d", round, i)), nil, 0o644)
+			}
+		}()
+		g, err := e.Publish()
+		close(stop)
+		<-done
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g.Full != full && round != 2 {
+			t.Fatalf("round %d: full scan %v, want %v", round, g.Full, full)
+		}
+		check(fmt.Sprintf("round %d (full %v)", round, g.Full), g)
+		t.Logf("round %d: full %v, %d blocks, %d inodes changed; freeze %v: %+v", round, g.Full, len(g.blocks), len(g.ChangedInodes), g.Frozen, g.Phases)
+		e.Drop(g.Number - 1)
 	}
 }

@@ -2,7 +2,13 @@ package hostagent
 
 import (
 	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
 	"sync"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+	"golang.org/x/sys/unix"
 )
 
 // Hash names a block's content in the store.
@@ -11,19 +17,55 @@ type Hash [sha256.Size]byte
 // Store keeps metadata blocks by content, each once however many
 // generations share it, counted so that a block goes when the last
 // generation holding it is dropped.
+//
+// The blocks live in a file (unlinked: a crash leaves nothing behind)
+// under the state directory, which the kernel caches and pages as it
+// likes; the agent's memory holds only the index, the blocks added by
+// the capture under way (written out by flush, after the thaw: a freeze
+// does no writes) and a small cache of the blocks read last. So the
+// agent's memory does not grow with the exported filesystem's metadata.
 type Store struct {
-	mu     sync.Mutex
-	blocks map[Hash]*stored // guarded by mu
-	bytes  int64            // guarded by mu
+	file *os.File
+
+	mu      sync.Mutex
+	blocks  map[Hash]*slot                // guarded by mu
+	pending []*slot                       // added and not written yet; guarded by mu
+	free    map[int][]int64               // free offsets by block size; guarded by mu
+	end     int64                         // the file's used length; guarded by mu
+	hot     *simplelru.LRU[Hash, []byte] // guarded by mu
+	bytes   int64                         // guarded by mu
 }
 
-type stored struct {
-	data []byte
+// slot is where a block is in the file, and its bytes until written.
+type slot struct {
+	off  int64
+	size int
 	refs int
+	data []byte // set until flush writes it
 }
 
-// NewStore returns an empty store.
-func NewStore() *Store { return &Store{blocks: map[Hash]*stored{}} }
+// hotBlocks is how many blocks the store keeps in memory once written:
+// those read last (the superblock, group descriptors and whatever guests
+// walk now).
+const hotBlocks = 2048
+
+// NewStore returns an empty store keeping its blocks in a file under dir.
+func NewStore(dir string) (*Store, error) {
+	f, err := os.OpenFile(dir, os.O_RDWR|unix.O_TMPFILE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		// Some filesystems lack O_TMPFILE: make a file and unlink it.
+		f, err = os.CreateTemp(dir, ".leasefs-store-*")
+		if err != nil {
+			return nil, fmt.Errorf("block store in %s: %w", dir, err)
+		}
+		os.Remove(f.Name())
+	}
+	hot, _ := simplelru.NewLRU[Hash, []byte](hotBlocks, nil)
+	return &Store{file: f, blocks: map[Hash]*slot{}, free: map[int][]int64{}, hot: hot}, nil
+}
+
+// Close closes the store's file.
+func (s *Store) Close() error { return s.file.Close() }
 
 // put adds a reference to data's block, copying data if it is new.
 func (s *Store) put(data []byte) Hash { return s.putHashed(Hash(sha256.Sum256(data)), data) }
@@ -36,9 +78,53 @@ func (s *Store) putHashed(h Hash, data []byte) Hash {
 		b.refs++
 		return h
 	}
-	s.blocks[h] = &stored{data: append([]byte(nil), data...), refs: 1}
+	b := &slot{size: len(data), refs: 1, data: append([]byte(nil), data...)}
+	if free := s.free[b.size]; len(free) > 0 {
+		b.off, s.free[b.size] = free[len(free)-1], free[:len(free)-1]
+	} else {
+		b.off, s.end = s.end, s.end+int64(b.size)
+	}
+	s.blocks[h] = b
+	s.pending = append(s.pending, b)
 	s.bytes += int64(len(data))
 	return h
+}
+
+// flush writes the blocks added since the last flush to the file. Until
+// it has, they are kept in memory, so a failure loses nothing; the
+// publish that needed them fails.
+func (s *Store) flush() error {
+	s.mu.Lock()
+	pending := s.pending
+	s.pending = nil
+	s.mu.Unlock()
+	var errs []error
+	var left []*slot
+	for _, b := range pending {
+		s.mu.Lock()
+		data := b.data
+		s.mu.Unlock()
+		if data == nil { // dropped meanwhile
+			continue
+		}
+		if _, err := s.file.WriteAt(data, b.off); err != nil {
+			errs = append(errs, err)
+			left = append(left, b)
+			continue
+		}
+		s.mu.Lock()
+		if b.refs > 0 {
+			b.data = nil
+		}
+		s.mu.Unlock()
+	}
+	if len(left) > 0 {
+		s.mu.Lock()
+		s.pending = append(s.pending, left...)
+		s.mu.Unlock()
+		return fmt.Errorf("writing %d blocks to the block store: %w", len(left), errors.Join(errs...))
+	}
+	return nil
 }
 
 // ref adds a reference to a block already stored.
@@ -62,20 +148,53 @@ func (s *Store) unref(h Hash) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	b := s.blocks[h]
-	if b.refs--; b.refs == 0 {
-		delete(s.blocks, h)
-		s.bytes -= int64(len(b.data))
+	if b.refs--; b.refs > 0 {
+		return
 	}
+	delete(s.blocks, h)
+	s.hot.Remove(h)
+	s.bytes -= int64(b.size)
+	b.data = nil
+	s.free[b.size] = append(s.free[b.size], b.off)
 }
 
-// get returns a block's bytes; they must not be modified.
-func (s *Store) get(h Hash) []byte {
+// has reports whether the block is stored.
+func (s *Store) has(h Hash) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if b := s.blocks[h]; b != nil {
-		return b.data
+	return s.blocks[h] != nil
+}
+
+// get returns a block's bytes, which must not be modified; the caller
+// holds a reference to it (through a generation or a capture), so its
+// place in the file is not reused under the read.
+func (s *Store) get(h Hash) ([]byte, error) {
+	s.mu.Lock()
+	b := s.blocks[h]
+	if b == nil {
+		s.mu.Unlock()
+		return nil, errors.New("not in the store")
 	}
-	return nil
+	if b.data != nil {
+		s.mu.Unlock()
+		return b.data, nil
+	}
+	if p, ok := s.hot.Get(h); ok {
+		s.mu.Unlock()
+		return p, nil
+	}
+	off, size := b.off, b.size
+	s.mu.Unlock()
+	p := make([]byte, size)
+	if _, err := s.file.ReadAt(p, off); err != nil {
+		return nil, fmt.Errorf("reading the block store: %w", err)
+	}
+	s.mu.Lock()
+	if s.blocks[h] == b {
+		s.hot.Add(h, p)
+	}
+	s.mu.Unlock()
+	return p, nil
 }
 
 // Size returns the number of distinct blocks and their bytes.

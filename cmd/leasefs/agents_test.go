@@ -176,6 +176,21 @@ func TestHostAndGuestCommands(t *testing.T) {
 		t.Fatalf("leasefs status: %v\n%s", err, out)
 	}
 
+	// publish --json: the generation, what changed, and each step's time.
+	os.WriteFile(filepath.Join(mnt, "hello"), []byte("generation three\n"), 0o644)
+	out, err = leasefs(t, "publish", "--control", h.control, "--json", "mirror")
+	if err != nil {
+		t.Fatalf("leasefs publish --json: %v\n%s", err, out)
+	}
+	var p hostagent.Published
+	if err := json.Unmarshal([]byte(out), &p); err != nil {
+		t.Fatalf("publish JSON: %v\n%s", err, out)
+	}
+	if p.Generation != 3 || p.ChangedInodes < 1 || p.FreezeMS <= 0 || p.ScanMS <= 0 || p.SyncMS <= 0 ||
+		p.FIFreezeMS+p.ScanMS+p.FIThawMS > p.FreezeMS+0.01 {
+		t.Fatalf("publish --json: %+v", p)
+	}
+
 	// Clear errors.
 	for _, c := range []struct {
 		args []string

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -248,9 +247,7 @@ whether its device verified, and its last error.
 		return fmt.Errorf("%s: %w", fs.Arg(0), err)
 	}
 	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		return writeJSON(stdout, st)
 	}
 	return writeGuestStatus(stdout, st, time.Now())
 }

@@ -29,16 +29,19 @@ func parseControl(fs *flag.FlagSet, args []string, stderr io.Writer) (vsockproto
 }
 
 func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("publish", `Usage: leasefs publish --control unix:PATH NAME
+	fs := newFlagSet("publish", `Usage: leasefs publish --control unix:PATH [--json] NAME
 
 Publishes a generation of export NAME now: the host agent syncs the
 filesystem, freezes it for a few milliseconds to record its metadata,
 thaws it and tells the guests, which move to it as their --follow says.
 Run it after a batch of writes (a mirror sync), with the agent's
 --auto-publish off for exact control. Prints the generation's number,
-its freeze time and how many inodes changed.
+its freeze time and how many inodes changed; --json prints those and
+the time of each step (sync and checkpoint, the early capture of a full
+scan, FIFREEZE, the scan, FITHAW, the merge after the thaw).
 
 `)
+	asJSON := fs.Bool("json", false, "print JSON, with each step's time")
 	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
@@ -52,6 +55,9 @@ its freeze time and how many inodes changed.
 	p, _, err := hostagent.Control(ctx, addr, hostagent.ControlRequest{Op: "publish", Export: fs.Arg(0)})
 	if err != nil {
 		return fmt.Errorf("publish %s: %w", fs.Arg(0), err)
+	}
+	if *asJSON {
+		return writeJSON(stdout, p)
 	}
 	_, err = fmt.Fprintf(stdout, "%s: generation %d, freeze %.1f ms, %d inodes changed\n", p.Export, p.Generation, p.FreezeMS, p.ChangedInodes)
 	return err
@@ -79,9 +85,7 @@ same for scripts.
 		return err
 	}
 	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		return writeJSON(stdout, st)
 	}
 	return writeStatus(stdout, st, time.Now())
 }
@@ -125,4 +129,11 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 		}
 	}
 	return nil
+}
+
+// writeJSON prints v as indented JSON.
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
