@@ -28,12 +28,12 @@ type Store struct {
 	file *os.File
 
 	mu      sync.Mutex
-	blocks  map[Hash]*slot                // guarded by mu
-	pending []*slot                       // added and not written yet; guarded by mu
-	free    map[int][]int64               // free offsets by block size; guarded by mu
-	end     int64                         // the file's used length; guarded by mu
+	blocks  map[Hash]*slot               // guarded by mu
+	pending []*slot                      // added and not written yet; guarded by mu
+	free    map[int][]int64              // free offsets by block size; guarded by mu
+	end     int64                        // the file's used length; guarded by mu
 	hot     *simplelru.LRU[Hash, []byte] // guarded by mu
-	bytes   int64                         // guarded by mu
+	bytes   int64                        // guarded by mu
 }
 
 // slot is where a block is in the file, and its bytes until written.
