@@ -27,7 +27,7 @@ func BenchmarkPublish(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_FILES")); err == nil && v >= 100 {
 		per = v / dirs
 	}
-	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_CHANGED")); err == nil && v > 0 {
+	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_CHANGED")); err == nil && v >= 0 {
 		changed = v
 	}
 	sizeMB := max(2048, dirs*per/64)

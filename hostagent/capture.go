@@ -3,6 +3,7 @@ package hostagent
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -46,6 +47,7 @@ type delta struct {
 	deps    map[uint32][]uint64
 	parsed  map[uint32]bool // changed inodes whose deps were redone
 	dev     *directio.File  // for ext4ro's reads of blocks not read yet
+	live    bool            // writers run: the store may write as the capture goes
 	// Fingerprints of inode-table blocks: the base's, to skip unchanged
 	// blocks without hashing them, and (live) this capture's.
 	baseSums, sums map[uint64]int64
@@ -59,30 +61,67 @@ var tableSeed = maphash.MakeSeed()
 
 func fingerprint(p []byte) int64 { return int64(maphash.Bytes(tableSeed, p)) }
 
-// ReadAt reads as the capture sees the filesystem: the blocks read in
-// it, the rest from the device.
+// ReadAt reads as the capture sees the filesystem: each block once, from
+// the device, and then as read.
 func (d *delta) ReadAt(p []byte, off int64) (int, error) {
-	if d.bs == 0 { // the superblock, before the block size is known
-		return d.dev.ReadAt(p, off)
-	}
 	n := 0
 	for n < len(p) {
-		pos := off + int64(n)
-		h, ok := d.read[uint64(pos)/d.bs]
+		pos := uint64(off) + uint64(n)
+		blk := pos / d.bs
+		h, ok := d.read[blk]
 		if !ok {
-			break
+			// This block and the next not read yet, in one read.
+			end := (uint64(off) + uint64(len(p)) + d.bs - 1) / d.bs
+			run := uint64(1)
+			for blk+run < end {
+				if _, done := d.read[blk+run]; done {
+					break
+				}
+				run++
+			}
+			buf := directio.AlignedBuf(int(run * d.bs))
+			if _, err := d.dev.ReadAt(buf, int64(blk*d.bs)); err != nil {
+				return n, err
+			}
+			for i := range run {
+				d.keep(blk+i, buf[i*d.bs:(i+1)*d.bs])
+			}
+			h = d.read[blk]
 		}
 		b, err := d.store.get(h)
 		if err != nil {
-			return n, fmt.Errorf("block %d: %w", uint64(pos)/d.bs, err)
+			return n, fmt.Errorf("block %d: %w", blk, err)
 		}
-		n += copy(p[n:], b[uint64(pos)%d.bs:])
+		n += copy(p[n:], b[pos%d.bs:])
 	}
-	if n == len(p) {
-		return n, nil
+	return n, nil
+}
+
+// readSuper reads the block that holds the superblock, the block size
+// first: every other read is of whole blocks.
+func (d *delta) readSuper() error {
+	p := directio.AlignedBuf(4096)
+	if _, err := d.dev.ReadAt(p, 0); err != nil {
+		return fmt.Errorf("reading the superblock: %w", err)
 	}
-	m, err := d.dev.ReadAt(p[n:], off+int64(n))
-	return n + m, err
+	lg := binary.LittleEndian.Uint32(p[1024+24:]) // s_log_block_size
+	if lg > 6 {
+		return fmt.Errorf("reading the device: no ext4 superblock (block size 2^%d KiB)", lg)
+	}
+	d.bs = 1024 << lg
+	switch {
+	case d.bs == 1024:
+		d.keep(1, p[1024:2048])
+	case d.bs <= 4096:
+		d.keep(0, p[:d.bs])
+	default:
+		p = directio.AlignedBuf(int(d.bs))
+		if _, err := d.dev.ReadAt(p, 0); err != nil {
+			return fmt.Errorf("reading the superblock: %w", err)
+		}
+		d.keep(0, p)
+	}
+	return nil
 }
 
 // release drops the references of the blocks read.
@@ -122,11 +161,13 @@ func capture(s scan) (d *delta, err error) {
 	}()
 	// While writers run, the journal is in use, and the superblock says
 	// it needs recovery.
-	fs, err := ext4ro.Open(d, &ext4ro.Options{Size: s.dev.Size(), CacheBytes: 8 << 20, ReadAhead: 1, AllowDirtyJournal: s.live})
+	if err := d.readSuper(); err != nil {
+		return d, err
+	}
+	fs, err := ext4ro.Open(d, &ext4ro.Options{Size: s.dev.Size(), CacheBytes: 2 << 20, ReadAhead: 1, AllowDirtyJournal: s.live})
 	if err != nil {
 		return d, fmt.Errorf("reading the device: %w", err)
 	}
-	d.bs = uint64(fs.BlockSize())
 	cand := s.cand
 	if d.base != nil && uint64(d.base.BlockSize) != d.bs {
 		d.base, d.baseSums = nil, nil // a different filesystem: start over
@@ -135,7 +176,7 @@ func capture(s scan) (d *delta, err error) {
 		cand = nil
 	}
 	if s.live {
-		d.sums = map[uint64]int64{}
+		d.live, d.sums = true, map[uint64]int64{}
 	}
 	if err := d.readMeta(fs); err != nil {
 		return d, err
@@ -152,13 +193,14 @@ func capture(s scan) (d *delta, err error) {
 	return d, d.readDeps(fs, has)
 }
 
-// readBlocks reads blocks [start, start+n) from dev, or through tables.
-func (d *delta) readBlocks(r io.ReaderAt, start, n uint64) ([]byte, error) {
-	p := directio.AlignedBuf(int(n * d.bs))
-	if _, err := r.ReadAt(p, int64(start*d.bs)); err != nil {
-		return nil, fmt.Errorf("reading blocks %d+%d: %w", start, n, err)
+// spill writes a live capture's blocks to the store's file as it goes,
+// so that a first capture does not hold the filesystem's metadata in
+// memory. A frozen capture keeps them until after the thaw.
+func (d *delta) spill() error {
+	if d.live && d.store.unwritten() >= 4<<20 {
+		return d.store.flush()
 	}
-	return p, nil
+	return nil
 }
 
 // keep records block b as read, with content p.
@@ -168,9 +210,12 @@ func (d *delta) keep(b uint64, p []byte) { d.record(b, d.store.put(p)) }
 func (d *delta) readMeta(fs *ext4ro.FS) error {
 	d.meta = append([]uint64{1024 / d.bs}, fs.DescriptorBlocks()...)
 	for _, b := range d.meta {
-		p, err := d.readBlocks(d.dev, b, 1)
-		if err != nil {
-			return err
+		if _, done := d.read[b]; done { // by readSuper, or ext4ro.Open
+			continue
+		}
+		p := directio.AlignedBuf(int(d.bs))
+		if _, err := d.dev.ReadAt(p, int64(b*d.bs)); err != nil {
+			return fmt.Errorf("reading block %d: %w", b, err)
 		}
 		d.keep(b, p)
 	}
@@ -197,21 +242,32 @@ func (d *delta) readTables(fs *ext4ro.FS, tables io.ReaderAt, cand map[uint32]bo
 		want[b] = true
 	}
 	has := map[uint32]bool{}
-	buf := make([]byte, 256*d.bs)
+	var buf []byte
 	for grp := range sb.GroupCount() {
 		start, used, err := fs.InodeTable(grp)
 		if err != nil {
 			return nil, err
 		}
 		d.tables = append(d.tables, tableRange{start, used})
-		read := func(blk uint64) bool {
-			if cand == nil || want[blk] {
-				return true
+		// The blocks to read: all, or the candidates' and those the
+		// base did not have in use.
+		read := func(blk uint64) bool { return true }
+		from := uint64(0)
+		if cand != nil {
+			var had uint64
+			if int(grp) < len(d.base.tables) && d.base.tables[grp].start == start {
+				had = d.base.tables[grp].used
 			}
-			_, had := d.base.blocks[blk]
-			return !had
+			read = func(blk uint64) bool { return want[blk] || blk >= start+had }
+			from = used
+			for b := range want {
+				if b >= start && b < start+used {
+					from = min(from, b-start)
+				}
+			}
+			from = min(from, had)
 		}
-		for done := uint64(0); done < used; {
+		for done := from; done < used; {
 			if !read(start + done) {
 				done++
 				continue
@@ -219,6 +275,9 @@ func (d *delta) readTables(fs *ext4ro.FS, tables io.ReaderAt, cand map[uint32]bo
 			n := uint64(1)
 			for n < 256 && done+n < used && read(start+done+n) {
 				n++
+			}
+			if uint64(len(buf)) < n*d.bs {
+				buf = make([]byte, n*d.bs)
 			}
 			p := buf[:n*d.bs]
 			if _, err := tables.ReadAt(p, int64((start+done)*d.bs)); err != nil {
@@ -231,6 +290,9 @@ func (d *delta) readTables(fs *ext4ro.FS, tables io.ReaderAt, cand map[uint32]bo
 				if err := d.compareTable(blk, content, first, isz, has); err != nil {
 					return nil, err
 				}
+			}
+			if err := d.spill(); err != nil {
+				return nil, err
 			}
 			done += n
 		}
@@ -345,18 +407,22 @@ func (d *delta) readDeps(fs *ext4ro.FS, has map[uint32]bool) error {
 	}
 	// Read them in runs: directories' blocks mostly lie together.
 	slices.Sort(toRead)
+	buf := directio.AlignedBuf(256 * int(d.bs))
 	for i := 0; i < len(toRead); {
 		j := i + 1
 		for j < len(toRead) && j-i < 256 && toRead[j] == toRead[i]+uint64(j-i) {
 			j++
 		}
-		p, err := d.readBlocks(d.dev, toRead[i], uint64(j-i))
-		if err != nil {
-			return err
+		p := buf[:uint64(j-i)*d.bs]
+		if _, err := d.dev.ReadAt(p, int64(toRead[i]*d.bs)); err != nil {
+			return fmt.Errorf("reading blocks %d+%d: %w", toRead[i], j-i, err)
 		}
 		for k := i; k < j; k++ {
 			off := uint64(k-i) * d.bs
 			d.keep(toRead[k], p[off:off+d.bs])
+		}
+		if err := d.spill(); err != nil {
+			return err
 		}
 		i = j
 	}
@@ -369,7 +435,7 @@ func (d *delta) readDeps(fs *ext4ro.FS, has map[uint32]bool) error {
 // cost grows with the filesystem: it runs after the thaw.
 func (d *delta) generation() (*Generation, error) {
 	base := d.base
-	g := &Generation{BlockSize: int(d.bs), store: d.store, All: base == nil}
+	g := &Generation{BlockSize: int(d.bs), store: d.store, All: base == nil, tables: d.tables}
 	g.blocks = make(map[uint64]Hash, len(base.blockMap())+len(d.read))
 	g.deps = make(map[uint32][]uint64, len(base.depMap())+len(d.deps))
 	for ino, deps := range base.depMap() {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -288,6 +289,15 @@ func (e *Export) Publish() (*Generation, error) {
 	e.pub.Lock()
 	defer e.pub.Unlock()
 	var ph Phases
+	full := false
+	defer func() {
+		// A full scan's garbage (the early capture, the walk of the
+		// tree) goes back to the kernel now, not kept as the heap's
+		// high-water mark.
+		if full {
+			debug.FreeOSMemory()
+		}
+	}()
 	t := time.Now()
 	if err := e.checkpoint(); err != nil {
 		return nil, err
@@ -297,7 +307,7 @@ func (e *Export) Publish() (*Generation, error) {
 	// Names changed so far resolve before the freeze: the previous
 	// generation does not change, and a name that changes again before
 	// the freeze makes another event, taken while frozen.
-	full := prev == nil || e.watch == nil || e.needFull ||
+	full = prev == nil || e.watch == nil || e.needFull ||
 		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
 	e.needFull = true // until this publish succeeds
 	cand := map[uint32]bool{}

@@ -35,6 +35,7 @@ type Generation struct {
 	store  *Store
 	blocks map[uint64]Hash     // block number → content
 	deps   map[uint32][]uint64 // inode → its MetaBlocks, for the next capture
+	tables []tableRange        // the inode tables in use, for the next capture
 
 	// refs counts the export's hold on the generation (one, until it
 	// is dropped) and each request reading it (Export.Generation to

@@ -27,13 +27,14 @@ type Hash [sha256.Size]byte
 type Store struct {
 	file *os.File
 
-	mu      sync.Mutex
-	blocks  map[Hash]*slot               // guarded by mu
-	pending []*slot                      // added and not written yet; guarded by mu
-	free    map[int][]int64              // free offsets by block size; guarded by mu
-	end     int64                        // the file's used length; guarded by mu
-	hot     *simplelru.LRU[Hash, []byte] // guarded by mu
-	bytes   int64                        // guarded by mu
+	mu           sync.Mutex
+	blocks       map[Hash]*slot               // guarded by mu
+	pending      []*slot                      // added and not written yet; guarded by mu
+	pendingBytes int64                        // guarded by mu
+	free         map[int][]int64              // free offsets by block size; guarded by mu
+	end          int64                        // the file's used length; guarded by mu
+	hot          *simplelru.LRU[Hash, []byte] // guarded by mu
+	bytes        int64                        // guarded by mu
 }
 
 // slot is where a block is in the file, and its bytes until written.
@@ -86,6 +87,7 @@ func (s *Store) putHashed(h Hash, data []byte) Hash {
 	}
 	s.blocks[h] = b
 	s.pending = append(s.pending, b)
+	s.pendingBytes += int64(b.size)
 	s.bytes += int64(len(data))
 	return h
 }
@@ -96,7 +98,7 @@ func (s *Store) putHashed(h Hash, data []byte) Hash {
 func (s *Store) flush() error {
 	s.mu.Lock()
 	pending := s.pending
-	s.pending = nil
+	s.pending, s.pendingBytes = nil, 0
 	s.mu.Unlock()
 	var errs []error
 	var left []*slot
@@ -121,10 +123,20 @@ func (s *Store) flush() error {
 	if len(left) > 0 {
 		s.mu.Lock()
 		s.pending = append(s.pending, left...)
+		for _, b := range left {
+			s.pendingBytes += int64(b.size)
+		}
 		s.mu.Unlock()
 		return fmt.Errorf("writing %d blocks to the block store: %w", len(left), errors.Join(errs...))
 	}
 	return nil
+}
+
+// unwritten returns the bytes of the blocks added and not written yet.
+func (s *Store) unwritten() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pendingBytes
 }
 
 // ref adds a reference to a block already stored.
