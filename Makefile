@@ -43,11 +43,13 @@ bench-live: build
 	@scripts/deps.sh bench
 	bench/live.sh
 
-# Lease acquisition latency and memory per lease (root and loop devices).
+# Freeze length by number of changed files, its phases, host agent RSS
+# (root and loop devices). LEASEFS_BEFORE=another/build runs it side by side.
 bench-publish: build
 	@scripts/deps.sh bench
 	bench/publish.sh
 
+# Lease acquisition latency and memory per lease.
 bench-lease: deps
 	$(GO) test -run '^$$' -bench Acquire -benchtime 20000x -count 5 ./lease
 	$(GO) test -run '^$$' -bench MemoryPerLease -benchtime 1x -count 2 ./lease

@@ -20,7 +20,9 @@
 #
 # Environment: RUNS_COLD (3), RUNS_WARM (3), GUESTS (16), LEASEFS (the
 # binary to measure, bin/leasefs), LEASEFS_BEFORE (another build, e.g. of
-# an older commit, measured the same way in the same run, as "before").
+# an older commit, measured the same way in the same run, as "before"),
+# LEASEFS_BEFORE_HOST=1 (its guests of the bench tree served by a host
+# agent of that build too, beside this build's, on the same mount).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench-live: needs root (mounts)" >&2; exit 1; }
@@ -57,24 +59,36 @@ trap cleanup EXIT
 # start_host NAME IMG MOUNTPOINT: loop-mounts IMG read-write and exports it.
 start_host() {
   local name=$1 image=$2 mnt=$3 dev
-  mkdir -p "$mnt" "$live/$name-state"
+  mkdir -p "$mnt"
   mount -o loop "$image" "$mnt"
   dev=$(findmnt -no SOURCE "$mnt")
-  "$leasefs" host --export "$name=$dev:$mnt" --listen "unix:$live/$name.sock" --control "unix:$live/$name-control.sock" \
-    --state-dir "$live/$name-state" --auto-publish off --max-conns-per-guest 1024 --max-sessions-per-guest 1024 > "$live/$name-host.out" 2> "$live/$name-host.log" &
-  echo $! >> "$pidfile"
-  for _ in $(seq 600); do grep -q '^ready$' "$live/$name-host.out" && break; sleep 0.1; done
-  grep -q '^ready$' "$live/$name-host.out" || { echo "bench-live: host $name not ready" >&2; cat "$live/$name-host.log" >&2; exit 1; }
+  run_host "$leasefs" "$name" "$name" "$dev" "$mnt"
   echo "$dev"
 }
 
+# run_host BINARY EXPORT NAME DEVICE MOUNTPOINT: a host agent exporting
+# the mounted DEVICE as EXPORT, its sockets and state named NAME.
+run_host() {
+  local bin=$1 export=$2 name=$3 dev=$4 mnt=$5
+  mkdir -p "$live/$name-state"
+  "$bin" host --export "$export=$dev:$mnt" --listen "unix:$live/$name.sock" --control "unix:$live/$name-control.sock" \
+    --state-dir "$live/$name-state" --auto-publish off --max-conns-per-guest 1024 --max-sessions-per-guest 1024 > "$live/$name-host.out" 2> "$live/$name-host.log" &
+  echo $! >> "$pidfile"
+  echo $! > "$live/$name-host.pid"
+  for _ in $(seq 600); do grep -q '^ready$' "$live/$name-host.out" && break; sleep 0.1; done
+  grep -q '^ready$' "$live/$name-host.out" || { echo "bench-live: host $name not ready" >&2; cat "$live/$name-host.log" >&2; exit 1; }
+}
+
 # guest BINARY EXPORT DEVICE DIR: mounts a guest in the foreground (in the
-# background of this script) and prints its pid once it is mounted.
+# background of this script) and prints its pid once it is mounted. With
+# LEASEFS_BEFORE_HOST=1 the before build's guests of the bench export
+# talk to a host agent of their own build.
 guest() {
-  local bin=$1 export=$2 device=$3 dir=$4
+  local bin=$1 export=$2 device=$3 dir=$4 sock=$2
   shift 4
+  [ "$bin" = "$before" ] && [ "$export" = bench ] && [ "${LEASEFS_BEFORE_HOST:-0}" = 1 ] && sock=bench-before
   mkdir -p "$dir"
-  LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$export.sock" --export "$export" \
+  LEASEFS_RUN_DIR=$live/run "$bin" guest --foreground --connect "unix:$live/$sock.sock" --export "$export" \
     ${device:+--device "$device"} "$@" "$dir" > /dev/null 2>> "$live/guests.log" &
   local pid=$!
   echo "$pid" >> "$pidfile"
@@ -97,6 +111,9 @@ timed() { # timed LABEL COMMAND...: appends "LABEL microseconds" to $out
 }
 
 dev=$(start_host bench "$img" "$live/host")
+if [ -n "$before" ] && [ "${LEASEFS_BEFORE_HOST:-0}" = 1 ]; then
+  run_host "$before" bench bench-before "$dev" "$live/host"
+fi
 builds=(after)
 declare -A bin=([after]=$leasefs)
 if [ -n "$before" ]; then builds=(before after); bin[before]=$before; fi
@@ -120,6 +137,10 @@ for ((r = 0; r < runs_cold; r++)); do
     echo "  cold $who: $(tail -1 "$out")" >&2
   done
 done
+
+# The host agents' RSS, once their guests have walked everything.
+echo "rss-host-after $(rss_kib "$(cat "$live/bench-host.pid")")" >> "$out"
+[ -f "$live/bench-before-host.pid" ] && echo "rss-host-before $(rss_kib "$(cat "$live/bench-before-host.pid")")" >> "$out"
 
 # Warm walks: each mount walked once, then timed.
 for who in kernel "${builds[@]}"; do
@@ -227,6 +248,7 @@ for kind in ("cold", "warm"):
         cells.append(f"{g / 1e6:.2f} s ({g / k:.2f}×; {rng(f'walk-{kind}-{b}', 1e6, 's')})")
     print(f"| {kind} walk, median | " + " | ".join(cells) + " |")
 print("| guest RSS after a cold walk | – | " + " | ".join(f"{med(f'rss-walk-{b}') / 1024:.0f} MiB" for b in builds) + " |")
+print("| host agent RSS after the cold walks | – | " + " | ".join(f"{med(f'rss-host-{b}') / 1024:.0f} MiB" if f"rss-host-{b}" in v else "(the same agent)" for b in builds) + " |")
 print(f"| RSS of each of {guests} guests idle on 2,000 files | – | " +
       " | ".join(f"{med(f'rss-idle-small-{b}') / 1024:.1f} MiB (max {max(v[f'rss-idle-small-{b}']) / 1024:.1f})" for b in builds) + " |")
 print()

@@ -288,4 +288,8 @@ func TestOpenExportChecks(t *testing.T) {
 	if _, err := OpenExport(ExportConfig{Name: "x", Device: imgtest.LoopDevice(t, ro), Mount: ro, StateDir: x.state, Watchdog: wd}); err == nil || !strings.Contains(err.Error(), "read-write") {
 		t.Errorf("read-only mount: %v", err)
 	}
+	// A state directory the block store cannot be written in.
+	if _, err := OpenExport(ExportConfig{Name: "x", Device: x.dev, Mount: x.mnt, StateDir: ro, Watchdog: wd}); err == nil || !strings.Contains(err.Error(), "block store in "+ro) {
+		t.Errorf("read-only state directory: %v", err)
+	}
 }

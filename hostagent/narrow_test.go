@@ -14,6 +14,7 @@ import (
 
 	"github.com/leasefs/leasefs/internal/directio"
 	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
 )
 
 // mutate makes n random changes of every kind a writer makes, below dir.
@@ -226,16 +227,12 @@ func TestCapturesEqualScratchAtScale(t *testing.T) {
 		go func() {
 			defer close(done)
 			wr := rand.New(rand.NewPCG(uint64(round), 9))
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
+			testenv.Until(stop, func(i int) bool {
 				p := names[wr.IntN(len(names))]
 				os.WriteFile(p, []byte(strconv.Itoa(i)), 0o644)
 				os.WriteFile(filepath.Join(x.mnt, fmt.Sprintf("d%03d", wr.IntN(dirs)), fmt.Sprintf("w%d-%d", round, i)), nil, 0o644)
-			}
+				return true
+			})
 		}()
 		g, err := e.Publish()
 		close(stop)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/internal/testenv"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -329,12 +330,7 @@ func TestDroppedGenerationsRaceNoRead(t *testing.T) {
 	var served, gone atomic.Int64
 	for range 8 {
 		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
+			testenv.Until(stop, func(int) bool {
 				n := newest.Load() - uint64(rand.IntN(4))
 				_, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: n, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1}}})
 				switch {
@@ -344,9 +340,10 @@ func TestDroppedGenerationsRaceNoRead(t *testing.T) {
 					gone.Add(1)
 				default:
 					t.Errorf("generation %d: %v", n, err)
-					return
+					return false
 				}
-			}
+				return true
+			})
 		})
 	}
 	for i := range 60 {

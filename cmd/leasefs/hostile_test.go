@@ -144,14 +144,10 @@ func TestHostileGuest(t *testing.T) {
 			id := g.open(c, "big")
 			for range 32 {
 				wg.Go(func() {
-					for off := uint64(0); ; off = (off + 1<<20) % (32 << 20) {
-						select {
-						case <-stop:
-							return
-						default:
-						}
-						c.Call(context.Background(), &vsockproto.Read{Lease: id, Offset: off, Length: 1 << 20})
-					}
+					testenv.Until(stop, func(i int) bool {
+						c.Call(context.Background(), &vsockproto.Read{Lease: id, Offset: uint64(i%32) << 20, Length: 1 << 20})
+						return true
+					})
 				})
 			}
 		}
@@ -164,16 +160,12 @@ func TestHostileGuest(t *testing.T) {
 		defer c.Close()
 		for range 64 {
 			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
+				testenv.Until(stop, func(int) bool {
 					c.Call(context.Background(), &vsockproto.ReadMeta{Generation: w.Generation,
 						Blocks: slices.Repeat([]vsockproto.BlockRange{{Start: 0, Count: 1}}, 4096)})
 					c.Call(context.Background(), &vsockproto.ReadMeta{Generation: w.Generation, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1 << 30}}})
-				}
+					return true
+				})
 			})
 		}
 		wg.Wait()
@@ -183,12 +175,7 @@ func TestHostileGuest(t *testing.T) {
 	phase("session churn", 4*time.Second, func(stop <-chan struct{}) {
 		// New sessions one after another, each leasing what it can and
 		// leaving, its session detached with its leases.
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		testenv.Until(stop, func(i int) bool {
 			c, _ := g.conn(nil)
 			for _, name := range g.names()[:100] {
 				g.tryOpen(c, name)
@@ -197,7 +184,8 @@ func TestHostileGuest(t *testing.T) {
 			if i%4 == 0 {
 				sessionLeases = max(sessionLeases, status().Leases)
 			}
-		}
+			return true
+		})
 	})
 	if sessionLeases > 400+honest.maxLeases() { // the honest guest's, besides
 		t.Errorf("session churn: the host held %d leases; the guest's limit is 400", sessionLeases)
@@ -231,19 +219,15 @@ func TestHostileGuest(t *testing.T) {
 	phase("generation pinning", 4*time.Second, func(stop <-chan struct{}) {
 		c, _ := g.conn(func(*vsockproto.Announce) uint64 { return 0 }) // acks "generation 0", always
 		defer c.Close()
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		testenv.Until(stop, func(i int) bool {
 			os.WriteFile(filepath.Join(mnt, "churn"), []byte(strconv.Itoa(i)), 0o644)
 			if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
 				t.Errorf("publish: %v\n%s", err, out)
-				return
+				return false
 			}
 			kept = max(kept, status().Kept)
-		}
+			return true
+		})
 	})
 	if kept > 8+1 {
 		t.Errorf("generation pinning: %d generations kept; a guest may hold back 8", kept)
@@ -265,16 +249,12 @@ func TestHostileGuest(t *testing.T) {
 		var wg sync.WaitGroup
 		for range 4 {
 			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
+				testenv.Until(stop, func(int) bool {
 					if nc, err := vsockproto.Dial(context.Background(), evil); err == nil {
 						nc.Close()
 					}
-				}
+					return true
+				})
 			})
 		}
 		time.Sleep(time.Second)

@@ -57,3 +57,18 @@ func RequireTool(t testing.TB, names ...string) {
 		}
 	}
 }
+
+// Until calls fn(0), fn(1), … until stop is closed or fn returns false:
+// the loop of a test's background load.
+func Until(stop <-chan struct{}, fn func(i int) bool) {
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if !fn(i) {
+			return
+		}
+	}
+}
