@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test lint fuzz bench bench-live bench-publish bench-lease demo deps clean install
+.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-lease demo deps clean install
 
 all: build
 
@@ -20,6 +20,12 @@ deps:
 # test that cannot run its privileged part fails instead of skipping.
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
+
+# The end-to-end scenarios inside QEMU VMs on the guest kernels 5.10, 6.1
+# and 6.12 (also part of 'make test'). Fetches the kernels once, into
+# /var/cache/leasefs-vm; LEASEFS_VM_KERNELS=6.1 boots one.
+test-vm: deps
+	$(GO) test -count=1 -timeout 30m -run TestGuestKernels -v ./internal/vmtest
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

@@ -3,6 +3,8 @@ package hostagent
 import (
 	"os"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // FIFREEZE takes the filesystem's three percpu write locks, and taking
@@ -19,6 +21,11 @@ var rcuExpedite struct {
 	sync.Mutex
 	holders int
 	old     []byte
+}
+
+// canExpediteRCU reports whether expediteRCU can do anything here.
+func canExpediteRCU() bool {
+	return unix.Access(rcuExpeditedPath, unix.W_OK) == nil
 }
 
 // expediteRCU turns expedited grace periods on until the returned

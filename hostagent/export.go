@@ -18,8 +18,12 @@ import (
 	"github.com/leasefs/leasefs/internal/directio"
 )
 
-// ext4IocCheckpoint is EXT4_IOC_CHECKPOINT: _IOW('f', 43, __u32).
-const ext4IocCheckpoint = 0x4004662B
+// ext4IocCheckpoint is EXT4_IOC_CHECKPOINT: _IOW('f', 43, __u32), and
+// its flag that only checks the call (Linux 5.13 for both).
+const (
+	ext4IocCheckpoint        = 0x4004662B
+	ext4CheckpointFlagDryRun = 0x4
+)
 
 // Errors of Publish.
 var (
@@ -76,6 +80,9 @@ type Export struct {
 	dev     *directio.File
 	cached  *os.File // the device through its page cache, for inode tables
 	store   *Store
+	// noCheckpoint: the kernel has no EXT4_IOC_CHECKPOINT (before 5.13),
+	// so the freeze writes the journal home itself.
+	noCheckpoint bool
 
 	pub       sync.Mutex   // one publish at a time
 	onFrozen  func()       // tests: runs while frozen
@@ -151,6 +158,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 			return nil, err
 		}
 	}
+	e.probeKernel()
 	if _, err := os.Stat(e.path("freezing")); err == nil {
 		// Our own freeze, left by a run that died mid-publish.
 		err := thawFS(fd)
@@ -434,6 +442,19 @@ type Phases struct {
 	Merge   time.Duration // the full generation made from the capture, after the thaw
 }
 
+// probeKernel finds what the kernel lacks of what a publish uses, and
+// says so once: each lack only makes freezes longer.
+func (e *Export) probeKernel() {
+	err := unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, ext4CheckpointFlagDryRun)
+	if errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
+		e.noCheckpoint = true
+		e.log.Warn("this kernel has no EXT4_IOC_CHECKPOINT (Linux 5.13): each freeze writes the journal home itself, and takes longer", "error", err)
+	}
+	if e.cfg.ExpediteRCU && !canExpediteRCU() {
+		e.log.Warn("cannot expedite RCU grace periods (" + rcuExpeditedPath + " is not writable): FIFREEZE takes tens of milliseconds")
+	}
+}
+
 // checkpoint syncs the filesystem and writes the journal home: FIFREEZE
 // does both, and doing them first keeps them out of the freeze
 // (EXT4_IOC_CHECKPOINT, Linux 5.13; without it the freeze takes longer).
@@ -441,7 +462,9 @@ func (e *Export) checkpoint() error {
 	if err := unix.Syncfs(e.mountFD); err != nil {
 		return fmt.Errorf("syncfs %s: %w", e.cfg.Mount, err)
 	}
-	_ = unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, 0)
+	if !e.noCheckpoint {
+		_ = unix.IoctlSetPointerInt(e.mountFD, ext4IocCheckpoint, 0)
+	}
 	return nil
 }
 

@@ -4,8 +4,9 @@
 set -euo pipefail
 
 want=(e2fsprogs fuse3 attr)
-# The examples' tests: unit files, the mount helper, an apt mirror.
-test_extra=(systemd util-linux rsync apt-utils dpkg-dev)
+# The examples' tests: unit files, the mount helper, an apt mirror; the
+# guest-kernel tests: QEMU, a static busybox for the VM, xz for modules.
+test_extra=(systemd util-linux rsync apt-utils dpkg-dev qemu-system-x86 busybox-static xz-utils)
 case "${1:-test}" in
   test) want+=("${test_extra[@]}") ;;
   demo) ;;

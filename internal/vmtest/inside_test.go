@@ -1,0 +1,559 @@
+package vmtest
+
+// What runs inside the VM: the host agent and guests of the real binary,
+// talking over AF_VSOCK loopback.
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/conformance"
+	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
+)
+
+const (
+	helloText = "hello from the host\n"
+	leasefs   = "/bin/leasefs"
+	exportDev = "/dev/vda" // the image, read-write: the host's export
+	sharedDev = "/dev/vdb" // the same image, read-only: the guests' device
+	exportDir = "/export"
+	control   = "unix:/run/leasefs/control.sock"
+	port      = "5000"
+)
+
+// The scenarios, in the order they run; the test outside the VM checks
+// that each passed.
+var scenarios = []struct {
+	name string
+	run  func(*testing.T, *host)
+}{
+	{"demo", demo},
+	{"conformance", conformanceSuite},
+	{"mmap_and_exec", mmapAndExec},
+	{"writer_waits_for_ack", writerWaitsForAck},
+	{"open_file_survives_refill", openFileSurvivesRefill},
+	{"torture", torture},
+	{"kernel_features", kernelFeatures},
+}
+
+var scenarioNames = func() []string {
+	var names []string
+	for _, s := range scenarios {
+		names = append(names, s.name)
+	}
+	return names
+}()
+
+func inside(t *testing.T) {
+	h := startHost(t)
+	for _, s := range scenarios {
+		t.Run(s.name, func(t *testing.T) { s.run(t, h) })
+	}
+}
+
+// host is the VM's host agent, exporting the image as "mirror".
+type host struct {
+	cmd *exec.Cmd
+	log syncBuffer
+}
+
+func startHost(t *testing.T) *host {
+	if out, err := exec.Command("mount", "-t", "ext4", exportDev, exportDir).CombinedOutput(); err != nil {
+		t.Fatalf("mounting the export: %v %s", err, out)
+	}
+	t.Cleanup(func() { imgtest.Unmount(t, exportDir) })
+	h := &host{}
+	h.cmd = exec.Command(leasefs, "host", "--export", "mirror="+exportDev+":"+exportDir,
+		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off")
+	h.cmd.Stderr = &h.log
+	out, err := h.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll("/run/leasefs/state", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if sc.Text() == "ready" {
+				ready <- true
+			}
+		}
+		exited <- h.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		_ = h.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("leasefs host: %v\n%s", err, h.log.String())
+			}
+		case <-time.After(20 * time.Second):
+			t.Errorf("leasefs host did not stop on SIGTERM; killing it")
+			_ = h.cmd.Process.Kill()
+		}
+	})
+	select {
+	case <-ready:
+	case err := <-exited:
+		t.Fatalf("leasefs host exited: %v\n%s", err, h.log.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("leasefs host not ready after 60s\n%s", h.log.String())
+	}
+	return h
+}
+
+// publish publishes what the export holds and returns the generation.
+func (h *host) publish(t testing.TB) uint64 {
+	t.Helper()
+	out, err := exec.Command(leasefs, "publish", "--control", control, "mirror").CombinedOutput()
+	var gen uint64
+	if _, serr := fmt.Sscanf(string(out), "mirror: generation %d,", &gen); err != nil || serr != nil {
+		t.Fatalf("leasefs publish: %v %s", err, out)
+	}
+	return gen
+}
+
+func (h *host) write(t testing.TB, name string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(exportDir, name), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// guest is a 'leasefs guest --foreground' serving dir.
+type guest struct {
+	dir, log string
+	cmd      *exec.Cmd
+}
+
+// mount runs a guest of the export with args (--device, --page-cache)
+// and waits until its mount is up; it is unmounted, and must exit,
+// when t ends.
+func (h *host) mount(t *testing.T, args ...string) *guest {
+	t.Helper()
+	g := &guest{dir: t.TempDir(), log: filepath.Join(t.TempDir(), "guest.log")}
+	all := append([]string{"guest", "--foreground", "--log", g.log, "--connect", "vsock:1:" + port, "--export", "mirror"}, args...)
+	g.cmd = exec.Command(leasefs, append(all, g.dir)...)
+	var stderr syncBuffer
+	g.cmd.Stdout, g.cmd.Stderr = &stderr, &stderr
+	if err := g.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- g.cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = g.cmd.Process.Signal(syscall.SIGCONT) // in case a test stopped it
+		imgtest.Unmount(t, g.dir)
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			t.Errorf("guest %s did not exit after its unmount; killing it", g.dir)
+			_ = g.cmd.Process.Kill()
+		}
+	})
+	for deadline := time.Now().Add(60 * time.Second); !mounted(g.dir); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-exited:
+			t.Fatalf("leasefs guest exited: %v\n%s%s", err, stderr.String(), g.logText())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("leasefs guest not mounted after 60s\n%s%s", stderr.String(), g.logText())
+		}
+	}
+	return g
+}
+
+func (g *guest) logText() string {
+	b, _ := os.ReadFile(g.log)
+	return string(b)
+}
+
+func (g *guest) path(name string) string { return filepath.Join(g.dir, name) }
+
+// waitRead waits until the guest reads want at name.
+func (g *guest) waitRead(t testing.TB, name, want string) {
+	t.Helper()
+	var b []byte
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if b, err = os.ReadFile(g.path(name)); err == nil && string(b) == want {
+			return
+		}
+	}
+	t.Fatalf("guest %s: %s reads %q (%v), want %q", g.dir, name, b, err, want)
+}
+
+func mounted(dir string) bool {
+	b, _ := os.ReadFile("/proc/self/mounts")
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[1] == dir && f[2] == "fuse.leasefs" {
+			return true
+		}
+	}
+	return false
+}
+
+// kernelVersion is the running kernel's major and minor version.
+func kernelVersion(t testing.TB) (int, int) {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	return major, minor
+}
+
+func atLeast(t testing.TB, major, minor int) bool {
+	a, b := kernelVersion(t)
+	return a > major || a == major && b >= minor
+}
+
+// The one-machine demo: a guest on the shared device reads the first
+// generation, the host writes and publishes, the guest reads the new
+// file; the status commands answer.
+func demo(t *testing.T, h *host) {
+	h.publish(t)
+	g := h.mount(t, "--device", sharedDev)
+	g.waitRead(t, "hello", helloText)
+	h.write(t, "news", []byte("generation two\n"))
+	h.publish(t)
+	g.waitRead(t, "news", "generation two\n")
+	out, err := exec.Command(leasefs, "status", "--control", control).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "mirror") {
+		t.Fatalf("leasefs status: %v\n%s", err, out)
+	}
+	out, err = exec.Command(leasefs, "guest", "status", g.dir).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "vsock:1:"+port) {
+		t.Fatalf("leasefs guest status: %v\n%s", err, out)
+	}
+}
+
+// The read-only conformance suite in both page-cache modes, against a
+// read-only bind of the VM kernel's own mount of the export, which shows
+// the generation just published.
+func conformanceSuite(t *testing.T, h *host) {
+	h.publish(t)
+	oracle := t.TempDir()
+	for _, args := range [][]string{{"--bind", exportDir, oracle}, {"-o", "remount,bind,ro", oracle}} {
+		if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
+			t.Fatalf("mount %v: %v %s", args, err, out)
+		}
+	}
+	t.Cleanup(func() { imgtest.Unmount(t, oracle) })
+	t.Run("guest_cache", func(t *testing.T) {
+		conformance.Run(t, h.mount(t, "--device", sharedDev).dir, oracle)
+	})
+	t.Run("host_cache", func(t *testing.T) {
+		conformance.Run(t, h.mount(t, "--device", sharedDev, "--page-cache", "host").dir, oracle)
+	})
+}
+
+// Programs run and files map from the guest mount in both page-cache
+// modes. With --page-cache=host a shared mapping needs
+// FUSE_DIRECT_IO_ALLOW_MMAP (6.6): before it, it fails with ENODEV, and
+// the guest has said so in one log line.
+func mmapAndExec(t *testing.T, h *host) {
+	if err := os.MkdirAll(filepath.Join(exportDir, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tool, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(exportDir, "bin/busybox"), tool, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("mapped bytes, "), 100000)
+	h.write(t, "data", data)
+	h.publish(t)
+	for _, mode := range []string{"guest", "host"} {
+		t.Run(mode+"_cache", func(t *testing.T) {
+			g := h.mount(t, "--device", sharedDev, "--page-cache", mode)
+			if out, err := exec.Command(g.path("bin/busybox"), "echo", "ran").CombinedOutput(); err != nil || string(out) != "ran\n" {
+				t.Fatalf("exec from the mount: %v %q", err, out)
+			}
+			f, err := os.Open(g.path("data"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			degraded := mode == "host" && !atLeast(t, 6, 6)
+			for _, flags := range []int{unix.MAP_PRIVATE, unix.MAP_SHARED} {
+				m, err := unix.Mmap(int(f.Fd()), 0, len(data), unix.PROT_READ, flags)
+				if degraded && flags == unix.MAP_SHARED {
+					if !errors.Is(err, unix.ENODEV) {
+						t.Fatalf("a shared mapping without FUSE_DIRECT_IO_ALLOW_MMAP: %v, want ENODEV", err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("mmap %#x: %v", flags, err)
+				}
+				ok := bytes.Equal(m, data)
+				unix.Munmap(m)
+				if !ok {
+					t.Fatalf("mmap %#x: other bytes", flags)
+				}
+			}
+			if n := strings.Count(g.logText(), "FUSE_DIRECT_IO_ALLOW_MMAP"); (n == 1) != degraded || n > 1 {
+				t.Fatalf("the guest's log names FUSE_DIRECT_IO_ALLOW_MMAP %d times (degraded: %v):\n%s", n, degraded, g.logText())
+			}
+		})
+	}
+}
+
+// An in-place writer on the host waits until the guest holding the file
+// acknowledges the break: not while the guest is stopped, at once when
+// it runs again (well before the kernel's lease-break-time would end
+// the wait). The guest's open file is stale then, and the next
+// generation has the new content.
+func writerWaitsForAck(t *testing.T, h *host) {
+	h.write(t, "inplace", []byte("old content"))
+	h.publish(t)
+	g := h.mount(t, "--device", sharedDev)
+	f, err := os.Open(g.path("inplace"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		w, err := os.OpenFile(filepath.Join(exportDir, "inplace"), os.O_WRONLY|os.O_TRUNC, 0)
+		if err == nil {
+			_, err = w.WriteString("new content")
+			w.Close()
+		}
+		wrote <- err
+	}()
+	select {
+	case err := <-wrote:
+		t.Fatalf("the writer went ahead (%v) while the guest could not acknowledge", err)
+	case <-time.After(2 * time.Second):
+	}
+	if err := g.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the writer still waits 15s after the guest could acknowledge\n%s", h.log.String())
+	}
+	if _, err := f.ReadAt(make([]byte, 3), 0); !errors.Is(err, syscall.ESTALE) {
+		t.Fatalf("read of the broken file: %v, want ESTALE", err)
+	}
+	h.publish(t)
+	g.waitRead(t, "inplace", "new content")
+}
+
+// Files open in guests keep their bytes while the host deletes them and
+// fills the filesystem with other data, and publishes.
+func openFileSurvivesRefill(t *testing.T, h *host) {
+	want := make([]byte, 4<<20)
+	for i := range want {
+		want[i] = byte(i * 7 / 5)
+	}
+	h.write(t, "big", want)
+	h.publish(t)
+	var files []*os.File
+	for _, args := range [][]string{{"--device", sharedDev}, nil} {
+		f, err := os.Open(h.mount(t, args...).path("big"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	if err := os.Remove(filepath.Join(exportDir, "big")); err != nil {
+		t.Fatal(err)
+	}
+	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
+	var names []string
+	for i := 0; ; i++ {
+		name := filepath.Join(exportDir, fmt.Sprint("junk", i))
+		names = append(names, name)
+		if err := os.WriteFile(name, junk, 0o644); err != nil {
+			break // full
+		}
+	}
+	t.Cleanup(func() {
+		for _, n := range names {
+			os.Remove(n)
+		}
+		h.publish(t)
+	})
+	h.publish(t)
+	for i, f := range files {
+		got := make([]byte, len(want)+10)
+		n, err := f.ReadAt(got, 0)
+		if n != len(want) || !bytes.Equal(got[:n], want) {
+			t.Fatalf("guest %d read %d bytes (%v), the original: %v", i, n, err, bytes.Equal(got[:min(n, len(want))], want[:min(n, len(want))]))
+		}
+	}
+}
+
+// selfValidating is a file that carries the checksum of its own body:
+// a torn or mixed read cannot pass valid.
+func selfValidating(r *rand.Rand) []byte {
+	body := make([]byte, 4096+r.IntN(60000))
+	for i := range body {
+		body[i] = byte(r.Uint32())
+	}
+	sum := sha256.Sum256(body)
+	return append(sum[:], body...)
+}
+
+func valid(b []byte) bool {
+	sum := sha256.Sum256(b[min(32, len(b)):])
+	return len(b) >= 32 && bytes.Equal(sum[:], b[:32])
+}
+
+// The consistency torture, shortened: the host replaces self-validating
+// files continuously and publishes every second while readers in two
+// guests (the shared device, and reads through the host) read them. No
+// read may be torn.
+func torture(t *testing.T, h *host) {
+	d, err := time.ParseDuration(os.Getenv("LEASEFS_VM_TORTURE"))
+	if err != nil {
+		t.Fatalf("LEASEFS_VM_TORTURE: %v", err)
+	}
+	const files = 300
+	dir := filepath.Join(exportDir, "torture")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := range files {
+		if err := os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), selfValidating(r), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.publish(t)
+	guests := []*guest{h.mount(t, "--device", sharedDev), h.mount(t)}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var reads, torn, stale, replaced, gens atomic.Int64
+	wg.Go(func() {
+		r := rand.New(rand.NewPCG(3, 4))
+		testenv.Until(stop, func(int) bool {
+			name := filepath.Join(dir, strconv.Itoa(r.IntN(files)))
+			if err := os.WriteFile(name+".tmp", selfValidating(r), 0o644); err != nil {
+				t.Error(err)
+				return false
+			}
+			if err := os.Rename(name+".tmp", name); err != nil {
+				t.Error(err)
+				return false
+			}
+			replaced.Add(1)
+			time.Sleep(2 * time.Millisecond)
+			return true
+		})
+	})
+	wg.Go(func() {
+		testenv.Until(stop, func(int) bool {
+			time.Sleep(time.Second)
+			h.publish(t)
+			gens.Add(1)
+			return true
+		})
+	})
+	for gi, g := range guests {
+		for k := range 2 {
+			wg.Go(func() {
+				r := rand.New(rand.NewPCG(uint64(gi), uint64(k)))
+				testenv.Until(stop, func(int) bool {
+					b, err := os.ReadFile(filepath.Join(g.dir, "torture", strconv.Itoa(r.IntN(files))))
+					switch {
+					case errors.Is(err, syscall.ESTALE):
+						stale.Add(1)
+					case err != nil:
+						t.Errorf("guest %d: %v", gi, err)
+						return false
+					case !valid(b):
+						torn.Add(1)
+					default:
+						reads.Add(1)
+					}
+					return true
+				})
+			})
+		}
+	}
+	time.Sleep(d)
+	close(stop)
+	wg.Wait()
+	t.Logf("%v: %d files replaced, %d generations, %d good reads, %d torn, %d stale",
+		d, replaced.Load(), gens.Load(), reads.Load(), torn.Load(), stale.Load())
+	if torn.Load() != 0 {
+		t.Fatalf("%d torn reads", torn.Load())
+	}
+	if reads.Load() < 100 || gens.Load() < int64(d/time.Second)/3 || replaced.Load() < 100 {
+		t.Fatalf("too little happened: %d reads, %d generations, %d replaced", reads.Load(), gens.Load(), replaced.Load())
+	}
+}
+
+// What the host agent found the kernel lacks, it said once, and worked
+// around (every publish above went through): EXT4_IOC_CHECKPOINT
+// arrived in 5.13.
+func kernelFeatures(t *testing.T, h *host) {
+	degraded := !atLeast(t, 5, 13)
+	if n := strings.Count(h.log.String(), "EXT4_IOC_CHECKPOINT"); n != 0 && !degraded || degraded && n != 1 {
+		t.Fatalf("the host's log names EXT4_IOC_CHECKPOINT %d times (kernel without it: %v):\n%s", n, degraded, h.log.String())
+	}
+	if strings.Contains(h.log.String(), "rcu_expedited") {
+		t.Fatalf("the host could not expedite RCU:\n%s", h.log.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's output and a test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
