@@ -92,7 +92,7 @@ func TestPanicInAHandlerIsEIO(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var log syncBuffer
+	var log testenv.SyncBuffer
 	fsys := NewFileSystem(view, Config{Timeout: time.Hour, Files: panicFiles{}, Logger: hclog.New(&hclog.LoggerOptions{Output: &log})})
 	dir := t.TempDir()
 	srv, err := Mount(fsys, dir, MountConfig{FsName: img})

@@ -421,7 +421,7 @@ func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	h.write(t, "f", "before")
 	gen := h.publish(t)
-	var log syncBuffer
+	var log testenv.SyncBuffer
 	g := startGuestWith(t, h, ClientConfig{Device: h.img, OpenWait: time.Minute,
 		Logger: hclog.New(&hclog.LoggerOptions{Output: &log, Level: hclog.Info})})
 	if g.read(t, "f") != "before" {
@@ -444,24 +444,6 @@ func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 	if got := g.read(t, "f"); got != "after" {
 		t.Fatalf("after the publish: %q", got)
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // The host agent restarts: guests reconnect and go on with the new

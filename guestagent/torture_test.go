@@ -1,8 +1,6 @@
 package guestagent
 
 import (
-	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -13,26 +11,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/leasefs/leasefs/internal/testenv"
 )
-
-// selfValidating is a file that carries the checksum of its own body:
-// a torn or mixed read cannot pass valid.
-func selfValidating(r *rand.Rand) []byte {
-	body := make([]byte, 4096+r.IntN(60000))
-	for i := range body {
-		body[i] = byte(r.Uint32())
-	}
-	sum := sha256.Sum256(body)
-	return append(sum[:], body...)
-}
-
-func valid(b []byte) bool {
-	if len(b) < 32 {
-		return false
-	}
-	sum := sha256.Sum256(b[32:])
-	return bytes.Equal(sum[:], b[:32])
-}
 
 // The consistency torture: a host writer replaces ~1,000 self-validating
 // files continuously and publishes every second, while readers in both
@@ -49,7 +30,7 @@ func TestTortureNoTornReads(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	r := rand.New(rand.NewPCG(1, 2))
 	for i := range files {
-		if err := os.WriteFile(filepath.Join(h.mnt, fmt.Sprint("f", i)), selfValidating(r), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(h.mnt, fmt.Sprint("f", i)), testenv.SelfValidating(r), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -68,7 +49,7 @@ func TestTortureNoTornReads(t *testing.T) {
 			default:
 			}
 			name := filepath.Join(h.mnt, fmt.Sprint("f", r.IntN(files)))
-			if err := os.WriteFile(name+".tmp", selfValidating(r), 0o644); err != nil {
+			if err := os.WriteFile(name+".tmp", testenv.SelfValidating(r), 0o644); err != nil {
 				t.Error(err)
 				return
 			}
@@ -111,7 +92,7 @@ func TestTortureNoTornReads(t *testing.T) {
 					case err != nil:
 						t.Errorf("guest %d: %v", gi, err)
 						return
-					case !valid(b):
+					case !testenv.Valid(b):
 						torn.Add(1)
 					default:
 						reads.Add(1)

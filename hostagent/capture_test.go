@@ -191,7 +191,8 @@ func TestSomeoneElsesFreezeIsLeftAlone(t *testing.T) {
 		t.Fatalf("the other freeze is gone: %v", err)
 	}
 	// Nor does a restarted agent.
-	x.open(t, time.Second)
+	e.Close()
+	e = x.open(t, time.Second)
 	if err := freezeFS(fd); !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("the other freeze is gone after a restart: %v", err)
 	}

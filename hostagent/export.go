@@ -83,6 +83,7 @@ type Export struct {
 	// noCheckpoint: the kernel has no EXT4_IOC_CHECKPOINT (before 5.13),
 	// so the freeze writes the journal home itself.
 	noCheckpoint bool
+	closeOnce    sync.Once
 
 	pub       sync.Mutex   // one publish at a time
 	onFrozen  func()       // tests: runs while frozen
@@ -127,6 +128,11 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	fd, err := unix.Open(cfg.Mount, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: cfg.Mount, Err: err}
+	}
+	// One agent per export: the lock goes with the fd.
+	if err := lockFD(fd, "export "+cfg.Name+" ("+cfg.Mount+")"); err != nil {
+		unix.Close(fd)
+		return nil, err
 	}
 	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
 	if e.store, err = NewStore(cfg.StateDir); err != nil {
@@ -209,13 +215,17 @@ func checkMount(device, mount string) error {
 
 // Close releases the export; its generations can no longer be read.
 func (e *Export) Close() error {
-	if e.watch != nil {
-		e.watch.close()
-	}
-	e.dev.Close()
-	e.cached.Close()
-	e.store.Close()
-	return unix.Close(e.mountFD)
+	var err error
+	e.closeOnce.Do(func() {
+		if e.watch != nil {
+			e.watch.close()
+		}
+		e.dev.Close()
+		e.cached.Close()
+		e.store.Close()
+		err = unix.Close(e.mountFD) // and with it the export's lock
+	})
+	return err
 }
 
 // Current returns the newest generation, or nil before the first.

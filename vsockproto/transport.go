@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/mdlayher/vsock"
@@ -69,6 +70,10 @@ type ListenOptions struct {
 	// Mode of the socket file; default 0660. The socket is given to the
 	// directory's owner, so a jailed VMM can connect to it.
 	Mode os.FileMode
+	// Stale, if set, hears of a socket file nobody served (left by a run
+	// that died) that Listen replaced. One that is served is never
+	// replaced: Listen fails with ErrInUse.
+	Stale func(path string)
 }
 
 // Listener accepts connections on one address.
@@ -77,6 +82,7 @@ type Listener struct {
 	addr  Addr
 	peer  func(net.Conn) (Peer, error)
 	close func()
+	once  sync.Once
 }
 
 // Listen listens on a: vsock:PORT or vsock:CID:PORT, hvsock:PATH:PORT (on
@@ -162,7 +168,7 @@ func (l *Listener) Addr() Addr { return l.addr }
 // Close stops listening and removes a Unix socket it created.
 func (l *Listener) Close() error {
 	err := l.l.Close()
-	l.close()
+	l.once.Do(l.close)
 	return err
 }
 
@@ -251,6 +257,9 @@ func listenUnix(path string, opt ListenOptions) (net.Listener, func(), error) {
 	default: // a stale socket from an earlier run
 		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
 			return nil, nil, &os.PathError{Op: "remove stale socket", Path: path, Err: err}
+		}
+		if opt.Stale != nil {
+			opt.Stale(path)
 		}
 	}
 	// Bind through the directory fd, so no component is looked up again.

@@ -25,6 +25,7 @@ import (
 
 	"github.com/leasefs/leasefs/guestagent"
 	"github.com/leasefs/leasefs/internal/imgtest"
+	"github.com/leasefs/leasefs/internal/testenv"
 )
 
 // agent is a 'leasefs host' this test starts, kills and starts again,
@@ -35,29 +36,12 @@ type agent struct {
 	args   []string
 	mnt    string
 	cmd    *exec.Cmd
-	log    *syncBuilder
+	log    *testenv.SyncBuffer
 	exited chan error
 }
 
-type syncBuilder struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuilder) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuilder) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func newAgent(t *testing.T, mnt string, args ...string) *agent {
-	a := &agent{t: t, args: args, mnt: mnt, log: &syncBuilder{}}
+	a := &agent{t: t, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
 	a.start()
 	t.Cleanup(func() {
 		if a.cmd != nil {
@@ -351,7 +335,7 @@ func TestGuestStatusAndLogs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer syslogd.Close()
-	var logged syncBuilder
+	var logged testenv.SyncBuffer
 	go func() {
 		buf := make([]byte, 8192)
 		for {

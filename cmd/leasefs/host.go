@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -122,6 +123,14 @@ docs/operations.md).
 		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
 			return nil, fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT, e.g. mirror=/dev/vdb:/srv/mirror", spec)
 		}
+		for _, other := range o.exports {
+			switch {
+			case other.name == name:
+				return nil, fmt.Errorf("--export %q: the name %s is given twice", spec, name)
+			case filepath.Clean(other.dev) == filepath.Clean(dev), filepath.Clean(other.mnt) == filepath.Clean(mnt):
+				return nil, fmt.Errorf("--export %q: %s and %s are the same filesystem", spec, other.name, name)
+			}
+		}
 		o.exports = append(o.exports, exportSpec{name, dev, mnt})
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
@@ -148,6 +157,9 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(o.logLevel)})
+	// Everything that can be refused is refused before anything is
+	// frozen: the state directory and its lock, every address, then each
+	// export and its lock.
 	for _, sp := range o.exports {
 		if sameFS(o.stateDir, sp.mnt) {
 			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze: choose a directory on another filesystem", o.stateDir, sp.mnt)
@@ -156,6 +168,16 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
+	lock, err := hostagent.LockStateDir(o.stateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	ls, err := listenAll(o, log)
+	if err != nil {
+		return err
+	}
+	defer ls.close()
 
 	var exps []*hostagent.Export
 	defer func() {
@@ -195,34 +217,81 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		fmt.Fprintf(stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", e.Name(), g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
 	}
 	grp, ctx := errgroup.WithContext(ctx)
-	for _, a := range o.listen {
-		l, err := vsockproto.Listen(a, vsockproto.ListenOptions{})
-		if err != nil {
-			return err
-		}
+	for _, l := range ls.guests {
 		grp.Go(func() error { return srv.Serve(ctx, l) })
-		log.Info("listening", "addr", a.String())
+		log.Info("listening", "addr", l.Addr().String())
 	}
-	cl, err := vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600})
-	if err != nil {
-		return err
-	}
-	grp.Go(func() error { return srv.ServeControl(ctx, cl) })
-	if o.metrics != "control" {
-		ml, err := metricsListener(o.metrics)
-		if err != nil {
-			return err
-		}
-		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
+	grp.Go(func() error { return srv.ServeControl(ctx, ls.control) })
+	if ls.metrics != nil {
+		grp.Go(func() error { return serveMetrics(ctx, ls.metrics, srv.Gatherer(), log) })
 	}
 	if o.autoPublish != nil {
 		for _, e := range exps {
 			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name()) })
 		}
 	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	grp.Go(func() error {
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-hup:
+				log.Info("SIGHUP: nothing to reload (the configuration is the command line); restart to change it")
+			}
+		}
+	})
 	fmt.Fprintln(stdout, "ready")
 	notifyReady()
 	return grp.Wait()
+}
+
+// listeners are the host agent's sockets, bound before anything is
+// frozen so that a bad or taken address costs no freeze.
+type listeners struct {
+	guests  []*vsockproto.Listener
+	control *vsockproto.Listener
+	metrics net.Listener // nil: metrics through the control socket
+}
+
+func listenAll(o *hostOptions, log hclog.Logger) (_ *listeners, err error) {
+	ls := &listeners{}
+	defer func() {
+		if err != nil {
+			ls.close()
+		}
+	}()
+	stale := func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }
+	for _, a := range o.listen {
+		l, err := vsockproto.Listen(a, vsockproto.ListenOptions{Stale: stale})
+		if err != nil {
+			return nil, fmt.Errorf("--listen %s: %w", a, err)
+		}
+		ls.guests = append(ls.guests, l)
+	}
+	if ls.control, err = vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: stale}); err != nil {
+		return nil, fmt.Errorf("--control %s: %w", o.control, err)
+	}
+	if o.metrics != "control" {
+		if ls.metrics, err = metricsListener(o.metrics); err != nil {
+			return nil, err
+		}
+	}
+	return ls, nil
+}
+
+func (ls *listeners) close() {
+	for _, l := range ls.guests {
+		l.Close()
+	}
+	if ls.control != nil {
+		ls.control.Close()
+	}
+	if ls.metrics != nil {
+		ls.metrics.Close()
+	}
 }
 
 // startWatchdog starts 'leasefs watchdog' for the export at mount, in its

@@ -71,7 +71,7 @@ func TestHostileGuest(t *testing.T) {
 	if other := os.Getenv("LEASEFS_HOSTILE_AGENT"); other != "" {
 		bin, limits = other, nil
 	}
-	a := &agent{t: t, mnt: mnt, log: &syncBuilder{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
+	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
 		cg.procs(), bin, "host", "--export", "mirror=" + dev + ":" + mnt,
 		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--ack-timeout", "2s", "--grace", "2s",

@@ -11,13 +11,42 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strings"
 	"syscall"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
-var version = "dev"
+// version is set at build time with -ldflags "-X main.version=…" (make
+// build); without it, versionString finds what the Go toolchain recorded.
+var version = ""
+
+// versionString is the version, then the toolchain and platform: the
+// module's version for 'go install …@vX', the commit for a build in a
+// checkout.
+func versionString() string {
+	v := version
+	if bi, ok := debug.ReadBuildInfo(); ok && v == "" {
+		v = bi.Main.Version
+		var rev, dirty string
+		for _, s := range bi.Settings {
+			switch {
+			case s.Key == "vcs.revision":
+				rev = s.Value[:min(12, len(s.Value))]
+			case s.Key == "vcs.modified" && s.Value == "true":
+				dirty = "-dirty"
+			}
+		}
+		if (v == "" || v == "(devel)") && rev != "" {
+			v = rev + dirty
+		}
+	}
+	if v == "" {
+		v = "unknown"
+	}
+	return fmt.Sprintf("%s (%s, %s/%s)", v, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
 
 // A command is one subcommand: its name, a line of help, and how to run
 // it with the arguments after its name.
@@ -35,7 +64,7 @@ var commands = []command{
 	{"thaw", "thaw exports a dead host agent left frozen", runThaw},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
-		_, err := fmt.Fprintln(stdout, "leasefs", version)
+		_, err := fmt.Fprintln(stdout, "leasefs", versionString())
 		return err
 	}},
 	{"watchdog", "", runWatchdog},        // started by the host agent
@@ -95,6 +124,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage(stdout)
 		return nil
+	}
+	if args[0] == "--version" || args[0] == "-version" {
+		args = []string{"version"}
 	}
 	for _, c := range commands {
 		if c.name == args[0] {

@@ -6,7 +6,6 @@ package vmtest
 import (
 	"bufio"
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -71,7 +70,7 @@ func inside(t *testing.T) {
 // host is the VM's host agent, exporting the image as "mirror".
 type host struct {
 	cmd *exec.Cmd
-	log syncBuffer
+	log testenv.SyncBuffer
 }
 
 func startHost(t *testing.T) *host {
@@ -158,7 +157,7 @@ func (h *host) mount(t *testing.T, args ...string) *guest {
 	g := &guest{dir: t.TempDir(), log: filepath.Join(t.TempDir(), "guest.log")}
 	all := append([]string{"guest", "--foreground", "--log", g.log, "--connect", "vsock:1:" + port, "--export", "mirror"}, args...)
 	g.cmd = exec.Command(leasefs, append(all, g.dir)...)
-	var stderr syncBuffer
+	var stderr testenv.SyncBuffer
 	g.cmd.Stdout, g.cmd.Stderr = &stderr, &stderr
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -426,22 +425,6 @@ func openFileSurvivesRefill(t *testing.T, h *host) {
 	}
 }
 
-// selfValidating is a file that carries the checksum of its own body:
-// a torn or mixed read cannot pass valid.
-func selfValidating(r *rand.Rand) []byte {
-	body := make([]byte, 4096+r.IntN(60000))
-	for i := range body {
-		body[i] = byte(r.Uint32())
-	}
-	sum := sha256.Sum256(body)
-	return append(sum[:], body...)
-}
-
-func valid(b []byte) bool {
-	sum := sha256.Sum256(b[min(32, len(b)):])
-	return len(b) >= 32 && bytes.Equal(sum[:], b[:32])
-}
-
 // The consistency torture, shortened: the host replaces self-validating
 // files continuously and publishes every second while readers in two
 // guests (the shared device, and reads through the host) read them. No
@@ -458,7 +441,7 @@ func torture(t *testing.T, h *host) {
 	}
 	r := rand.New(rand.NewPCG(1, 2))
 	for i := range files {
-		if err := os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), selfValidating(r), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), testenv.SelfValidating(r), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -471,7 +454,7 @@ func torture(t *testing.T, h *host) {
 		r := rand.New(rand.NewPCG(3, 4))
 		testenv.Until(stop, func(int) bool {
 			name := filepath.Join(dir, strconv.Itoa(r.IntN(files)))
-			if err := os.WriteFile(name+".tmp", selfValidating(r), 0o644); err != nil {
+			if err := os.WriteFile(name+".tmp", testenv.SelfValidating(r), 0o644); err != nil {
 				t.Error(err)
 				return false
 			}
@@ -504,7 +487,7 @@ func torture(t *testing.T, h *host) {
 					case err != nil:
 						t.Errorf("guest %d: %v", gi, err)
 						return false
-					case !valid(b):
+					case !testenv.Valid(b):
 						torn.Add(1)
 					default:
 						reads.Add(1)
@@ -538,22 +521,4 @@ func kernelFeatures(t *testing.T, h *host) {
 	if strings.Contains(h.log.String(), "rcu_expedited") {
 		t.Fatalf("the host could not expedite RCU:\n%s", h.log.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's output and a test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
