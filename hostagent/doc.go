@@ -97,6 +97,17 @@
 // from one fd budget below the process's limit (lease.FDs), and an accept
 // that meets EMFILE backs off with a spare descriptor in hand.
 //
+// ServeVMDir serves a directory of VMs' hybrid-vsock sockets, one
+// listener per VM while its socket exists (inotify on the directory; an
+// overflow rescans it); a VM that goes has its connections closed.
+//
+// # One agent per export
+//
+// OpenExport takes an flock on the export's root directory, and
+// LockStateDir one on the state directory; a second agent fails at once
+// naming the holder's pid (from /proc/locks). The locks go with the
+// process, however it ends.
+//
 // # Locking
 //
 // Export.pub serialises publishes; Export.mu guards the kept generations

@@ -10,6 +10,9 @@ import (
 const (
 	KindVsock  = "vsock"  // AF_VSOCK
 	KindHybrid = "hvsock" // Firecracker/Cloud Hypervisor hybrid vsock
+	// KindVMDir is a directory of VMs' hybrid-vsock sockets, each served
+	// while it exists (listen only; the host agent watches the directory).
+	KindVMDir = "hvsock-dir"
 	KindUnix   = "unix"   // a Unix stream socket
 )
 
@@ -32,7 +35,7 @@ type Addr struct {
 func ParseAddr(s string) (Addr, error) {
 	kind, rest, ok := strings.Cut(s, ":")
 	if !ok || rest == "" {
-		return Addr{}, fmt.Errorf("address %q: want vsock:PORT, vsock:CID:PORT, hvsock:PATH:PORT or unix:PATH", s)
+		return Addr{}, fmt.Errorf("address %q: want vsock:PORT, vsock:CID:PORT, hvsock:PATH:PORT, hvsock-dir:DIR:PORT or unix:PATH", s)
 	}
 	bad := func(format string, args ...any) (Addr, error) {
 		return Addr{}, fmt.Errorf("address %q: "+format, append([]any{s}, args...)...)
@@ -56,10 +59,10 @@ func ParseAddr(s string) (Addr, error) {
 		}
 		a.Port = n
 		return a, nil
-	case KindHybrid:
+	case KindHybrid, KindVMDir:
 		i := strings.LastIndexByte(rest, ':')
 		if i <= 0 {
-			return bad("want hvsock:PATH:PORT")
+			return bad("want %s:PATH:PORT", kind)
 		}
 		n, err := parseU32(rest[i+1:])
 		if err != nil {
@@ -87,8 +90,8 @@ func (a Addr) String() string {
 			return fmt.Sprintf("vsock:%d", a.Port)
 		}
 		return fmt.Sprintf("vsock:%d:%d", a.CID, a.Port)
-	case KindHybrid:
-		return fmt.Sprintf("hvsock:%s:%d", a.Path, a.Port)
+	case KindHybrid, KindVMDir:
+		return fmt.Sprintf("%s:%s:%d", a.Kind, a.Path, a.Port)
 	case KindUnix:
 		return "unix:" + a.Path
 	}

@@ -135,6 +135,9 @@ func Listen(a Addr, opt ListenOptions) (*Listener, error) {
 		}
 		return &Listener{l: l, addr: a, peer: peer, close: cleanup}, nil
 	}
+	if a.Kind == KindVMDir {
+		return nil, fmt.Errorf("listen %v: a directory of VM sockets is served by the host agent, one listener per VM", a)
+	}
 	return nil, fmt.Errorf("listen: invalid address %+v", a)
 }
 
@@ -334,6 +337,9 @@ func Dial(ctx context.Context, a Addr) (net.Conn, error) {
 			return nil, fmt.Errorf("dial %v: %w", a, err)
 		}
 		return nc, nil
+	}
+	if a.Kind == KindVMDir {
+		return nil, fmt.Errorf("dial %v: a directory of VM sockets is for a host agent's --listen; dial one VM's socket", a)
 	}
 	return nil, fmt.Errorf("dial: invalid address %+v", a)
 }

@@ -25,6 +25,8 @@ func TestParseAddr(t *testing.T) {
 		{in: "vsock:2:5000", want: Addr{Kind: KindVsock, CID: 2, Port: 5000}},
 		{in: "hvsock:/run/fc/v.sock:52", want: Addr{Kind: KindHybrid, Path: "/run/fc/v.sock", Port: 52}},
 		{in: "hvsock:/odd:dir/v.sock:52", want: Addr{Kind: KindHybrid, Path: "/odd:dir/v.sock", Port: 52}},
+		{in: "hvsock-dir:/srv/vms:5000", want: Addr{Kind: KindVMDir, Path: "/srv/vms", Port: 5000}},
+		{in: "hvsock-dir:/srv/vms", err: "want hvsock-dir:PATH:PORT"},
 		{in: "unix:/run/leasefs.sock", want: Addr{Kind: KindUnix, Path: "/run/leasefs.sock"}},
 		{in: "unix:rel:ative", want: Addr{Kind: KindUnix, Path: "rel:ative"}},
 		{in: "vsock:", err: "want vsock:PORT"},

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -61,7 +62,8 @@ changing. The agent publishes numbered generations of it: the metadata as
 it stood during a freeze of a few milliseconds, taken when the tree has
 been quiet a moment (--auto-publish) or when 'leasefs publish' says. Guests
 connect on every --listen address (vsock:PORT, hvsock:PATH:PORT for
-Firecracker, unix:PATH), read a generation's metadata from the agent and
+a Firecracker VM, hvsock-dir:DIR:PORT for every VM whose socket is in
+DIR while it is there, unix:PATH), read a generation's metadata from the agent and
 file data from DEVICE attached to them read-only; the agent holds every
 file a guest has open, so its blocks are not reused under the guest.
 'leasefs publish', 'status' and 'metrics' talk to it on --control.
@@ -221,6 +223,12 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		grp.Go(func() error { return srv.Serve(ctx, l) })
 		log.Info("listening", "addr", l.Addr().String())
 	}
+	for _, a := range ls.vmDirs {
+		grp.Go(func() error {
+			return srv.ServeVMDir(ctx, a.Path, a.Port, vsockproto.ListenOptions{
+				Stale: func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }})
+		})
+	}
 	grp.Go(func() error { return srv.ServeControl(ctx, ls.control) })
 	if ls.metrics != nil {
 		grp.Go(func() error { return serveMetrics(ctx, ls.metrics, srv.Gatherer(), log) })
@@ -252,6 +260,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // frozen so that a bad or taken address costs no freeze.
 type listeners struct {
 	guests  []*vsockproto.Listener
+	vmDirs  []vsockproto.Addr // hvsock-dir: served as their VMs come and go
 	control *vsockproto.Listener
 	metrics net.Listener // nil: metrics through the control socket
 }
@@ -265,6 +274,13 @@ func listenAll(o *hostOptions, log hclog.Logger) (_ *listeners, err error) {
 	}()
 	stale := func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }
 	for _, a := range o.listen {
+		if a.Kind == vsockproto.KindVMDir {
+			if st, err := os.Stat(a.Path); err != nil || !st.IsDir() {
+				return nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", a, orNotDir(err))
+			}
+			ls.vmDirs = append(ls.vmDirs, a)
+			continue
+		}
 		l, err := vsockproto.Listen(a, vsockproto.ListenOptions{Stale: stale})
 		if err != nil {
 			return nil, fmt.Errorf("--listen %s: %w", a, err)
@@ -280,6 +296,13 @@ func listenAll(o *hostOptions, log hclog.Logger) (_ *listeners, err error) {
 		}
 	}
 	return ls, nil
+}
+
+func orNotDir(err error) error {
+	if err == nil {
+		return errors.New("not a directory")
+	}
+	return err
 }
 
 func (ls *listeners) close() {

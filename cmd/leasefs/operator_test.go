@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -180,5 +182,106 @@ func TestVersion(t *testing.T) {
 	}
 	if out, err := exec.Command(bin, "--version").CombinedOutput(); err != nil || !strings.HasPrefix(string(out), "leasefs v9.8.7 (") {
 		t.Errorf("a stamped build: %v %q", err, out)
+	}
+}
+
+// vmSocket plays a VMM creating its VM's hybrid-vsock socket at path:
+// a listening Unix socket, removed (the VM gone) by the returned func.
+func vmSocket(t *testing.T, path string) (gone func()) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	gone = func() { once.Do(func() { l.Close() }) } // closing removes it
+	t.Cleanup(gone)
+	return gone
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10s: %s", what)
+		}
+	}
+}
+
+func exists(path string) bool { _, err := os.Lstat(path); return err == nil }
+
+// Firecracker VMs come and go under one agent with --listen
+// hvsock-dir:DIR:PORT: each VM's socket appearing in DIR is served as
+// that VM (at SOCKET_PORT, where Firecracker delivers its guest's
+// connections), and one going away ends only its own serving; the
+// others read on, and the agent never restarts. A symlink planted in
+// DIR is not served.
+func TestVMsComeAndGo(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	vms := filepath.Join(run, "vms")
+	if err := os.Mkdir(vms, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vm1 := filepath.Join(vms, "vm1.sock")
+	gone1 := vmSocket(t, vm1) // there before the agent
+	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "hvsock-dir:"+vms+":5000",
+		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	pid := h.cmd.Process.Pid
+	waitFor(t, "vm1 served", func() bool { return exists(vm1 + "_5000") })
+
+	vm2 := filepath.Join(vms, "vm2.sock")
+	vmSocket(t, vm2) // one that comes while the agent runs
+	waitFor(t, "vm2 served", func() bool { return exists(vm2 + "_5000") })
+	elsewhere := filepath.Join(run, "elsewhere.sock")
+	vmSocket(t, elsewhere)
+	if err := os.Symlink(elsewhere, filepath.Join(vms, "planted")); err != nil {
+		t.Fatal(err)
+	}
+
+	g1 := guestMount(t, "--connect", "unix:"+vm1+"_5000", "--export", "mirror", "--device", dev)
+	g2 := guestMount(t, "--connect", "unix:"+vm2+"_5000", "--export", "mirror", "--device", dev)
+	for _, g := range []string{g1, g2} {
+		if b, err := os.ReadFile(filepath.Join(g, "hello")); err != nil || string(b) != "generation one\n" {
+			t.Fatalf("%s: %q %v", g, b, err)
+		}
+	}
+	status := func() string {
+		out, err := leasefs(t, "status", "--control", h.control, "--json")
+		if err != nil {
+			t.Fatalf("status: %v\n%s", err, out)
+		}
+		return out
+	}
+	if s := status(); !strings.Contains(s, "vm "+vm1) || !strings.Contains(s, "vm "+vm2) {
+		t.Fatalf("status does not name both VMs by their sockets:\n%s", s)
+	}
+
+	gone1()
+	waitFor(t, "vm1's listener removed", func() bool { return !exists(vm1 + "_5000") })
+	waitFor(t, "vm1's guest gone from status", func() bool { return !strings.Contains(status(), "vm "+vm1) })
+	os.WriteFile(filepath.Join(mnt, "news"), []byte("generation two\n"), 0o644)
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	waitFor(t, "vm2 reads generation two", func() bool {
+		b, err := os.ReadFile(filepath.Join(g2, "news"))
+		return err == nil && string(b) == "generation two\n"
+	})
+	if exists(filepath.Join(vms, "planted_5000")) {
+		t.Fatal("a symlink planted in the VM directory was served")
+	}
+	// vm1 comes back (a restart of the VM): served again.
+	vmSocket(t, vm1)
+	waitFor(t, "vm1 served again", func() bool { return exists(vm1 + "_5000") })
+	if h.cmd.Process.Pid != pid || h.cmd.ProcessState != nil {
+		t.Fatal("the agent restarted")
+	}
+	for _, want := range []string{"VM appeared: serving it", "VM gone: stopped serving it"} {
+		if !strings.Contains(h.log.String(), want) {
+			t.Errorf("the log does not say %q:\n%s", want, h.log)
+		}
 	}
 }

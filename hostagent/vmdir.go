@@ -1,0 +1,178 @@
+package hostagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/inotify"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// ServeVMDir serves the VMs whose hybrid-vsock sockets are in dir
+// (Firecracker's uds_path, Cloud Hypervisor's vsock socket), each while
+// its socket exists: when VM's socket PATH appears, the agent listens on
+// PATH_PORT — where the VMM delivers its guest's connections to PORT —
+// and serves it as the VM PATH; when PATH goes, it stops listening,
+// removes PATH_PORT and ends that VM's connections (its sessions keep
+// their leases for the grace period, as after any disconnect). VMs come
+// and go without touching the others or the agent. Entries that are not
+// sockets (a symlink planted there among them) are never served. It
+// returns when ctx ends, or the directory goes.
+func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vsockproto.ListenOptions) error {
+	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		return os.NewSyscallError("inotify_init1", err)
+	}
+	f := os.NewFile(uintptr(fd), "inotify")
+	defer f.Close()
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_DELETE|unix.IN_MOVED_FROM|unix.IN_MOVED_TO|
+		unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_ONLYDIR); err != nil {
+		return fmt.Errorf("watching %s: %w", dir, os.NewSyscallError("inotify_add_watch", err))
+	}
+	stop := context.AfterFunc(ctx, func() { f.Close() })
+	defer stop()
+	d := &vmDir{s: s, dir: dir, port: port, opt: opt, ctx: ctx, vms: map[string]*servedVM{}}
+	defer d.stopAll()
+	// Those there already, after the watch so that none is missed.
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		d.update(e.Name())
+	}
+	s.log.Info("serving the VMs of a directory", "dir", dir, "port", port, "vms", len(d.vms))
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := f.Read(buf)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("watching %s: %w", dir, err)
+		}
+		gone := false
+		inotify.Each(buf[:n], func(_ int, mask uint32, name string) {
+			switch {
+			case mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0:
+				gone = true
+			case mask&unix.IN_Q_OVERFLOW != 0:
+				d.rescan()
+			case name != "":
+				d.update(name)
+			}
+		})
+		if gone {
+			return fmt.Errorf("the VM directory %s is gone", dir)
+		}
+	}
+}
+
+// vmDir is what ServeVMDir serves; only its goroutine uses it.
+type vmDir struct {
+	s    *Server
+	dir  string
+	port uint32
+	opt  vsockproto.ListenOptions
+	ctx  context.Context
+	vms  map[string]*servedVM // by socket name
+}
+
+type servedVM struct {
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+}
+
+// update serves name if it is a VM's socket and not yet served, and
+// stops serving it if it is no longer one.
+func (d *vmDir) update(name string) {
+	if strings.HasSuffix(name, fmt.Sprintf("_%d", d.port)) {
+		return // our own listener
+	}
+	var st unix.Stat_t
+	isSock := unix.Lstat(filepath.Join(d.dir, name), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK
+	vm, served := d.vms[name]
+	switch {
+	case isSock && !served:
+		d.start(name)
+	case !isSock && served:
+		d.stop(name, vm)
+	}
+}
+
+func (d *vmDir) rescan() {
+	entries, _ := os.ReadDir(d.dir)
+	present := map[string]bool{}
+	for _, e := range entries {
+		present[e.Name()] = true
+		d.update(e.Name())
+	}
+	for name, vm := range d.vms {
+		if !present[name] {
+			d.stop(name, vm)
+		}
+	}
+}
+
+func (d *vmDir) start(name string) {
+	path := filepath.Join(d.dir, name)
+	opt := d.opt
+	opt.VM = path
+	l, err := vsockproto.Listen(vsockproto.Addr{Kind: vsockproto.KindHybrid, Path: path, Port: d.port}, opt)
+	if err != nil {
+		if d.s.warn.Allow() {
+			d.s.log.Error("cannot serve a VM", "vm", path, "error", err)
+		}
+		return
+	}
+	ctx, cancel := context.WithCancel(d.ctx)
+	vm := &servedVM{cancel: cancel}
+	vm.done.Go(func() {
+		if err := d.s.Serve(ctx, l); err != nil && !errors.Is(err, context.Canceled) {
+			d.s.log.Error("serving a VM", "vm", path, "error", err)
+		}
+	})
+	d.vms[name] = vm
+	d.s.log.Info("VM appeared: serving it", "vm", path, "listen", fmt.Sprintf("%s_%d", path, d.port))
+}
+
+func (d *vmDir) stop(name string, vm *servedVM) {
+	path := filepath.Join(d.dir, name)
+	vm.cancel()
+	vm.done.Wait()
+	delete(d.vms, name)
+	n := d.s.closeConns(func(p vsockproto.Peer) bool { return p.Kind == vsockproto.KindHybrid && p.VM == path })
+	d.s.log.Info("VM gone: stopped serving it", "vm", path, "connections_closed", n)
+}
+
+func (d *vmDir) stopAll() {
+	for name, vm := range d.vms {
+		vm.cancel()
+		vm.done.Wait()
+		delete(d.vms, name)
+	}
+}
+
+// closeConns ends the connections of the peers match picks and returns
+// how many.
+func (s *Server) closeConns(match func(vsockproto.Peer) bool) int {
+	s.mu.Lock()
+	var gs []*guest
+	for g := range s.conns {
+		if match(g.peer) {
+			gs = append(gs, g)
+		}
+	}
+	s.mu.Unlock()
+	for _, g := range gs {
+		g.conn.Close()
+	}
+	return len(gs)
+}
