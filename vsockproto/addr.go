@@ -13,7 +13,7 @@ const (
 	// KindVMDir is a directory of VMs' hybrid-vsock sockets, each served
 	// while it exists (listen only; the host agent watches the directory).
 	KindVMDir = "hvsock-dir"
-	KindUnix   = "unix"   // a Unix stream socket
+	KindUnix  = "unix" // a Unix stream socket
 )
 
 // AnyCID in Addr.CID: listen on every CID (VMADDR_CID_ANY).
