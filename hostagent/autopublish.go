@@ -46,7 +46,7 @@ func ParseAutoPublish(s string) (*AutoPublish, error) {
 // so the tree is watched once for both purposes; when events were lost
 // the watcher makes the next publish a full scan.
 func (s *Server) AutoPublish(ctx context.Context, name string) error {
-	sv := s.exports[name]
+	sv := s.export(name)
 	if sv == nil {
 		return fmt.Errorf("no export %q", name)
 	}

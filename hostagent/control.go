@@ -99,7 +99,7 @@ func (s *Server) Status() *Status {
 		byExport[g.sv] = append(byExport[g.sv], g)
 	}
 	s.mu.Unlock()
-	for name, sv := range s.exports {
+	for name, sv := range s.all() {
 		es := ExportStatus{Name: name, Mount: sv.exp.cfg.Mount}
 		if g := sv.exp.Current(); g != nil {
 			es.Generation, es.Published, es.LastFreezeMS, es.Blocks = g.Number, g.Captured, ms(g.Frozen), g.Blocks()

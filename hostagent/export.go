@@ -217,6 +217,8 @@ func checkMount(device, mount string) error {
 func (e *Export) Close() error {
 	var err error
 	e.closeOnce.Do(func() {
+		e.pub.Lock() // a publish in flight ends first (a freeze is never left to the watchdog)
+		defer e.pub.Unlock()
 		if e.watch != nil {
 			e.watch.close()
 		}

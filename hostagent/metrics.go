@@ -47,15 +47,24 @@ func newMetrics(s *Server) *metrics {
 			Help: "Bytes sent to guests: metadata blocks, or file data for guests without the device."}, []string{"export", "kind"}),
 	}
 	m.reg.MustRegister(m.published, m.failed, m.freeze, m.announceAck, m.breakAck, m.quota, m.served, stateCollector{s})
-	for name := range s.exports { // every series exists from the start
-		m.published.WithLabelValues(name)
-		m.failed.WithLabelValues(name)
-		m.quota.WithLabelValues(name, "leases")
-		m.served.WithLabelValues(name, "meta")
-		m.served.WithLabelValues(name, "data")
-	}
 	m.quota.WithLabelValues("", "connections")
 	return m
+}
+
+// addExport makes an export's series exist from the start.
+func (m *metrics) addExport(name string) {
+	m.published.WithLabelValues(name)
+	m.failed.WithLabelValues(name)
+	m.quota.WithLabelValues(name, "leases")
+	m.served.WithLabelValues(name, "meta")
+	m.served.WithLabelValues(name, "data")
+}
+
+// removeExport drops an export's series.
+func (m *metrics) removeExport(name string) {
+	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{m.published, m.failed, m.freeze, m.announceAck, m.breakAck, m.quota, m.served} {
+		v.DeletePartialMatch(prometheus.Labels{"export": name})
+	}
 }
 
 // Gatherer returns the server's metrics, for a promhttp handler.

@@ -12,7 +12,7 @@ import (
 // Publish publishes a generation of the named export and announces it to
 // its guests. It does not wait for their acks.
 func (s *Server) Publish(name string) (*Generation, error) {
-	sv := s.exports[name]
+	sv := s.export(name)
 	if sv == nil {
 		return nil, fmt.Errorf("no export %q", name)
 	}

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"maps"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -32,7 +34,7 @@ type ServerOptions struct {
 type Server struct {
 	opt     ServerOptions
 	log     hclog.Logger
-	exports map[string]*served
+	exports atomic.Pointer[map[string]*served] // replaced whole, under mu
 	m       *metrics
 	quotas  *quotas
 	fds     *lease.FDs
@@ -87,31 +89,72 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 			return nil, err
 		}
 	}
-	s := &Server{opt: opt, log: opt.Logger, exports: map[string]*served{}, conns: map[*guest]struct{}{}, fds: opt.FDs,
+	s := &Server{opt: opt, log: opt.Logger, conns: map[*guest]struct{}{}, fds: opt.FDs,
 		warn: rate.NewLimiter(rate.Every(time.Second), 10)}
-	for _, e := range exports {
-		if s.exports[e.cfg.Name] != nil {
-			s.Close()
-			return nil, fmt.Errorf("export %s is named twice", e.cfg.Name)
-		}
-		cfg := opt.Lease
-		cfg.Root = e.cfg.Mount
-		cfg.FDs = opt.FDs
-		cfg.Logger = opt.Logger.Named("lease").With("export", e.cfg.Name)
-		c, err := lease.New(cfg)
-		if err != nil {
-			s.Close()
-			return nil, fmt.Errorf("export %s: %w", e.cfg.Name, err)
-		}
-		s.exports[e.cfg.Name] = &served{exp: e, coord: c, on: map[lease.Token]uint64{}}
-	}
+	s.exports.Store(&map[string]*served{})
 	s.m = newMetrics(s)
-	for _, sv := range s.exports {
-		sv.m = s.m
-	}
 	s.quotas = newQuotas(opt.Limits, s.m)
 	s.spare.open()
+	for _, e := range exports {
+		if err := s.AddExport(e); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	return s, nil
+}
+
+// export is the served export name, or nil.
+func (s *Server) export(name string) *served { return (*s.exports.Load())[name] }
+
+// all is every served export, by name; the map is not to be changed.
+func (s *Server) all() map[string]*served { return *s.exports.Load() }
+
+// AddExport serves e (opened by the caller, who closes it after
+// RemoveExport or Close) to guests from now on; it has no generation
+// until its first Publish.
+func (s *Server) AddExport(e *Export) error {
+	cfg := s.opt.Lease
+	cfg.Root = e.cfg.Mount
+	cfg.FDs = s.opt.FDs
+	cfg.Logger = s.opt.Logger.Named("lease").With("export", e.cfg.Name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.all()
+	if old[e.cfg.Name] != nil {
+		return fmt.Errorf("export %s is named twice", e.cfg.Name)
+	}
+	c, err := lease.New(cfg)
+	if err != nil {
+		return fmt.Errorf("export %s: %w", e.cfg.Name, err)
+	}
+	next := make(map[string]*served, len(old)+1)
+	maps.Copy(next, old)
+	next[e.cfg.Name] = &served{exp: e, coord: c, m: s.m, on: map[lease.Token]uint64{}}
+	s.m.addExport(e.cfg.Name)
+	s.exports.Store(&next)
+	return nil
+}
+
+// RemoveExport stops serving export name: its guests' connections end
+// (a reconnect finds no such export) and every lease of it is released.
+// Its auto-publishing must have stopped; the caller then closes it.
+func (s *Server) RemoveExport(name string) error {
+	s.mu.Lock()
+	old := s.all()
+	sv := old[name]
+	if sv == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("no export %q", name)
+	}
+	next := maps.Clone(old)
+	delete(next, name)
+	s.exports.Store(&next)
+	s.mu.Unlock()
+	s.closeGuests(func(g *guest) bool { return g.sv == sv })
+	sv.coord.Close()
+	s.m.removeExport(name)
+	return nil
 }
 
 // fdReserve is the descriptors left out of the guests' budget for the
@@ -138,7 +181,7 @@ func (s *Server) Close() {
 	for g := range conns {
 		g.conn.Close()
 	}
-	for _, sv := range s.exports {
+	for _, sv := range s.all() {
 		sv.coord.Close()
 	}
 	s.spare.close()
@@ -304,7 +347,7 @@ var zeroToken vsockproto.Token
 
 // welcome answers a Hello: the export, a new or resumed session.
 func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vsockproto.Handler, error) {
-	sv := s.exports[h.Export]
+	sv := s.export(h.Export)
 	if sv == nil {
 		return nil, nil, vsockproto.Errorf(vsockproto.CodeNoExport, "no export %q", h.Export)
 	}

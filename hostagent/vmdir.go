@@ -148,7 +148,7 @@ func (d *vmDir) stop(name string, vm *servedVM) {
 	vm.cancel()
 	vm.done.Wait()
 	delete(d.vms, name)
-	n := d.s.closeConns(func(p vsockproto.Peer) bool { return p.Kind == vsockproto.KindHybrid && p.VM == path })
+	n := d.s.closeGuests(func(g *guest) bool { return g.peer.Kind == vsockproto.KindHybrid && g.peer.VM == path })
 	d.s.log.Info("VM gone: stopped serving it", "vm", path, "connections_closed", n)
 }
 
@@ -160,13 +160,12 @@ func (d *vmDir) stopAll() {
 	}
 }
 
-// closeConns ends the connections of the peers match picks and returns
-// how many.
-func (s *Server) closeConns(match func(vsockproto.Peer) bool) int {
+// closeGuests ends the connections match picks and returns how many.
+func (s *Server) closeGuests(match func(*guest) bool) int {
 	s.mu.Lock()
 	var gs []*guest
 	for g := range s.conns {
-		if match(g.peer) {
+		if match(g) {
 			gs = append(gs, g)
 		}
 	}

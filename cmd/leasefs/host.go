@@ -6,15 +6,21 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	iofs "io/fs"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sync/errgroup"
 
@@ -29,32 +35,46 @@ type listFlag []string
 func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
-// hostOptions is what 'leasefs host' is told.
+// hostOptions is what 'leasefs host' is told. The fields tagged with
+// their flag's name cannot change while the agent runs: a reload that
+// changes one is refused (listen and export can).
 type hostOptions struct {
-	exports       []exportSpec
-	listen        []vsockproto.Addr
-	control       vsockproto.Addr
-	metrics       string // "control", or a listener for metricsListener
-	autoPublish   *hostagent.AutoPublish
-	stateDir      string
-	logLevel      string
-	ackTimeout    time.Duration
-	grace, budget time.Duration
-	fullEvery     int
-	expedite      bool
-	maxLeases     int
-	maxSessions   int
-	limits        hostagent.Limits
+	exports     []exportSpec
+	listen      []vsockproto.Addr
+	control     vsockproto.Addr        `flag:"control"`
+	metrics     string                 `flag:"metrics"` // "control", or a listener for metricsListener
+	autoPublish *hostagent.AutoPublish `flag:"auto-publish"`
+	stateDir    string                 `flag:"state-dir"`
+	logLevel    string                 `flag:"log-level"`
+	ackTimeout  time.Duration          `flag:"ack-timeout"`
+	grace       time.Duration          `flag:"grace"`
+	budget      time.Duration          `flag:"freeze-budget"`
+	fullEvery   int                    `flag:"full-scan-every"`
+	expedite    bool                   `flag:"expedite-rcu"`
+	maxLeases   int                    `flag:"max-leases-per-guest"`
+	maxSessions int                    `flag:"max-sessions-per-guest"`
+	limits      hostagent.Limits       `flag:"max-conns-per-guest, max-inflight-mb(-per-guest), max-running(-per-guest), max-generations-behind"`
+	config      string
 }
 
 type exportSpec struct{ name, dev, mnt string }
 
-// parseHost checks a host command line without acting on it.
-func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
-	var o hostOptions
-	var exports, listens listFlag
-	var control, autoPublish string
-	fs := newFlagSet("host", `Usage: leasefs host --export NAME=DEVICE:MOUNTPOINT --listen ADDR --control unix:PATH [flags]
+// defaultHostConfig is read when --config is not given, if it exists;
+// defaultControl is every command's --control.
+const (
+	defaultHostConfig = "/etc/leasefs/host.toml"
+	defaultControl    = "unix:/run/leasefs/control.sock"
+)
+
+// hostVals are the flags parsed into other forms by finishHost.
+type hostVals struct {
+	exports, listens     listFlag
+	control, autoPublish string
+	perGuestMB, allMB    int
+}
+
+func newHostFlagSet(o *hostOptions, v *hostVals) *flag.FlagSet {
+	fs := newFlagSet("host", `Usage: leasefs host [--config FILE] [--export NAME=DEVICE:MOUNTPOINT --listen ADDR] [flags]
 
 Runs the host agent in the foreground. Each export is an ext4 filesystem on
 DEVICE, mounted read-write at MOUNTPOINT, that a writer on this host keeps
@@ -63,19 +83,28 @@ it stood during a freeze of a few milliseconds, taken when the tree has
 been quiet a moment (--auto-publish) or when 'leasefs publish' says. Guests
 connect on every --listen address (vsock:PORT, hvsock:PATH:PORT for
 a Firecracker VM, hvsock-dir:DIR:PORT for every VM whose socket is in
-DIR while it is there, unix:PATH), read a generation's metadata from the agent and
-file data from DEVICE attached to them read-only; the agent holds every
-file a guest has open, so its blocks are not reused under the guest.
-'leasefs publish', 'status' and 'metrics' talk to it on --control.
-SIGTERM or SIGINT stops it; 'leasefs thaw' after a crash (see
+DIR while it is there, unix:PATH), read a generation's metadata from the
+agent and file data from DEVICE attached to them read-only; the agent
+holds every file a guest has open, so its blocks are not reused under
+the guest. 'leasefs publish', 'status' and 'metrics' talk to it on
+--control.
+
+The settings can also come from a TOML file (--config, by default
+`+defaultHostConfig+` if it exists): each flag by its name, and each
+export as a table, [export.NAME] with device and mount; a flag given on
+the command line wins over the file. SIGHUP re-reads it: exports and
+listen addresses are added and removed without touching the others; a
+file with any error is refused whole and the running settings kept.
+SIGTERM or SIGINT stops the agent; 'leasefs thaw' after a crash (see
 docs/operations.md).
 
 `)
-	fs.Var(&exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
-	fs.Var(&listens, "listen", "an address to serve guests on (repeatable)")
-	fs.StringVar(&control, "control", "", "the control socket, unix:PATH (required)")
+	fs.StringVar(&o.config, "config", defaultHostConfig, "the settings file (TOML); flags override it")
+	fs.Var(&v.exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
+	fs.Var(&v.listens, "listen", "an address to serve guests on (repeatable)")
+	fs.StringVar(&v.control, "control", defaultControl, "the control socket, unix:PATH")
 	fs.StringVar(&o.metrics, "metrics", "control", "where to serve Prometheus metrics: control (the control socket, 'leasefs metrics'),\na loopback HOST:PORT or unix:PATH (HTTP, /metrics)")
-	fs.StringVar(&autoPublish, "auto-publish", "quiet=2s,max=30s", "publish on changes: quiet=DURATION,max=DURATION, or off (only 'leasefs publish')")
+	fs.StringVar(&v.autoPublish, "auto-publish", "quiet=2s,max=30s", "publish on changes: quiet=DURATION,max=DURATION, or off (only 'leasefs publish')")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/leasefs", "where freezes and generation numbers are recorded (not on an export)")
 	fs.DurationVar(&o.ackTimeout, "ack-timeout", 5*time.Second, "how long guests have to acknowledge a lease break (at most half the kernel's lease-break-time)")
 	fs.DurationVar(&o.grace, "grace", 30*time.Second, "how long a disconnected guest keeps its leases")
@@ -87,39 +116,64 @@ docs/operations.md).
 		"a guest may hold at most half of what the others leave")
 	fs.IntVar(&o.maxSessions, "max-sessions-per-guest", 16, "the sessions one guest may have; one more ends its oldest detached one")
 	fs.IntVar(&o.limits.ConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
-	var perGuestMB, allMB int
-	fs.IntVar(&perGuestMB, "max-inflight-mb-per-guest", 8, "the reply bytes (MiB) one guest may have in flight")
-	fs.IntVar(&allMB, "max-inflight-mb", 64, "the reply bytes (MiB) all guests together may have in flight")
+	fs.IntVar(&v.perGuestMB, "max-inflight-mb-per-guest", 8, "the reply bytes (MiB) one guest may have in flight")
+	fs.IntVar(&v.allMB, "max-inflight-mb", 64, "the reply bytes (MiB) all guests together may have in flight")
 	fs.IntVar(&o.limits.RunningPerGuest, "max-running-per-guest", 4, "the requests of one guest worked on at once (more wait their turn)")
 	fs.IntVar(&o.limits.Running, "max-running", 32, "the requests of all guests worked on at once")
 	fs.IntVar(&o.limits.GenerationsBehind, "max-generations-behind", 16, "how many generations a guest may hold the export back by")
 	fs.StringVar(&o.logLevel, "log-level", "info", "trace, debug, info, warn or error")
-	if err := parseFlags(fs, args, stderr); err != nil {
+	return fs
+}
+
+func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
+	// The command line alone first: where the file is, and which flags
+	// it sets (they win over the file's).
+	probe, pv := &hostOptions{}, &hostVals{}
+	if err := parseFlags(newHostFlagSet(probe, pv), args, stderr); err != nil {
 		return nil, err
 	}
-	if len(exports) == 0 || len(listens) == 0 || control == "" || fs.NArg() != 0 {
-		fmt.Fprintln(stderr, "leasefs host: need --export, --listen and --control")
+	set := map[string]bool{}
+	pfs := newHostFlagSet(&hostOptions{}, &hostVals{})
+	_ = pfs.Parse(args)
+	pfs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var fileArgs []string
+	if probe.config != "" {
+		var err error
+		fileArgs, err = readHostConfig(probe.config, pfs, set)
+		if errors.Is(err, iofs.ErrNotExist) && !set["config"] {
+			fileArgs = nil // no file where none was asked for
+		} else if err != nil {
+			return nil, err
+		}
+	}
+	o, v := &hostOptions{}, &hostVals{}
+	fs := newHostFlagSet(o, v)
+	if err := parseFlags(fs, append(fileArgs, args...), stderr); err != nil {
+		return nil, err
+	}
+	if len(v.exports) == 0 || len(v.listens) == 0 || fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "leasefs host: need --export and --listen (on the command line or in "+probe.config+")")
 		fs.Usage()
 		return nil, errUsage
 	}
 	var err error
-	if o.autoPublish, err = hostagent.ParseAutoPublish(autoPublish); err != nil {
+	if o.autoPublish, err = hostagent.ParseAutoPublish(v.autoPublish); err != nil {
 		return nil, err
 	}
-	if o.control, err = vsockproto.ParseAddr(control); err != nil {
+	if o.control, err = vsockproto.ParseAddr(v.control); err != nil {
 		return nil, err
 	}
 	if o.control.Kind != vsockproto.KindUnix {
-		return nil, fmt.Errorf("--control %s: must be unix:PATH", control)
+		return nil, fmt.Errorf("--control %s: must be unix:PATH", v.control)
 	}
-	for _, l := range listens {
+	for _, l := range v.listens {
 		a, err := vsockproto.ParseAddr(l)
 		if err != nil {
 			return nil, err
 		}
 		o.listen = append(o.listen, a)
 	}
-	for _, spec := range exports {
+	for _, spec := range v.exports {
 		name, rest, ok1 := strings.Cut(spec, "=")
 		dev, mnt, ok2 := strings.Cut(rest, ":")
 		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
@@ -138,19 +192,90 @@ docs/operations.md).
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
 	}
-	for name, v := range map[string]int{"--max-leases-per-guest": o.maxLeases, "--max-sessions-per-guest": o.maxSessions,
-		"--max-conns-per-guest": o.limits.ConnsPerGuest, "--max-inflight-mb-per-guest": perGuestMB, "--max-inflight-mb": allMB,
+	for name, n := range map[string]int{"--max-leases-per-guest": o.maxLeases, "--max-sessions-per-guest": o.maxSessions,
+		"--max-conns-per-guest": o.limits.ConnsPerGuest, "--max-inflight-mb-per-guest": v.perGuestMB, "--max-inflight-mb": v.allMB,
 		"--max-running-per-guest": o.limits.RunningPerGuest, "--max-running": o.limits.Running,
 		"--max-generations-behind": o.limits.GenerationsBehind} {
-		if v <= 0 {
-			return nil, fmt.Errorf("%s %d: must be positive", name, v)
+		if n <= 0 {
+			return nil, fmt.Errorf("%s %d: must be positive", name, n)
 		}
 	}
-	o.limits.BytesPerGuest, o.limits.Bytes = int64(perGuestMB)<<20, int64(allMB)<<20
+	o.limits.BytesPerGuest, o.limits.Bytes = int64(v.perGuestMB)<<20, int64(v.allMB)<<20
 	if err := o.limits.Validate(); err != nil {
 		return nil, err
 	}
-	return &o, nil
+	return o, nil
+}
+
+// readHostConfig turns the TOML file at path into flags of fs: each key
+// is a flag's name (or with underscores for dashes), each [export.NAME]
+// table an --export. Flags in set (given on the command line) are left
+// out; so is --export entirely when the command line gives any. Any key
+// that is no flag, or a value of the wrong kind, is an error.
+func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]string, error) {
+	var raw map[string]any
+	if _, err := toml.DecodeFile(path, &raw); err != nil {
+		if errors.Is(err, iofs.ErrNotExist) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	bad := func(format string, a ...any) error { return fmt.Errorf("%s: "+format, append([]any{path}, a...)...) }
+	var args []string
+	for _, key := range slices.Sorted(maps.Keys(raw)) {
+		val := raw[key]
+		if key == "export" {
+			tables, ok := val.(map[string]any)
+			if !ok {
+				return nil, bad("export: want tables [export.NAME] with device and mount")
+			}
+			for _, name := range slices.Sorted(maps.Keys(tables)) {
+				t, ok := tables[name].(map[string]any)
+				dev, _ := t["device"].(string)
+				mnt, _ := t["mount"].(string)
+				if !ok || len(t) != 2 || dev == "" || mnt == "" {
+					return nil, bad("[export.%s]: want exactly device and mount, as strings", name)
+				}
+				if !set["export"] {
+					args = append(args, "--export", name+"="+dev+":"+mnt)
+				}
+			}
+			continue
+		}
+		f := fs.Lookup(strings.ReplaceAll(key, "_", "-"))
+		if f == nil || f.Name == "config" {
+			return nil, bad("%q is not a setting of leasefs host (see leasefs host -h)", key)
+		}
+		var vals []string
+		switch x := val.(type) {
+		case string:
+			vals = []string{x}
+		case int64:
+			vals = []string{strconv.FormatInt(x, 10)}
+		case bool:
+			vals = []string{strconv.FormatBool(x)}
+		case []any:
+			if f.Name != "listen" {
+				return nil, bad("%s: one value, not a list", key)
+			}
+			for _, e := range x {
+				s, ok := e.(string)
+				if !ok {
+					return nil, bad("%s: a list of strings", key)
+				}
+				vals = append(vals, s)
+			}
+		default:
+			return nil, bad("%s: a string, a number or true/false", key)
+		}
+		if set[f.Name] {
+			continue
+		}
+		for _, v := range vals {
+			args = append(args, "--"+f.Name+"="+v)
+		}
+	}
+	return args, nil
 }
 
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -159,13 +284,8 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(o.logLevel)})
-	// Everything that can be refused is refused before anything is
-	// frozen: the state directory and its lock, every address, then each
-	// export and its lock.
-	for _, sp := range o.exports {
-		if sameFS(o.stateDir, sp.mnt) {
-			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze: choose a directory on another filesystem", o.stateDir, sp.mnt)
-		}
+	if err := checkStateDir(o); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
@@ -175,34 +295,19 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer lock.Close()
-	ls, err := listenAll(o, log)
+	ctl, err := vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)})
 	if err != nil {
-		return err
+		return fmt.Errorf("--control %s: %w", o.control, err)
 	}
-	defer ls.close()
-
-	var exps []*hostagent.Export
-	defer func() {
-		for _, e := range exps {
-			e.Close()
-		}
-	}()
-	for _, sp := range o.exports {
-		wd, err := startWatchdog(sp.mnt)
-		if err != nil {
+	defer ctl.Close()
+	var ml net.Listener
+	if o.metrics != "control" {
+		if ml, err = metricsListener(o.metrics); err != nil {
 			return err
 		}
-		defer wd.Close()
-		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
-			FreezeBudget: o.budget, Watchdog: wd, Logger: log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			AutoPublish: o.autoPublish,
-			Progress:    progressTo(stderr, "export "+sp.name+": reading the inode tables")})
-		if err != nil {
-			return err
-		}
-		exps = append(exps, e)
+		defer ml.Close()
 	}
-	srv, err := hostagent.NewServer(exps, hostagent.ServerOptions{
+	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
 		Lease:  lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
 		Limits: o.limits,
 		Logger: log,
@@ -210,33 +315,21 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	defer srv.Close()
-	for _, e := range exps {
-		g, err := srv.Publish(e.Name())
-		if err != nil {
-			return fmt.Errorf("export %s: the first generation: %w", e.Name(), err)
-		}
-		fmt.Fprintf(stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", e.Name(), g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
-	}
 	grp, ctx := errgroup.WithContext(ctx)
-	for _, l := range ls.guests {
-		grp.Go(func() error { return srv.Serve(ctx, l) })
-		log.Info("listening", "addr", l.Addr().String())
+	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, srv: srv, ctx: ctx, grp: grp,
+		listens: map[string]*running{}, exports: map[string]*runningExport{}}
+	defer func() {
+		srv.Close() // the guests first, then what they were served
+		a.stopAll()
+	}()
+	// Every address and export is checked and taken before anything is
+	// frozen.
+	if err := a.apply(o); err != nil {
+		return err
 	}
-	for _, a := range ls.vmDirs {
-		grp.Go(func() error {
-			return srv.ServeVMDir(ctx, a.Path, a.Port, vsockproto.ListenOptions{
-				Stale: func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }})
-		})
-	}
-	grp.Go(func() error { return srv.ServeControl(ctx, ls.control) })
-	if ls.metrics != nil {
-		grp.Go(func() error { return serveMetrics(ctx, ls.metrics, srv.Gatherer(), log) })
-	}
-	if o.autoPublish != nil {
-		for _, e := range exps {
-			grp.Go(func() error { return srv.AutoPublish(ctx, e.Name()) })
-		}
+	grp.Go(func() error { return srv.ServeControl(ctx, ctl) })
+	if ml != nil {
+		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
 	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -247,7 +340,12 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			case <-ctx.Done():
 				return nil
 			case <-hup:
-				log.Info("SIGHUP: nothing to reload (the configuration is the command line); restart to change it")
+				log.Info("SIGHUP: reading the settings again", "config", o.config)
+				if err := a.reload(); err != nil {
+					log.Error("reload refused; the running settings are kept", "error", err)
+				} else {
+					log.Info("reloaded", "exports", slices.Sorted(maps.Keys(a.exports)), "listen", slices.Sorted(maps.Keys(a.listens)))
+				}
 			}
 		}
 	})
@@ -256,46 +354,239 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return grp.Wait()
 }
 
-// listeners are the host agent's sockets, bound before anything is
-// frozen so that a bad or taken address costs no freeze.
-type listeners struct {
-	guests  []*vsockproto.Listener
-	vmDirs  []vsockproto.Addr // hvsock-dir: served as their VMs come and go
-	control *vsockproto.Listener
-	metrics net.Listener // nil: metrics through the control socket
+// checkStateDir refuses a state directory on an export.
+func checkStateDir(o *hostOptions) error {
+	for _, sp := range o.exports {
+		if sameFS(o.stateDir, sp.mnt) {
+			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze: choose a directory on another filesystem", o.stateDir, sp.mnt)
+		}
+	}
+	return nil
 }
 
-func listenAll(o *hostOptions, log hclog.Logger) (_ *listeners, err error) {
-	ls := &listeners{}
+func staleLogger(log hclog.Logger) func(string) {
+	return func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }
+}
+
+// hostAgent is a running host agent's exports and guest listeners, which
+// a reload changes. Only runHost's goroutine and, after it, the SIGHUP
+// goroutine touch them.
+type hostAgent struct {
+	args           []string // the command line, read again with the file at each reload
+	o              *hostOptions
+	stdout, stderr io.Writer
+	log            hclog.Logger
+	srv            *hostagent.Server
+	ctx            context.Context
+	grp            *errgroup.Group
+	listens        map[string]*running // by address
+	exports        map[string]*runningExport
+}
+
+// running is something served until its cancel; done when it has ended.
+type running struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (r *running) stop() {
+	r.cancel()
+	<-r.done
+}
+
+type runningExport struct {
+	spec exportSpec
+	e    *hostagent.Export
+	wd   *hostagent.Watchdog
+	auto *running // nil when publishing only when told
+}
+
+func (r *runningExport) close() {
+	if r.auto != nil {
+		r.auto.stop()
+	}
+	r.e.Close()
+	r.wd.Close()
+}
+
+// reload reads the command line and the settings file again and applies
+// what changed in exports and listen addresses; anything else changed,
+// or any error, refuses it whole.
+func (a *hostAgent) reload() error {
+	o, err := parseHost(a.args, a.stderr)
+	if err != nil {
+		return err
+	}
+	if diff := fixedDiff(a.o, o); len(diff) > 0 {
+		return fmt.Errorf("%s changed, which needs a restart", strings.Join(diff, ", "))
+	}
+	return a.apply(o)
+}
+
+// fixedDiff names the settings tagged in hostOptions that differ.
+func fixedDiff(a, b *hostOptions) []string {
+	va, vb := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
+	var out []string
+	for i := range va.NumField() {
+		tag := va.Type().Field(i).Tag.Get("flag")
+		// fmt reads unexported fields, and prints what pointers point to.
+		if tag != "" && fmt.Sprintf("%+v", va.Field(i)) != fmt.Sprintf("%+v", vb.Field(i)) {
+			out = append(out, tag)
+		}
+	}
+	return out
+}
+
+// apply makes the agent serve o's exports on o's addresses. It takes the
+// new addresses and opens the new exports first, and if any fails, gives
+// back what it took and changes nothing; then it serves the new,
+// publishes the new exports' first generations, and stops what o no
+// longer has.
+func (a *hostAgent) apply(o *hostOptions) (err error) {
+	if err := checkStateDir(o); err != nil {
+		return err
+	}
+	want := map[string]vsockproto.Addr{}
+	for _, l := range o.listen {
+		want[l.String()] = l
+	}
+	newListens := map[string]func(context.Context) error{}
+	var taken []io.Closer
+	opened := map[string]*runningExport{}
 	defer func() {
 		if err != nil {
-			ls.close()
+			for _, c := range taken {
+				c.Close()
+			}
+			for _, r := range opened {
+				r.close()
+			}
 		}
 	}()
-	stale := func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }
-	for _, a := range o.listen {
-		if a.Kind == vsockproto.KindVMDir {
-			if st, err := os.Stat(a.Path); err != nil || !st.IsDir() {
-				return nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", a, orNotDir(err))
-			}
-			ls.vmDirs = append(ls.vmDirs, a)
+	for key, addr := range want {
+		if a.listens[key] != nil {
 			continue
 		}
-		l, err := vsockproto.Listen(a, vsockproto.ListenOptions{Stale: stale})
+		if addr.Kind == vsockproto.KindVMDir {
+			if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
+				return fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
+			}
+			newListens[key] = func(ctx context.Context) error {
+				return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
+			}
+			continue
+		}
+		l, err := vsockproto.Listen(addr, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
 		if err != nil {
-			return nil, fmt.Errorf("--listen %s: %w", a, err)
+			return fmt.Errorf("--listen %s: %w", addr, err)
 		}
-		ls.guests = append(ls.guests, l)
+		taken = append(taken, l)
+		newListens[key] = func(ctx context.Context) error { return a.srv.Serve(ctx, l) }
 	}
-	if ls.control, err = vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: stale}); err != nil {
-		return nil, fmt.Errorf("--control %s: %w", o.control, err)
+	keep := map[string]bool{}
+	for _, sp := range o.exports {
+		if r := a.exports[sp.name]; r != nil && r.spec == sp {
+			keep[sp.name] = true
+			continue
+		}
+		wd, err := startWatchdog(sp.mnt)
+		if err != nil {
+			return err
+		}
+		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
+			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
+			AutoPublish: o.autoPublish,
+			Progress:    progressTo(a.stderr, "export "+sp.name+": reading the inode tables")})
+		if err != nil {
+			wd.Close()
+			return err
+		}
+		opened[sp.name] = &runningExport{spec: sp, e: e, wd: wd}
 	}
-	if o.metrics != "control" {
-		if ls.metrics, err = metricsListener(o.metrics); err != nil {
-			return nil, err
+
+	// Committed: nothing below refuses the change.
+	first := a.o == nil
+	a.o = o
+	for key, r := range a.listens {
+		if _, ok := want[key]; !ok {
+			r.stop()
+			delete(a.listens, key)
+			a.log.Info("stopped listening", "addr", key)
 		}
 	}
-	return ls, nil
+	for name, r := range a.exports {
+		if !keep[name] {
+			if err := a.srv.RemoveExport(name); err != nil {
+				a.log.Error("removing an export", "export", name, "error", err)
+			}
+			r.close()
+			delete(a.exports, name)
+			a.log.Info("export removed", "export", name)
+		}
+	}
+	for _, sp := range o.exports { // in the order given
+		r := opened[sp.name]
+		if r == nil {
+			continue
+		}
+		delete(opened, sp.name)
+		if err := a.addExport(r); err != nil {
+			if first {
+				return err
+			}
+			a.log.Error("an export could not be added", "export", sp.name, "error", err)
+		}
+	}
+	for key, serve := range newListens {
+		a.listens[key] = a.start(serve)
+		a.log.Info("listening", "addr", key)
+	}
+	return nil
+}
+
+// addExport serves r and publishes its first generation.
+func (a *hostAgent) addExport(r *runningExport) error {
+	name := r.spec.name
+	if err := a.srv.AddExport(r.e); err != nil {
+		r.close()
+		return err
+	}
+	g, err := a.srv.Publish(name)
+	if err != nil {
+		_ = a.srv.RemoveExport(name)
+		r.close()
+		return fmt.Errorf("export %s: the first generation: %w", name, err)
+	}
+	fmt.Fprintf(a.stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", name, g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
+	if a.o.autoPublish != nil {
+		r.auto = a.start(func(ctx context.Context) error { return a.srv.AutoPublish(ctx, name) })
+	}
+	a.exports[name] = r
+	return nil
+}
+
+// start runs serve in the agent's group until it ends or is stopped.
+func (a *hostAgent) start(serve func(context.Context) error) *running {
+	ctx, cancel := context.WithCancel(a.ctx)
+	r := &running{cancel: cancel, done: make(chan struct{})}
+	a.grp.Go(func() error {
+		defer close(r.done)
+		err := serve(ctx)
+		if ctx.Err() != nil && a.ctx.Err() == nil {
+			return nil // stopped by a reload
+		}
+		return err
+	})
+	return r
+}
+
+func (a *hostAgent) stopAll() {
+	for _, r := range a.listens {
+		r.cancel()
+	}
+	for _, r := range a.exports {
+		r.close()
+	}
 }
 
 func orNotDir(err error) error {
@@ -303,18 +594,6 @@ func orNotDir(err error) error {
 		return errors.New("not a directory")
 	}
 	return err
-}
-
-func (ls *listeners) close() {
-	for _, l := range ls.guests {
-		l.Close()
-	}
-	if ls.control != nil {
-		ls.control.Close()
-	}
-	if ls.metrics != nil {
-		ls.metrics.Close()
-	}
 }
 
 // startWatchdog starts 'leasefs watchdog' for the export at mount, in its

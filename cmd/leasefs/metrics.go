@@ -59,7 +59,7 @@ func serveMetrics(ctx context.Context, l net.Listener, g prometheus.Gatherer, lo
 }
 
 func runMetrics(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("metrics", `Usage: leasefs metrics --control unix:PATH
+	fs := newFlagSet("metrics", `Usage: leasefs metrics [--control unix:PATH]
 
 Prints the host agent's metrics in the Prometheus text format, fetched
 through its control socket: for a textfile collector, or a look by hand.

@@ -16,20 +16,15 @@ import (
 // parseControl parses the arguments of a command that talks to the host
 // agent, adding --control to fs's flags, and returns the control address.
 func parseControl(fs *flag.FlagSet, args []string, stderr io.Writer) (vsockproto.Addr, error) {
-	control := fs.String("control", "", "the host agent's control socket, unix:PATH")
+	control := fs.String("control", defaultControl, "the host agent's control socket, unix:PATH")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return vsockproto.Addr{}, err
-	}
-	if *control == "" {
-		fmt.Fprintf(stderr, "leasefs %s: need --control unix:PATH\n", fs.Name())
-		fs.Usage()
-		return vsockproto.Addr{}, errUsage
 	}
 	return vsockproto.ParseAddr(*control)
 }
 
 func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("publish", `Usage: leasefs publish --control unix:PATH [--json] NAME
+	fs := newFlagSet("publish", `Usage: leasefs publish [--control unix:PATH] [--json] NAME
 
 Publishes a generation of export NAME now: the host agent syncs the
 filesystem, freezes it for a few milliseconds to record its metadata,
@@ -64,7 +59,7 @@ scan, FIFREEZE, the scan, FITHAW, the merge after the thaw).
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("status", `Usage: leasefs status --control unix:PATH [--json]
+	fs := newFlagSet("status", `Usage: leasefs status [--control unix:PATH] [--json]
 
 Shows each export of a host agent: its generation, when it was published
 and how long its freeze took, its guests (and which are behind), the

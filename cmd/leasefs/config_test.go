@@ -1,0 +1,214 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// hostConfig writes a host.toml in run with the given lines.
+func hostConfig(t *testing.T, path string, lines ...string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// reloadAndWait sends SIGHUP and waits for the log to say how it ended,
+// which it returns ("reloaded" or the refusal).
+func reloadAndWait(t *testing.T, h *hostProc) string {
+	t.Helper()
+	before := strings.Count(h.log.String(), "SIGHUP: reading the settings again")
+	if err := h.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	var line string
+	waitFor(t, "the reload's outcome in the log", func() bool {
+		log := h.log.String()
+		if strings.Count(log, "SIGHUP: reading the settings again") <= before {
+			return false
+		}
+		rest := log[strings.LastIndex(log, "SIGHUP: reading the settings again"):]
+		for _, l := range strings.Split(rest, "\n")[1:] {
+			if strings.Contains(l, "reloaded") || strings.Contains(l, "reload refused") {
+				line = l
+				return true
+			}
+		}
+		return false
+	})
+	return line
+}
+
+// The host agent from a settings file, changed while guests read: SIGHUP
+// adds an export and a listen address, and later takes them away, while
+// a guest of the first export keeps its session and its open file. A
+// file with a syntax error, an unknown key, a changed fixed setting, or a
+// new address another process serves is refused whole; the agent goes on
+// as it was.
+func TestConfigFileAndReload(t *testing.T) {
+	mntA, devA := hostExport(t)
+	mntB, devB := hostExport(t)
+	mntC, devC := hostExport(t)
+	run := t.TempDir()
+	conf := filepath.Join(run, "host.toml")
+	control := "unix:" + filepath.Join(run, "control.sock")
+	guest1, guest2 := filepath.Join(run, "guest1.sock"), filepath.Join(run, "guest2.sock")
+	base := []string{
+		"# the test's host agent",
+		fmt.Sprintf("state_dir = %q", filepath.Join(run, "state")),
+		fmt.Sprintf("control = %q", control),
+		`auto-publish = "off"`,
+		"max_leases_per_guest = 1000",
+	}
+	export := func(name, dev, mnt string) []string {
+		return []string{"[export." + name + "]", fmt.Sprintf("device = %q", dev), fmt.Sprintf("mount = %q", mnt)}
+	}
+	listen := func(socks ...string) string {
+		q := make([]string, len(socks))
+		for i, s := range socks {
+			q[i] = fmt.Sprintf("%q", "unix:"+s)
+		}
+		return "listen = [" + strings.Join(q, ", ") + "]"
+	}
+	write := func(parts ...[]string) {
+		var lines []string
+		for _, p := range parts {
+			lines = append(lines, p...)
+		}
+		hostConfig(t, conf, lines...)
+	}
+	write(base, []string{listen(guest1)}, export("a", devA, mntA))
+	h := &hostProc{control: control, guest: "unix:" + guest1}
+	runHostCmd(t, h, mntA, "host", "--config", conf)
+
+	ga := guestMount(t, "--connect", "unix:"+guest1, "--export", "a", "--device", devA)
+	f, err := os.Open(filepath.Join(ga, "hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	stillReads := func() {
+		t.Helper()
+		if b, err := io.ReadAll(io.NewSectionReader(f, 0, 100)); err != nil || string(b) != "generation one\n" {
+			t.Fatalf("the open file of export a: %q %v", b, err)
+		}
+	}
+	status := func() string {
+		t.Helper()
+		out, err := leasefs(t, "status", "--control", control, "--json")
+		if err != nil {
+			t.Fatalf("status: %v\n%s", err, out)
+		}
+		return out
+	}
+	sessionBefore := status()
+
+	// Add export b and a second address.
+	write(base, []string{listen(guest1, guest2)}, export("a", devA, mntA), export("b", devB, mntB))
+	if got := reloadAndWait(t, h); !strings.Contains(got, "reloaded") {
+		t.Fatalf("reload: %s\n%s", got, h.log)
+	}
+	gb := guestMount(t, "--connect", "unix:"+guest2, "--export", "b", "--device", devB)
+	if b, err := os.ReadFile(filepath.Join(gb, "hello")); err != nil || string(b) != "generation one\n" {
+		t.Fatalf("export b: %q %v", b, err)
+	}
+	stillReads()
+	if s := status(); !strings.Contains(s, `"name": "b"`) && !strings.Contains(s, `"name":"b"`) {
+		t.Fatalf("status after adding b:\n%s", s)
+	}
+
+	// Refusals: each keeps everything as it is.
+	served := listenSocket(t, filepath.Join(run, "taken.sock"))
+	for _, c := range []struct {
+		name  string
+		parts [][]string
+		want  string
+	}{
+		{"syntax", [][]string{base, {"listen = [unclosed"}}, "host.toml"},
+		{"unknown key", [][]string{base, {listen(guest1, guest2), "max_leases = 5"}, export("a", devA, mntA), export("b", devB, mntB)}, `max_leases\" is not a setting`},
+		{"fixed setting", [][]string{base, {listen(guest1, guest2), "grace = \"1m\""}, export("a", devA, mntA), export("b", devB, mntB)}, "grace changed, which needs a restart"},
+		{"taken address", [][]string{base, {listen(guest1, guest2, served)}, export("a", devA, mntA), export("b", devB, mntB), export("c", devC, mntC)}, "is being served by another process"},
+		{"export not mounted there", [][]string{base, {listen(guest1, guest2, filepath.Join(run, "guest3.sock"))}, export("a", devA, mntA), export("b", devB, mntB), export("c", "/dev/null", mntC)}, "not a block device"},
+		{"bad export", [][]string{base, {listen(guest1, guest2)}, export("a", devA, mntA), export("b", devB, mntB), {"[export.c]", `device = "/dev/null"`}}, "want exactly device and mount"},
+	} {
+		write(c.parts...)
+		if got := reloadAndWait(t, h); !strings.Contains(got, "reload refused") || !strings.Contains(got, c.want) {
+			t.Errorf("%s: %s; want a refusal saying %q", c.name, got, c.want)
+		}
+		if s := status(); strings.Contains(s, mntC) || !strings.Contains(s, mntB) {
+			t.Errorf("%s: a refused reload changed the exports:\n%s", c.name, s)
+		}
+		if _, err := os.Stat(guest2); err != nil {
+			t.Errorf("%s: the second address went: %v", c.name, err)
+		}
+		if exists(filepath.Join(run, "guest3.sock")) {
+			t.Errorf("%s: a refused reload left a new address behind", c.name)
+		}
+		stillReads()
+	}
+
+	// Take b and the second address away again.
+	write(base, []string{listen(guest1)}, export("a", devA, mntA))
+	if got := reloadAndWait(t, h); !strings.Contains(got, "reloaded") {
+		t.Fatalf("reload: %s\n%s", got, h.log)
+	}
+	waitFor(t, "guest2.sock removed", func() bool { return !exists(guest2) })
+	if s := status(); strings.Contains(s, mntB) {
+		t.Fatalf("export b still served:\n%s", s)
+	}
+	stillReads()
+	peer := regexp.MustCompile(`"peer": "[^"]*",\s*"generation": 1,\s*"leases": 1`).FindString(sessionBefore)
+	if after := status(); peer == "" || !strings.Contains(after, peer) {
+		t.Errorf("the guest of a is not the same session with its lease:\nbefore %s\nafter %s", sessionBefore, after)
+	}
+}
+
+// listenSocket serves a Unix socket at path (another process's, as far
+// as the agent can tell) until t ends, and returns path.
+func listenSocket(t *testing.T, path string) string {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return path
+}
+
+// Flags on the command line win over the file; a missing file named by
+// --config is an error, the default one missing is not; every command's
+// --control defaults to the unit's socket.
+func TestConfigPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "host.toml")
+	hostConfig(t, conf, `listen = ["vsock:5000", "vsock:5001"]`, `state_dir = "/from/file"`, `ack_timeout = "3s"`,
+		"[export.m]", `device = "/dev/vdb"`, `mount = "/srv/m"`)
+	o, err := parseHost([]string{"--config", conf, "--listen", "vsock:6000", "--state-dir", "/from/flag"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(o.listen) != 1 || o.listen[0].Port != 6000 || o.stateDir != "/from/flag" || o.ackTimeout != 3*time.Second ||
+		len(o.exports) != 1 || o.exports[0] != (exportSpec{"m", "/dev/vdb", "/srv/m"}) || o.control.Path != "/run/leasefs/control.sock" {
+		t.Fatalf("parsed %+v", o)
+	}
+	if _, err := parseHost([]string{"--config", filepath.Join(dir, "missing.toml")}, io.Discard); err == nil || !os.IsNotExist(err) {
+		t.Fatalf("a missing --config: %v", err)
+	}
+	for _, cmd := range []string{"status", "publish", "metrics"} {
+		args := []string{cmd}
+		if cmd == "publish" {
+			args = append(args, "x")
+		}
+		if out, err := leasefs(t, args...); err == nil || !strings.Contains(out, "/run/leasefs/control.sock") {
+			t.Errorf("leasefs %s without --control: %v %s", cmd, err, out)
+		}
+	}
+}
