@@ -23,6 +23,7 @@ import (
 type ControlRequest struct {
 	Op     string `json:"op"`
 	Export string `json:"export,omitempty"`
+	Leases bool   `json:"leases,omitempty"` // status: list every lease
 }
 
 // Published is the reply to publish.
@@ -74,6 +75,20 @@ type ExportStatus struct {
 	Breaks        uint64        `json:"breaks"`
 	Revoked       uint64        `json:"revoked"`
 	Rescans       uint64        `json:"signal_rescans"`
+	// LeaseList is every lease, when asked for (status --leases).
+	LeaseList []LeaseStatus `json:"lease_list,omitempty"`
+}
+
+// LeaseStatus is one guest's lease on one file.
+type LeaseStatus struct {
+	Guest      string    `json:"guest"`
+	Path       string    `json:"path"` // as the kernel names the held file now; "" if unknown
+	Inode      uint32    `json:"inode"`
+	Generation uint64    `json:"generation"` // the guest's generation when it opened the file
+	Since      time.Time `json:"since"`
+	// BreakSince is when the break this lease's acknowledgement is
+	// awaited for began; absent when none is pending.
+	BreakSince *time.Time `json:"break_since,omitempty"`
 }
 
 // GuestStatus describes one connected guest.
@@ -91,7 +106,10 @@ type controlReply struct {
 }
 
 // Status reports the exports and their guests.
-func (s *Server) Status() *Status {
+func (s *Server) Status() *Status { return s.status(false, "") }
+
+// status is Status, with every lease of export (all if "") when leases.
+func (s *Server) status(leases bool, export string) *Status {
 	st := &Status{}
 	s.mu.Lock()
 	byExport := map[*served][]*guest{}
@@ -116,6 +134,15 @@ func (s *Server) Status() *Status {
 			es.Guests = append(es.Guests, GuestStatus{Peer: g.peer.String(), Generation: on, Leases: g.sess.Leases()})
 		}
 		sort.Slice(es.Guests, func(i, j int) bool { return es.Guests[i].Peer < es.Guests[j].Peer })
+		if leases && (export == "" || export == name) {
+			for _, l := range sv.coord.Leases() {
+				ls := LeaseStatus{Guest: l.Guest, Path: l.Path, Inode: l.Inode, Generation: l.Generation, Since: l.Since}
+				if !l.BreakSince.IsZero() {
+					ls.BreakSince = &l.BreakSince
+				}
+				es.LeaseList = append(es.LeaseList, ls)
+			}
+		}
 		st.Exports = append(st.Exports, es)
 	}
 	sort.Slice(st.Exports, func(i, j int) bool { return st.Exports[i].Name < st.Exports[j].Name })
@@ -153,7 +180,11 @@ func (s *Server) control(nc net.Conn) {
 				reply.Published = published(req.Export, g)
 			}
 		case "status":
-			reply.Status = s.Status()
+			if req.Export != "" && s.export(req.Export) == nil {
+				reply.Error = fmt.Sprintf("no export %q", req.Export)
+				break
+			}
+			reply.Status = s.status(req.Leases, req.Export)
 		case "metrics":
 			var b strings.Builder
 			if err := s.WriteMetrics(&b); err != nil {

@@ -2,6 +2,7 @@ package hostagent
 
 import (
 	"io"
+	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,6 +48,10 @@ func newMetrics(s *Server) *metrics {
 			Help: "Bytes sent to guests: metadata blocks, or file data for guests without the device."}, []string{"export", "kind"}),
 	}
 	m.reg.MustRegister(m.published, m.failed, m.freeze, m.announceAck, m.breakAck, m.quota, m.served, stateCollector{s})
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "leasefs_build_info",
+		Help: "Always 1: the agent's version and the Go it was built with."}, []string{"version", "goversion"})
+	build.WithLabelValues(s.opt.Version, runtime.Version()).Set(1)
+	m.reg.MustRegister(build)
 	m.quota.WithLabelValues("", "connections")
 	return m
 }
@@ -99,10 +104,12 @@ var (
 	descBreaks     = prometheus.NewDesc("leasefs_breaks_total", "Lease breaks: a host writer opened or changed a leased file.", []string{"export"}, nil)
 	descRevoked    = prometheus.NewDesc("leasefs_leases_revoked_total", "Leases revoked because a guest missed the ack deadline.", []string{"export"}, nil)
 	descStore      = prometheus.NewDesc("leasefs_metadata_store_bytes", "Bytes of metadata blocks kept for the generations guests are on.", []string{"export"}, nil)
+	descPublished  = prometheus.NewDesc("leasefs_last_publish_timestamp_seconds", "When the export's current generation was published (Unix time).", []string{"export"}, nil)
+	descLag        = prometheus.NewDesc("leasefs_guest_generation_lag", "How many generations a connected guest is behind the export's current one.", []string{"export", "guest"}, nil)
 )
 
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore} {
+	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag} {
 		ch <- d
 	}
 }
@@ -123,5 +130,11 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descStore, float64(e.StoreBytes))
 		counter(descBreaks, e.Breaks)
 		counter(descRevoked, e.Revoked)
+		if !e.Published.IsZero() {
+			gauge(descPublished, float64(e.Published.UnixNano())/1e9)
+		}
+		for _, g := range e.Guests {
+			ch <- prometheus.MustNewConstMetric(descLag, prometheus.GaugeValue, float64(e.Generation-min(g.Generation, e.Generation)), e.Name, g.Peer)
+		}
 	}
 }

@@ -28,6 +28,8 @@ type ServerOptions struct {
 	// FDReserve (256, or a quarter of a limit under 1,024).
 	FDs    *lease.FDs
 	Logger hclog.Logger
+	// Version is the agent's version, for leasefs_build_info.
+	Version string
 }
 
 // Server serves guests the exports' generations and leases.

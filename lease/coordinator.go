@@ -1,11 +1,14 @@
 package lease
 
 import (
+	"cmp"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,6 +119,7 @@ type file struct {
 	grants    []*grant      // active and breaking
 	pending   int           // breaking grants not yet acknowledged
 	timer     *time.Timer   // ack deadline
+	breakAt   time.Time     // when the break in progress began
 	users     int           // ReadAt calls using fd now
 	owner     *account      // the guest its fd is charged to: one that holds it
 	layout    atomic.Uint64 // layout.Hash of its blocks once read; they cannot move while leased
@@ -143,6 +147,8 @@ type grant struct {
 	f     *file // nil once revoked
 	idx   int   // in f.grants
 	state grantState
+	since time.Time
+	gen   uint64 // Request.Generation
 }
 
 // New starts a coordinator for the filesystem mounted at cfg.Root.
@@ -279,6 +285,9 @@ type Request struct {
 	Size   uint64
 	Ctime  unix.Timespec
 	Layout uint64
+	// Generation is the caller's tag for what the lease was taken at
+	// (the host's generation number), reported by Leases.
+	Generation uint64
 }
 
 func (c *Coordinator) newID() ID {
@@ -339,7 +348,7 @@ func (c *Coordinator) acquire(s *Session, r Request) (ID, error) {
 			c.mu.Unlock()
 			return 0, err
 		}
-		id := c.grant(s, f)
+		id := c.grant(s, f, r.Generation)
 		c.mu.Unlock()
 		return id, nil
 	}
@@ -377,7 +386,7 @@ func (c *Coordinator) open(s *Session, r Request) (ID, error) {
 	}
 	f.state = held
 	close(f.ready)
-	return c.grant(s, f), nil
+	return c.grant(s, f, r.Generation), nil
 }
 
 // admit takes a descriptor from the budget for one more file of a's, if
@@ -501,8 +510,8 @@ func (c *Coordinator) check(f *file, r Request) (st unix.Stat_t, err error) {
 }
 
 // grant adds a lease of s on f. Called with c.mu held.
-func (c *Coordinator) grant(s *Session, f *file) ID {
-	g := &grant{id: c.newID(), s: s, f: f, idx: len(f.grants)}
+func (c *Coordinator) grant(s *Session, f *file, gen uint64) ID {
+	g := &grant{id: c.newID(), s: s, f: f, idx: len(f.grants), since: time.Now(), gen: gen}
 	f.grants = append(f.grants, g)
 	c.grants[g.id] = g
 	s.grants[g.id] = g
@@ -709,6 +718,7 @@ func (c *Coordinator) startBreak(f *file) []delivery {
 		return nil
 	}
 	f.timer = time.AfterFunc(c.cfg.AckTimeout, func() { c.deadline(f) })
+	f.breakAt = time.Now()
 	out := make([]delivery, 0, len(bySession))
 	for s, ids := range bySession {
 		out = append(out, delivery{s.sink, ids})
@@ -734,8 +744,65 @@ func (c *Coordinator) deadline(f *file) {
 	}
 	for len(f.grants) > 0 {
 		g := f.grants[0]
-		c.log.Warn("lease break not acknowledged in time; revoking", "session", g.s.name, "inode", f.ino)
+		c.log.Warn("lease break not acknowledged in time; revoking", "guest", g.s.name, "path", c.pathOf(f), "inode", f.ino,
+			"waited", time.Since(f.breakAt).Round(time.Millisecond))
 		c.revoke(g)
 	}
 	c.finish(f)
+}
+
+// Lease describes one lease, for an operator (Leases).
+type Lease struct {
+	Guest      string    // the session's name: its peer
+	Path       string    // the file's path now, as the kernel names its fd ("" if unknown)
+	Inode      uint32    //
+	Generation uint64    // Request.Generation
+	Since      time.Time // when it was granted
+	// BreakSince is when the file's pending break began; zero when no
+	// break waits for this lease's acknowledgement.
+	BreakSince time.Time
+}
+
+// Leases lists every lease held, by guest, then path.
+func (c *Coordinator) Leases() []Lease {
+	c.mu.Lock()
+	out := make([]Lease, 0, len(c.grants))
+	paths := map[*file]string{}
+	for _, g := range c.grants {
+		if g.f == nil {
+			continue // revoked, not yet released
+		}
+		p, ok := paths[g.f]
+		if !ok {
+			p = c.pathOf(g.f)
+			paths[g.f] = p
+		}
+		l := Lease{Guest: g.s.name, Path: p, Inode: g.f.ino, Generation: g.gen, Since: g.since}
+		if g.state == breakingGrant {
+			l.BreakSince = g.f.breakAt
+		}
+		out = append(out, l)
+	}
+	c.mu.Unlock()
+	slices.SortFunc(out, func(a, b Lease) int {
+		return cmp.Or(cmp.Compare(a.Guest, b.Guest), cmp.Compare(a.Path, b.Path), cmp.Compare(a.Inode, b.Inode))
+	})
+	return out
+}
+
+// pathOf is the path of f's held fd below the export, as the kernel
+// names it (d_path: no disk I/O, so it may be called with c.mu held);
+// "" when f has no fd. A file deleted since ends in " (deleted)".
+func (c *Coordinator) pathOf(f *file) string {
+	if f.fd < 0 || f.state == done { // its fd may be closed, and the number reused
+		return ""
+	}
+	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.fd))
+	if err != nil {
+		return ""
+	}
+	if rel, err := filepath.Rel(c.cfg.Root, p); err == nil && !strings.HasPrefix(rel, "..") {
+		return "/" + rel
+	}
+	return p
 }

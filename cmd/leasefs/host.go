@@ -308,9 +308,10 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer ml.Close()
 	}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
-		Lease:  lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
-		Limits: o.limits,
-		Logger: log,
+		Lease:   lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
+		Limits:  o.limits,
+		Logger:  log,
+		Version: versionString(),
 	})
 	if err != nil {
 		return err

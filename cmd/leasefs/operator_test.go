@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -282,6 +283,80 @@ func TestVMsComeAndGo(t *testing.T) {
 	for _, want := range []string{"VM appeared: serving it", "VM gone: stopped serving it"} {
 		if !strings.Contains(h.log.String(), want) {
 			t.Errorf("the log does not say %q:\n%s", want, h.log)
+		}
+	}
+}
+
+// An operator sees who holds what: 'status --leases' lists each guest's
+// leases (path, generation, how long), and a break waiting on a guest
+// that cannot answer, with its age; the revocation's log line names the
+// guest and the path; the metrics give each guest's lag, the last
+// publish and the build.
+func TestSeeingLeases(t *testing.T) {
+	h, mnt, dev := startHostCmd(t)
+	if err := os.WriteFile(filepath.Join(mnt, "held"), []byte("held bytes"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil || !strings.Contains(out, "generation 2") {
+		t.Fatalf("publish: %v %s", err, out)
+	}
+	dir := guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev)
+	f, err := os.Open(filepath.Join(dir, "held"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	out, err := leasefs(t, "status", "--control", h.control, "--leases")
+	if err != nil || !regexp.MustCompile(`mirror\s+pid \d+ uid 0\s+/held\s+2\s+\d+s\s+-`).MatchString(out) {
+		t.Fatalf("status --leases: %v\n%s", err, out)
+	}
+	if out, err := leasefs(t, "status", "--control", h.control, "--leases", "nope"); err == nil || !strings.Contains(out, `no export "nope"`) {
+		t.Fatalf("status --leases nope: %v\n%s", err, out)
+	}
+
+	// The guest cannot answer a break: it waits, with its age shown,
+	// until the deadline revokes it.
+	pids := serverPids(dir)
+	if len(pids) != 1 {
+		t.Fatalf("guest pids %v", pids)
+	}
+	if err := syscall.Kill(pids[0], syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(pids[0], syscall.SIGCONT)
+	wrote := make(chan error, 1)
+	go func() {
+		w, err := os.OpenFile(filepath.Join(mnt, "held"), os.O_WRONLY, 0)
+		if err == nil {
+			w.Close()
+		}
+		wrote <- err
+	}()
+	pending := regexp.MustCompile(`/held\s+2\s+\d+s\s+\d+(\.\d+)?m?s`)
+	waitFor(t, "a pending break in status --leases", func() bool {
+		out, _ := leasefs(t, "status", "--control", h.control, "--leases", "mirror")
+		return pending.MatchString(out)
+	})
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the writer still waits after the ack deadline")
+	}
+	waitFor(t, "the revocation logged", func() bool {
+		return regexp.MustCompile(`revoking: export=mirror guest="pid \d+ uid 0" path=/held`).MatchString(h.log.String())
+	})
+
+	m, err := leasefs(t, "metrics", "--control", h.control)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`leasefs_build_info{goversion="` + runtime.Version() + `",version="`, `leasefs_last_publish_timestamp_seconds{export="mirror"} 1.`,
+		`leasefs_guest_generation_lag{export="mirror",guest="pid `} {
+		if !strings.Contains(m, want) {
+			t.Errorf("the metrics lack %s", want)
 		}
 	}
 }

@@ -59,30 +59,61 @@ scan, FIFREEZE, the scan, FITHAW, the merge after the thaw).
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("status", `Usage: leasefs status [--control unix:PATH] [--json]
+	fs := newFlagSet("status", `Usage: leasefs status [--control unix:PATH] [--json] [--leases [EXPORT]]
 
 Shows each export of a host agent: its generation, when it was published
 and how long its freeze took, its guests (and which are behind), the
 leases they hold and the lease breaks so far (pending ones wait for a
-guest's ack; revoked ones missed the --ack-timeout). --json prints the
-same for scripts.
+guest's ack; revoked ones missed the --ack-timeout). --leases lists
+every lease (of EXPORT, or of all): which guest holds which file, since
+when and from which generation, and the breaks waiting for a guest's
+acknowledgement, with their age. --json prints the same for scripts.
 
 `)
 	asJSON := fs.Bool("json", false, "print JSON")
+	leases := fs.Bool("leases", false, "list every lease, and pending breaks")
 	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}
+	if fs.NArg() > 1 || fs.NArg() == 1 && !*leases {
+		fs.Usage()
+		return errUsage
+	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, st, err := hostagent.Control(ctx, addr, hostagent.ControlRequest{Op: "status"})
+	_, st, err := hostagent.Control(ctx, addr, hostagent.ControlRequest{Op: "status", Leases: *leases, Export: fs.Arg(0)})
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		return writeJSON(stdout, st)
 	}
+	if *leases {
+		return writeLeases(stdout, st, time.Now())
+	}
 	return writeStatus(stdout, st, time.Now())
+}
+
+// writeLeases lists every lease: guest, path, generation, held for how
+// long, and a pending break's age.
+func writeLeases(w io.Writer, st *hostagent.Status, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "EXPORT\tGUEST\tPATH\tGEN\tHELD FOR\tBREAK PENDING")
+	for _, e := range st.Exports {
+		for _, l := range e.LeaseList {
+			path, pending := l.Path, "-"
+			if path == "" {
+				path = fmt.Sprintf("(inode %d)", l.Inode)
+			}
+			if l.BreakSince != nil {
+				pending = now.Sub(*l.BreakSince).Round(time.Millisecond).String()
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", e.Name, l.Guest, path, l.Generation,
+				now.Sub(l.Since).Round(time.Second), pending)
+		}
+	}
+	return tw.Flush()
 }
 
 // writeStatus shows st at a glance: a line per export, then its guests,
