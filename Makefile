@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-lease demo deps clean install
+.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-lease demo deps clean install uninstall
 
 all: build
 
@@ -67,13 +67,21 @@ demo: build
 clean:
 	rm -rf bin
 
-# Installs the binary, the mount helper (mount -t fuse.leasefs) and the
-# systemd units. DESTDIR for packaging.
+# The binary, mount(8)'s helper (mount -t fuse.leasefs) and the systemd
+# units, under PREFIX (/usr/local; units in PREFIX/lib/systemd/system,
+# where systemd looks), DESTDIR for packaging. 'make uninstall' removes
+# what this installs.
 PREFIX ?= /usr/local
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/leasefs
-	install -d $(DESTDIR)/sbin $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/leasefs
+	install -d $(DESTDIR)/sbin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/leasefs
 	ln -sf $(PREFIX)/bin/leasefs $(DESTDIR)/sbin/mount.fuse.leasefs
-	sed 's#/usr/local/bin/leasefs#$(PREFIX)/bin/leasefs#g' examples/systemd/leasefs-host.service > $(DESTDIR)/etc/systemd/system/leasefs-host.service
-	sed 's#/usr/local/bin/leasefs#$(PREFIX)/bin/leasefs#g' examples/systemd/leasefs-guest@.service > $(DESTDIR)/etc/systemd/system/leasefs-guest@.service
-	@echo "installed; put your exports in /etc/leasefs/host.conf (examples/systemd/host.conf) or guest-NAME.conf"
+	for u in leasefs-host.service leasefs-guest@.service; do \
+		sed 's#/usr/local/bin/leasefs#$(PREFIX)/bin/leasefs#g' examples/systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u || exit 1; done
+	@echo "installed; put your exports in /etc/leasefs/host.toml (examples/systemd/host.toml), a guest's in guest-NAME.conf; then systemctl daemon-reload"
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/leasefs $(DESTDIR)/sbin/mount.fuse.leasefs \
+		$(DESTDIR)$(UNITDIR)/leasefs-host.service $(DESTDIR)$(UNITDIR)/leasefs-guest@.service
+	@echo "uninstalled; /etc/leasefs and /var/lib/leasefs are left as they are"

@@ -281,11 +281,13 @@ func listenUnix(path string, opt ListenOptions) (net.Listener, func(), error) {
 		l.Close()
 		return nil, nil, err
 	}
-	_ = unix.Fchownat(dfd, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
+	// The mode while it is still ours (a change after giving it away
+	// would need CAP_FOWNER), then to the directory's owner.
 	if err := unix.Fchmodat(dfd, name, uint32(opt.Mode.Perm()), 0); err != nil {
 		l.Close()
 		return nil, nil, err
 	}
+	_ = unix.Fchownat(dfd, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
 	ok = true
 	cleanup := func() {
 		// Remove the socket only if it is still ours.

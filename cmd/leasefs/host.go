@@ -325,7 +325,10 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}()
 	// Every address and export is checked and taken before anything is
 	// frozen.
-	if err := a.apply(o); err != nil {
+	stopExtending := extendStartup("publishing the first generations")
+	err = a.apply(o)
+	stopExtending()
+	if err != nil {
 		return err
 	}
 	grp.Go(func() error { return srv.ServeControl(ctx, ctl) })

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/leasefs/leasefs/internal/testenv"
 )
 
 // hostFails runs 'leasefs host' with args, which must fail within 30 s,
@@ -358,5 +360,91 @@ func TestSeeingLeases(t *testing.T) {
 		if !strings.Contains(m, want) {
 			t.Errorf("the metrics lack %s", want)
 		}
+	}
+}
+
+// systemd's side of sd_notify: the host agent extends its start timeout
+// while it takes the first generations, then says it is ready.
+func TestHostExtendsItsStartTimeout(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	sock := filepath.Join(run, "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var got []string
+	var mu sync.Mutex
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			got = append(got, string(buf[:n]))
+			mu.Unlock()
+		}
+	}()
+	t.Setenv("NOTIFY_SOCKET", sock)
+	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
+		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	waitFor(t, "READY=1", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) > 0 && got[len(got)-1] == "READY=1"
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.HasPrefix(got[0], "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=publishing the first generations") {
+		t.Fatalf("the notifications: %q", got)
+	}
+}
+
+// make install puts the binary, the mount helper and the units (their
+// commands pointing at the binary) under PREFIX and DESTDIR; make
+// uninstall takes them all away again.
+func TestInstallAndUninstall(t *testing.T) {
+	testenv.RequireTool(t, "make")
+	dest := t.TempDir()
+	mk := func(target string) {
+		t.Helper()
+		cmd := exec.Command("make", "-C", "../..", target, "DESTDIR="+dest, "PREFIX=/opt/leasefs")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("make %s: %v\n%s", target, err, out)
+		}
+	}
+	mk("install")
+	units := filepath.Join(dest, "opt/leasefs/lib/systemd/system")
+	for _, f := range []string{"opt/leasefs/bin/leasefs", "sbin/mount.fuse.leasefs", "opt/leasefs/lib/systemd/system/leasefs-host.service",
+		"opt/leasefs/lib/systemd/system/leasefs-guest@.service"} {
+		if !exists(filepath.Join(dest, f)) {
+			t.Errorf("make install did not make %s", f)
+		}
+	}
+	if l, _ := os.Readlink(filepath.Join(dest, "sbin/mount.fuse.leasefs")); l != "/opt/leasefs/bin/leasefs" {
+		t.Errorf("the mount helper points at %q", l)
+	}
+	for _, u := range []string{"leasefs-host.service", "leasefs-guest@.service"} {
+		k := unitKeys(t, filepath.Join(units, u))
+		for _, key := range []string{"ExecStart", "ExecStopPost"} {
+			if v := k[key]; strings.Contains(v, "leasefs ") && !strings.Contains(v, "/opt/leasefs/bin/leasefs ") {
+				t.Errorf("%s %s=%s does not run the installed binary", u, key, v)
+			}
+		}
+	}
+	mk("uninstall")
+	var left []string
+	filepath.WalkDir(dest, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			left = append(left, p)
+		}
+		return nil
+	})
+	if len(left) > 0 {
+		t.Errorf("make uninstall left %v", left)
 	}
 }

@@ -49,6 +49,42 @@ func isTerminal(f *os.File) bool {
 
 // notifyReady tells systemd, when it started us as Type=notify, that we
 // are ready; it does nothing otherwise.
+// startupTimeout is how much longer each EXTEND_TIMEOUT_USEC gives a
+// start in progress; extendEvery how often it is sent.
+const (
+	startupTimeout = 60 * time.Second
+	extendEvery    = 20 * time.Second
+)
+
+// extendStartup tells systemd, until the returned function is called,
+// that the start is progressing (the first scan of a large export can
+// outlast TimeoutStartSec): EXTEND_TIMEOUT_USEC at once and then
+// periodically, with a STATUS line. Without a NOTIFY_SOCKET it does
+// nothing.
+func extendStartup(status string) (stop func()) {
+	send := func() {
+		_, _ = daemon.SdNotify(false, fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d\nSTATUS=%s", startupTimeout.Microseconds(), status))
+	}
+	if os.Getenv("NOTIFY_SOCKET") == "" {
+		return func() {}
+	}
+	send()
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(extendEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				send()
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
 func notifyReady() {
 	_, _ = daemon.SdNotify(true, daemon.SdNotifyReady)
 }
