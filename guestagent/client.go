@@ -143,6 +143,7 @@ type Client struct {
 	cur      *genView                // the generation served
 	views    map[*ext4ro.FS]*genView // the readers of recent generations
 	latest   uint64                  // the newest generation the host announced
+	labels   map[uint64]string       // the labels of generations from cur to latest
 	pending  changes                 // from cur to latest
 	force    bool                    // switch to latest whatever Follow says
 	switched time.Time               // the last switch
@@ -238,7 +239,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		return nil, err
 	}
 	c.cache = newMetaCache(cfg.CacheBytes, int64(w.BlockSize), w.Generation)
-	v := &genView{c: c, gen: w.Generation, bs: int64(w.BlockSize)}
+	v := &genView{c: c, gen: w.Generation, label: w.Label, bs: int64(w.BlockSize)}
 	f, err := c.open(v)
 	if err != nil {
 		c.Close()

@@ -13,7 +13,8 @@ import (
 func (c *Client) features() vsockproto.Features {
 	// Data through the host even with a device: the fallback while the
 	// device does not verify.
-	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy
+	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy |
+		vsockproto.FeatureLabel
 }
 
 // dial connects and runs the handshake, resuming the session if the host
@@ -76,6 +77,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 			c.pending.all = true // announcements were missed
 		}
 	}
+	c.noteLabel(w.Generation, w.Label)
 	c.changed.Broadcast()
 	c.mu.Unlock()
 	for _, lf := range lost {

@@ -16,6 +16,7 @@ type Status struct {
 	Reconnects  int           `json:"reconnects"`
 	Resumes     int           `json:"resumes"`
 	Generation  uint64        `json:"generation"`
+	Label       string        `json:"label,omitempty"` // the generation's, as the host published it
 	Latest      uint64        `json:"latest_announced"`
 	Switched    time.Time     `json:"switched"`
 	Follow      string        `json:"follow"`
@@ -55,7 +56,7 @@ func (c *Client) Status() *Status {
 	c.mu.Lock()
 	st := &Status{
 		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.conn != nil, Since: c.started,
-		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Latest: c.latest,
+		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Label: c.cur.label, Latest: c.latest,
 		Switched: c.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.policy.String(),
 		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
 		Fenced: append([]FencedFile(nil), c.fenced...),

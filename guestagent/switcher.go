@@ -124,6 +124,12 @@ func (c *Client) switchTo(old *genView, target uint64, ch *changes) error {
 	// Only now is the switch done: what the kernel cached of the old
 	// view is gone.
 	c.mu.Lock()
+	nv.label = c.labels[nv.gen]
+	for g := range c.labels {
+		if g < nv.gen {
+			delete(c.labels, g)
+		}
+	}
 	c.cur, c.switched = nv, time.Now()
 	for fs, v := range c.views { // keep the readers of recent generations only
 		if v.gen+8 < nv.gen || v.gen > nv.gen {
@@ -301,6 +307,7 @@ func (c *Client) announced(m *vsockproto.Announce) {
 	}
 	c.pending.add(m)
 	c.latest = m.Generation
+	c.noteLabel(m.Generation, m.Label)
 	c.changed.Broadcast()
 	c.wake()
 	if c.dueLocked() {
@@ -320,4 +327,19 @@ func (c *Client) Refresh() {
 	c.wake()
 	old := c.cur
 	c.waitLocked(func() bool { return c.cur != old }, time.Now().Add(10*time.Second))
+}
+
+// noteLabel records the label the host published generation gen with,
+// for when the guest moves to it. Called with c.mu held.
+func (c *Client) noteLabel(gen uint64, label string) {
+	if label == "" {
+		return
+	}
+	if c.labels == nil {
+		c.labels = map[uint64]string{}
+	}
+	c.labels[gen] = label
+	if c.cur != nil && c.cur.gen == gen {
+		c.cur.label = label
+	}
 }

@@ -125,9 +125,10 @@ const maxFetch = 64
 // genView is one generation's metadata as ext4ro reads it: a BlockSource
 // over the guest's cache, which fetches what it misses from the host.
 type genView struct {
-	c   *Client
-	gen uint64
-	bs  int64
+	c     *Client
+	gen   uint64
+	label string // what the host published it as, if anything
+	bs    int64
 	sb  []byte // the superblock's bytes, read at open: the generation's fingerprint
 	// dead: the host no longer has this generation, and what it serves
 	// under its number (another lineage's) must not be read for it.

@@ -315,3 +315,34 @@ func kernelRelease(t *testing.T) string {
 	}
 	return unix.ByteSliceToString(u.Release[:])
 }
+
+// A label never goes back on one export — across restarts too — unless
+// forced; the generation carries it.
+func TestLabelsNeverGoBack(t *testing.T) {
+	x := newExport(t, 64)
+	e := x.open(t, 2*time.Second)
+	g, err := e.PublishLabeled("2026.12.01-10", false)
+	if err != nil || g.Label != "2026.12.01-10" {
+		t.Fatalf("publish: %v %+v", err, g)
+	}
+	if _, err := e.PublishLabeled("2026.12.01-9", false); !errors.Is(err, ErrLabelBackwards) {
+		t.Fatalf("a label going back: %v", err)
+	}
+	if cur := e.Current(); cur.Number != g.Number {
+		t.Fatalf("a refused label published generation %d", cur.Number)
+	}
+	if g, err := e.Publish(); err != nil || g.Label != "" {
+		t.Fatalf("an unlabeled publish: %v %q", err, g.Label)
+	}
+	e.Close()
+	e = x.open(t, 2*time.Second) // a restart
+	if _, err := e.PublishLabeled("2026.12.01-9", false); !errors.Is(err, ErrLabelBackwards) {
+		t.Fatalf("after a restart, a label going back: %v", err)
+	}
+	if g, err := e.PublishLabeled("2026.12.01-9", true); err != nil || g.Label != "2026.12.01-9" {
+		t.Fatalf("forced: %v", err)
+	}
+	if _, err := e.PublishLabeled("bad label", false); err == nil {
+		t.Fatal("a label with a space was accepted")
+	}
+}

@@ -24,12 +24,15 @@ type ControlRequest struct {
 	Op     string `json:"op"`
 	Export string `json:"export,omitempty"`
 	Leases bool   `json:"leases,omitempty"` // status: list every lease
+	Label  string `json:"label,omitempty"`  // publish: the generation's label
+	Force  bool   `json:"force,omitempty"`  // publish: even a label that goes backwards
 }
 
 // Published is the reply to publish.
 type Published struct {
 	Export        string  `json:"export"`
 	Generation    uint64  `json:"generation"`
+	Label         string  `json:"label,omitempty"`
 	FreezeMS      float64 `json:"freeze_ms"`
 	ChangedInodes int     `json:"changed_inodes"`
 	ChangedRanges int     `json:"changed_ranges"`
@@ -47,7 +50,7 @@ type Published struct {
 // published describes generation g of export name.
 func published(name string, g *Generation) *Published {
 	ph := g.Phases
-	return &Published{Export: name, Generation: g.Number, FreezeMS: ms(g.Frozen),
+	return &Published{Export: name, Generation: g.Number, Label: g.Label, FreezeMS: ms(g.Frozen),
 		ChangedInodes: len(g.ChangedInodes), ChangedRanges: len(g.Changed), FullScan: g.Full,
 		SyncMS: ms(ph.Sync), PrecaptureMS: ms(ph.Pre), FIFreezeMS: ms(ph.Freeze), ResolveMS: ms(ph.Resolve),
 		ScanMS: ms(ph.Scan), FIThawMS: ms(ph.Thaw), MergeMS: ms(ph.Merge)}
@@ -63,6 +66,7 @@ type ExportStatus struct {
 	Name          string        `json:"name"`
 	Mount         string        `json:"mount"`
 	Generation    uint64        `json:"generation"`
+	Label         string        `json:"label,omitempty"` // the current generation's
 	Published     time.Time     `json:"published"`
 	LastFreezeMS  float64       `json:"last_freeze_ms"`
 	Blocks        int           `json:"metadata_blocks"`
@@ -121,6 +125,7 @@ func (s *Server) status(leases bool, export string) *Status {
 		es := ExportStatus{Name: name, Mount: sv.exp.cfg.Mount}
 		if g := sv.exp.Current(); g != nil {
 			es.Generation, es.Published, es.LastFreezeMS, es.Blocks = g.Number, g.Captured, ms(g.Frozen), g.Blocks()
+			es.Label = g.Label
 		}
 		_, es.StoreBytes = sv.exp.Store().Size()
 		es.Kept = sv.exp.Kept()
@@ -173,7 +178,7 @@ func (s *Server) control(nc net.Conn) {
 		}
 		switch req.Op {
 		case "publish":
-			g, err := s.Publish(req.Export)
+			g, err := s.PublishLabeled(req.Export, req.Label, req.Force)
 			if err != nil {
 				reply.Error = err.Error()
 			} else {

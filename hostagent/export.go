@@ -84,6 +84,7 @@ type Export struct {
 	// so the freeze writes the journal home itself.
 	noCheckpoint bool
 	closeOnce    sync.Once
+	label        string // the last label published; guarded by pub
 
 	pub       sync.Mutex   // one publish at a time
 	onFrozen  func()       // tests: runs while frozen
@@ -149,6 +150,9 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		e.dev.Close()
 		unix.Close(fd)
 		return nil, err
+	}
+	if b, err := os.ReadFile(e.path("label")); err == nil {
+		e.label = strings.TrimSpace(string(b))
 	}
 	if b, err := os.ReadFile(e.path("generation")); err == nil {
 		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
@@ -305,9 +309,27 @@ func (e *Export) Store() *Store { return e.store }
 // compared with the last generation's (or that capture's), and what the
 // changed inodes point to is read. After the thaw: the full block map.
 // The phases' times are in the generation.
-func (e *Export) Publish() (*Generation, error) {
+func (e *Export) Publish() (*Generation, error) { return e.PublishLabeled("", false) }
+
+// ErrLabelBackwards refuses a label that sorts before the export's last.
+var ErrLabelBackwards = errors.New("the label goes backwards")
+
+// PublishLabeled is Publish, recording label with the generation: the
+// upstream revision the tree now holds (a mirror's serial, a date, a
+// version). Labels are compared as versions (runs of digits by value),
+// and one that sorts before the export's last label is refused unless
+// force: a fleet's revision never goes back by mistake. The last label
+// survives restarts (in the state directory). An empty label publishes
+// a generation without one.
+func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 	e.pub.Lock()
 	defer e.pub.Unlock()
+	if err := checkLabel(label); err != nil {
+		return nil, err
+	}
+	if label != "" && e.label != "" && !force && compareVersions(label, e.label) < 0 {
+		return nil, fmt.Errorf("%w: %q sorts before the last label %q (force it to roll back)", ErrLabelBackwards, label, e.label)
+	}
 	var ph Phases
 	full := false
 	defer func() {
@@ -423,6 +445,7 @@ func (e *Export) Publish() (*Generation, error) {
 		e.log.Error("dropping the device's cached file data; guests reading it buffered may see stale bytes", "error", err)
 	}
 	g.refs.Store(1) // the export's
+	g.Label = label
 	e.mu.Lock()
 	g.Number, g.Frozen, g.Captured = e.next, ph.Frozen, time.Now()
 	e.next++
@@ -432,7 +455,13 @@ func (e *Export) Publish() (*Generation, error) {
 	if err := writeFileSync(e.path("generation"), strconv.FormatUint(g.Number, 10)+"\n"); err != nil {
 		e.log.Error("recording the generation number", "error", err)
 	}
-	e.log.Info("published", "generation", g.Number, "frozen", ph.Frozen, "full_scan", full, "blocks", g.Blocks(),
+	if label != "" {
+		e.label = label
+		if err := writeFileSync(e.path("label"), label+"\n"); err != nil {
+			e.log.Error("recording the label", "error", err)
+		}
+	}
+	e.log.Info("published", "generation", g.Number, "label", label, "frozen", ph.Frozen, "full_scan", full, "blocks", g.Blocks(),
 		"changed_blocks", len(g.Changed), "changed_inodes", len(g.ChangedInodes),
 		"sync", ph.Sync, "precapture", ph.Pre, "fifreeze", ph.Freeze, "scan", ph.Scan, "fithaw", ph.Thaw, "merge", ph.Merge)
 	return g, nil

@@ -1,10 +1,13 @@
 package hostagent
 
 import (
+	"cmp"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/vsockproto"
@@ -24,6 +27,7 @@ type Generation struct {
 	Ioctls    time.Duration // FIFREEZE and FITHAW themselves, part of Frozen
 	Phases    Phases        // every step of the publish, timed
 	Captured  time.Time
+	Label     string // what it was published as (an upstream revision), or ""
 
 	// What changed since the generation before: the blocks whose bytes
 	// differ (or that are new) and the inodes whose bytes differ. All is
@@ -118,4 +122,46 @@ func (g *Generation) release() {
 		g.store.unref(h)
 	}
 	g.blocks = nil
+}
+
+// checkLabel refuses a label that would not print on one line.
+func checkLabel(label string) error {
+	if len(label) > vsockproto.MaxLabel {
+		return fmt.Errorf("label %q: at most %d bytes", label, vsockproto.MaxLabel)
+	}
+	for _, r := range label {
+		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
+			return fmt.Errorf("label %q: only printable characters, no spaces", label)
+		}
+	}
+	return nil
+}
+
+// compareVersions orders labels as versions: runs of digits compare by
+// value (9 < 10), everything else byte by byte.
+func compareVersions(a, b string) int {
+	for a != "" && b != "" {
+		da, db := digits(a), digits(b)
+		if da > 0 && db > 0 {
+			na, nb := strings.TrimLeft(a[:da], "0"), strings.TrimLeft(b[:db], "0")
+			if c := cmp.Or(cmp.Compare(len(na), len(nb)), strings.Compare(na, nb)); c != 0 {
+				return c
+			}
+			a, b = a[da:], b[db:]
+			continue
+		}
+		if a[0] != b[0] {
+			return cmp.Compare(a[0], b[0])
+		}
+		a, b = a[1:], b[1:]
+	}
+	return cmp.Compare(len(a), len(b))
+}
+
+func digits(s string) int {
+	n := 0
+	for n < len(s) && s[n] >= '0' && s[n] <= '9' {
+		n++
+	}
+	return n
 }

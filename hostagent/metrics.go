@@ -105,11 +105,12 @@ var (
 	descRevoked    = prometheus.NewDesc("leasefs_leases_revoked_total", "Leases revoked because a guest missed the ack deadline.", []string{"export"}, nil)
 	descStore      = prometheus.NewDesc("leasefs_metadata_store_bytes", "Bytes of metadata blocks kept for the generations guests are on.", []string{"export"}, nil)
 	descPublished  = prometheus.NewDesc("leasefs_last_publish_timestamp_seconds", "When the export's current generation was published (Unix time).", []string{"export"}, nil)
+	descLabel      = prometheus.NewDesc("leasefs_generation_label", "Always 1: the label the export's current generation was published with.", []string{"export", "label"}, nil)
 	descLag        = prometheus.NewDesc("leasefs_guest_generation_lag", "How many generations a connected guest is behind the export's current one.", []string{"export", "guest"}, nil)
 )
 
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag} {
+	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag, descLabel} {
 		ch <- d
 	}
 }
@@ -132,6 +133,9 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descRevoked, e.Revoked)
 		if !e.Published.IsZero() {
 			gauge(descPublished, float64(e.Published.UnixNano())/1e9)
+		}
+		if e.Label != "" {
+			ch <- prometheus.MustNewConstMetric(descLabel, prometheus.GaugeValue, 1, e.Name, e.Label)
 		}
 		for _, g := range e.Guests {
 			ch <- prometheus.MustNewConstMetric(descLag, prometheus.GaugeValue, float64(e.Generation-min(g.Generation, e.Generation)), e.Name, g.Peer)

@@ -11,12 +11,16 @@ import (
 
 // Publish publishes a generation of the named export and announces it to
 // its guests. It does not wait for their acks.
-func (s *Server) Publish(name string) (*Generation, error) {
+func (s *Server) Publish(name string) (*Generation, error) { return s.PublishLabeled(name, "", false) }
+
+// PublishLabeled is Publish with a label for the generation (an upstream
+// revision; see Export.PublishLabeled).
+func (s *Server) PublishLabeled(name, label string, force bool) (*Generation, error) {
 	sv := s.export(name)
 	if sv == nil {
 		return nil, fmt.Errorf("no export %q", name)
 	}
-	gen, err := sv.exp.Publish()
+	gen, err := sv.exp.PublishLabeled(label, force)
 	if err != nil {
 		s.m.failed.WithLabelValues(name).Inc()
 		return nil, err
@@ -27,6 +31,9 @@ func (s *Server) Publish(name string) (*Generation, error) {
 	if gen.All {
 		ann = &vsockproto.Announce{Generation: gen.Number, Flags: vsockproto.AnnounceAll}
 	}
+	labeled := *ann
+	labeled.Flags |= vsockproto.AnnounceLabel
+	labeled.Label = gen.Label
 	s.mu.Lock()
 	var gs []*guest
 	for g := range s.conns {
@@ -36,7 +43,11 @@ func (s *Server) Publish(name string) (*Generation, error) {
 	}
 	s.mu.Unlock()
 	for _, g := range gs {
-		go g.announce(ann, gen.Captured, s.opt.Conn.KeepAlive)
+		a := ann
+		if g.labels {
+			a = &labeled
+		}
+		go g.announce(a, gen.Captured, s.opt.Conn.KeepAlive)
 	}
 	s.retain(sv)
 	return gen, nil
@@ -48,7 +59,8 @@ func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAliv
 	defer cancel()
 	reply, err := g.conn.Call(ctx, ann)
 	if errors.Is(err, vsockproto.ErrTooBig) {
-		reply, err = g.conn.Call(ctx, &vsockproto.Announce{Generation: ann.Generation, Flags: vsockproto.AnnounceAll})
+		reply, err = g.conn.Call(ctx, &vsockproto.Announce{Generation: ann.Generation, Label: ann.Label,
+			Flags: vsockproto.AnnounceAll | ann.Flags&vsockproto.AnnounceLabel})
 	}
 	if err != nil {
 		return

@@ -69,6 +69,7 @@ type guest struct {
 	quota  *guestQuota
 	breaks chan []lease.ID
 	max    uint32 // the guest's frame limit
+	labels bool   // the guest takes generations' labels (FeatureLabel)
 }
 
 // NewServer starts a lease coordinator for each export.
@@ -381,13 +382,17 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		}
 		g.att = 1
 	}
-	g.sv, g.max = sv, h.MaxFrame
+	g.sv, g.max, g.labels = sv, h.MaxFrame, h.Features.Has(vsockproto.FeatureLabel)
 	// The guest may stay on the generation it names if it is kept.
 	kept := h.Generation != 0 && sv.exp.Has(h.Generation)
 	w := &vsockproto.Welcome{
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
 		Features:  vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy,
+	}
+	if g.labels {
+		w.Features |= vsockproto.FeatureLabel
+		w.Label = cur.Label
 	}
 	on := cur.Number
 	if kept {

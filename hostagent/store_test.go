@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"strings"
 	"testing"
 )
 
@@ -200,4 +201,26 @@ func TestStoreConcurrent(t *testing.T) {
 		}
 	})
 	wg.Wait()
+}
+
+func TestCompareVersions(t *testing.T) {
+	for _, c := range []struct {
+		a, b string
+		want int
+	}{
+		{"9", "10", -1}, {"r9", "r10", -1}, {"20261201", "20261202", -1}, {"1.2.10", "1.2.9", 1},
+		{"v1", "v1", 0}, {"v01", "v1", 0}, {"a", "b", -1}, {"1.2", "1.2.1", -1}, {"2026-12-01T08", "2026-12-01T10", -1},
+	} {
+		if got := compareVersions(c.a, c.b); got != c.want {
+			t.Errorf("compareVersions(%q, %q) = %d, want %d", c.a, c.b, got, c.want)
+		}
+		if got := compareVersions(c.b, c.a); got != -c.want {
+			t.Errorf("compareVersions(%q, %q) = %d, want %d", c.b, c.a, got, -c.want)
+		}
+	}
+	for _, bad := range []string{"two words", "tab\tx", "new\nline", strings.Repeat("x", 129)} {
+		if checkLabel(bad) == nil {
+			t.Errorf("label %q accepted", bad)
+		}
+	}
 }

@@ -123,6 +123,10 @@ const (
 	// FeaturePublishPolicy: the Welcome says how the host publishes, so
 	// a guest knows how long a newer generation can take to come.
 	FeaturePublishPolicy Features = 1 << 3
+	// FeatureLabel: generations carry the label they were published with
+	// (an upstream revision): the Welcome the current one's, Announce
+	// each new one's (AnnounceLabel).
+	FeatureLabel Features = 1 << 4
 )
 
 // Has reports whether every feature in f is in s.
@@ -245,6 +249,8 @@ type Welcome struct {
 	// after the first unpublished change; a zero PublishMax means it
 	// publishes only when told (leasefs publish).
 	PublishQuiet, PublishMax time.Duration
+	// With FeatureLabel: the current generation's label ("" for none).
+	Label string
 }
 
 // Welcome flags.
@@ -274,6 +280,9 @@ func (m *Welcome) Append(b []byte) []byte {
 		b = putU32(b, millis(m.PublishQuiet))
 		b = putU32(b, millis(m.PublishMax))
 	}
+	if m.Features.Has(FeatureLabel) {
+		b = putStr(b, m.Label)
+	}
 	return b
 }
 
@@ -295,6 +304,9 @@ func (m *Welcome) decode(d *decoder) {
 		m.PublishQuiet = time.Duration(d.u32()) * time.Millisecond
 		m.PublishMax = time.Duration(d.u32()) * time.Millisecond
 	}
+	if m.Features.Has(FeatureLabel) {
+		m.Label = d.str("label", MaxLabel)
+	}
 	switch {
 	case d.err != nil:
 	case flags&^(welcomeResumed|welcomeKept) != 0:
@@ -308,9 +320,16 @@ func (m *Welcome) decode(d *decoder) {
 	}
 }
 
-// AnnounceAll in Announce.Flags: the change lists are incomplete; every
-// cached block and inode must be treated as changed.
-const AnnounceAll uint32 = 1
+// Announce.Flags: AnnounceAll, the change lists are incomplete (every
+// cached block and inode must be treated as changed); AnnounceLabel, a
+// label follows the lists (only to guests that asked for FeatureLabel).
+const (
+	AnnounceAll   uint32 = 1
+	AnnounceLabel uint32 = 2
+)
+
+// MaxLabel bounds a generation's label, in bytes.
+const MaxLabel = 128
 
 // Announce makes a generation current (host → guest).
 type Announce struct {
@@ -318,6 +337,7 @@ type Announce struct {
 	Flags      uint32
 	Blocks     []BlockRange
 	Inodes     []uint32
+	Label      string // with AnnounceLabel
 }
 
 func (*Announce) Type() Type { return TypeAnnounce }
@@ -330,13 +350,16 @@ func (m *Announce) Append(b []byte) []byte {
 	for _, ino := range m.Inodes {
 		b = putU32(b, ino)
 	}
+	if m.Flags&AnnounceLabel != 0 {
+		b = putStr(b, m.Label)
+	}
 	return b
 }
 
 func (m *Announce) decode(d *decoder) {
 	m.Generation = d.u64()
 	m.Flags = d.u32()
-	if d.err == nil && m.Flags&^AnnounceAll != 0 {
+	if d.err == nil && m.Flags&^(AnnounceAll|AnnounceLabel) != 0 {
 		d.fail("unknown flags %#x", m.Flags)
 	}
 	m.Blocks = decodeRanges(d, "blocks")
@@ -345,6 +368,9 @@ func (m *Announce) decode(d *decoder) {
 		for i := range m.Inodes {
 			m.Inodes[i] = d.u32()
 		}
+	}
+	if m.Flags&AnnounceLabel != 0 {
+		m.Label = d.str("label", MaxLabel)
 	}
 }
 

@@ -46,6 +46,10 @@ var golden = []struct {
 		`34000000 0180 0000 0100000000000000 |
 		 0100 0200 00000100 0c00000000000000 00000000000000000000000000000000
 		 0300000000000000 00040000 d0070000 30750000`},
+	{"WelcomeLabel", 1, &Welcome{Version: 1, MaxFrame: 64 << 10, Features: FeatureLabel, Generation: 3, BlockSize: 4096, Label: "r42"},
+		`31000000 0180 0000 0100000000000000 |
+		 0100 0000 00000100 1000000000000000 00000000000000000000000000000000
+		 0300000000000000 00100000 0300 723432`},
 	{"Announce", 5, &Announce{Generation: 9, Blocks: []BlockRange{{Start: 0x10, Count: 2}}, Inodes: []uint32{12, 13}},
 		`28000000 0200 0000 0500000000000000 |
 		 0900000000000000 00000000 01000000 1000000000000000 02000000
@@ -53,6 +57,9 @@ var golden = []struct {
 	{"AnnounceAll", 6, &Announce{Generation: 10, Flags: AnnounceAll},
 		`14000000 0200 0000 0600000000000000 |
 		 0a00000000000000 01000000 00000000 00000000`},
+	{"AnnounceLabel", 6, &Announce{Generation: 11, Flags: AnnounceAll | AnnounceLabel, Label: "r42"},
+		`19000000 0200 0000 0600000000000000 |
+		 0b00000000000000 03000000 00000000 00000000 0300 723432`},
 	{"AnnounceAck", 5, &AnnounceAck{Generation: 9},
 		`08000000 0280 0000 0500000000000000 | 0900000000000000`},
 	{"ReadMeta", 2, &ReadMeta{Generation: 3, Blocks: []BlockRange{{1, 1}, {0x200, 8}}},
@@ -214,5 +221,18 @@ func TestRanges(t *testing.T) {
 	}
 	if Ranges(nil) != nil {
 		t.Fatal("no blocks, no ranges")
+	}
+}
+
+// A label longer than MaxLabel is refused, in both messages that carry one.
+func TestLabelBounded(t *testing.T) {
+	long := strings.Repeat("x", MaxLabel+1)
+	for _, m := range []Message{
+		&Announce{Generation: 1, Flags: AnnounceLabel, Label: long},
+		&Welcome{Version: 1, MaxFrame: MinFrame, Features: FeatureLabel, Generation: 1, BlockSize: 4096, Label: long},
+	} {
+		if _, err := Decode(m.Type(), m.Append(nil)); err == nil || !strings.Contains(err.Error(), "label") {
+			t.Errorf("%T with a %d-byte label: %v", m, len(long), err)
+		}
 	}
 }

@@ -449,7 +449,7 @@ func TestMountHelperArgs(t *testing.T) {
 func TestStatusAtAGlance(t *testing.T) {
 	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
 	st := &hostagent.Status{Exports: []hostagent.ExportStatus{{
-		Name: "mirror", Mount: "/srv/mirror", Generation: 7, Published: now.Add(-90 * time.Second), LastFreezeMS: 1.25,
+		Name: "mirror", Mount: "/srv/mirror", Generation: 7, Label: "20261121.2", Published: now.Add(-90 * time.Second), LastFreezeMS: 1.25,
 		Leases: 3, Files: 2, Breaks: 5, PendingBreaks: 1,
 		Guests: []hostagent.GuestStatus{{Peer: "vsock:3", Generation: 7, Leases: 1}, {Peer: "vsock:4", Generation: 5, Leases: 2}},
 	}}}
@@ -457,8 +457,8 @@ func TestStatusAtAGlance(t *testing.T) {
 	if err := writeStatus(&b, st, now); err != nil {
 		t.Fatal(err)
 	}
-	want := `EXPORT  GEN  PUBLISHED  FREEZE  GUESTS  LEASES  FILES  BREAKS                    MOUNT
-mirror  7    1m30s ago  1.2 ms  2       3       2      5 (1 pending, 0 revoked)  /srv/mirror
+	want := `EXPORT  GEN  LABEL       PUBLISHED  FREEZE  GUESTS  LEASES  FILES  BREAKS                    MOUNT
+mirror  7    20261121.2  1m30s ago  1.2 ms  2       3       2      5 (1 pending, 0 revoked)  /srv/mirror
 
 guests of mirror:
   GUEST    GEN           LEASES

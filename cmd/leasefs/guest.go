@@ -267,6 +267,9 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 	}
 	fmt.Fprintf(tw, "host\t%s, export %s: %s; session %s, %d reconnects (%d resumed)\n", st.Host, st.Export, conn, st.Session, st.Reconnects, st.Resumes)
 	gen := fmt.Sprintf("%d, since %s", st.Generation, ago(st.Switched))
+	if st.Label != "" {
+		gen = fmt.Sprintf("%d (%s), since %s", st.Generation, st.Label, ago(st.Switched))
+	}
 	if st.Latest != st.Generation {
 		gen += fmt.Sprintf("; %d announced", st.Latest)
 	}

@@ -448,3 +448,37 @@ func TestInstallAndUninstall(t *testing.T) {
 		t.Errorf("make uninstall left %v", left)
 	}
 }
+
+// 'leasefs publish --label REV' records an upstream revision with the
+// generation: the host's status and metrics and the guest's status show
+// it; one that goes back is refused unless --force.
+func TestPublishLabels(t *testing.T) {
+	h, mnt, dev := startHostCmd(t)
+	t.Setenv("LEASEFS_RUN_DIR", t.TempDir())
+	dir := guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev)
+	os.WriteFile(filepath.Join(mnt, "news"), []byte("r10\n"), 0o644)
+	out, err := leasefs(t, "publish", "--control", h.control, "--label", "r10", "mirror")
+	if err != nil || !strings.HasPrefix(out, "mirror: generation 2 (r10), freeze ") {
+		t.Fatalf("publish --label: %v %s", err, out)
+	}
+	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !regexp.MustCompile(`mirror\s+2\s+r10\s`).MatchString(out) {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	if m, _ := leasefs(t, "metrics", "--control", h.control); !strings.Contains(m, `leasefs_generation_label{export="mirror",label="r10"} 1`) {
+		t.Errorf("metrics lack the label:\n%s", m)
+	}
+	waitFor(t, "the guest's status names r10", func() bool {
+		out, _ := leasefs(t, "guest", "status", dir)
+		return strings.Contains(out, "generation") && strings.Contains(out, "2 (r10)")
+	})
+	if out, err := leasefs(t, "publish", "--control", h.control, "--label", "r9", "mirror"); err == nil || !strings.Contains(out, `"r9" sorts before the last label "r10"`) {
+		t.Fatalf("a label going back: %v %s", err, out)
+	}
+	if out, err := leasefs(t, "publish", "--control", h.control, "--label", "r9", "--force", "mirror"); err != nil || !strings.Contains(out, "generation 3 (r9)") {
+		t.Fatalf("forced: %v %s", err, out)
+	}
+	waitFor(t, "the guest's status names r9", func() bool {
+		out, _ := leasefs(t, "guest", "status", dir)
+		return strings.Contains(out, "3 (r9)")
+	})
+}

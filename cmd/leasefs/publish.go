@@ -24,7 +24,7 @@ func parseControl(fs *flag.FlagSet, args []string, stderr io.Writer) (vsockproto
 }
 
 func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("publish", `Usage: leasefs publish [--control unix:PATH] [--json] NAME
+	fs := newFlagSet("publish", `Usage: leasefs publish [--control unix:PATH] [--json] [--label REV [--force]] NAME
 
 Publishes a generation of export NAME now: the host agent syncs the
 filesystem, freezes it for a few milliseconds to record its metadata,
@@ -35,8 +35,16 @@ its freeze time and how many inodes changed; --json prints those and
 the time of each step (sync and checkpoint, the early capture of a full
 scan, FIFREEZE, the scan, FITHAW, the merge after the thaw).
 
+--label records the upstream revision the tree now holds (a mirror's
+serial, a date, a version) with the generation: status, metrics and the
+guests' status show it. Labels compare as versions (9 < 10), and one
+that sorts before the export's last label is refused unless --force
+(a deliberate rollback).
+
 `)
 	asJSON := fs.Bool("json", false, "print JSON, with each step's time")
+	label := fs.String("label", "", "the upstream revision the generation holds")
+	force := fs.Bool("force", false, "publish a --label that sorts before the last one")
 	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
@@ -47,14 +55,18 @@ scan, FIFREEZE, the scan, FITHAW, the merge after the thaw).
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	p, _, err := hostagent.Control(ctx, addr, hostagent.ControlRequest{Op: "publish", Export: fs.Arg(0)})
+	p, _, err := hostagent.Control(ctx, addr, hostagent.ControlRequest{Op: "publish", Export: fs.Arg(0), Label: *label, Force: *force})
 	if err != nil {
 		return fmt.Errorf("publish %s: %w", fs.Arg(0), err)
 	}
 	if *asJSON {
 		return writeJSON(stdout, p)
 	}
-	_, err = fmt.Fprintf(stdout, "%s: generation %d, freeze %.1f ms, %d inodes changed\n", p.Export, p.Generation, p.FreezeMS, p.ChangedInodes)
+	labeled := ""
+	if p.Label != "" {
+		labeled = " (" + p.Label + ")"
+	}
+	_, err = fmt.Fprintf(stdout, "%s: generation %d%s, freeze %.1f ms, %d inodes changed\n", p.Export, p.Generation, labeled, p.FreezeMS, p.ChangedInodes)
 	return err
 }
 
@@ -120,7 +132,7 @@ func writeLeases(w io.Writer, st *hostagent.Status, now time.Time) error {
 // with what needs attention (guests behind, breaks pending) said so.
 func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "EXPORT\tGEN\tPUBLISHED\tFREEZE\tGUESTS\tLEASES\tFILES\tBREAKS\tMOUNT")
+	fmt.Fprintln(tw, "EXPORT\tGEN\tLABEL\tPUBLISHED\tFREEZE\tGUESTS\tLEASES\tFILES\tBREAKS\tMOUNT")
 	for _, e := range st.Exports {
 		published := "-"
 		if !e.Published.IsZero() {
@@ -130,7 +142,11 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 		if e.PendingBreaks > 0 || e.Revoked > 0 {
 			breaks += fmt.Sprintf(" (%d pending, %d revoked)", e.PendingBreaks, e.Revoked)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f ms\t%d\t%d\t%d\t%s\t%s\n", e.Name, e.Generation, published, e.LastFreezeMS,
+		label := e.Label
+		if label == "" {
+			label = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%.1f ms\t%d\t%d\t%d\t%s\t%s\n", e.Name, e.Generation, label, published, e.LastFreezeMS,
 			len(e.Guests), e.Leases, e.Files, breaks, e.Mount)
 	}
 	if err := tw.Flush(); err != nil {
