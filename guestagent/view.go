@@ -129,7 +129,7 @@ type genView struct {
 	gen   uint64
 	label string // what the host published it as, if anything
 	bs    int64
-	sb  []byte // the superblock's bytes, read at open: the generation's fingerprint
+	sb    []byte // the superblock's bytes, read at open: the generation's fingerprint
 	// dead: the host no longer has this generation, and what it serves
 	// under its number (another lineage's) must not be read for it.
 	dead atomic.Bool

@@ -5,8 +5,8 @@ import (
 	"encoding/binary"
 	"os"
 	"runtime"
-	"sync"
 	"strings"
+	"sync"
 	"testing"
 )
 
