@@ -50,11 +50,11 @@ func (s *Server) AutoPublish(ctx context.Context, name string) error {
 	if sv == nil {
 		return fmt.Errorf("no export %q", name)
 	}
-	w := sv.exp.watch
-	if w == nil {
+	changes := sv.exp.Changes()
+	if changes == nil {
 		return fmt.Errorf("export %q is not watched (ExportConfig.Watch)", name)
 	}
-	ap := sv.exp.cfg.AutoPublish
+	ap := sv.exp.AutoPublish()
 	if ap == nil {
 		return fmt.Errorf("export %q publishes only when told (ExportConfig.AutoPublish)", name)
 	}
@@ -65,7 +65,7 @@ func (s *Server) AutoPublish(ctx context.Context, name string) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-w.kick:
+		case <-changes:
 			if first.IsZero() {
 				first = time.Now()
 			}

@@ -26,6 +26,8 @@ type ControlRequest struct {
 	Leases bool   `json:"leases,omitempty"` // status: list every lease
 	Label  string `json:"label,omitempty"`  // publish: the generation's label
 	Force  bool   `json:"force,omitempty"`  // publish: even a label that goes backwards
+	Add    string `json:"add,omitempty"`    // listen: an address to serve guests on
+	Remove string `json:"remove,omitempty"` // listen: an address to stop serving
 }
 
 // Published is the reply to publish.
@@ -107,6 +109,7 @@ type controlReply struct {
 	Published *Published `json:"published,omitempty"`
 	Status    *Status    `json:"status,omitempty"`
 	Metrics   string     `json:"metrics,omitempty"`
+	Listen    []string   `json:"listen,omitempty"`
 }
 
 // Status reports the exports and their guests.
@@ -122,7 +125,7 @@ func (s *Server) status(leases bool, export string) *Status {
 	}
 	s.mu.Unlock()
 	for name, sv := range s.all() {
-		es := ExportStatus{Name: name, Mount: sv.exp.cfg.Mount}
+		es := ExportStatus{Name: name, Mount: sv.exp.Mount()}
 		if g := sv.exp.Current(); g != nil {
 			es.Generation, es.Published, es.LastFreezeMS, es.Blocks = g.Number, g.Captured, ms(g.Frozen), g.Blocks()
 			es.Label = g.Label
@@ -190,6 +193,24 @@ func (s *Server) control(nc net.Conn) {
 				break
 			}
 			reply.Status = s.status(req.Leases, req.Export)
+		case "listen":
+			l := s.opt.Listeners
+			var err error
+			switch {
+			case l == nil:
+				err = errors.New("this agent's listen addresses are fixed")
+			case req.Add != "" && req.Remove != "":
+				err = errors.New("add or remove, not both")
+			case req.Add != "":
+				err = l.AddListener(req.Add)
+			case req.Remove != "":
+				err = l.RemoveListener(req.Remove)
+			}
+			if err != nil {
+				reply.Error = err.Error()
+			} else if l != nil {
+				reply.Listen = l.ListenAddrs()
+			}
 		case "metrics":
 			var b strings.Builder
 			if err := s.WriteMetrics(&b); err != nil {
@@ -220,6 +241,17 @@ func Control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*Pu
 		return nil, nil, err
 	}
 	return reply.Published, reply.Status, nil
+}
+
+// ControlListen asks the agent at addr to add or remove a guest listen
+// address (one of add, remove, or neither to only list them) and returns
+// the addresses it then serves.
+func ControlListen(ctx context.Context, addr vsockproto.Addr, add, remove string) ([]string, error) {
+	reply, err := control(ctx, addr, ControlRequest{Op: "listen", Add: add, Remove: remove})
+	if err != nil {
+		return nil, err
+	}
+	return reply.Listen, nil
 }
 
 func control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*controlReply, error) {

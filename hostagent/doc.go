@@ -50,6 +50,13 @@
 // directory, the kernel's to cache, and only its index, a capture's new
 // blocks until after the thaw, and a cache of hot blocks in memory.
 //
+// A publish reads as its steps (Export.PublishLabeled): prepare (syncfs
+// and the checkpoint, a full or narrowed scan chosen, names resolved, a
+// full scan's early capture — writers run), captureFrozen (the freeze,
+// through the one helper frozen: record, arm the watchdog, expedite,
+// FIFREEZE, capture, FITHAW, undo), complete (the full generation, after
+// the thaw) and makeCurrent (numbered, current, recorded).
+//
 // # Freezes and the watchdog
 //
 // A freeze outlives the process that made it, and the writers it holds

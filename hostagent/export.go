@@ -299,6 +299,21 @@ func (e *Export) DropBefore(n uint64) {
 // Name is the export's name.
 func (e *Export) Name() string { return e.cfg.Name }
 
+// Mount is where the export is mounted read-write.
+func (e *Export) Mount() string { return e.cfg.Mount }
+
+// AutoPublish is how the export publishes on its own (nil: only when told).
+func (e *Export) AutoPublish() *AutoPublish { return e.cfg.AutoPublish }
+
+// Changes receives a value after the tree changed (coalesced), nil for
+// an export that is not watched (ExportConfig.Watch).
+func (e *Export) Changes() <-chan struct{} {
+	if e.watch == nil {
+		return nil
+	}
+	return e.watch.kick
+}
+
 // Store returns the export's block store.
 func (e *Export) Store() *Store { return e.store }
 
@@ -331,69 +346,105 @@ func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 		return nil, fmt.Errorf("%w: %q sorts before the last label %q (force it to roll back)", ErrLabelBackwards, label, e.label)
 	}
 	var ph Phases
-	full := false
-	defer func() {
-		// A full scan's garbage (the early capture, the walk of the
-		// tree) goes back to the kernel now, not kept as the heap's
-		// high-water mark.
-		if full {
-			debug.FreeOSMemory()
-		}
-	}()
+	p, err := e.prepare(&ph)
+	if err != nil {
+		return nil, err
+	}
+	defer p.end()
+	d, err := e.captureFrozen(&ph, p)
+	if err != nil {
+		return nil, err
+	}
+	g, err := e.complete(&ph, p, d)
+	if err != nil {
+		return nil, err
+	}
+	e.makeCurrent(g, label, ph)
+	return g, nil
+}
+
+// A plannedCapture is what a publish decided before the freeze.
+type plannedCapture struct {
+	prev *Generation
+	full bool            // a full scan, against pre
+	cand map[uint32]bool // a narrowed one: the inodes whose names changed
+	pre  *earlyCapture
+}
+
+// end returns what a publish held: the early capture, and a full scan's
+// garbage (the early capture, the walk of the tree) to the kernel, not
+// kept as the heap's high-water mark.
+func (p *plannedCapture) end() {
+	if p.pre != nil {
+		p.pre.drop()
+	}
+	if p.full {
+		debug.FreeOSMemory()
+	}
+}
+
+// prepare does what a publish can before the freeze: syncfs and the
+// journal checkpoint, choosing a full or a narrowed scan, resolving the
+// names changed so far (the previous generation does not change, and a
+// name that changes again before the freeze makes another event, taken
+// while frozen), and for a full scan the early capture while writers run.
+func (e *Export) prepare(ph *Phases) (*plannedCapture, error) {
 	t := time.Now()
 	if err := e.checkpoint(); err != nil {
 		return nil, err
 	}
 	ph.Sync = time.Since(t)
-	prev := e.Current()
-	// Names changed so far resolve before the freeze: the previous
-	// generation does not change, and a name that changes again before
-	// the freeze makes another event, taken while frozen.
-	full = prev == nil || e.watch == nil || e.needFull ||
+	p := &plannedCapture{prev: e.Current(), cand: map[uint32]bool{}}
+	p.full = p.prev == nil || e.watch == nil || e.needFull ||
 		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
 	e.needFull = true // until this publish succeeds
-	cand := map[uint32]bool{}
 	if e.watch != nil {
 		names, lost := e.watch.take()
-		full = full || lost
-		if !full {
-			e.resolve(cand, names, prev)
+		p.full = p.full || lost
+		if !p.full {
+			e.resolve(p.cand, names, p.prev)
 		}
 	}
-	// A full scan compares every inode with a capture made now, while
-	// writers run; frozen, it reads the inode tables again, but looks
-	// into and hashes only the blocks whose fingerprint changed since.
-	var pre *earlyCapture
-	if full {
+	// A full scan compares every inode with a capture made now; frozen,
+	// it reads the inode tables again, but looks into and hashes only the
+	// blocks whose fingerprint changed since.
+	if p.full {
 		t := time.Now()
 		var err error
-		if pre, err = e.precapture(prev); err != nil {
+		if p.pre, err = e.precapture(p.prev); err != nil {
 			return nil, err
 		}
 		ph.Pre = time.Since(t)
 	}
+	return p, nil
+}
+
+// captureFrozen is the freeze: the names changed since prepare resolved,
+// then the capture — a delta over the previous generation, or a full
+// scan against the early capture.
+func (e *Export) captureFrozen(ph *Phases, p *plannedCapture) (*delta, error) {
 	var d *delta
-	err := e.frozen(&ph, func() error {
+	err := e.frozen(ph, func() error {
 		if e.watch != nil {
 			names, lost := e.watch.take() // all queued before the freeze
 			select {                      // its kick is for events just taken
 			case <-e.watch.kick:
 			default:
 			}
-			if lost && !full {
+			if lost && !p.full {
 				return errLostEvents
 			}
-			if !full {
+			if !p.full {
 				t := time.Now()
-				e.resolve(cand, names, prev)
+				e.resolve(p.cand, names, p.prev)
 				ph.Resolve = time.Since(t)
 			}
 		}
 		t := time.Now()
 		var err error
-		sc := scan{dev: e.dev, tables: e.cached, store: e.store, base: prev, cand: cand}
-		if full {
-			sc.base, sc.cand, sc.sums = pre.g, nil, pre.sums
+		sc := scan{dev: e.dev, tables: e.cached, store: e.store, base: p.prev, cand: p.cand}
+		if p.full {
+			sc.base, sc.cand, sc.sums = p.pre.g, nil, p.pre.sums
 		}
 		d, err = capture(sc)
 		ph.Scan = time.Since(t)
@@ -402,9 +453,6 @@ func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 		}
 		return err
 	})
-	if pre != nil {
-		defer pre.drop()
-	}
 	if errors.Is(err, errLostEvents) {
 		e.log.Warn("inotify lost events during the freeze; the next publish scans everything")
 		return nil, err
@@ -415,35 +463,48 @@ func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 		}
 		return nil, err
 	}
-	t = time.Now()
+	return d, nil
+}
+
+// complete makes the full generation from the capture, after the thaw:
+// the block map, what changed since the last generation, the new blocks
+// written to the store; and drops the device's stale cached data before
+// anyone can see it (see pagecache.go).
+func (e *Export) complete(ph *Phases, p *plannedCapture, d *delta) (*Generation, error) {
+	t := time.Now()
 	g, err := d.generation()
 	if err != nil {
 		return nil, fmt.Errorf("capturing %s: %w", e.cfg.Device, err)
 	}
-	if full && pre != nil {
+	if p.full && p.pre != nil {
 		// Captured against the early capture: what changed is what
 		// differs from the last generation.
-		g.All = prev == nil
-		g.changesSince(prev)
+		g.All = p.prev == nil
+		g.changesSince(p.prev)
 		g.ChangedInodes = nil
 		if !g.All {
-			g.ChangedInodes = mergeInodes(pre.changed, d.changed)
+			g.ChangedInodes = mergeInodes(p.pre.changed, d.changed)
 		}
 	}
 	e.flush()
 	ph.Merge = time.Since(t)
 	e.needFull = false
-	if full {
+	if p.full {
 		e.sinceFull = 0
 	} else {
 		e.sinceFull++
 	}
-	g.Full, g.Phases = full, ph
+	g.Full, g.Phases = p.full, *ph
 	g.Scan, g.Resolve, g.Ioctls = ph.Scan, ph.Resolve, ph.Freeze+ph.Thaw
-	// Before anyone can see the generation (see pagecache.go).
 	if err := e.dropStaleData(g); err != nil {
 		e.log.Error("dropping the device's cached file data; guests reading it buffered may see stale bytes", "error", err)
 	}
+	return g, nil
+}
+
+// makeCurrent numbers g, makes it current, and writes its number and
+// label to the state directory.
+func (e *Export) makeCurrent(g *Generation, label string, ph Phases) {
 	g.refs.Store(1) // the export's
 	g.Label = label
 	e.mu.Lock()
@@ -461,10 +522,9 @@ func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 			e.log.Error("recording the label", "error", err)
 		}
 	}
-	e.log.Info("published", "generation", g.Number, "label", label, "frozen", ph.Frozen, "full_scan", full, "blocks", g.Blocks(),
+	e.log.Info("published", "generation", g.Number, "label", label, "frozen", ph.Frozen, "full_scan", g.Full, "blocks", g.Blocks(),
 		"changed_blocks", len(g.Changed), "changed_inodes", len(g.ChangedInodes),
 		"sync", ph.Sync, "precapture", ph.Pre, "fifreeze", ph.Freeze, "scan", ph.Scan, "fithaw", ph.Thaw, "merge", ph.Merge)
-	return g, nil
 }
 
 // errLostEvents: inotify lost events while the export was frozen; the

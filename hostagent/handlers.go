@@ -43,10 +43,10 @@ func (g *guest) maxReply() uint64 { return uint64(min(MaxReply, g.max)) }
 // release gives the bytes back, once the reply is sent; done ends the
 // turn.
 func (g *guest) budget(ctx context.Context, n int64) (release, done func(), err error) {
-	if release, err = g.s.quotas.reserve(ctx, g.quota, n, g.sv.exp.cfg.Name); err != nil {
+	if release, err = g.s.quotas.reserve(ctx, g.quota, n, g.sv.exp.Name()); err != nil {
 		return nil, nil, err
 	}
-	if done, err = g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name); err != nil {
+	if done, err = g.s.quotas.run(ctx, g.quota, g.sv.exp.Name()); err != nil {
 		release()
 		return nil, nil, err
 	}
@@ -109,7 +109,7 @@ func (g *guest) readMeta(ctx context.Context, m *vsockproto.ReadMeta) (vsockprot
 			out = append(out, data...)
 		}
 	}
-	g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "meta").Add(float64(len(out)))
+	g.sv.m.served.WithLabelValues(g.sv.exp.Name(), "meta").Add(float64(len(out)))
 	return vsockproto.WithRelease(&vsockproto.Meta{Data: out}, release), nil
 }
 
@@ -140,7 +140,7 @@ func (g *guest) open(ctx context.Context, m *vsockproto.Open) (vsockproto.Messag
 		// the tree's, whatever ext4ro or the kernel would say.
 		return nil, vsockproto.Errorf(vsockproto.CodeNotFound, "inode %d is reserved", m.Inode)
 	}
-	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.cfg.Name)
+	done, err := g.s.quotas.run(ctx, g.quota, g.sv.exp.Name())
 	if err != nil {
 		return nil, err
 	}
@@ -167,7 +167,7 @@ func (g *guest) open(ctx context.Context, m *vsockproto.Open) (vsockproto.Messag
 		Ctime: unix.Timespec{Sec: in.Ctime.Sec, Nsec: int64(in.Ctime.Nsec)}, Layout: hash, Generation: m.Generation})
 	if err != nil {
 		if errors.Is(err, lease.ErrQuota) {
-			g.sv.m.quota.WithLabelValues(g.sv.exp.cfg.Name, "leases").Inc()
+			g.sv.m.quota.WithLabelValues(g.sv.exp.Name(), "leases").Inc()
 		}
 		return nil, protoErr(err)
 	}
@@ -199,7 +199,7 @@ func (g *guest) read(ctx context.Context, m *vsockproto.Read) (vsockproto.Messag
 		release()
 		return nil, protoErr(err)
 	}
-	g.sv.m.served.WithLabelValues(g.sv.exp.cfg.Name, "data").Add(float64(got))
+	g.sv.m.served.WithLabelValues(g.sv.exp.Name(), "data").Add(float64(got))
 	return vsockproto.WithRelease(&vsockproto.Data{Data: p[:got]}, release), nil
 }
 

@@ -65,7 +65,7 @@ func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAliv
 	if err != nil {
 		return
 	}
-	g.sv.m.announceAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(published))
+	g.sv.m.announceAck.WithLabelValues(g.sv.exp.Name()).Observe(since(published))
 	on := reply.(*vsockproto.AnnounceAck).Generation
 	if on > ann.Generation {
 		return // a guest that lies about its generation keeps what it was on
@@ -102,7 +102,7 @@ func (s *Server) retain(sv *served) {
 		}
 		if n < floor {
 			if s.warn.Allow() {
-				s.log.Warn("a guest holds the export back too far; dropping the generation it is on", "export", sv.exp.cfg.Name,
+				s.log.Warn("a guest holds the export back too far; dropping the generation it is on", "export", sv.exp.Name(),
 					"generation", n, "current", cur)
 			}
 			sv.on[tok] = floor

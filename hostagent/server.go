@@ -30,6 +30,19 @@ type ServerOptions struct {
 	Logger hclog.Logger
 	// Version is the agent's version, for leasefs_build_info.
 	Version string
+	// Listeners, if set, adds and removes guest listen addresses on
+	// request through the control socket (op "listen").
+	Listeners Listeners
+}
+
+// Listeners are the guest addresses an agent serves, changed at run time.
+type Listeners interface {
+	// AddListener starts serving guests on addr (vsockproto.ParseAddr).
+	AddListener(addr string) error
+	// RemoveListener stops serving on addr; its guests' connections go on.
+	RemoveListener(addr string) error
+	// ListenAddrs lists the addresses served.
+	ListenAddrs() []string
 }
 
 // Server serves guests the exports' generations and leases.
@@ -118,23 +131,23 @@ func (s *Server) all() map[string]*served { return *s.exports.Load() }
 // until its first Publish.
 func (s *Server) AddExport(e *Export) error {
 	cfg := s.opt.Lease
-	cfg.Root = e.cfg.Mount
+	cfg.Root = e.Mount()
 	cfg.FDs = s.opt.FDs
-	cfg.Logger = s.opt.Logger.Named("lease").With("export", e.cfg.Name)
+	cfg.Logger = s.opt.Logger.Named("lease").With("export", e.Name())
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.all()
-	if old[e.cfg.Name] != nil {
-		return fmt.Errorf("export %s is named twice", e.cfg.Name)
+	if old[e.Name()] != nil {
+		return fmt.Errorf("export %s is named twice", e.Name())
 	}
 	c, err := lease.New(cfg)
 	if err != nil {
-		return fmt.Errorf("export %s: %w", e.cfg.Name, err)
+		return fmt.Errorf("export %s: %w", e.Name(), err)
 	}
 	next := make(map[string]*served, len(old)+1)
 	maps.Copy(next, old)
-	next[e.cfg.Name] = &served{exp: e, coord: c, m: s.m, on: map[lease.Token]uint64{}}
-	s.m.addExport(e.cfg.Name)
+	next[e.Name()] = &served{exp: e, coord: c, m: s.m, on: map[lease.Token]uint64{}}
+	s.m.addExport(e.Name())
 	s.exports.Store(&next)
 	return nil
 }
@@ -333,7 +346,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	s.mu.Lock()
 	s.conns[g] = struct{}{}
 	s.mu.Unlock()
-	s.log.Info("guest connected", "guest", who, "peer", peer.String(), "export", g.sv.exp.cfg.Name)
+	s.log.Info("guest connected", "guest", who, "peer", peer.String(), "export", g.sv.exp.Name())
 
 	go g.forwardBreaks(s.opt.Lease.AckTimeout)
 	<-conn.Done()
@@ -376,7 +389,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	if !resumed {
 		if g.sess, err = sv.coord.NewSession(who, g.peer.String(), sink); err != nil {
 			if errors.Is(err, lease.ErrQuota) {
-				s.m.quota.WithLabelValues(sv.exp.cfg.Name, "sessions").Inc()
+				s.m.quota.WithLabelValues(sv.exp.Name(), "sessions").Inc()
 			}
 			return nil, nil, protoErr(err)
 		}
@@ -398,7 +411,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	if kept {
 		on = h.Generation
 	}
-	if ap := sv.exp.cfg.AutoPublish; ap != nil {
+	if ap := sv.exp.AutoPublish(); ap != nil {
 		w.PublishQuiet, w.PublishMax = ap.Quiet, ap.Max
 	}
 	sv.mu.Lock()
@@ -431,7 +444,7 @@ func (g *guest) forwardBreaks(deadline time.Duration) {
 			if _, err := g.conn.Call(ctx, msg); err != nil {
 				return // not acknowledged: the coordinator's deadline revokes
 			}
-			g.sv.m.breakAck.WithLabelValues(g.sv.exp.cfg.Name).Observe(since(start))
+			g.sv.m.breakAck.WithLabelValues(g.sv.exp.Name()).Observe(since(start))
 			for _, id := range ids {
 				_ = g.sess.Ack(id)
 			}

@@ -212,3 +212,52 @@ func TestConfigPrecedence(t *testing.T) {
 		}
 	}
 }
+
+// A QEMU or Firecracker host adds a VM's listener when it starts the VM
+// and removes it when it stops it, through the control socket: the
+// other guests never notice, and a reload keeps what was added.
+func TestListenersAddedAndRemoved(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	conf := filepath.Join(run, "host.toml")
+	control := "unix:" + filepath.Join(run, "control.sock")
+	first := filepath.Join(run, "first.sock")
+	hostConfig(t, conf, fmt.Sprintf("state_dir = %q", filepath.Join(run, "state")), fmt.Sprintf("control = %q", control),
+		`auto_publish = "off"`, fmt.Sprintf("listen = [%q]", "unix:"+first), "[export.mirror]", fmt.Sprintf("device = %q", dev), fmt.Sprintf("mount = %q", mnt))
+	h := &hostProc{control: control, guest: "unix:" + first}
+	runHostCmd(t, h, mnt, "host", "--config", conf)
+	g1 := guestMount(t, "--connect", "unix:"+first, "--export", "mirror", "--device", dev)
+	f, err := os.Open(filepath.Join(g1, "hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+
+	vm := filepath.Join(run, "vm7")
+	out, err := leasefs(t, "listen", "--control", control, "--add", "hvsock:"+vm+":5000")
+	if err != nil || !strings.Contains(out, "hvsock:"+vm+":5000") || !strings.Contains(out, "unix:"+first) {
+		t.Fatalf("listen --add: %v\n%s", err, out)
+	}
+	g2 := guestMount(t, "--connect", "unix:"+vm+"_5000", "--export", "mirror", "--device", dev)
+	if b, err := os.ReadFile(filepath.Join(g2, "hello")); err != nil || string(b) != "generation one\n" {
+		t.Fatalf("the added VM's guest: %q %v", b, err)
+	}
+	if out, err := leasefs(t, "listen", "--control", control, "--add", "hvsock:"+vm+":5000"); err == nil || !strings.Contains(out, "already listening") {
+		t.Fatalf("added twice: %v %s", err, out)
+	}
+	if got := reloadAndWait(t, h); !strings.Contains(got, "reloaded") || !exists(vm+"_5000") {
+		t.Fatalf("a reload dropped the added listener: %s", got)
+	}
+	if out, err := leasefs(t, "listen", "--control", control, "--remove", "hvsock:"+vm+":5000"); err != nil || strings.Contains(out, vm) {
+		t.Fatalf("listen --remove: %v\n%s", err, out)
+	}
+	if exists(vm + "_5000") {
+		t.Fatal("the removed listener's socket is still there")
+	}
+	if out, err := leasefs(t, "listen", "--control", control, "--remove", "vsock:9"); err == nil || !strings.Contains(out, "not listening on vsock:9") {
+		t.Fatalf("removing what is not served: %v %s", err, out)
+	}
+	if b, err := io.ReadAll(io.NewSectionReader(f, 0, 100)); err != nil || string(b) != "generation one\n" {
+		t.Fatalf("the first guest's open file: %q %v", b, err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -307,18 +308,20 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		defer ml.Close()
 	}
+	grp, ctx := errgroup.WithContext(ctx)
+	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
+		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
-		Lease:   lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
-		Limits:  o.limits,
-		Logger:  log,
-		Version: versionString(),
+		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
+		Limits:    o.limits,
+		Logger:    log,
+		Version:   versionString(),
+		Listeners: a,
 	})
 	if err != nil {
 		return err
 	}
-	grp, ctx := errgroup.WithContext(ctx)
-	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, srv: srv, ctx: ctx, grp: grp,
-		listens: map[string]*running{}, exports: map[string]*runningExport{}}
+	a.srv = srv
 	defer func() {
 		srv.Close() // the guests first, then what they were served
 		a.stopAll()
@@ -326,7 +329,9 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// Every address and export is checked and taken before anything is
 	// frozen.
 	stopExtending := extendStartup("publishing the first generations")
+	a.mu.Lock()
 	err = a.apply(o)
+	a.mu.Unlock()
 	stopExtending()
 	if err != nil {
 		return err
@@ -345,11 +350,13 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				return nil
 			case <-hup:
 				log.Info("SIGHUP: reading the settings again", "config", o.config)
+				a.mu.Lock()
 				if err := a.reload(); err != nil {
 					log.Error("reload refused; the running settings are kept", "error", err)
 				} else {
 					log.Info("reloaded", "exports", slices.Sorted(maps.Keys(a.exports)), "listen", slices.Sorted(maps.Keys(a.listens)))
 				}
+				a.mu.Unlock()
 			}
 		}
 	})
@@ -373,18 +380,20 @@ func staleLogger(log hclog.Logger) func(string) {
 }
 
 // hostAgent is a running host agent's exports and guest listeners, which
-// a reload changes. Only runHost's goroutine and, after it, the SIGHUP
-// goroutine touch them.
+// a reload (SIGHUP) and 'leasefs listen' (the control socket) change.
 type hostAgent struct {
 	args           []string // the command line, read again with the file at each reload
-	o              *hostOptions
 	stdout, stderr io.Writer
 	log            hclog.Logger
 	srv            *hostagent.Server
 	ctx            context.Context
 	grp            *errgroup.Group
-	listens        map[string]*running // by address
-	exports        map[string]*runningExport
+
+	mu      sync.Mutex                 // one change at a time; guards what follows
+	o       *hostOptions               // the settings applied
+	listens map[string]*running        // by address
+	extra   map[string]vsockproto.Addr // added through the control socket: kept across reloads
+	exports map[string]*runningExport
 }
 
 // running is something served until its cancel; done when it has ended.
@@ -450,7 +459,7 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 	if err := checkStateDir(o); err != nil {
 		return err
 	}
-	want := map[string]vsockproto.Addr{}
+	want := maps.Clone(a.extra)
 	for _, l := range o.listen {
 		want[l.String()] = l
 	}
@@ -471,21 +480,14 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		if a.listens[key] != nil {
 			continue
 		}
-		if addr.Kind == vsockproto.KindVMDir {
-			if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
-				return fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
-			}
-			newListens[key] = func(ctx context.Context) error {
-				return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
-			}
-			continue
-		}
-		l, err := vsockproto.Listen(addr, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
+		serve, l, err := a.bind(addr)
 		if err != nil {
-			return fmt.Errorf("--listen %s: %w", addr, err)
+			return err
 		}
-		taken = append(taken, l)
-		newListens[key] = func(ctx context.Context) error { return a.srv.Serve(ctx, l) }
+		if l != nil {
+			taken = append(taken, l)
+		}
+		newListens[key] = serve
 	}
 	keep := map[string]bool{}
 	for _, sp := range o.exports {
@@ -546,6 +548,75 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		a.log.Info("listening", "addr", key)
 	}
 	return nil
+}
+
+// bind takes addr for guests (or, for a directory of VM sockets, checks
+// it) and returns how to serve it, and what to close if it is not.
+func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, io.Closer, error) {
+	if addr.Kind == vsockproto.KindVMDir {
+		if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
+			return nil, nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
+		}
+		return func(ctx context.Context) error {
+			return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
+		}, nil, nil
+	}
+	l, err := vsockproto.Listen(addr, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
+	}
+	return func(ctx context.Context) error { return a.srv.Serve(ctx, l) }, l, nil
+}
+
+// AddListener serves guests on addr from now on, across reloads too,
+// until RemoveListener (hostagent.Listeners, for 'leasefs listen').
+func (a *hostAgent) AddListener(s string) error {
+	addr, err := vsockproto.ParseAddr(s)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := addr.String()
+	if a.listens[key] != nil {
+		return fmt.Errorf("already listening on %s", key)
+	}
+	serve, _, err := a.bind(addr)
+	if err != nil {
+		return err
+	}
+	a.listens[key], a.extra[key] = a.start(serve), addr
+	a.log.Info("listening (added through the control socket)", "addr", key)
+	return nil
+}
+
+// RemoveListener stops serving addr, however it was added; the guests
+// connected through it stay connected. One from the settings comes back
+// at the next reload.
+func (a *hostAgent) RemoveListener(s string) error {
+	addr, err := vsockproto.ParseAddr(s)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := addr.String()
+	r := a.listens[key]
+	if r == nil {
+		return fmt.Errorf("not listening on %s", key)
+	}
+	r.stop()
+	delete(a.listens, key)
+	delete(a.extra, key)
+	a.log.Info("stopped listening (through the control socket)", "addr", key)
+	return nil
+}
+
+// ListenAddrs lists the addresses served.
+func (a *hostAgent) ListenAddrs() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Sorted(maps.Keys(a.listens))
 }
 
 // addExport serves r and publishes its first generation.

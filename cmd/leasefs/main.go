@@ -61,6 +61,7 @@ var commands = []command{
 	{"publish", "publish a generation of an export now", runPublish},
 	{"status", "show a host agent's exports, guests and leases", runStatus},
 	{"metrics", "print a host agent's Prometheus metrics", runMetrics},
+	{"listen", "add or remove a host agent's guest listen addresses", runListen},
 	{"thaw", "thaw exports a dead host agent left frozen", runThaw},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {

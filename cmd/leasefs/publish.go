@@ -179,3 +179,37 @@ func writeJSON(w io.Writer, v any) error {
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
+
+func runListen(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("listen", `Usage: leasefs listen [--control unix:PATH] [--add ADDR | --remove ADDR]
+
+Adds or removes an address the running host agent serves guests on, and
+prints those it serves: for a host whose VMs come with their own
+listeners (a QEMU VM's vsock:CID:PORT, a Firecracker VM's
+hvsock:PATH:PORT), started and stopped with the VM. Nothing else is
+touched: the other guests, their sessions and leases. An address added
+this way stays across reloads; one removed that is in the settings file
+comes back at the next reload.
+
+`)
+	add := fs.String("add", "", "start serving guests on ADDR")
+	remove := fs.String("remove", "", "stop serving ADDR (its connected guests stay)")
+	addr, err := parseControl(fs, args, stderr)
+	if err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return errUsage
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	addrs, err := hostagent.ControlListen(ctx, addr, *add, *remove)
+	if err != nil {
+		return err
+	}
+	for _, a := range addrs {
+		fmt.Fprintln(stdout, a)
+	}
+	return nil
+}
