@@ -15,6 +15,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/leasefs/leasefs/guestagent"
@@ -32,6 +33,7 @@ type guestOptions struct {
 	cacheMB             int
 	statusSocket        string
 	foreground, debug   bool
+	retry               bool
 }
 
 // parseGuest checks a guest command line without acting on it.
@@ -69,6 +71,7 @@ docs/operations.md).
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics over HTTP (/metrics) on a loopback HOST:PORT or unix:PATH")
 	fs.StringVar(&o.statusSocket, "status-socket", "", "the status socket (default: one per mount point under "+runDir()+")")
 	fs.BoolVar(&o.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
+	fs.BoolVar(&o.retry, "retry", false, "while the host agent cannot be reached, keep trying (every 1 s, backing off to 30 s)\ninstead of failing: for a guest started while its host restarts")
 	fs.BoolVar(&o.debug, "debug", false, "log every FUSE request (implies --foreground)")
 	fs.StringVar(&o.logTo, "log", "", logHelp)
 	fs.StringVar(&o.logLevel, "log-level", "info", "trace, debug, info, warn or error")
@@ -172,8 +175,8 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 		return fmt.Errorf("the status socket: %w", err)
 	}
 	defer sl.Close()
-	c, err := guestagent.NewClient(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow,
-		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Logger: log})
+	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow,
+		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Logger: log}, o.retry, log)
 	if err != nil {
 		return err
 	}
@@ -333,5 +336,32 @@ func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client) {
 			c.Close()
 			return
 		}
+	}
+}
+
+// Backing off between tries to reach the host (--retry).
+const (
+	retryFirst = time.Second
+	retryMax   = 30 * time.Second
+)
+
+// connectGuest makes the guest's client; with retry, it tries again,
+// backing off, until it succeeds or ctx ends (SIGTERM), saying why in
+// the log and to systemd.
+func connectGuest(ctx context.Context, cfg guestagent.ClientConfig, retry bool, log hclog.Logger) (*guestagent.Client, error) {
+	wait := retryFirst
+	for {
+		c, err := guestagent.NewClient(ctx, cfg)
+		if err == nil || !retry {
+			return c, err
+		}
+		log.Warn("cannot reach the host agent; trying again", "host", cfg.Addr.String(), "in", wait, "error", err)
+		_, _ = daemon.SdNotify(false, "STATUS=waiting for the host agent at "+cfg.Addr.String()+": "+err.Error())
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, retryMax)
 	}
 }

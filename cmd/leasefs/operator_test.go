@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
@@ -481,4 +482,44 @@ func TestPublishLabels(t *testing.T) {
 		out, _ := leasefs(t, "guest", "status", dir)
 		return strings.Contains(out, "3 (r9)")
 	})
+}
+
+// A guest started while its host agent is down (--retry, as the unit
+// runs it) waits for it, backing off, and mounts once it is up.
+func TestGuestWaitsForItsHost(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	sock := filepath.Join(run, "guest.sock")
+	dir := t.TempDir()
+	log := filepath.Join(run, "guest.log")
+	done := make(chan error, 1)
+	go func() {
+		_, err := leasefs(t, "guest", "--retry", "--log", log, "--connect", "unix:"+sock, "--export", "mirror", "--device", dev, dir)
+		done <- err
+	}()
+	t.Cleanup(func() { imgtest.Unmount(t, dir); waitGone(t, dir) })
+	waitFor(t, "the guest trying again", func() bool {
+		b, _ := os.ReadFile(log)
+		return strings.Count(string(b), "cannot reach the host agent; trying again") >= 2
+	})
+	select {
+	case err := <-done:
+		t.Fatalf("the guest gave up without its host: %v", err)
+	default:
+	}
+	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + sock}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest, "--control", h.control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("the guest: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the guest did not mount within 30 s of its host coming up")
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "hello")); err != nil || string(b) != "generation one\n" {
+		t.Fatalf("read %q %v", b, err)
+	}
 }
