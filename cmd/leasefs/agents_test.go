@@ -21,7 +21,7 @@ import (
 type hostProc struct {
 	cmd            *exec.Cmd
 	control, guest string
-	log            *strings.Builder
+	log            *testenv.SyncBuffer
 }
 
 // hostExport is a fresh loop-mounted export holding "hello".
@@ -64,7 +64,7 @@ func startHostOn(t *testing.T, mnt, dev string) (h *hostProc, run string) {
 // is unmounted).
 func runHostCmd(t *testing.T, h *hostProc, mnt string, args ...string) {
 	t.Helper()
-	h.log = &strings.Builder{}
+	h.log = &testenv.SyncBuffer{}
 	h.cmd = exec.Command(leasefsBin, args...)
 	h.cmd.Stderr = h.log
 	out, err := h.cmd.StdoutPipe()
@@ -171,7 +171,7 @@ func TestHostAndGuestCommands(t *testing.T) {
 	if len(st.Exports) != 1 || st.Exports[0].Generation != 2 || len(st.Exports[0].Guests) != 2 {
 		t.Fatalf("status %+v", st)
 	}
-	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !regexp.MustCompile(`(?m)^mirror +2 +\d+s ago +[\d.]+ ms +2 `).MatchString(out) ||
+	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !regexp.MustCompile(`(?m)^mirror +2 +- +\d+s ago +[\d.]+ ms +2 `).MatchString(out) ||
 		!strings.Contains(out, "guests of mirror:") {
 		t.Fatalf("leasefs status: %v\n%s", err, out)
 	}
