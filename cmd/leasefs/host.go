@@ -571,45 +571,46 @@ func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, io.
 // AddListener serves guests on addr from now on, across reloads too,
 // until RemoveListener (hostagent.Listeners, for 'leasefs listen').
 func (a *hostAgent) AddListener(s string) error {
-	addr, err := vsockproto.ParseAddr(s)
-	if err != nil {
-		return err
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	key := addr.String()
-	if a.listens[key] != nil {
-		return fmt.Errorf("already listening on %s", key)
-	}
-	serve, _, err := a.bind(addr)
-	if err != nil {
-		return err
-	}
-	a.listens[key], a.extra[key] = a.start(serve), addr
-	a.log.Info("listening (added through the control socket)", "addr", key)
-	return nil
+	return a.withListener(s, func(key string, addr vsockproto.Addr) error {
+		if a.listens[key] != nil {
+			return fmt.Errorf("already listening on %s", key)
+		}
+		serve, _, err := a.bind(addr)
+		if err != nil {
+			return err
+		}
+		a.listens[key], a.extra[key] = a.start(serve), addr
+		a.log.Info("listening (added through the control socket)", "addr", key)
+		return nil
+	})
 }
 
 // RemoveListener stops serving addr, however it was added; the guests
 // connected through it stay connected. One from the settings comes back
 // at the next reload.
 func (a *hostAgent) RemoveListener(s string) error {
+	return a.withListener(s, func(key string, _ vsockproto.Addr) error {
+		r := a.listens[key]
+		if r == nil {
+			return fmt.Errorf("not listening on %s", key)
+		}
+		r.stop()
+		delete(a.listens, key)
+		delete(a.extra, key)
+		a.log.Info("stopped listening (through the control socket)", "addr", key)
+		return nil
+	})
+}
+
+// withListener runs fn on the parsed address s and its key, a.mu held.
+func (a *hostAgent) withListener(s string, fn func(key string, addr vsockproto.Addr) error) error {
 	addr, err := vsockproto.ParseAddr(s)
 	if err != nil {
 		return err
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	key := addr.String()
-	r := a.listens[key]
-	if r == nil {
-		return fmt.Errorf("not listening on %s", key)
-	}
-	r.stop()
-	delete(a.listens, key)
-	delete(a.extra, key)
-	a.log.Info("stopped listening (through the control socket)", "addr", key)
-	return nil
+	return fn(addr.String(), addr)
 }
 
 // ListenAddrs lists the addresses served.
