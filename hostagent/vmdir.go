@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -51,7 +52,16 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 	s.log.Info("serving the VMs of a directory", "dir", dir, "port", port, "vms", len(d.vms))
 	buf := make([]byte, 64<<10)
 	for {
+		// IN_DELETE_SELF comes only once nothing holds the directory, so
+		// its being gone is also looked for every few seconds.
+		_ = f.SetReadDeadline(time.Now().Add(vmDirCheck))
 		n, err := f.Read(buf)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("the VM directory %s is gone", dir)
+			}
+			continue
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -74,6 +84,9 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 		}
 	}
 }
+
+// vmDirCheck is how often a watched VM directory is looked for.
+const vmDirCheck = 2 * time.Second
 
 // vmDir is what ServeVMDir serves; only its goroutine uses it.
 type vmDir struct {

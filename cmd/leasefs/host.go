@@ -641,17 +641,19 @@ func (a *hostAgent) addExport(r *runningExport) error {
 	return nil
 }
 
-// start runs serve in the agent's group until it ends or is stopped.
+// start runs serve in the agent's group until it ends or is stopped. A
+// listener or an export's auto-publishing that fails (a VM directory
+// removed, say) is logged and ends alone: it does not take the agent and
+// every other guest with it.
 func (a *hostAgent) start(serve func(context.Context) error) *running {
 	ctx, cancel := context.WithCancel(a.ctx)
 	r := &running{cancel: cancel, done: make(chan struct{})}
 	a.grp.Go(func() error {
 		defer close(r.done)
-		err := serve(ctx)
-		if ctx.Err() != nil && a.ctx.Err() == nil {
-			return nil // stopped by a reload
+		if err := serve(ctx); err != nil && ctx.Err() == nil {
+			a.log.Error("stopped serving", "error", err)
 		}
-		return err
+		return nil
 	})
 	return r
 }

@@ -288,6 +288,18 @@ func TestVMsComeAndGo(t *testing.T) {
 			t.Errorf("the log does not say %q:\n%s", want, h.log)
 		}
 	}
+	// The whole directory goes: the agent says so and serves on.
+	if err := os.RemoveAll(vms); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.log.String(), "the VM directory "+vms+" is gone"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the directory's end is not logged:\n%s", h.log)
+		}
+	}
+	if s := status(); !strings.Contains(s, `"name": "mirror"`) {
+		t.Fatalf("the agent after its VM directory went:\n%s", s)
+	}
 }
 
 // An operator sees who holds what: 'status --leases' lists each guest's
