@@ -28,7 +28,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-publish() { "$bin" publish --control "unix:$work/control.sock" mirror; }
+publish() { "$bin" publish --control "unix:$work/control.sock" "$@" mirror; }
 sum() { sha256sum "$1" | cut -c1-16; }
 
 step "the host's export: an ext4 image, loop-mounted read-write, holding a small package mirror"
@@ -69,7 +69,7 @@ for round in 2 3 4; do
   head -c 16M /dev/urandom > "$export_dir/pool/big.deb.new" && mv "$export_dir/pool/big.deb.new" "$export_dir/pool/big.deb"
   head -c 100K /dev/urandom > "$export_dir/pool/new$round.deb"
   echo "guest A before publishing: $(ls "$ga/pool" | wc -l) packages (nothing half-synced is visible)"
-  publish
+  publish --label "release-$round" # the upstream revision, shown by status on both sides
   sleep 0.3
   for g in "$ga" "$gb"; do
     echo "$(basename "$g"): $(cat "$g/dists/stable/Release"), $(ls "$g/pool" | wc -l) packages, big.deb $(sum "$g/pool/big.deb")…"
