@@ -178,7 +178,10 @@ func TestSomeoneElsesFreezeIsLeftAlone(t *testing.T) {
 	x := newExport(t, 64)
 	e := x.open(t, time.Second)
 	fd, _ := unix.Open(x.mnt, unix.O_RDONLY, 0)
-	defer unix.Close(fd)
+	// Cleanups, not defers: a failing test must thaw (with the fd still
+	// open) before the export is unmounted, or the frozen superblock
+	// outlives the test.
+	t.Cleanup(func() { unix.Close(fd) })
 	if err := freezeFS(fd); err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +249,7 @@ func TestKilledAgentIsThawed(t *testing.T) {
 func TestRecordedFreezeIsThawedAtStart(t *testing.T) {
 	x := newExport(t, 64)
 	fd, _ := unix.Open(x.mnt, unix.O_RDONLY, 0)
-	defer unix.Close(fd)
+	t.Cleanup(func() { unix.Close(fd) }) // after the thaw below
 	t.Cleanup(func() { thawFS(fd) })
 	if err := writeFileSync(filepath.Join(x.state, "test.freezing"), x.mnt); err != nil {
 		t.Fatal(err)
