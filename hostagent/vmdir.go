@@ -42,12 +42,8 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 	d := &vmDir{s: s, dir: dir, port: port, opt: opt, ctx: ctx, vms: map[string]*servedVM{}}
 	defer d.stopAll()
 	// Those there already, after the watch so that none is missed.
-	entries, err := os.ReadDir(dir)
-	if err != nil {
+	if err := d.rescan(); err != nil {
 		return err
-	}
-	for _, e := range entries {
-		d.update(e.Name())
 	}
 	s.log.Info("serving the VMs of a directory", "dir", dir, "port", port, "vms", len(d.vms))
 	buf := make([]byte, 64<<10)
@@ -74,7 +70,7 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 			case mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0:
 				gone = true
 			case mask&unix.IN_Q_OVERFLOW != 0:
-				d.rescan()
+				_ = d.rescan() // a directory gone shows at the next read
 			case name != "":
 				d.update(name)
 			}
@@ -120,8 +116,12 @@ func (d *vmDir) update(name string) {
 	}
 }
 
-func (d *vmDir) rescan() {
-	entries, _ := os.ReadDir(d.dir)
+// rescan brings what is served in line with the directory's sockets.
+func (d *vmDir) rescan() error {
+	entries, err := os.ReadDir(d.dir)
+	if err != nil {
+		return err
+	}
 	present := map[string]bool{}
 	for _, e := range entries {
 		present[e.Name()] = true
@@ -132,6 +132,7 @@ func (d *vmDir) rescan() {
 			d.stop(name, vm)
 		}
 	}
+	return nil
 }
 
 func (d *vmDir) start(name string) {

@@ -133,6 +133,7 @@ func TestConfigFileAndReload(t *testing.T) {
 		want  string
 	}{
 		{"syntax", [][]string{base, {"listen = [unclosed"}}, "host.toml"},
+		{"no exports left", [][]string{base, {listen(guest1, guest2)}}, "need --export and --listen"},
 		{"unknown key", [][]string{base, {listen(guest1, guest2), "max_leases = 5"}, export("a", devA, mntA), export("b", devB, mntB)}, `max_leases\" is not a setting`},
 		{"fixed setting", [][]string{base, {listen(guest1, guest2), "grace = \"1m\""}, export("a", devA, mntA), export("b", devB, mntB)}, "grace changed, which needs a restart"},
 		{"taken address", [][]string{base, {listen(guest1, guest2, served)}, export("a", devA, mntA), export("b", devB, mntB), export("c", devC, mntC)}, "is being served by another process"},

@@ -129,13 +129,12 @@ docs/operations.md).
 func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	// The command line alone first: where the file is, and which flags
 	// it sets (they win over the file's).
-	probe, pv := &hostOptions{}, &hostVals{}
-	if err := parseFlags(newHostFlagSet(probe, pv), args, stderr); err != nil {
+	probe := &hostOptions{}
+	pfs := newHostFlagSet(probe, &hostVals{})
+	if err := parseFlags(pfs, args, stderr); err != nil {
 		return nil, err
 	}
 	set := map[string]bool{}
-	pfs := newHostFlagSet(&hostOptions{}, &hostVals{})
-	_ = pfs.Parse(args)
 	pfs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	var fileArgs []string
 	if probe.config != "" {
@@ -426,7 +425,12 @@ func (r *runningExport) close() {
 // what changed in exports and listen addresses; anything else changed,
 // or any error, refuses it whole.
 func (a *hostAgent) reload() error {
-	o, err := parseHost(a.args, a.stderr)
+	var msg strings.Builder // what the command would print: the first line says why
+	o, err := parseHost(a.args, &msg)
+	if errors.Is(err, errUsage) {
+		why, _, _ := strings.Cut(msg.String(), "\n")
+		return errors.New(why)
+	}
 	if err != nil {
 		return err
 	}
