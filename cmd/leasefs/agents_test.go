@@ -22,6 +22,7 @@ type hostProc struct {
 	cmd            *exec.Cmd
 	control, guest string
 	log            *testenv.SyncBuffer
+	wrap           []string // a program leasefs runs under (setpriv), or none
 }
 
 // hostExport is a fresh loop-mounted export holding "hello".
@@ -66,6 +67,9 @@ func runHostCmd(t *testing.T, h *hostProc, mnt string, args ...string) {
 	t.Helper()
 	h.log = &testenv.SyncBuffer{}
 	h.cmd = exec.Command(leasefsBin, args...)
+	if len(h.wrap) > 0 {
+		h.cmd = exec.Command(h.wrap[0], append(append(h.wrap[1:], leasefsBin), args...)...)
+	}
 	h.cmd.Stderr = h.log
 	out, err := h.cmd.StdoutPipe()
 	if err != nil {

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -533,5 +535,80 @@ func TestGuestWaitsForItsHost(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, "hello")); err != nil || string(b) != "generation one\n" {
 		t.Fatalf("read %q %v", b, err)
+	}
+}
+
+// The host unit's CapabilityBoundingSet is all the agent needs: run with
+// only those (setpriv), it publishes with expedited RCU, leases for a
+// guest a file another user owns and only that user may read, and a host
+// writer of that file waits for the guest's acknowledgement.
+func TestHostRunsWithTheUnitsCapabilities(t *testing.T) {
+	testenv.RequireTool(t, "setpriv")
+	unit := unitKeys(t, filepath.Join(examples, "systemd/leasefs-host.service"))
+	var caps []string
+	var mask uint64
+	for _, c := range strings.Fields(unit["CapabilityBoundingSet"]) {
+		caps = append(caps, "+"+strings.ToLower(strings.TrimPrefix(c, "CAP_")))
+		n, ok := map[string]uint{"CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_SYS_ADMIN": 21, "CAP_LEASE": 28}[c]
+		if !ok {
+			t.Fatalf("the unit names %s: add its number here", c)
+		}
+		mask |= 1 << n
+	}
+	mnt, dev := hostExport(t)
+	private := filepath.Join(mnt, "private")
+	if err := os.WriteFile(private, []byte("only its owner reads this"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(private, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	run := t.TempDir()
+	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock"),
+		wrap: []string{"setpriv", "--bounding-set", "-all," + strings.Join(caps, ","), "--"}}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest, "--control", h.control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("CapEff:\t%016x", mask); !strings.Contains(string(status), want) {
+		t.Fatalf("the agent does not run with exactly the unit's capabilities (%s):\n%s", want, status)
+	}
+	dir := guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev)
+	f, err := os.Open(filepath.Join(dir, "private"))
+	if err != nil {
+		t.Fatalf("a guest's open of another user's file: %v\n%s", err, h.log)
+	}
+	defer f.Close()
+	if b, err := io.ReadAll(f); err != nil || string(b) != "only its owner reads this" {
+		t.Fatalf("read %q %v", b, err)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		w, err := os.OpenFile(private, os.O_WRONLY, 0)
+		if err == nil {
+			w.Close()
+		}
+		wrote <- err
+	}()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer still waits: the break did not reach the agent, or its guest's ack did not come back")
+	}
+	if _, err := f.ReadAt(make([]byte, 4), 0); !errors.Is(err, syscall.ESTALE) {
+		t.Fatalf("the guest's read after the break: %v, want ESTALE", err)
+	}
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v %s", err, out)
+	}
+	for _, bad := range []string{"cannot expedite", "ERROR", "operation not permitted"} {
+		if strings.Contains(h.log.String(), bad) {
+			t.Errorf("the agent's log says %q:\n%s", bad, h.log)
+		}
 	}
 }
