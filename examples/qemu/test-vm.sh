@@ -16,8 +16,9 @@
 set -euo pipefail
 : "${KERNEL:?KERNEL=path to a vmlinuz}" "${INITRD:?INITRD=path to an initramfs}" "${IMAGE:?IMAGE=path to an ext4 image}"
 case ${ACCEL:=tcg} in
-# Without CMPXCHG16B: QEMU 7.2's TCG gets the per-CPU cmpxchg16b of
-# 6.12's slab allocator wrong, and 6.12 double-faults within seconds.
+# Without CMPXCHG16B: under QEMU 7.2's TCG, 6.12 double-faults within
+# seconds at a per-CPU cmpxchg16b in its slab allocator otherwise
+# (docs/operations.md, "Kernels").
 tcg) cpu=${CPU:-max,cx16=off} ;;
 kvm) cpu=${CPU:-host} ;;
 *) echo "test-vm.sh: ACCEL is tcg or kvm, not $ACCEL" >&2; exit 2 ;;
