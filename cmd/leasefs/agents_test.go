@@ -1,14 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -70,50 +68,8 @@ func runHostCmd(t *testing.T, h *hostProc, mnt string, args ...string) {
 	if len(h.wrap) > 0 {
 		h.cmd = exec.Command(h.wrap[0], append(append(h.wrap[1:], leasefsBin), args...)...)
 	}
-	h.cmd.Stderr = h.log
-	out, err := h.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	lines := make(chan string, 16)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-		exited <- h.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		_ = h.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("leasefs host: %v\n%s", err, h.log)
-			}
-		case <-time.After(10 * time.Second):
-			t.Errorf("leasefs host did not stop on SIGTERM; killing it")
-			_ = h.cmd.Process.Kill()
-		}
-		waitGone(t, mnt) // its watchdog too
-	})
-	for {
-		select {
-		case line, ok := <-lines:
-			if !ok {
-				t.Fatalf("leasefs host exited before it was ready:\n%s", h.log)
-			}
-			if line == "ready" {
-				return
-			}
-		case <-time.After(20 * time.Second):
-			t.Fatalf("leasefs host not ready after 20s:\n%s", h.log)
-		}
-	}
+	t.Cleanup(func() { waitGone(t, mnt) }) // after the agent's stop: its watchdog too
+	testenv.StartReady(t, h.cmd, h.log, 20*time.Second, 10*time.Second)
 }
 
 func leasefs(t *testing.T, args ...string) (string, error) {

@@ -4,18 +4,13 @@ package vmtest
 // talking over AF_VSOCK loopback.
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -78,62 +73,36 @@ func startHost(t *testing.T) *host {
 		t.Fatalf("mounting the export: %v %s", err, out)
 	}
 	t.Cleanup(func() { imgtest.Unmount(t, exportDir) })
-	h := &host{}
-	h.cmd = exec.Command(leasefs, "host", "--export", "mirror="+exportDev+":"+exportDir,
-		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off")
-	h.cmd.Stderr = &h.log
-	out, err := h.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
 	if err := os.MkdirAll("/run/leasefs/state", 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if sc.Text() == "ready" {
-				ready <- true
-			}
-		}
-		exited <- h.cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		_ = h.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("leasefs host: %v\n%s", err, h.log.String())
-			}
-		case <-time.After(20 * time.Second):
-			t.Errorf("leasefs host did not stop on SIGTERM; killing it")
-			_ = h.cmd.Process.Kill()
-		}
-	})
-	select {
-	case <-ready:
-	case err := <-exited:
-		t.Fatalf("leasefs host exited: %v\n%s", err, h.log.String())
-	case <-time.After(60 * time.Second):
-		t.Fatalf("leasefs host not ready after 60s\n%s", h.log.String())
-	}
+	h := &host{}
+	h.cmd = exec.Command(leasefs, "host", "--export", "mirror="+exportDev+":"+exportDir,
+		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off")
+	testenv.StartReady(t, h.cmd, &h.log, 60*time.Second, 20*time.Second)
 	return h
 }
 
 // publish publishes what the export holds and returns the generation.
 func (h *host) publish(t testing.TB) uint64 {
 	t.Helper()
+	gen, err := h.publishGen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gen
+}
+
+// publishErr is publish for a goroutine of the test's.
+func (h *host) publishErr() error { _, err := h.publishGen(); return err }
+
+func (h *host) publishGen() (uint64, error) {
 	out, err := exec.Command(leasefs, "publish", "--control", control, "mirror").CombinedOutput()
 	var gen uint64
 	if _, serr := fmt.Sscanf(string(out), "mirror: generation %d,", &gen); err != nil || serr != nil {
-		t.Fatalf("leasefs publish: %v %s", err, out)
+		return 0, fmt.Errorf("leasefs publish: %v %s", err, out)
 	}
-	return gen
+	return gen, nil
 }
 
 func (h *host) write(t testing.TB, name string, b []byte) {
@@ -372,7 +341,14 @@ func writerWaitsForAck(t *testing.T, h *host) {
 	case <-time.After(15 * time.Second):
 		t.Fatalf("the writer still waits 15s after the guest could acknowledge\n%s", h.log.String())
 	}
-	if _, err := f.ReadAt(make([]byte, 3), 0); !errors.Is(err, syscall.ESTALE) {
+	// Fenced: its reads are ESTALE once the guest has dropped the pages
+	// it cached (after its ack; until then they give the old bytes).
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if _, err = f.ReadAt(make([]byte, 3), 0); errors.Is(err, syscall.ESTALE) {
+			break
+		}
+	}
+	if !errors.Is(err, syscall.ESTALE) {
 		t.Fatalf("read of the broken file: %v, want ESTALE", err)
 	}
 	h.publish(t)
@@ -434,80 +410,18 @@ func torture(t *testing.T, h *host) {
 	if err != nil {
 		t.Fatalf("LEASEFS_VM_TORTURE: %v", err)
 	}
-	const files = 300
 	dir := filepath.Join(exportDir, "torture")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r := rand.New(rand.NewPCG(1, 2))
-	for i := range files {
-		if err := os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), testenv.SelfValidating(r), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	tt := testenv.Torture{Dir: dir, Files: 300, For: d, Pause: 2 * time.Millisecond,
+		Publish: h.publishErr, Min: testenv.TortureResults{Reads: 100, Generations: int64(d/time.Second) / 3, Replaced: 100}}
+	tt.Populate(t)
 	h.publish(t)
-	guests := []*guest{h.mount(t, "--device", sharedDev), h.mount(t)}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var reads, torn, stale, replaced, gens atomic.Int64
-	wg.Go(func() {
-		r := rand.New(rand.NewPCG(3, 4))
-		testenv.Until(stop, func(int) bool {
-			name := filepath.Join(dir, strconv.Itoa(r.IntN(files)))
-			if err := os.WriteFile(name+".tmp", testenv.SelfValidating(r), 0o644); err != nil {
-				t.Error(err)
-				return false
-			}
-			if err := os.Rename(name+".tmp", name); err != nil {
-				t.Error(err)
-				return false
-			}
-			replaced.Add(1)
-			time.Sleep(2 * time.Millisecond)
-			return true
-		})
-	})
-	wg.Go(func() {
-		testenv.Until(stop, func(int) bool {
-			time.Sleep(time.Second)
-			h.publish(t)
-			gens.Add(1)
-			return true
-		})
-	})
-	for gi, g := range guests {
-		for k := range 2 {
-			wg.Go(func() {
-				r := rand.New(rand.NewPCG(uint64(gi), uint64(k)))
-				testenv.Until(stop, func(int) bool {
-					b, err := os.ReadFile(filepath.Join(g.dir, "torture", strconv.Itoa(r.IntN(files))))
-					switch {
-					case errors.Is(err, syscall.ESTALE):
-						stale.Add(1)
-					case err != nil:
-						t.Errorf("guest %d: %v", gi, err)
-						return false
-					case !testenv.Valid(b):
-						torn.Add(1)
-					default:
-						reads.Add(1)
-					}
-					return true
-				})
-			})
-		}
+	for _, g := range []*guest{h.mount(t, "--device", sharedDev), h.mount(t)} {
+		tt.Readers = append(tt.Readers, filepath.Join(g.dir, "torture"))
 	}
-	time.Sleep(d)
-	close(stop)
-	wg.Wait()
-	t.Logf("%v: %d files replaced, %d generations, %d good reads, %d torn, %d stale",
-		d, replaced.Load(), gens.Load(), reads.Load(), torn.Load(), stale.Load())
-	if torn.Load() != 0 {
-		t.Fatalf("%d torn reads", torn.Load())
-	}
-	if reads.Load() < 100 || gens.Load() < int64(d/time.Second)/3 || replaced.Load() < 100 {
-		t.Fatalf("too little happened: %d reads, %d generations, %d replaced", reads.Load(), gens.Load(), replaced.Load())
-	}
+	tt.Run(t)
 }
 
 // What the host agent found the kernel lacks, it said once, and worked
