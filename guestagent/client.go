@@ -140,15 +140,15 @@ type Client struct {
 	lastErrAt  time.Time
 
 	// Switching (switcher.go), guarded by mu.
-	cur      *genView                // the generation served
-	views    map[*ext4ro.FS]*genView // the readers of recent generations
-	latest   uint64                  // the newest generation the host announced
-	labels   map[uint64]string       // the labels of generations from cur to latest
-	pending  changes                 // from cur to latest
-	force    bool                    // switch to latest whatever Follow says
-	switched time.Time               // the last switch
-	timer    *time.Timer             // a deferred switch (Follow.Interval)
-	inval    []uint64                // nodes whose pages and attributes to drop
+	cur         *genView                // the generation served
+	views       map[*ext4ro.FS]*genView // the readers of recent generations
+	latest      uint64                  // the newest generation the host announced
+	latestLabel string                  // latest's label, as the host published it
+	pending     changes                 // from cur to latest
+	force       bool                    // switch to latest whatever Follow says
+	switched    time.Time               // the last switch
+	timer       *time.Timer             // a deferred switch (Follow.Interval)
+	inval       []uint64                // nodes whose pages and attributes to drop
 
 	// Open files (files.go), guarded by mu.
 	files  map[uint64]*leasedFile // by lease id

@@ -51,7 +51,7 @@ func (c *Client) step() error {
 	c.mu.Lock()
 	nodes := c.inval
 	c.inval = nil
-	old, target, ch := c.cur, c.latest, c.pending
+	old, target, ch, label := c.cur, c.latest, c.pending, c.latestLabel
 	// A dead view must go even for a generation of the same number.
 	due := (target != old.gen || old.dead.Load()) && !c.closed && c.dueLocked()
 	if due {
@@ -64,7 +64,7 @@ func (c *Client) step() error {
 	if !due {
 		return nil
 	}
-	if err := c.switchTo(old, target, &ch); err != nil {
+	if err := c.switchTo(old, target, label, &ch); err != nil {
 		c.mu.Lock()
 		c.pending.all = true // what was taken is lost: start over
 		c.force = c.force || ch.all
@@ -99,9 +99,9 @@ func (c *Client) dueLocked() bool {
 	return true
 }
 
-// switchTo moves from old to generation target, ch being what changed
-// between them, and tells the kernel.
-func (c *Client) switchTo(old *genView, target uint64, ch *changes) error {
+// switchTo moves from old to generation target (published as label), ch
+// being what changed between them, and tells the kernel.
+func (c *Client) switchTo(old *genView, target uint64, label string, ch *changes) error {
 	oldFS := c.fs.View()
 	// What the kernel may cache of changed directories, as the old view
 	// has it: read now, while its blocks are still the cached ones.
@@ -110,7 +110,7 @@ func (c *Client) switchTo(old *genView, target uint64, ch *changes) error {
 		before = c.changedDirs(oldFS, ch)
 	}
 	c.cache.advance(target, ch)
-	nv := &genView{c: c, gen: target, bs: old.bs}
+	nv := &genView{c: c, gen: target, label: label, bs: old.bs}
 	f, err := c.open(nv)
 	if err != nil {
 		return err
@@ -124,12 +124,6 @@ func (c *Client) switchTo(old *genView, target uint64, ch *changes) error {
 	// Only now is the switch done: what the kernel cached of the old
 	// view is gone.
 	c.mu.Lock()
-	nv.label = c.labels[nv.gen]
-	for g := range c.labels {
-		if g < nv.gen {
-			delete(c.labels, g)
-		}
-	}
 	c.cur, c.switched = nv, time.Now()
 	for fs, v := range c.views { // keep the readers of recent generations only
 		if v.gen+8 < nv.gen || v.gen > nv.gen {
@@ -329,16 +323,13 @@ func (c *Client) Refresh() {
 	c.waitLocked(func() bool { return c.cur != old }, time.Now().Add(10*time.Second))
 }
 
-// noteLabel records the label the host published generation gen with,
-// for when the guest moves to it. Called with c.mu held.
+// noteLabel records the label ("" for none) the host published
+// generation gen with: the newest announced, which the next switch moves
+// to, or the one served. Called with c.mu held.
 func (c *Client) noteLabel(gen uint64, label string) {
-	if label == "" {
-		return
+	if gen == c.latest {
+		c.latestLabel = label
 	}
-	if c.labels == nil {
-		c.labels = map[uint64]string{}
-	}
-	c.labels[gen] = label
 	if c.cur != nil && c.cur.gen == gen {
 		c.cur.label = label
 	}

@@ -496,6 +496,17 @@ func TestPublishLabels(t *testing.T) {
 		out, _ := leasefs(t, "guest", "status", dir)
 		return strings.Contains(out, "3 (r9)")
 	})
+	// A generation published without a label has none, here and there.
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil || !strings.Contains(out, "generation 4,") {
+		t.Fatalf("publish: %v %s", err, out)
+	}
+	if out, _ := leasefs(t, "status", "--control", h.control); !regexp.MustCompile(`mirror\s+4\s+-\s`).MatchString(out) {
+		t.Errorf("status after an unlabeled publish:\n%s", out)
+	}
+	waitFor(t, "the guest on generation 4, unlabeled", func() bool {
+		out, _ := leasefs(t, "guest", "status", dir)
+		return strings.Contains(out, "4, since")
+	})
 }
 
 // A guest started while its host agent is down (--retry, as the unit
