@@ -106,7 +106,8 @@
 //
 // ServeVMDir serves a directory of VMs' hybrid-vsock sockets, one
 // listener per VM while its socket exists (inotify on the directory; an
-// overflow rescans it); a VM that goes has its connections closed.
+// overflow rescans it); a VM that goes has its connections closed. Each
+// VM's listener takes a descriptor from the guests' budget (lease.FDs).
 //
 // # One agent per export
 //

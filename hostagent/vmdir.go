@@ -78,6 +78,10 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 		if gone {
 			return fmt.Errorf("the VM directory %s is gone", dir)
 		}
+		if d.refused && d.freed {
+			d.refused, d.freed = false, false
+			_ = d.rescan()
+		}
 	}
 }
 
@@ -92,6 +96,9 @@ type vmDir struct {
 	opt  vsockproto.ListenOptions
 	ctx  context.Context
 	vms  map[string]*servedVM // by socket name
+	// refused: a VM was not served for want of descriptors; freed: one
+	// stopped since. Then the directory is looked at again.
+	refused, freed bool
 }
 
 type servedVM struct {
@@ -137,10 +144,20 @@ func (d *vmDir) rescan() error {
 
 func (d *vmDir) start(name string) {
 	path := filepath.Join(d.dir, name)
+	// A VM's listener comes from the descriptors guests' files and
+	// connections do: a directory filling with sockets cannot take them all.
+	if !d.s.fds.Take() {
+		d.refused = true
+		if d.s.warn.Allow() {
+			d.s.log.Error("cannot serve a VM: out of descriptors; it is served when another goes", "vm", path, "limit", d.s.fds.Limit())
+		}
+		return
+	}
 	opt := d.opt
 	opt.VM = path
 	l, err := vsockproto.Listen(vsockproto.Addr{Kind: vsockproto.KindHybrid, Path: path, Port: d.port}, opt)
 	if err != nil {
+		d.s.fds.Give()
 		if d.s.warn.Allow() {
 			d.s.log.Error("cannot serve a VM", "vm", path, "error", err)
 		}
@@ -162,8 +179,10 @@ func (d *vmDir) stop(name string, vm *servedVM) {
 	vm.cancel()
 	vm.done.Wait()
 	delete(d.vms, name)
+	d.s.fds.Give()
 	n := d.s.closeGuests(func(g *guest) bool { return g.peer.Kind == vsockproto.KindHybrid && g.peer.VM == path })
 	d.s.log.Info("VM gone: stopped serving it", "vm", path, "connections_closed", n)
+	d.freed = true
 }
 
 func (d *vmDir) stopAll() {
@@ -171,6 +190,7 @@ func (d *vmDir) stopAll() {
 		vm.cancel()
 		vm.done.Wait()
 		delete(d.vms, name)
+		d.s.fds.Give()
 	}
 }
 
