@@ -765,25 +765,38 @@ type Lease struct {
 
 // Leases lists every lease held, by guest, then path.
 func (c *Coordinator) Leases() []Lease {
+	// The leases under the lock; the paths (a readlink each) outside it,
+	// each file's fd held open meanwhile as a read holds it (users).
 	c.mu.Lock()
 	out := make([]Lease, 0, len(c.grants))
+	of := make([]*file, 0, len(c.grants))
 	paths := map[*file]string{}
 	for _, g := range c.grants {
 		if g.f == nil {
 			continue // revoked, not yet released
 		}
-		p, ok := paths[g.f]
-		if !ok {
-			p = c.pathOf(g.f)
-			paths[g.f] = p
+		if _, ok := paths[g.f]; !ok && g.f.fd >= 0 && g.f.state != done {
+			paths[g.f] = ""
+			g.f.users++
 		}
-		l := Lease{Guest: g.s.name, Path: p, Inode: g.f.ino, Generation: g.gen, Since: g.since}
+		l := Lease{Guest: g.s.name, Inode: g.f.ino, Generation: g.gen, Since: g.since}
 		if g.state == breakingGrant {
 			l.BreakSince = g.f.breakAt
 		}
-		out = append(out, l)
+		out, of = append(out, l), append(of, g.f)
 	}
 	c.mu.Unlock()
+	for f := range paths {
+		paths[f] = c.pathOfFD(f.fd)
+	}
+	c.mu.Lock()
+	for f := range paths {
+		c.unuse(f)
+	}
+	c.mu.Unlock()
+	for i := range out {
+		out[i].Path = paths[of[i]]
+	}
 	slices.SortFunc(out, func(a, b Lease) int {
 		return cmp.Or(cmp.Compare(a.Guest, b.Guest), cmp.Compare(a.Path, b.Path), cmp.Compare(a.Inode, b.Inode))
 	})
@@ -797,7 +810,12 @@ func (c *Coordinator) pathOf(f *file) string {
 	if f.fd < 0 || f.state == done { // its fd may be closed, and the number reused
 		return ""
 	}
-	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.fd))
+	return c.pathOfFD(f.fd)
+}
+
+// pathOfFD is pathOf for an fd its caller keeps open.
+func (c *Coordinator) pathOfFD(fd int) string {
+	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 	if err != nil {
 		return ""
 	}

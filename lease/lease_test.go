@@ -786,3 +786,64 @@ func TestQuotasArePerGuestAndShared(t *testing.T) {
 		t.Fatalf("a fourth attached session: %v", err)
 	}
 }
+
+// Leases names each held file by its path while breaks finish files
+// under it: a path read outside the lock is that file's, never that of
+// an fd number closed and reused meanwhile.
+func TestLeasesNameTheirFilesWhileTheyGo(t *testing.T) {
+	const n = 200
+	dir := exportFS(t, 64)
+	c := coordinator(t, dir, Config{AckTimeout: 10 * time.Second})
+	b := newBreaks()
+	s := session(t, c, "g", b.sink)
+	go func() {
+		for ids := range b.ch {
+			for _, id := range ids {
+				s.Ack(id)
+			}
+		}
+	}()
+	t.Cleanup(func() { close(b.ch) })
+	var paths []string
+	names := map[uint32]string{} // inode → its path below the export
+	for i := range n {
+		p := filepath.Join(dir, "f"+strconv.Itoa(i))
+		writeFile(t, p, []byte{byte(i)})
+		r := requestFor(t, p)
+		mustAcquire(t, s, r)
+		paths, names[r.Ino] = append(paths, p), "/f"+strconv.Itoa(i)
+	}
+	if ls := c.Leases(); len(ls) != n || ls[0].Path != "/f0" || ls[0].Guest != "g" {
+		t.Fatalf("%d leases, the first %+v", len(ls), ls[0])
+	}
+	stop := make(chan struct{})
+	listed := make(chan int)
+	go func() {
+		seen := 0
+		for {
+			select {
+			case <-stop:
+				listed <- seen
+				return
+			default:
+			}
+			for _, l := range c.Leases() {
+				if l.Path != "" && l.Path != names[l.Inode] {
+					t.Errorf("inode %d listed as %q", l.Inode, l.Path)
+				}
+				seen++
+			}
+		}
+	}()
+	w := startWriter(t, "open", paths...)
+	if !w.finished(t, 30*time.Second) {
+		t.Fatal("writers still blocked")
+	}
+	close(stop)
+	if seen := <-listed; seen == 0 {
+		t.Fatal("nothing was listed while the files went")
+	}
+	if ls := c.Leases(); len(ls) != 0 {
+		t.Fatalf("%d leases left", len(ls))
+	}
+}
