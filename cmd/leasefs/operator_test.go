@@ -82,6 +82,10 @@ func TestOneAgentPerExportAndSocket(t *testing.T) {
 			a, s := fresh()
 			return append(a, "--export", "other="+otherDev+":"+otherMnt, "--listen", "unix:/nonexistent/leasefs/guest.sock"), s
 		}, []string{"--listen unix:/nonexistent/leasefs/guest.sock", "no such file or directory"}},
+		{"a VM directory that is not there", func() ([]string, string) {
+			a, s := fresh()
+			return append(a, "--export", "other="+otherDev+":"+otherMnt, "--listen", "hvsock-dir:/nonexistent/vms:5000"), s
+		}, []string{"--listen hvsock-dir:/nonexistent/vms:5000: want a directory of VM sockets"}},
 		{"one export twice", func() ([]string, string) {
 			a, s := fresh()
 			return append(a, "--export", "other="+otherDev+":"+otherMnt, "--export", "other="+dev+":"+mnt), s
