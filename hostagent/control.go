@@ -16,7 +16,8 @@ import (
 
 // The control socket speaks one JSON request and one JSON reply per
 // connection: {"op":"publish","export":NAME}, {"op":"status"} or
-// {"op":"metrics"} (the Prometheus text format, as a string). Only
+// {"op":"metrics"} (the Prometheus text format, as a string),
+// {"op":"listen"} and {"op":"upgrade"}. Only
 // root and the agent's own user may use it.
 
 // ControlRequest is a request on the control socket.
@@ -60,6 +61,8 @@ func published(name string, g *Generation) *Published {
 
 // Status is the reply to status.
 type Status struct {
+	Version string         `json:"version,omitempty"`
+	Started time.Time      `json:"started"` // when this run of the agent began (an upgrade begins another)
 	Exports []ExportStatus `json:"exports"`
 }
 
@@ -117,7 +120,7 @@ func (s *Server) Status() *Status { return s.status(false, "") }
 
 // status is Status, with every lease of export (all if "") when leases.
 func (s *Server) status(leases bool, export string) *Status {
-	st := &Status{}
+	st := &Status{Version: s.opt.Version, Started: s.started}
 	s.mu.Lock()
 	byExport := map[*served][]*guest{}
 	for g := range s.conns {
@@ -173,6 +176,12 @@ func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error
 
 func (s *Server) control(nc net.Conn) {
 	var req ControlRequest
+	var after func()
+	defer func() {
+		if after != nil {
+			after()
+		}
+	}()
 	ctlsock.Answer(nc, time.Minute, &req, func(bad error) any {
 		var reply controlReply
 		if bad != nil {
@@ -210,6 +219,16 @@ func (s *Server) control(nc net.Conn) {
 				reply.Error = err.Error()
 			} else if l != nil {
 				reply.Listen = l.ListenAddrs()
+			}
+		case "upgrade":
+			var err error
+			if s.opt.Upgrade == nil {
+				err = errors.New("this agent cannot be upgraded in place")
+			} else {
+				after, err = s.opt.Upgrade() // once the answer is out
+			}
+			if err != nil {
+				reply.Error = err.Error()
 			}
 		case "metrics":
 			var b strings.Builder

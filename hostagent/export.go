@@ -16,6 +16,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/lease"
 )
 
 // ext4IocCheckpoint is EXT4_IOC_CHECKPOINT: _IOW('f', 43, __u32), and
@@ -69,6 +70,14 @@ type ExportConfig struct {
 	// from memory.
 	Progress func(done, total int64)
 	Logger   hclog.Logger
+	// Inherit, if set, is the state a predecessor handed over (an
+	// upgrade): the export's lock, store and kept generations, and the
+	// files its guests hold.
+	Inherit *ExportState
+	// Keeper, if set, keeps the held files across a restart (systemd's
+	// fd store); Held are those a restarted agent got back from it.
+	Keeper lease.Keeper
+	Held   map[uint32]int
 }
 
 // Export is an exported filesystem and its generations.
@@ -126,20 +135,22 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if mst.Dev == sst.Dev {
 		return nil, fmt.Errorf("export %s: the state directory %s is on the export itself; the agent would wait on its own freeze", cfg.Name, cfg.StateDir)
 	}
-	fd, err := unix.Open(cfg.Mount, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: cfg.Mount, Err: err}
-	}
-	// One agent per export: the lock goes with the fd.
-	if err := lockFD(fd, "export "+cfg.Name+" ("+cfg.Mount+")"); err != nil {
-		unix.Close(fd)
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
+	if cfg.Inherit != nil {
+		if err := e.takeOver(cfg.Inherit); err != nil {
+			unix.Close(cfg.Inherit.MountFD)
+			if e.store != nil {
+				e.store.Close()
+			} else {
+				unix.Close(cfg.Inherit.StoreFD)
+			}
+			return nil, fmt.Errorf("export %s: taking over from the last run: %w", cfg.Name, err)
+		}
+	} else if err := e.open(); err != nil {
 		return nil, err
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), mountFD: fd, gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
-	if e.store, err = NewStore(cfg.StateDir); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("export %s: %w", cfg.Name, err)
-	}
+	fd := e.mountFD
+	var err error
 	if e.dev, err = directio.Open(cfg.Device); err != nil {
 		e.store.Close()
 		unix.Close(fd)
@@ -151,10 +162,10 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	if b, err := os.ReadFile(e.path("label")); err == nil {
+	if b, err := os.ReadFile(e.path("label")); err == nil && cfg.Inherit == nil {
 		e.label = strings.TrimSpace(string(b))
 	}
-	if b, err := os.ReadFile(e.path("generation")); err == nil {
+	if b, err := os.ReadFile(e.path("generation")); err == nil && cfg.Inherit == nil {
 		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
 			e.next = n + 1
 		}
@@ -176,6 +187,39 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		os.Remove(e.path("freezing"))
 	}
 	return e, nil
+}
+
+// open opens and locks the export's root, and makes its store.
+func (e *Export) open() error {
+	fd, err := unix.Open(e.cfg.Mount, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: e.cfg.Mount, Err: err}
+	}
+	// One agent per export: the lock goes with the fd.
+	if err := lockFD(fd, "export "+e.cfg.Name+" ("+e.cfg.Mount+")"); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	if e.store, err = NewStore(e.cfg.StateDir); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("export %s: %w", e.cfg.Name, err)
+	}
+	e.mountFD = fd
+	return nil
+}
+
+// leaseConfig is cfg completed for the export's lease coordinator: its
+// root, its journal in the state directory, and what was handed over.
+func (e *Export) leaseConfig(cfg lease.Config) lease.Config {
+	cfg.Root = e.cfg.Mount
+	cfg.Journal = e.path("leases")
+	cfg.Keeper = e.cfg.Keeper
+	cfg.Held = e.cfg.Held
+	cfg.Successor = e.cfg.Keeper != nil
+	if e.cfg.Inherit != nil {
+		cfg.Held, cfg.Successor = e.cfg.Inherit.Held, true
+	}
+	return cfg
 }
 
 func (e *Export) path(what string) string {

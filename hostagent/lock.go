@@ -75,3 +75,24 @@ func LockStateDir(dir string) (*os.File, error) {
 	}
 	return f, nil
 }
+
+// AdoptStateLock takes over the state directory's lock a predecessor
+// handed over (an upgrade): fd, open on dir and locked.
+func AdoptStateLock(fd int, dir string) (*os.File, error) {
+	unix.CloseOnExec(fd)
+	f := os.NewFile(uintptr(fd), dir)
+	var a, b unix.Stat_t
+	if err := unix.Fstat(fd, &a); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("the state directory's lock handed over: %w", err)
+	}
+	if err := unix.Stat(dir, &b); err != nil || a.Dev != b.Dev || a.Ino != b.Ino {
+		f.Close()
+		return LockStateDir(dir) // another directory now: lock it afresh
+	}
+	if err := lockFD(fd, "the state directory "+dir); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}

@@ -33,6 +33,9 @@ type ServerOptions struct {
 	// Listeners, if set, adds and removes guest listen addresses on
 	// request through the control socket (op "listen").
 	Listeners Listeners
+	// Upgrade, if set, starts an in-place upgrade (op "upgrade"): it
+	// checks what it can, answers, and execs the new binary after.
+	Upgrade func() (exec func(), err error)
 }
 
 // Listeners are the guest addresses an agent serves, changed at run time.
@@ -55,6 +58,7 @@ type Server struct {
 	fds     *lease.FDs
 	spare   spareFD
 	warn    *rate.Limiter // of log lines about refused guests
+	started time.Time
 
 	mu     sync.Mutex
 	conns  map[*guest]struct{} // guarded by mu
@@ -105,7 +109,7 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 			return nil, err
 		}
 	}
-	s := &Server{opt: opt, log: opt.Logger, conns: map[*guest]struct{}{}, fds: opt.FDs,
+	s := &Server{opt: opt, log: opt.Logger, conns: map[*guest]struct{}{}, fds: opt.FDs, started: time.Now(),
 		warn: rate.NewLimiter(rate.Every(time.Second), 10)}
 	s.exports.Store(&map[string]*served{})
 	s.m = newMetrics(s)
@@ -130,8 +134,7 @@ func (s *Server) all() map[string]*served { return *s.exports.Load() }
 // RemoveExport or Close) to guests from now on; it has no generation
 // until its first Publish.
 func (s *Server) AddExport(e *Export) error {
-	cfg := s.opt.Lease
-	cfg.Root = e.Mount()
+	cfg := e.leaseConfig(s.opt.Lease)
 	cfg.FDs = s.opt.FDs
 	cfg.Logger = s.opt.Logger.Named("lease").With("export", e.Name())
 	s.mu.Lock()
@@ -188,7 +191,15 @@ func fdReserve(want int) int {
 }
 
 // Close ends every connection and coordinator.
-func (s *Server) Close() {
+func (s *Server) Close() { s.stop((*lease.Coordinator).Close) }
+
+// Leave is Close that gives no lease back: the held files stay leased,
+// kept outside the process (ExportConfig.Keeper), and the lease journals
+// stay, for the next run to take over (a restart with systemd's fd
+// store).
+func (s *Server) Leave() { s.stop(func(c *lease.Coordinator) error { c.Leave(); return nil }) }
+
+func (s *Server) stop(end func(*lease.Coordinator) error) {
 	s.mu.Lock()
 	s.closed = true
 	conns := s.conns
@@ -198,7 +209,7 @@ func (s *Server) Close() {
 		g.conn.Close()
 	}
 	for _, sv := range s.all() {
-		sv.coord.Close()
+		_ = end(sv.coord)
 	}
 	s.spare.close()
 }

@@ -164,3 +164,7 @@ func ThawRecorded(stateDir string) ([]string, error) {
 	}
 	return thawed, errors.Join(errs...)
 }
+
+// Pid is the watchdog process's, for a successor to reap once it has
+// seen its pipe close at the exec.
+func (w *Watchdog) Pid() int { return w.cmd.Process.Pid }

@@ -48,6 +48,30 @@ type Config struct {
 	// Signal is the real-time signal breaks arrive on (SIGRTMIN+8 = 42).
 	Signal int
 	Logger hclog.Logger
+	// Journal, if set, is the file where the held files, sessions and
+	// leases are recorded as they change (journal.go), for a successor
+	// to take over. Held are a predecessor's held files, by inode: their
+	// descriptors, kept across its exit (an upgrade's exec, or systemd's
+	// fd store). New adopts those the journal it left at Journal names,
+	// and that no writer has changed meanwhile; the rest are let go, and
+	// their leases revoked.
+	Journal string
+	Held    map[uint32]int
+	// Successor says this run follows one that handed its files over
+	// (Held, possibly none): its sessions are taken over. Otherwise the
+	// journal is started afresh and Held let go.
+	Successor bool
+	// Keeper, if set, is given each held file's descriptor to keep
+	// across a restart of the process, and told when it is let go.
+	Keeper Keeper
+}
+
+// Keeper keeps held files' descriptors outside the process (systemd's
+// file-descriptor store). Its calls are made with the coordinator's lock
+// held: they must not block.
+type Keeper interface {
+	Keep(ino uint32, fd int)
+	Forget(ino uint32)
 }
 
 // Stats are the coordinator's counters and gauges.
@@ -83,6 +107,7 @@ type Coordinator struct {
 	sessions map[Token]*Session  // guarded by mu
 	accounts map[string]*account // by guest; guarded by mu
 	rng      *mrand.ChaCha8      // lease ids; guarded by mu
+	journal  *journal            // guarded by mu
 	closed   bool
 
 	fds  *FDs         // the budget held files come from
@@ -123,6 +148,7 @@ type file struct {
 	users     int           // ReadAt calls using fd now
 	owner     *account      // the guest its fd is charged to: one that holds it
 	layout    atomic.Uint64 // layout.Hash of its blocks once read; they cannot move while leased
+	recorded  bool          // in the journal and the Keeper
 }
 
 // account is what one guest (all its sessions) holds, for its quotas.
@@ -225,6 +251,10 @@ func New(cfg Config) (*Coordinator, error) {
 		unix.Close(mfd)
 		return nil, err
 	}
+	if err := c.takeOver(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -254,11 +284,62 @@ func (c *Coordinator) Close() error {
 			c.finish(f)
 		}
 	}
+	if c.journal != nil {
+		c.journal.close()
+		os.Remove(c.cfg.Journal)
+	}
 	c.mu.Unlock()
 	c.sig.close()
 	c.closer.stop()
 	c.watch.close()
 	return unix.Close(c.mountFD)
+}
+
+// Leave stops the coordinator without giving anything back: the kernel
+// leases stay on the held files, which the Keeper keeps, and the journal
+// stays as it is, for the next run to take over. Guests' sessions wait
+// for it within their grace period.
+func (c *Coordinator) Leave() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.journal.close()
+	for _, f := range c.files {
+		if f.timer != nil {
+			f.timer.Stop()
+		}
+		if f.fd >= 0 && f.users == 0 {
+			c.closer.queue(f.fd) // the lease goes with the last descriptor of the file, kept elsewhere
+		}
+	}
+	for _, s := range c.sessions {
+		if s.grace != nil {
+			s.grace.Stop()
+		}
+	}
+	c.mu.Unlock()
+	c.sig.close()
+	c.closer.stop()
+	c.watch.close()
+	unix.Close(c.mountFD)
+}
+
+// Handover stops every change (until release, if the handover fails)
+// and returns the held files' descriptors by inode, for a successor that
+// takes them over with the journal (Config.Held). A file whose break is
+// out is not handed over: its leases are revoked in the successor.
+func (c *Coordinator) Handover() (fds map[uint32]int, release func()) {
+	c.mu.Lock()
+	fds = map[uint32]int{}
+	for ino, f := range c.files {
+		if f.state == held && f.recorded {
+			fds[ino] = f.fd
+		}
+	}
+	return fds, c.mu.Unlock
 }
 
 // Stats returns the counters.
@@ -386,7 +467,18 @@ func (c *Coordinator) open(s *Session, r Request) (ID, error) {
 	}
 	f.state = held
 	close(f.ready)
+	c.record(f)
 	return c.grant(s, f, r.Generation), nil
+}
+
+// record writes a newly held file to the journal and gives it to the
+// Keeper. Called with c.mu held.
+func (c *Coordinator) record(f *file) {
+	f.recorded = true
+	if c.cfg.Keeper != nil {
+		c.cfg.Keeper.Keep(f.ino, f.fd)
+	}
+	c.journal.file(f)
 }
 
 // admit takes a descriptor from the budget for one more file of a's, if
@@ -516,6 +608,8 @@ func (c *Coordinator) grant(s *Session, f *file, gen uint64) ID {
 	c.grants[g.id] = g
 	s.grants[g.id] = g
 	s.acct.leases++
+	c.journal.grant(g)
+	c.compact(false)
 	return g.id
 }
 
@@ -533,6 +627,7 @@ func (c *Coordinator) unlink(g *grant) {
 
 // forget removes g entirely. Called with c.mu held.
 func (c *Coordinator) forget(g *grant) {
+	c.journal.drop(g)
 	delete(c.grants, g.id)
 	delete(g.s.grants, g.id)
 	g.s.acct.leases--
@@ -574,6 +669,13 @@ func (c *Coordinator) finish(f *file) {
 		f.owner = nil
 	}
 	f.state = done
+	if f.recorded {
+		f.recorded = false
+		c.journal.fileDone(f)
+		if c.cfg.Keeper != nil {
+			c.cfg.Keeper.Forget(f.ino)
+		}
+	}
 	if c.files[f.ino] == f {
 		delete(c.files, f.ino)
 	}
@@ -732,6 +834,7 @@ func (c *Coordinator) revoke(g *grant) {
 	c.unlink(g)
 	g.state = revoked
 	c.revoked.Add(1)
+	c.journal.revoke(g)
 }
 
 // deadline revokes what was not acknowledged in time and lets the

@@ -70,6 +70,7 @@ func (c *Coordinator) NewSession(guest, name string, sink BreakFunc) (*Session, 
 	_, _ = rand.Read(s.token[:])
 	a.sessions = append(a.sessions, s)
 	c.sessions[s.token] = s
+	c.journal.session(s)
 	return s, nil
 }
 
@@ -90,6 +91,18 @@ func (c *Coordinator) Resume(token Token, guest, name string, sink BreakFunc) (*
 	}
 	s.attached++
 	s.name, s.sink = name, sink
+	// Leases revoked while it was away (a takeover that found their
+	// files changed) may not have reached the guest as breaks: they go
+	// now, and the guest fences those files. Acks of them do nothing.
+	var gone []ID
+	for id, g := range s.grants {
+		if g.state == revoked {
+			gone = append(gone, id)
+		}
+	}
+	if len(gone) > 0 {
+		go sink(gone)
+	}
 	return s, s.attached, nil
 }
 
@@ -112,7 +125,7 @@ func (s *Session) Detach(attachment uint64) {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if s.closed || s.sink == nil || attachment != s.attached {
+	if c.closed || s.closed || s.sink == nil || attachment != s.attached {
 		return
 	}
 	s.sink = nil
@@ -125,13 +138,7 @@ func (s *Session) Detach(attachment uint64) {
 			}
 		}
 	}
-	s.grace = time.AfterFunc(c.cfg.Grace, func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if s.sink == nil {
-			c.endSession(s)
-		}
-	})
+	c.detached(s)
 }
 
 // Close ends the session and all its leases now.
@@ -154,6 +161,7 @@ func (c *Coordinator) endSession(s *Session) {
 	for _, g := range s.grants {
 		c.end(g)
 	}
+	c.journal.sessionEnd(s)
 	delete(c.sessions, s.token)
 	a := s.acct
 	for i, o := range a.sessions {

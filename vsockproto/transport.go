@@ -2,6 +2,7 @@ package vsockproto
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -79,6 +80,7 @@ type ListenOptions struct {
 // Listener accepts connections on one address.
 type Listener struct {
 	l     net.Listener
+	sock  *os.File // a vsock listener's socket, for File
 	addr  Addr
 	peer  func(net.Conn) (Peer, error)
 	close func()
@@ -97,17 +99,21 @@ func Listen(a Addr, opt ListenOptions) (*Listener, error) {
 	}
 	switch a.Kind {
 	case KindVsock:
-		var l *vsock.Listener
-		var err error
-		if a.CID == AnyCID {
-			l, err = vsock.Listen(a.Port, nil)
-		} else {
-			l, err = vsock.ListenContextID(a.CID, a.Port, nil)
-		}
+		// The socket is made here, not by vsock.Listen, so that it can be
+		// handed to a successor (File).
+		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return nil, fmt.Errorf("listen %v: %w", a, err)
 		}
-		return &Listener{l: l, addr: a, peer: vsockPeer, close: func() {}}, nil
+		f := os.NewFile(uintptr(fd), a.String())
+		defer f.Close()
+		if err := unix.Bind(fd, &unix.SockaddrVM{CID: a.CID, Port: a.Port}); err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		return FileListener(a, f, opt)
 	case KindHybrid:
 		vm := opt.VM
 		if vm == "" {
@@ -139,6 +145,87 @@ func Listen(a Addr, opt ListenOptions) (*Listener, error) {
 		return nil, fmt.Errorf("listen %v: a directory of VM sockets is served by the host agent, one listener per VM", a)
 	}
 	return nil, fmt.Errorf("listen: invalid address %+v", a)
+}
+
+// FileListener makes a Listener of f, a listening socket for a (one a
+// predecessor handed over: File), in the state Listen leaves it. f is
+// not used after; the caller closes it.
+func FileListener(a Addr, f *os.File, opt ListenOptions) (*Listener, error) {
+	switch a.Kind {
+	case KindVsock:
+		l, err := vsock.FileListener(f)
+		if err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		// vsock.Listener does not give its socket out: keep our own
+		// descriptor of it, for File.
+		sock, err := dupFile(f)
+		if err != nil {
+			l.Close()
+			return nil, err
+		}
+		return &Listener{l: l, addr: a, peer: vsockPeer, sock: sock, close: func() { sock.Close() }}, nil
+	case KindUnix, KindHybrid:
+		nl, err := net.FileListener(f)
+		if err != nil {
+			return nil, fmt.Errorf("listen %v: %w", a, err)
+		}
+		ul, ok := nl.(*net.UnixListener)
+		if !ok {
+			nl.Close()
+			return nil, fmt.Errorf("listen %v: the descriptor handed over is not a Unix socket", a)
+		}
+		ul.SetUnlinkOnClose(false)
+		path := a.Path
+		peer := unixPeer
+		if a.Kind == KindHybrid {
+			path = fmt.Sprintf("%s_%d", a.Path, a.Port)
+			vm := cmp.Or(opt.VM, a.Path)
+			peer = func(net.Conn) (Peer, error) { return Peer{Kind: KindHybrid, VM: vm}, nil }
+		}
+		// The socket file at path is this listener's now: remove it on
+		// Close only if it still is.
+		var mine unix.Stat_t
+		_ = unix.Lstat(path, &mine)
+		cleanup := func() {
+			var now unix.Stat_t
+			if unix.Lstat(path, &now) == nil && now.Ino == mine.Ino && now.Dev == mine.Dev && now.Mode&unix.S_IFMT == unix.S_IFSOCK {
+				_ = os.Remove(path)
+			}
+		}
+		return &Listener{l: ul, addr: a, peer: peer, close: cleanup}, nil
+	}
+	return nil, fmt.Errorf("listen %v: cannot take over this kind of address", a)
+}
+
+// File returns a duplicate of the listening socket, to hand to a
+// successor (FileListener); it is closed on exec like any other.
+func (l *Listener) File() (*os.File, error) {
+	if f, ok := l.l.(interface{ File() (*os.File, error) }); ok {
+		return f.File()
+	}
+	if l.sock != nil {
+		return dupFile(l.sock)
+	}
+	return nil, errors.ErrUnsupported
+}
+
+// dupFile duplicates f's descriptor without touching its blocking mode
+// (f.Fd would make it blocking, for every copy).
+func dupFile(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	d := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { d, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, derr
+	}
+	return os.NewFile(uintptr(d), f.Name()), nil
 }
 
 // Accept waits for the next connection and says who it is from.

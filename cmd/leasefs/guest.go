@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -332,7 +333,11 @@ func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client) {
 			return
 		case <-t.C:
 		}
-		if syscall.Stat(dir, &st) != nil || st.Dev != dev {
+		// Unmounted: the directory is another filesystem's again, or the
+		// connection was aborted. Any other error (the root's
+		// attributes failing for a moment, as the host restarts) is not.
+		err := syscall.Stat(dir, &st)
+		if err == nil && st.Dev != dev || errors.Is(err, syscall.ENOTCONN) {
 			c.Close()
 			return
 		}

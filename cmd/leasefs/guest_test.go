@@ -34,6 +34,8 @@ type agent struct {
 	t      *testing.T
 	prog   string // leasefsBin unless set
 	args   []string
+	env    []string   // added to the environment, if set
+	extra  []*os.File // descriptors 3… of the next start, if set
 	mnt    string
 	cmd    *exec.Cmd
 	log    *testenv.SyncBuffer
@@ -61,6 +63,10 @@ func (a *agent) start() {
 	}
 	a.cmd = exec.Command(prog, a.args...)
 	a.cmd.Stderr = a.log
+	if a.env != nil {
+		a.cmd.Env = append(os.Environ(), a.env...)
+	}
+	a.cmd.ExtraFiles = a.extra
 	out, err := a.cmd.StdoutPipe()
 	if err != nil {
 		a.t.Fatal(err)

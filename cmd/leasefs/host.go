@@ -24,6 +24,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/hostagent"
 	"github.com/leasefs/leasefs/lease"
@@ -52,6 +53,7 @@ type hostOptions struct {
 	budget      time.Duration          `flag:"freeze-budget"`
 	fullEvery   int                    `flag:"full-scan-every"`
 	expedite    bool                   `flag:"expedite-rcu"`
+	fdStore     bool                   `flag:"fd-store"`
 	maxLeases   int                    `flag:"max-leases-per-guest"`
 	maxSessions int                    `flag:"max-sessions-per-guest"`
 	limits      hostagent.Limits       `flag:"max-conns-per-guest, max-inflight-mb(-per-guest), max-running(-per-guest), max-generations-behind"`
@@ -111,6 +113,9 @@ docs/operations.md).
 	fs.DurationVar(&o.grace, "grace", 30*time.Second, "how long a disconnected guest keeps its leases")
 	fs.DurationVar(&o.budget, "freeze-budget", 2*time.Second, "the watchdog thaws a freeze that lasts longer")
 	fs.IntVar(&o.fullEvery, "full-scan-every", 20, "every Nth publish scans every inode, not just those inotify named (-1: never)")
+	fs.BoolVar(&o.fdStore, "fd-store", false, "keep the files guests hold in systemd's file-descriptor store (FileDescriptorStoreMax=),\n"+
+		"so that they and their guests' sessions outlive a crash or restart of the agent; on by itself\n"+
+		"when systemd says the service has a store ($FDSTORE, systemd 254)")
 	fs.BoolVar(&o.expedite, "expedite-rcu", true, "expedite the kernel's RCU grace periods (system-wide, /sys/kernel/rcu_expedited) for the\nmoment of each freeze: FIFREEZE then takes well under 1 ms instead of tens (see docs/benchmarks.md)")
 	fs.IntVar(&o.maxLeases, "max-leases-per-guest", 65536, "the leases (open files) one guest may hold, all its sessions together\n"+
 		"(a guest is a VM, or a user on a shared Unix socket); the host's files are shared besides:\n"+
@@ -178,6 +183,9 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 		dev, mnt, ok2 := strings.Cut(rest, ":")
 		if !ok1 || !ok2 || name == "" || dev == "" || mnt == "" {
 			return nil, fmt.Errorf("--export %q: want NAME=DEVICE:MOUNTPOINT, e.g. mirror=/dev/vdb:/srv/mirror", spec)
+		}
+		if !validExportName(name) {
+			return nil, fmt.Errorf("--export %q: export name %q: letters, digits, '.', '_' and '-' only, at most 64, not starting with '.' (it names files in --state-dir)", spec, name)
 		}
 		for _, other := range o.exports {
 			switch {
@@ -279,23 +287,65 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 }
 
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if isUpgrade(args) {
+		return runUpgrade(ctx, args, stdout, stderr)
+	}
+	// SIGUSR2 would end the agent until it is handled.
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
 	o, err := parseHost(args, stderr)
 	if err != nil {
 		return err
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(o.logLevel)})
+	self, err := os.Executable() // now: an upgrade replaces the file at this path
+	if err != nil {
+		return err
+	}
+	handed, err := takeHandover()
+	if err != nil {
+		log.Error("an upgrade handed over state that cannot be read; starting afresh", "error", err)
+	}
+	if handed != nil {
+		log.Info("taking over from the agent before the upgrade", "from", handed.From)
+	}
+	store, err := openFDStore(o.fdStore, log)
+	if err != nil {
+		return err
+	}
+	var stored map[string]map[uint32]int
+	if store != nil {
+		stored = storedFiles(log)
+	}
 	if err := checkStateDir(o); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
-	lock, err := hostagent.LockStateDir(o.stateDir)
+	var lock *os.File
+	if handed != nil {
+		lock, err = hostagent.AdoptStateLock(handed.StateLock, o.stateDir)
+	} else {
+		lock, err = hostagent.LockStateDir(o.stateDir)
+	}
 	if err != nil {
 		return err
 	}
 	defer lock.Close()
-	ctl, err := vsockproto.Listen(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)})
+	ctlOpt := vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)}
+	var ctl *vsockproto.Listener
+	if handed != nil && handed.Control >= 0 && handed.ControlAddr == o.control.String() {
+		f := os.NewFile(uintptr(handed.Control), handed.ControlAddr)
+		ctl, err = vsockproto.FileListener(o.control, f, ctlOpt)
+		f.Close()
+	} else {
+		if handed != nil && handed.Control >= 0 {
+			unix.Close(handed.Control)
+		}
+		ctl, err = vsockproto.Listen(o.control, ctlOpt)
+	}
 	if err != nil {
 		return fmt.Errorf("--control %s: %w", o.control, err)
 	}
@@ -309,6 +359,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	grp, ctx := errgroup.WithContext(ctx)
 	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
+		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored,
 		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
 		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
@@ -316,13 +367,20 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		Logger:    log,
 		Version:   versionString(),
 		Listeners: a,
+		Upgrade:   a.upgrade,
 	})
 	if err != nil {
 		return err
 	}
 	a.srv = srv
 	defer func() {
-		srv.Close() // the guests first, then what they were served
+		// The guests first, then what they were served. With an fd
+		// store, the held files stay leased there for the next run.
+		if store != nil {
+			srv.Leave()
+		} else {
+			srv.Close()
+		}
 		a.stopAll()
 	}()
 	// Every address and export is checked and taken before anything is
@@ -330,6 +388,12 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	stopExtending := extendStartup("publishing the first generations")
 	a.mu.Lock()
 	err = a.apply(o)
+	a.handed.rest()
+	for export, held := range a.stored {
+		log.Warn("the fd store holds files of an export no longer served; letting them go", "export", export, "files", len(held))
+		lease.LetGo(held, store.keeper(export))
+	}
+	a.stored = nil
 	a.mu.Unlock()
 	stopExtending()
 	if err != nil {
@@ -347,6 +411,13 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			select {
 			case <-ctx.Done():
 				return nil
+			case <-usr2:
+				log.Info("SIGUSR2: upgrading in place")
+				if exec, err := a.upgrade(); err != nil {
+					log.Error("upgrade refused", "error", err)
+				} else {
+					exec()
+				}
 			case <-hup:
 				log.Info("SIGHUP: reading the settings again", "config", o.config)
 				a.mu.Lock()
@@ -362,6 +433,20 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fmt.Fprintln(stdout, "ready")
 	notifyReady()
 	return grp.Wait()
+}
+
+// validExportName: an export's name names its files in the state
+// directory and its held files in systemd's fd store.
+func validExportName(name string) bool {
+	if name == "" || len(name) > 64 || name[0] == '.' {
+		return false
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // checkStateDir refuses a state directory on an export.
@@ -387,18 +472,25 @@ type hostAgent struct {
 	srv            *hostagent.Server
 	ctx            context.Context
 	grp            *errgroup.Group
+	self           string               // the binary an upgrade execs
+	lock           *os.File             // the state directory's
+	ctl            *vsockproto.Listener // the control socket
+	store          *fdStore             // systemd's fd store, if the unit has one
 
 	mu      sync.Mutex                 // one change at a time; guards what follows
 	o       *hostOptions               // the settings applied
 	listens map[string]*running        // by address
 	extra   map[string]vsockproto.Addr // added through the control socket: kept across reloads
 	exports map[string]*runningExport
+	handed  *handover                 // what an upgrade handed over, until apply takes it
+	stored  map[string]map[uint32]int // held files systemd's fd store gave back, until apply takes them
 }
 
 // running is something served until its cancel; done when it has ended.
 type running struct {
 	cancel context.CancelFunc
 	done   chan struct{}
+	l      *vsockproto.Listener // a guest listener's socket (not a VM directory's)
 }
 
 func (r *running) stop() {
@@ -467,7 +559,11 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 	for _, l := range o.listen {
 		want[l.String()] = l
 	}
-	newListens := map[string]func(context.Context) error{}
+	type bound struct {
+		serve func(context.Context) error
+		l     *vsockproto.Listener
+	}
+	newListens := map[string]bound{}
 	var taken []io.Closer
 	opened := map[string]*runningExport{}
 	defer func() {
@@ -491,7 +587,7 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		if l != nil {
 			taken = append(taken, l)
 		}
-		newListens[key] = serve
+		newListens[key] = bound{serve, l}
 	}
 	keep := map[string]bool{}
 	for _, sp := range o.exports {
@@ -503,10 +599,15 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		if err != nil {
 			return err
 		}
-		e, err := hostagent.OpenExport(hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
+		ec := hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
 			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			AutoPublish: o.autoPublish,
-			Progress:    progressTo(a.stderr, "export "+sp.name+": reading the inode tables")})
+			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp.name),
+			Progress: progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
+		if a.store != nil {
+			ec.Keeper, ec.Held = a.store.keeper(sp.name), a.stored[sp.name]
+			delete(a.stored, sp.name)
+		}
+		e, err := hostagent.OpenExport(ec)
 		if err != nil {
 			wd.Close()
 			return err
@@ -547,8 +648,9 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 			a.log.Error("an export could not be added", "export", sp.name, "error", err)
 		}
 	}
-	for key, serve := range newListens {
-		a.listens[key] = a.start(serve)
+	for key, b := range newListens {
+		a.listens[key] = a.start(b.serve)
+		a.listens[key].l = b.l
 		a.log.Info("listening", "addr", key)
 	}
 	return nil
@@ -556,7 +658,7 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 
 // bind takes addr for guests (or, for a directory of VM sockets, checks
 // it) and returns how to serve it, and what to close if it is not.
-func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, io.Closer, error) {
+func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, *vsockproto.Listener, error) {
 	if addr.Kind == vsockproto.KindVMDir {
 		if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
 			return nil, nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
@@ -565,7 +667,11 @@ func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, io.
 			return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
 		}, nil, nil
 	}
-	l, err := vsockproto.Listen(addr, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
+	opt := vsockproto.ListenOptions{Stale: staleLogger(a.log)}
+	l, handed, err := a.handed.listener(addr, opt)
+	if !handed {
+		l, err = vsockproto.Listen(addr, opt)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
 	}
@@ -579,11 +685,12 @@ func (a *hostAgent) AddListener(s string) error {
 		if a.listens[key] != nil {
 			return fmt.Errorf("already listening on %s", key)
 		}
-		serve, _, err := a.bind(addr)
+		serve, l, err := a.bind(addr)
 		if err != nil {
 			return err
 		}
 		a.listens[key], a.extra[key] = a.start(serve), addr
+		a.listens[key].l = l
 		a.log.Info("listening (added through the control socket)", "addr", key)
 		return nil
 	})
@@ -631,6 +738,12 @@ func (a *hostAgent) addExport(r *runningExport) error {
 		r.close()
 		return err
 	}
+	if g := r.e.Current(); g != nil { // handed over by an upgrade
+		fmt.Fprintf(a.stdout, "export %s: generation %d (taken over, %d kept)\n", name, g.Number, r.e.Kept())
+		a.exports[name] = r
+		a.startAuto(r)
+		return nil
+	}
 	g, err := a.srv.Publish(name)
 	if err != nil {
 		_ = a.srv.RemoveExport(name)
@@ -638,11 +751,16 @@ func (a *hostAgent) addExport(r *runningExport) error {
 		return fmt.Errorf("export %s: the first generation: %w", name, err)
 	}
 	fmt.Fprintf(a.stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", name, g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
-	if a.o.autoPublish != nil {
-		r.auto = a.start(func(ctx context.Context) error { return a.srv.AutoPublish(ctx, name) })
-	}
 	a.exports[name] = r
+	a.startAuto(r)
 	return nil
+}
+
+// startAuto starts r's publishing on its own, if the settings say so.
+func (a *hostAgent) startAuto(r *runningExport) {
+	if a.o.autoPublish != nil {
+		r.auto = a.start(func(ctx context.Context) error { return a.srv.AutoPublish(ctx, r.spec.name) })
+	}
 }
 
 // start runs serve in the agent's group until it ends or is stopped. A

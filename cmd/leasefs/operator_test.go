@@ -90,6 +90,14 @@ func TestOneAgentPerExportAndSocket(t *testing.T) {
 			a, s := fresh()
 			return append(a, "--export", "other="+otherDev+":"+otherMnt, "--export", "other="+dev+":"+mnt), s
 		}, []string{"the name other is given twice"}},
+		{"an export name that names no file", func() ([]string, string) {
+			a, s := fresh()
+			return append(a, "--export", "../x="+otherDev+":"+otherMnt), s
+		}, []string{`export name "../x"`, "letters, digits"}},
+		{"an fd store without systemd", func() ([]string, string) {
+			a, s := fresh()
+			return append(a, "--export", "other="+otherDev+":"+otherMnt, "--fd-store"), s
+		}, []string{"--fd-store: systemd's notify socket"}},
 		{"one filesystem twice", func() ([]string, string) {
 			a, s := fresh()
 			return append(a, "--export", "a="+otherDev+":"+otherMnt, "--export", "b="+otherDev+":/elsewhere"), s

@@ -1,0 +1,546 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/guestagent"
+	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/testenv"
+)
+
+// hostStatus asks the agent on control for its status.
+func hostStatus(t *testing.T, control string) *hostagent.Status {
+	t.Helper()
+	out, err := leasefs(t, "status", "--json", "--control", control)
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	var st hostagent.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return &st
+}
+
+func guestStatus(t *testing.T, dir string) *guestagent.Status {
+	t.Helper()
+	out, err := leasefs(t, "guest", "status", "--json", dir)
+	if err != nil {
+		t.Fatalf("guest status: %v\n%s", err, out)
+	}
+	var st guestagent.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return &st
+}
+
+// fillExport deletes name from the export at mnt and fills the
+// filesystem with other bytes until it is full, so that the deleted
+// file's blocks would be reused were they free.
+func fillExport(t *testing.T, mnt, name string) {
+	t.Helper()
+	if err := os.Remove(filepath.Join(mnt, name)); err != nil {
+		t.Fatal(err)
+	}
+	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
+	for i := 0; ; i++ {
+		if err := os.WriteFile(filepath.Join(mnt, "junk"+strconv.Itoa(i)), junk, 0o644); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	unix.Sync()
+}
+
+// zombies counts pid's children that have exited and not been waited
+// for.
+func zombies(pid int) int {
+	n := 0
+	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/children")
+	for _, p := range tasks {
+		b, _ := os.ReadFile(p)
+		for _, c := range strings.Fields(string(b)) {
+			st, _ := os.ReadFile("/proc/" + c + "/stat")
+			if f := strings.Fields(string(st)); len(f) > 2 && f[2] == "Z" {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// The agent is upgraded in place, by SIGUSR2 and by 'leasefs host
+// --upgrade', twice each, while two guests (one reading the shared
+// device, one through the host) read a file the host has deleted, and
+// whose blocks would have been reused: they read its original bytes to
+// the end. The agent keeps its pid and sockets; guests resume their
+// sessions on their generation, with nothing fenced; a writer's break
+// still reaches the guests after the upgrade; an upgrade to a binary that
+// does not run is refused and the agent goes on.
+func TestUpgradeInPlace(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(rand.Uint32())
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "big"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The agent runs from a copy, which the test replaces as an
+	// operator installs a new version.
+	bin := filepath.Join(run, "bin", "leasefs")
+	install := func(from string) {
+		t.Helper()
+		tmp := bin + ".new"
+		if out, err := exec.Command("install", "-D", "-m", "0755", from, tmp).CombinedOutput(); err != nil {
+			t.Fatalf("install: %v\n%s", err, out)
+		}
+		if err := os.Rename(tmp, bin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install(leasefsBin)
+	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
+	a := &agent{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
+		"--listen", guest, "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
+	a.start()
+	t.Cleanup(func() {
+		if a.cmd != nil {
+			a.stop(syscall.SIGTERM)
+		}
+		waitGone(t, mnt)
+	})
+	pid := a.cmd.Process.Pid
+	dirs := []string{
+		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
+		guestMount(t, "--connect", guest, "--export", "mirror"),
+	}
+	const chunk = 1 << 20
+	var files, small []*os.File
+	for _, dir := range dirs {
+		f, err := os.Open(filepath.Join(dir, "big"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		s, err := os.Open(filepath.Join(dir, "hello"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		files, small = append(files, f), append(small, s)
+	}
+	got := make([][]byte, len(files))
+	readChunk := func(what string) {
+		t.Helper()
+		for i, f := range files {
+			b := make([]byte, chunk)
+			n, err := io.ReadFull(f, b)
+			if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.log)
+			}
+			got[i] = append(got[i], b[:n]...)
+		}
+	}
+	readChunk("before")
+	fillExport(t, mnt, "big")
+	if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	readChunk("after the refill")
+
+	upgraded := func(before time.Time) *hostagent.Status {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			out, err := leasefs(t, "status", "--json", "--control", control)
+			var st hostagent.Status
+			if err == nil && json.Unmarshal([]byte(out), &st) == nil && !st.Started.Equal(before) {
+				return &st
+			}
+		}
+		t.Fatalf("the agent did not come back as a new run:\n%s", a.log)
+		return nil
+	}
+	for round := 1; round <= 4; round++ {
+		before := hostStatus(t, control)
+		gen := before.Exports[0].Generation
+		for deadline := time.Now().Add(10 * time.Second); guestStatus(t, dirs[0]).Generation != gen; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the guest is not on generation %d", gen)
+			}
+		}
+		if before.Exports[0].Files < 2 {
+			t.Fatalf("round %d: the agent holds %d files before the upgrade, want big and hello", round, before.Exports[0].Files)
+		}
+		if round%2 == 1 {
+			if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			out, err := leasefs(t, "host", "--upgrade", "--control", control)
+			if err != nil || !strings.Contains(out, "upgraded:") {
+				t.Fatalf("host --upgrade: %v\n%s", err, out)
+			}
+		}
+		after := upgraded(before.Started)
+		if a.cmd.Process.Pid != pid || after.Exports[0].Generation != before.Exports[0].Generation ||
+			after.Exports[0].Kept != before.Exports[0].Kept || after.Exports[0].Files != before.Exports[0].Files ||
+			after.Exports[0].Leases != before.Exports[0].Leases {
+			t.Fatalf("round %d: before %+v\nafter %+v", round, before.Exports[0], after.Exports[0])
+		}
+		readChunk("after upgrade " + strconv.Itoa(round))
+		for i, dir := range dirs {
+			st := guestStatus(t, dir)
+			for deadline := time.Now().Add(10 * time.Second); st.Resumes < round && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				st = guestStatus(t, dir)
+			}
+			if len(st.Fenced) > 0 || st.OpenFiles != 2 || st.Resumes < round {
+				t.Fatalf("round %d: guest %d after the upgrade: %d open, %d resumes, fenced %+v", round, i, st.OpenFiles, st.Resumes, st.Fenced)
+			}
+			if i == 0 && st.Generation != gen {
+				t.Fatalf("round %d: the guest moved from generation %d to %d: its generation was not kept", round, gen, st.Generation)
+			}
+		}
+		if n := zombies(pid); n > 0 {
+			t.Errorf("round %d: %d exited children not reaped (the old watchdogs)", round, n)
+		}
+	}
+	if strings.Count(a.log.String(), "taking over from the agent before the upgrade") != 4 {
+		t.Errorf("the log does not show 4 takeovers:\n%s", a.log)
+	}
+	for len(got[0]) < len(data) || len(got[1]) < len(data) {
+		readChunk("to the end")
+	}
+	for i := range got {
+		if !bytes.Equal(got[i], data) {
+			t.Fatalf("guest %d read %d bytes, not the deleted file's", i, len(got[i]))
+		}
+	}
+
+	// The leases were taken again for the new run: a writer's open
+	// waits for the guests' acks (a break nobody hears would hold it
+	// for the kernel's lease-break-time), and their handles go stale.
+	start := time.Now()
+	if err := os.WriteFile(filepath.Join(mnt, "hello"), nil, 0o644); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the writer waited %v: the upgraded agent did not hear the break", d)
+	}
+	for i, s := range small {
+		if _, err := s.ReadAt(make([]byte, 4), 0); !errors.Is(err, syscall.ESTALE) {
+			t.Fatalf("guest %d: a broken file reads %v, want ESTALE", i, err)
+		}
+	}
+
+	// A binary that does not run is not exec'd: the agent goes on.
+	bad := filepath.Join(run, "bad")
+	if err := os.WriteFile(bad, []byte("#!/bin/sh\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	install(bad)
+	before := hostStatus(t, control)
+	out, err := leasefs(t, "host", "--upgrade", "--control", control)
+	if err == nil || !strings.Contains(out, "does not run") {
+		t.Fatalf("an upgrade to a broken binary: %v\n%s", err, out)
+	}
+	if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(a.log.String(), "upgrade refused"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no word of the refused upgrade:\n%s", a.log)
+		}
+	}
+	if st := hostStatus(t, control); !st.Started.Equal(before.Started) {
+		t.Fatal("the agent restarted on a broken binary")
+	}
+	install(leasefsBin) // for the stop's 'leasefs thaw', and the cleanup
+}
+
+// fakeSystemd plays systemd's side of a service's notify socket and
+// file-descriptor store: it keeps the descriptors sent with FDSTORE=1
+// under their FDNAME, drops them on FDSTOREREMOVE=1, and passes them to
+// the next start as LISTEN_FDS and LISTEN_FDNAMES.
+type fakeSystemd struct {
+	t     *testing.T
+	path  string
+	fd    int
+	mu    sync.Mutex
+	store map[string][]int // guarded by mu
+}
+
+func newFakeSystemd(t *testing.T) *fakeSystemd {
+	s := &fakeSystemd{t: t, path: filepath.Join(t.TempDir(), "notify.sock"), store: map[string][]int{}}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: s.path}); err != nil {
+		t.Fatal(err)
+	}
+	s.fd = fd
+	done := make(chan struct{})
+	go s.run(done)
+	t.Cleanup(func() {
+		unix.Shutdown(fd, unix.SHUT_RDWR)
+		unix.Close(fd)
+		<-done
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, fds := range s.store {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+	})
+	return s
+}
+
+func (s *fakeSystemd) run(done chan struct{}) {
+	defer close(done)
+	buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(64*4))
+	for {
+		n, oobn, _, _, err := unix.Recvmsg(s.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if err != nil || n == 0 && oobn == 0 {
+			return
+		}
+		var fds []int
+		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, m := range msgs {
+				if r, err := unix.ParseUnixRights(&m); err == nil {
+					fds = append(fds, r...)
+				}
+			}
+		}
+		vars := map[string]string{}
+		for _, line := range strings.Split(string(buf[:n]), "\n") {
+			if k, v, ok := strings.Cut(line, "="); ok {
+				vars[k] = v
+			}
+		}
+		s.mu.Lock()
+		switch {
+		case vars["FDSTORE"] == "1":
+			s.store[vars["FDNAME"]] = append(s.store[vars["FDNAME"]], fds...)
+			fds = nil
+		case vars["FDSTOREREMOVE"] == "1":
+			for _, fd := range s.store[vars["FDNAME"]] {
+				unix.Close(fd)
+			}
+			delete(s.store, vars["FDNAME"])
+		}
+		s.mu.Unlock()
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
+}
+
+// names lists the names stored.
+func (s *fakeSystemd) names() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Sorted(maps.Keys(s.store))
+}
+
+// prepare sets up a's next start as systemd would: the notify socket,
+// $FDSTORE as systemd 254 sets it (or --fd-store, for older ones), and
+// the stored descriptors passed from fd 3 on (LISTEN_PID is set by a
+// shell that execs the agent, whose pid it then is).
+func (s *fakeSystemd) prepare(a *agent, bin string, args []string, v254 bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a.prog = "/bin/sh"
+	a.args = append([]string{"-c", `LISTEN_PID=$$ exec "$0" "$@"`, bin}, args...)
+	a.env = []string{"NOTIFY_SOCKET=" + s.path, "FDSTORE=", "LISTEN_FDS=", "LISTEN_FDNAMES="}
+	if v254 {
+		a.env = append(a.env, "FDSTORE=4096")
+	} else {
+		a.args = append(a.args, "--fd-store")
+	}
+	a.extra = nil
+	var names []string
+	for _, name := range slices.Sorted(maps.Keys(s.store)) {
+		for _, fd := range s.store[name] {
+			a.extra = append(a.extra, os.NewFile(uintptr(fd), name))
+			names = append(names, name)
+		}
+	}
+	if len(names) > 0 {
+		a.env = append(a.env, "LISTEN_FDS="+strconv.Itoa(len(names)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+	}
+}
+
+// The agent keeps the files guests hold in systemd's fd store: it is
+// killed (a crash) and stopped (systemctl restart) and started again
+// with what the store kept, while two guests (device, and through the
+// host) read a file the host deleted and whose blocks would be reused.
+// They resume their sessions and read its original bytes to the end. A
+// writer that opens a held file while no agent runs waits for it (the
+// store kept the lease), is let go as soon as the next run starts, and
+// the guests' handles of that file go stale. A file the guests close
+// leaves the store.
+func TestRestartWithFDStore(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(rand.Uint32())
+	}
+	for name, b := range map[string][]byte{"big": data, "wanted": []byte("written while the agent is away\n")} {
+		if err := os.WriteFile(filepath.Join(mnt, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sd := newFakeSystemd(t)
+	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
+	args := []string{"host", "--export", "mirror=" + dev + ":" + mnt, "--listen", guest, "--control", control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--grace", "60s"}
+	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	sd.prepare(a, leasefsBin, args, true)
+	a.start()
+	t.Cleanup(func() {
+		if a.cmd != nil {
+			a.stop(syscall.SIGTERM)
+		}
+		waitGone(t, mnt)
+	})
+	dirs := []string{
+		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
+		guestMount(t, "--connect", guest, "--export", "mirror"),
+	}
+	var files, wanted []*os.File
+	for _, dir := range dirs {
+		for _, name := range []string{"big", "wanted"} {
+			f, err := os.Open(filepath.Join(dir, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if name == "big" {
+				files = append(files, f)
+			} else {
+				wanted = append(wanted, f)
+			}
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(mnt, "big"), &st); err != nil {
+		t.Fatal(err)
+	}
+	bigName := "lease.mirror." + strconv.FormatUint(st.Ino, 10)
+	for deadline := time.Now().Add(5 * time.Second); len(sd.names()) != 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the store holds %v, want big and wanted", sd.names())
+		}
+	}
+	got := make([][]byte, len(files))
+	readChunk := func(what string, only ...int) {
+		t.Helper()
+		for i, f := range files {
+			if only != nil && !slices.Contains(only, i) {
+				continue
+			}
+			b := make([]byte, 1<<20)
+			n, err := io.ReadFull(f, b)
+			if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.log)
+			}
+			got[i] = append(got[i], b[:n]...)
+		}
+	}
+	readChunk("before")
+	fillExport(t, mnt, "big")
+
+	for round, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		a.stop(sig)
+		var writer chan error
+		if round == 0 {
+			writer = make(chan error, 1)
+			go func() {
+				f, err := os.OpenFile(filepath.Join(mnt, "wanted"), os.O_WRONLY|os.O_APPEND, 0)
+				if err == nil {
+					_, err = f.WriteString("more\n")
+					f.Close()
+				}
+				writer <- err
+			}()
+			select {
+			case err := <-writer:
+				t.Fatalf("a writer went past a file the store holds leased: %v", err)
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+		readChunk("while no agent runs", 0) // the guest reading the device
+		sd.prepare(a, leasefsBin, args, round == 1)
+		a.start()
+		if writer != nil {
+			select {
+			case err := <-writer:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("the writer still waits after the restart:\n%s", a.log)
+			}
+		}
+		readChunk("after restart " + strconv.Itoa(round))
+		for i, dir := range dirs {
+			st := guestStatus(t, dir)
+			for deadline := time.Now().Add(10 * time.Second); st.Resumes <= round && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				st = guestStatus(t, dir)
+			}
+			if st.Resumes <= round || len(st.Fenced) != 1 || !strings.HasSuffix(st.Fenced[0].Path, "/wanted") {
+				t.Fatalf("round %d: guest %d: %d resumes, fenced %+v; want %d resumes and wanted fenced\nagent:\n%s", round, i, st.Resumes, st.Fenced, round+1, a.log)
+			}
+		}
+	}
+	for i, w := range wanted {
+		if _, err := w.ReadAt(make([]byte, 4), 0); !errors.Is(err, syscall.ESTALE) {
+			t.Fatalf("guest %d: the file written while the agent was away reads %v, want ESTALE", i, err)
+		}
+	}
+	for len(got[0]) < len(data) || len(got[1]) < len(data) {
+		readChunk("to the end")
+	}
+	for i := range got {
+		if !bytes.Equal(got[i], data) {
+			t.Fatalf("guest %d read %d bytes, not the deleted file's", i, len(got[i]))
+		}
+	}
+	if !strings.Contains(a.log.String(), "took over the last run's leases") {
+		t.Errorf("the log does not say what was taken over:\n%s", a.log)
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	for deadline := time.Now().Add(10 * time.Second); slices.Contains(sd.names(), bigName); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the store still holds the closed file: %v", sd.names())
+		}
+	}
+}

@@ -1,0 +1,81 @@
+package hostagent
+
+import (
+	"bytes"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/ext4ro"
+)
+
+// An export handed over (as an upgrade does, its descriptors kept across
+// an exec: here, duplicated) serves the same kept generations, block for
+// block, goes on numbering from where it was, and scans everything at
+// its next publish: what changed while nobody watched is not known.
+func TestExportHandover(t *testing.T) {
+	x := newExport(t, 64)
+	x.write(t, "a", "one")
+	old := x.open(t, 0)
+	if _, err := old.PublishLabeled("r1", false); err != nil {
+		t.Fatal(err)
+	}
+	x.write(t, "b", "two")
+	if _, err := old.PublishLabeled("r2", false); err != nil {
+		t.Fatal(err)
+	}
+	st, release, err := old.handover()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the exec keeps them: the old export's files are its own.
+	for _, fd := range []*int{&st.MountFD, &st.StoreFD} {
+		if *fd, err = unix.Dup(*fd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release()
+
+	x.write(t, "c", "written while the agent was away")
+	e := x.openWith(t, ExportConfig{Inherit: st})
+	if e.Kept() != old.Kept() || e.Current().Number != old.Current().Number || e.Current().Label != "r2" {
+		t.Fatalf("took over %d generations, current %d %q; the old had %d, current %d",
+			e.Kept(), e.Current().Number, e.Current().Label, old.Kept(), old.Current().Number)
+	}
+	for n := range old.gens {
+		og, ng := old.Generation(n), e.Generation(n)
+		if ng == nil || ng.Blocks() != og.Blocks() {
+			t.Fatalf("generation %d not taken over whole", n)
+		}
+		for b := range og.blocks {
+			ob, err1 := og.ReadBlock(b, 1)
+			nb, err2 := ng.ReadBlock(b, 1)
+			if err1 != nil || err2 != nil || !bytes.Equal(ob, nb) {
+				t.Fatalf("generation %d block %d: %v %v, equal %v", n, b, err1, err2, bytes.Equal(ob, nb))
+			}
+		}
+		og.Release()
+		ng.Release()
+	}
+	if _, err := e.PublishLabeled("r1", false); err == nil {
+		t.Fatal("the label went backwards after the handover")
+	}
+	g, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Number != old.Current().Number+1 || !g.Full {
+		t.Fatalf("the first publish after the handover: generation %d, full %v", g.Number, g.Full)
+	}
+	fs, err := g.FS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := fs.Inode(ext4ro.RootIno)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fs.Lookup(root, "c"); err != nil {
+		t.Fatalf("the file written meanwhile is not in the new generation: %v", err)
+	}
+}
