@@ -19,6 +19,7 @@ import (
 
 // ExportState is what an export hands its successor.
 type ExportState struct {
+	Device, Mount    string         // what it exports: another export by its name is not taken over
 	MountFD, StoreFD int            // the export's locked root, the store's file
 	Held             map[uint32]int // the files guests hold, by inode
 	Next, Cur        uint64
@@ -83,7 +84,7 @@ func (e *Export) handover() (*ExportState, func(), error) {
 		e.pub.Unlock()
 		return nil, nil, err
 	}
-	st := &ExportState{MountFD: e.mountFD, StoreFD: int(e.store.file.Fd()), Label: e.label}
+	st := &ExportState{Device: e.cfg.Device, Mount: e.cfg.Mount, MountFD: e.mountFD, StoreFD: int(e.store.file.Fd()), Label: e.label}
 	s := e.store
 	s.mu.Lock()
 	for h, b := range s.blocks {

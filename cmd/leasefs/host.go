@@ -387,6 +387,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// frozen.
 	stopExtending := extendStartup("publishing the first generations")
 	a.mu.Lock()
+	a.handed.keepOnly(o.exports)
 	err = a.apply(o)
 	a.handed.rest()
 	for export, held := range a.stored {
@@ -601,7 +602,7 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		}
 		ec := hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
 			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp.name),
+			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp),
 			Progress: progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
 		if a.store != nil {
 			ec.Keeper, ec.Held = a.store.keeper(sp.name), a.stored[sp.name]

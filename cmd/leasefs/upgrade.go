@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -83,14 +84,39 @@ func (h *handover) listener(addr vsockproto.Addr, opt vsockproto.ListenOptions) 
 	return l, true, err
 }
 
-// export takes the handed-over state of export name, if there is one.
-func (h *handover) export(name string) *hostagent.ExportState {
+// export takes the handed-over state of export sp, if there is one: of
+// the same name, device and mount point.
+func (h *handover) export(sp exportSpec) *hostagent.ExportState {
 	if h == nil {
 		return nil
 	}
-	st := h.Exports[name]
-	delete(h.Exports, name)
+	st := h.Exports[sp.name]
+	if st == nil || st.Device != sp.dev || st.Mount != sp.mnt {
+		return nil // let go by rest
+	}
+	delete(h.Exports, sp.name)
 	return st
+}
+
+// keepOnly lets go, before anything is opened, of the exports handed
+// over that specs do not have as they were (their locks would stand in
+// the way of opening the same mount afresh).
+func (h *handover) keepOnly(specs []exportSpec) {
+	if h == nil {
+		return
+	}
+	for name, st := range h.Exports {
+		if !slices.Contains(specs, exportSpec{name, st.Device, st.Mount}) {
+			letGoExport(st)
+			delete(h.Exports, name)
+		}
+	}
+}
+
+func letGoExport(st *hostagent.ExportState) {
+	unix.Close(st.MountFD)
+	unix.Close(st.StoreFD)
+	lease.LetGo(st.Held, nil)
 }
 
 // rest lets go of what was handed over and not taken: exports and
@@ -100,12 +126,21 @@ func (h *handover) rest() {
 		return
 	}
 	for _, st := range h.Exports {
-		unix.Close(st.MountFD)
-		unix.Close(st.StoreFD)
-		lease.LetGo(st.Held, nil)
+		letGoExport(st)
 	}
-	for _, fd := range h.Listeners {
+	for key, fd := range h.Listeners {
 		unix.Close(fd)
+		// Its socket file, if it has one, is nobody's now.
+		if a, err := vsockproto.ParseAddr(key); err == nil && (a.Kind == vsockproto.KindUnix || a.Kind == vsockproto.KindHybrid) {
+			path := a.Path
+			if a.Kind == vsockproto.KindHybrid {
+				path = fmt.Sprintf("%s_%d", a.Path, a.Port)
+			}
+			var st unix.Stat_t
+			if unix.Lstat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+				os.Remove(path)
+			}
+		}
 	}
 	h.Exports, h.Listeners = nil, nil
 }

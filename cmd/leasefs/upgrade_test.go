@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"math/rand/v2"
@@ -542,5 +543,74 @@ func TestRestartWithFDStore(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the store still holds the closed file: %v", sd.names())
 		}
+	}
+}
+
+// An upgrade reads the settings again, as the new binary starts: an
+// export the file no longer has is let go (its held file's writer is not
+// held up), and a listen address that went is closed and its socket removed; the export kept is
+// taken over with its guest's open file.
+func TestUpgradeWithChangedSettings(t *testing.T) {
+	mntA, devA := hostExport(t)
+	mntB, devB := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	conf := filepath.Join(run, "host.toml")
+	control := "unix:" + filepath.Join(run, "control.sock")
+	guest1, guest2 := filepath.Join(run, "guest1.sock"), filepath.Join(run, "guest2.sock")
+	write := func(listen string, exports ...string) {
+		lines := []string{fmt.Sprintf("state_dir = %q", filepath.Join(run, "state")), fmt.Sprintf("control = %q", control),
+			`auto-publish = "off"`, "listen = [" + listen + "]"}
+		hostConfig(t, conf, append(lines, exports...)...)
+	}
+	exportA := fmt.Sprintf("[export.a]\ndevice = %q\nmount = %q", devA, mntA)
+	exportB := fmt.Sprintf("[export.b]\ndevice = %q\nmount = %q", devB, mntB)
+	write(fmt.Sprintf("%q, %q", "unix:"+guest1, "unix:"+guest2), exportA, exportB)
+	a := &agent{t: t, mnt: mntA, log: &testenv.SyncBuffer{}, args: []string{"host", "--config", conf}}
+	a.start()
+	t.Cleanup(func() {
+		if a.cmd != nil {
+			a.stop(syscall.SIGTERM)
+		}
+		waitGone(t, mntA)
+		waitGone(t, mntB)
+	})
+	ga := guestMount(t, "--connect", "unix:"+guest1, "--export", "a", "--device", devA)
+	gb := guestMount(t, "--connect", "unix:"+guest2, "--export", "b", "--device", devB)
+	fa, err := os.Open(filepath.Join(ga, "hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fa.Close()
+	fb, err := os.Open(filepath.Join(gb, "hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	before := hostStatus(t, control)
+
+	write(fmt.Sprintf("%q", "unix:"+guest1), exportA)
+	out, err := leasefs(t, "host", "--upgrade", "--control", control)
+	if err != nil {
+		t.Fatalf("host --upgrade: %v\n%s", err, out)
+	}
+	after := hostStatus(t, control)
+	if len(after.Exports) != 1 || after.Exports[0].Name != "a" || after.Exports[0].Generation != before.Exports[0].Generation ||
+		after.Exports[0].Files != 1 {
+		t.Fatalf("after the upgrade: %+v", after.Exports)
+	}
+	if _, err := os.Lstat(guest2); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the socket of the address that went is still there: %v", err)
+	}
+	// b's file was let go: a writer goes on at once.
+	start := time.Now()
+	if err := os.WriteFile(filepath.Join(mntB, "hello"), []byte("rewritten\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("a writer of a file of the export let go waited %v", d)
+	}
+	if b, err := io.ReadAll(io.NewSectionReader(fa, 0, 100)); err != nil || string(b) != "generation one\n" {
+		t.Fatalf("the open file of the export kept: %q %v", b, err)
 	}
 }
