@@ -636,6 +636,7 @@ func (c *Coordinator) forget(g *grant) {
 // end ends the lease g, acknowledged or released. Called with c.mu held.
 func (c *Coordinator) end(g *grant) {
 	c.forget(g)
+	defer c.journal.flush()
 	if g.f == nil {
 		return // revoked
 	}

@@ -50,20 +50,35 @@ func openJournal(path string) (*journal, error) {
 	return &journal{path: path, f: f}, nil
 }
 
-// write appends one line. A journal that could not be written is removed
-// and written no more: a successor then takes over nothing, which is
-// safe, rather than part of the truth, which is not.
+// write appends one line, and any added before it, in one write(2). A
+// journal that could not be written is removed and written no more: a
+// successor then takes over nothing, which is safe, rather than part of
+// the truth, which is not.
 func (j *journal) write(format string, args ...any) {
+	j.add(format, args...)
+	j.flush()
+}
+
+// add buffers a line for the next write or flush.
+func (j *journal) add(format string, args ...any) {
 	if j == nil || j.failed != nil {
 		return
 	}
-	j.scratch = fmt.Appendf(j.scratch[:0], format, args...)
+	j.scratch = fmt.Appendf(j.scratch, format, args...)
 	j.scratch = append(j.scratch, '\n')
-	if _, err := j.f.Write(j.scratch); err != nil {
-		j.fail(err)
+	j.lines++
+}
+
+// flush writes what add buffered.
+func (j *journal) flush() {
+	if j == nil || j.failed != nil || len(j.scratch) == 0 {
 		return
 	}
-	j.lines++
+	_, err := j.f.Write(j.scratch)
+	j.scratch = j.scratch[:0]
+	if err != nil {
+		j.fail(err)
+	}
 }
 
 func (j *journal) fail(err error) {
@@ -79,8 +94,9 @@ func (j *journal) close() {
 	}
 }
 
+// file is added, not written: the lease granted on it comes next.
 func (j *journal) file(f *file) {
-	j.write("F %d %d %d %d %d %d", f.ino, f.igen, f.size, f.mtime.Sec, f.mtime.Nsec, f.layout.Load())
+	j.add("F %d %d %d %d %d %d", f.ino, f.igen, f.size, f.mtime.Sec, f.mtime.Nsec, f.layout.Load())
 }
 func (j *journal) fileDone(f *file)      { j.write("C %d", f.ino) }
 func (j *journal) session(s *Session)    { j.write("S %x %q %q", s.token[:], s.acct.guest, s.name) }
@@ -89,7 +105,7 @@ func (j *journal) grant(g *grant) {
 	j.write("G %x %x %d %d %d", g.s.token[:], uint64(g.id), g.f.ino, g.gen, g.since.UnixNano())
 }
 func (j *journal) revoke(g *grant) { j.write("V %x", uint64(g.id)) }
-func (j *journal) drop(g *grant)   { j.write("D %x", uint64(g.id)) }
+func (j *journal) drop(g *grant)   { j.add("D %x", uint64(g.id)) } // end flushes
 
 // compact rewrites the journal with only what c holds now, once it has
 // grown to four times that. Called with c.mu held.
@@ -102,6 +118,7 @@ func (c *Coordinator) compact(force bool) {
 	if !force && j.lines < 4*live+4096 {
 		return
 	}
+	j.flush()
 	tmp := j.path + ".new"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -133,6 +150,7 @@ func (c *Coordinator) compact(force bool) {
 			}
 		}
 	}
+	w.flush()
 	old.Close()
 	if err := w.failed; err == nil {
 		err = os.Rename(tmp, j.path)
