@@ -116,9 +116,23 @@
 // naming the holder's pid (from /proc/locks). The locks go with the
 // process, however it ends.
 //
+// # Upgrades
+//
+// Server.Handover stops every publish and lease change and returns each
+// export's state (handover.go): its locked root and store file, the
+// store's index, the kept generations, and the lease coordinator's held
+// files. An export opened with ExportConfig.Inherit takes it over as it
+// was (its next publish scans everything); its lease coordinator takes
+// over the sessions and leases from the lease journal in the state
+// directory (lease.Config.Journal). ExportConfig.Keeper and Held do the
+// same for a restart whose held files systemd's fd store kept.
+//
 // # Locking
 //
-// Export.pub serialises publishes; Export.mu guards the kept generations
+// Server.Handover takes, per export, Export.pub, then Store.mu and
+// Export.mu one after the other, then the coordinator's lock, and holds
+// pub and the coordinator's lock until it is released (or the process
+// execs). Export.pub serialises publishes; Export.mu guards the kept generations
 // and is never held during I/O. A Generation is immutable once published
 // and read without locks; a request holds a reference to it
 // (Export.Generation to Generation.Release), so a drop frees its blocks

@@ -70,9 +70,28 @@
 // token can resume its session. Lease ids are random 64-bit values valid
 // only on the session that got them.
 //
+// # Upgrades and restarts
+//
+// With Config.Journal the coordinator records its held files, sessions
+// and leases as they change (journal.go): a lease's line is written
+// before Acquire returns, so no lease a guest was told of is missing
+// from it, and a failed write removes the journal rather than leave it
+// partial. A successor — the agent's next run, given the held files'
+// descriptors by an upgrade's exec (Handover) or by systemd's file
+// descriptor store (Config.Keeper, which is given each held file as it
+// is leased) — takes over what the journal names (Config.Held,
+// Config.Successor): each file is checked against its record (inode,
+// i_generation, size, mtime, layout) and leased again for the new signal
+// thread; a file changed meanwhile, or wanted by a writer, is let go and
+// its leases revoked, which the guest hears as a break when it resumes.
+// Leave ends a run without giving the leases back, for a successor.
+//
 // # Locking
 //
-// Coordinator.mu guards every file, grant, session and account.
+// Coordinator.mu guards every file, grant, session and account, and the
+// journal, which is written with it held (the state directory is never
+// on the export, so a write does not wait for a freeze); Keeper calls
+// are made with it held and must not block.
 // Syscalls that can take time (opening, leasing, reading) run outside it;
 // a file being opened is in state opening, and other Acquires of the
 // same inode wait for it. A ReadAt marks the file in use, so its fd is not closed under

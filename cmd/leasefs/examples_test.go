@@ -301,6 +301,10 @@ func TestFirecrackerExample(t *testing.T) {
 	for i := range args {
 		args[i] = r.Replace(args[i])
 	}
+	// The unit keeps held files in systemd's fd store (--fd-store): the
+	// test plays systemd's notify socket.
+	sd := newFakeSystemd(t)
+	t.Setenv("NOTIFY_SOCKET", sd.path)
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
 	runHostCmd(t, h, mnt, args...)
 
