@@ -291,7 +291,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return runUpgrade(ctx, args, stdout, stderr)
 	}
 	// SIGUSR2 would end the agent until it is handled.
-	usr2 := make(chan os.Signal, 1)
+	usr2, hup := make(chan os.Signal, 1), make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
 	defer signal.Stop(usr2)
 	o, err := parseHost(args, stderr)
@@ -359,7 +359,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	grp, ctx := errgroup.WithContext(ctx)
 	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
-		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored,
+		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored, hup: hup, usr2: usr2,
 		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
 		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
@@ -404,7 +404,6 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if ml != nil {
 		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
 	}
-	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	grp.Go(func() error {
@@ -477,6 +476,7 @@ type hostAgent struct {
 	lock           *os.File             // the state directory's
 	ctl            *vsockproto.Listener // the control socket
 	store          *fdStore             // systemd's fd store, if the unit has one
+	hup, usr2      chan os.Signal       // SIGHUP's and SIGUSR2's, set up again if an upgrade fails
 
 	mu      sync.Mutex                 // one change at a time; guards what follows
 	o       *hostOptions               // the settings applied

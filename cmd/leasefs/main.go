@@ -64,10 +64,7 @@ var commands = []command{
 	{"listen", "add or remove a host agent's guest listen addresses", runListen},
 	{"thaw", "thaw exports a dead host agent left frozen", runThaw},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
-	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
-		_, err := fmt.Fprintln(stdout, "leasefs", versionString())
-		return err
-	}},
+	{"version", "print the version", runVersion},
 	{"watchdog", "", runWatchdog},        // started by the host agent
 	{"mount-helper", "", runMountHelper}, // mount.fuse.leasefs
 }

@@ -8,8 +8,10 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,6 +34,25 @@ import (
 // kept open across the exec.
 
 const handoverEnv = "LEASEFS_HANDOVER"
+
+// handoverFormat numbers the form of what is handed over; a binary that
+// does not print the same (leasefs version --handover) is not exec'd.
+const handoverFormat = 1
+
+// runVersion is 'leasefs version' (and --version).
+func runVersion(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("version", "Usage: leasefs version [--handover]\n\nPrints the version.\n\n")
+	handover := fs.Bool("handover", false, "print the form of state this binary takes over in an upgrade in place, and nothing else")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	if *handover {
+		_, err := fmt.Fprintln(stdout, "handover", handoverFormat)
+		return err
+	}
+	_, err := fmt.Fprintln(stdout, "leasefs", versionString())
+	return err
+}
 
 // handover is what an agent hands the binary it execs.
 type handover struct {
@@ -145,7 +166,8 @@ func (h *handover) rest() {
 	h.Exports, h.Listeners = nil, nil
 }
 
-// checkBinary runs the binary an upgrade would exec, to see that it runs.
+// checkBinary runs the binary an upgrade would exec, to see that it
+// runs and takes over what this one hands over; it returns its version.
 func checkBinary(self string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -153,7 +175,12 @@ func checkBinary(self string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("the new binary %s does not run (%v): not upgrading", self, err)
 	}
-	return string(out), nil
+	format, _ := exec.CommandContext(ctx, self, "version", "--handover").Output()
+	if want := fmt.Sprintf("handover %d\n", handoverFormat); string(format) != want {
+		return "", fmt.Errorf("the new binary %s (%s) cannot take over from this one (it predates upgrades in place, or hands over another form): not upgrading; restart instead",
+			self, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
 // upgrade checks the binary at the agent's path and returns what execs
@@ -249,6 +276,14 @@ func (a *hostAgent) execSuccessor() (err error) {
 		}
 		undo = append(undo, func() { unix.CloseOnExec(fd) })
 	}
+	// A reload or upgrade signal in the moment the new binary has not
+	// yet asked for them would end it: ignored across the exec (the new
+	// run's signal.Notify takes them again).
+	signal.Ignore(syscall.SIGHUP, syscall.SIGUSR2)
+	undo = append(undo, func() {
+		signal.Notify(a.hup, syscall.SIGHUP)
+		signal.Notify(a.usr2, syscall.SIGUSR2)
+	})
 	env := append(os.Environ(), handoverEnv+"="+strconv.Itoa(mfd))
 	a.log.Info("executing the new binary", "binary", a.self, "files_held", len(keep), "exports", len(states))
 	return fmt.Errorf("exec %s: %w", a.self, syscall.Exec(a.self, os.Args, env))

@@ -199,6 +199,14 @@ func TestUpgradeInPlace(t *testing.T) {
 			if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 				t.Fatal(err)
 			}
+			if round == 3 {
+				// A reload asked for at once: in the moment of the exec
+				// it must not end the agent.
+				for range 20 {
+					_ = a.cmd.Process.Signal(syscall.SIGHUP)
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
 		} else {
 			out, err := leasefs(t, "host", "--upgrade", "--control", control)
 			if err != nil || !strings.Contains(out, "upgraded:") {
@@ -277,6 +285,19 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 	if st := hostStatus(t, control); !st.Started.Equal(before.Started) {
 		t.Fatal("the agent restarted on a broken binary")
+	}
+	// Nor one from before upgrades in place, which would not take over.
+	old := filepath.Join(run, "old")
+	if err := os.WriteFile(old, []byte("#!/bin/sh\n[ \"$2\" = --handover ] && exit 2\necho leasefs 0.9\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	install(old)
+	out, err = leasefs(t, "host", "--upgrade", "--control", control)
+	if err == nil || !strings.Contains(out, "cannot take over from this one") || !strings.Contains(out, "leasefs 0.9") {
+		t.Fatalf("an upgrade to a binary that cannot take over: %v\n%s", err, out)
+	}
+	if st := hostStatus(t, control); !st.Started.Equal(before.Started) {
+		t.Fatal("the agent restarted on a binary that cannot take over")
 	}
 	install(leasefsBin) // for the stop's 'leasefs thaw', and the cleanup
 }
