@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/lease"
 )
 
 // An upgrade hands the running agent's state to the binary it execs
@@ -19,9 +21,10 @@ import (
 
 // ExportState is what an export hands its successor.
 type ExportState struct {
-	Device, Mount    string         // what it exports: another export by its name is not taken over
-	MountFD, StoreFD int            // the export's locked root, the store's file
-	Held             map[uint32]int // the files guests hold, by inode
+	Device, Mount    string                 // what it exports: another export by its name is not taken over
+	MountFD, StoreFD int                    // the export's locked root, the store's file
+	Held             map[uint32]int         // the files guests hold, by inode
+	On               map[lease.Token]uint64 // the generation each session is on, kept for it until it is back
 	Next, Cur        uint64
 	Label            string
 	Slots            []SlotState
@@ -71,9 +74,21 @@ func (s *Server) Handover() (map[string]*ExportState, func(), error) {
 		held, rel := sv.coord.Handover()
 		undo = append(undo, rel)
 		st.Held = held
+		sv.mu.Lock()
+		st.On = maps.Clone(sv.on)
+		sv.mu.Unlock()
 		out[name] = st
 	}
 	return out, release, nil
+}
+
+// handedOn is the generation each session was on, as handed over.
+func (e *Export) handedOn() map[lease.Token]uint64 {
+	on := map[lease.Token]uint64{}
+	if e.cfg.Inherit != nil {
+		maps.Copy(on, e.cfg.Inherit.On)
+	}
+	return on
 }
 
 // handover waits for a publish in flight, writes out the store and

@@ -2,11 +2,16 @@ package hostagent
 
 import (
 	"bytes"
+	"context"
+	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/lease"
+	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // An export handed over (as an upgrade does, its descriptors kept across
@@ -77,5 +82,57 @@ func TestExportHandover(t *testing.T) {
 	}
 	if _, err := fs.Lookup(root, "c"); err != nil {
 		t.Fatalf("the file written meanwhile is not in the new generation: %v", err)
+	}
+}
+
+// A server handed over keeps the generation each session was on until
+// its guest is back, however many publishes come first.
+func TestServerHandoverKeepsWhatGuestsAreOn(t *testing.T) {
+	x := newExport(t, 64)
+	x.write(t, "f", "one")
+	e := x.open(t, 5*time.Second)
+	g1, err := e.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	c, w, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Features: vsockproto.FeatureResume},
+		func(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+			return &vsockproto.AnnounceAck{Generation: g1.Number}, nil // stays
+		}, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	x.write(t, "f", "two")
+	if _, err := s.Publish("test"); err != nil {
+		t.Fatal(err)
+	}
+	states, release, err := s.Handover()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := states["test"]
+	for _, fd := range []*int{&st.MountFD, &st.StoreFD} {
+		if *fd, err = unix.Dup(*fd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release()
+	s.Leave()
+
+	e2 := x.openWith(t, ExportConfig{Inherit: st, FreezeBudget: 5 * time.Second})
+	s2, _ := serve(t, e2, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	if !s2.export("test").coord.HasSession(lease.Token(w.Token)) {
+		t.Fatal("the guest's session was not taken over")
+	}
+	for i := range 3 {
+		x.write(t, "f", strconv.Itoa(i))
+		if _, err := s2.Publish("test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !e2.Has(g1.Number) {
+		t.Fatal("the generation a guest was on was dropped before it came back")
 	}
 }
