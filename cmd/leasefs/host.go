@@ -387,9 +387,9 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// frozen.
 	stopExtending := extendStartup("publishing the first generations")
 	a.mu.Lock()
-	a.handed.keepOnly(o.exports)
+	a.handed.keepOnly(o.exports, store)
 	err = a.apply(o)
-	a.handed.rest()
+	a.handed.rest(store)
 	for export, held := range a.stored {
 		log.Warn("the fd store holds files of an export no longer served; letting them go", "export", export, "files", len(held))
 		lease.LetGo(held, store.keeper(export))

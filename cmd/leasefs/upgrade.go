@@ -122,32 +122,38 @@ func (h *handover) export(sp exportSpec) *hostagent.ExportState {
 // keepOnly lets go, before anything is opened, of the exports handed
 // over that specs do not have as they were (their locks would stand in
 // the way of opening the same mount afresh).
-func (h *handover) keepOnly(specs []exportSpec) {
+func (h *handover) keepOnly(specs []exportSpec, store *fdStore) {
 	if h == nil {
 		return
 	}
 	for name, st := range h.Exports {
 		if !slices.Contains(specs, exportSpec{name, st.Device, st.Mount}) {
-			letGoExport(st)
+			letGoExport(name, st, store)
 			delete(h.Exports, name)
 		}
 	}
 }
 
-func letGoExport(st *hostagent.ExportState) {
+// letGoExport closes what an export handed over, its held files' leases
+// dropped and, if systemd's store keeps them, removed from it.
+func letGoExport(name string, st *hostagent.ExportState, store *fdStore) {
 	unix.Close(st.MountFD)
 	unix.Close(st.StoreFD)
-	lease.LetGo(st.Held, nil)
+	var k lease.Keeper
+	if store != nil {
+		k = store.keeper(name)
+	}
+	lease.LetGo(st.Held, k)
 }
 
 // rest lets go of what was handed over and not taken: exports and
 // listen addresses the settings no longer have.
-func (h *handover) rest() {
+func (h *handover) rest(store *fdStore) {
 	if h == nil {
 		return
 	}
-	for _, st := range h.Exports {
-		letGoExport(st)
+	for name, st := range h.Exports {
+		letGoExport(name, st, store)
 	}
 	for key, fd := range h.Listeners {
 		unix.Close(fd)
