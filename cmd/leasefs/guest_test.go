@@ -35,7 +35,7 @@ type agent struct {
 	prog   string // leasefsBin unless set
 	args   []string
 	env    []string   // added to the environment, if set
-	extra  []*os.File // descriptors 3… of the next start, if set
+	extra  []*os.File // descriptors 3… of the next start, if set; closed by it
 	mnt    string
 	cmd    *exec.Cmd
 	log    *testenv.SyncBuffer
@@ -71,7 +71,12 @@ func (a *agent) start() {
 	if err != nil {
 		a.t.Fatal(err)
 	}
-	if err := a.cmd.Start(); err != nil {
+	err = a.cmd.Start()
+	for _, f := range a.extra { // the child has them now
+		f.Close()
+	}
+	a.extra = nil
+	if err != nil {
 		a.t.Fatal(err)
 	}
 	a.exited = make(chan error, 1)

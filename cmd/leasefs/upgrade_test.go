@@ -407,7 +407,12 @@ func (s *fakeSystemd) prepare(a *agent, bin string, args []string, v254 bool) {
 	var names []string
 	for _, name := range slices.Sorted(maps.Keys(s.store)) {
 		for _, fd := range s.store[name] {
-			a.extra = append(a.extra, os.NewFile(uintptr(fd), name))
+			// A copy of its own: the agent's start closes it.
+			d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				s.t.Fatal(err)
+			}
+			a.extra = append(a.extra, os.NewFile(uintptr(d), name))
 			names = append(names, name)
 		}
 	}

@@ -5,6 +5,7 @@ package vmtest
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -17,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/leasefs/leasefs/hostagent"
 	"github.com/leasefs/leasefs/internal/conformance"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
@@ -43,6 +45,7 @@ var scenarios = []struct {
 	{"mmap_and_exec", mmapAndExec},
 	{"writer_waits_for_ack", writerWaitsForAck},
 	{"open_file_survives_refill", openFileSurvivesRefill},
+	{"upgrade_in_place", upgradeInPlace},
 	{"torture", torture},
 	{"kernel_features", kernelFeatures},
 }
@@ -397,6 +400,71 @@ func openFileSurvivesRefill(t *testing.T, h *host) {
 		n, err := f.ReadAt(got, 0)
 		if n != len(want) || !bytes.Equal(got[:n], want) {
 			t.Fatalf("guest %d read %d bytes (%v), the original: %v", i, n, err, bytes.Equal(got[:min(n, len(want))], want[:min(n, len(want))]))
+		}
+	}
+}
+
+// started is when the host agent's run began (an upgrade begins another).
+func (h *host) started(t testing.TB) time.Time {
+	t.Helper()
+	out, err := exec.Command(leasefs, "status", "--json", "--control", control).Output()
+	var st hostagent.Status
+	if err == nil {
+		err = json.Unmarshal(out, &st)
+	}
+	if err != nil {
+		return time.Time{}
+	}
+	return st.Started
+}
+
+// The agent upgrades in place (SIGUSR2) over vsock while two guests read
+// a file the host has deleted: its listening vsock socket and held file
+// are handed over, the guests reconnect and resume, and both read the
+// file's bytes to the end.
+func upgradeInPlace(t *testing.T, h *host) {
+	want := bytes.Repeat([]byte("upgrade in place\n"), 1<<17) // 2 MiB
+	h.write(t, "up", want)
+	h.publish(t)
+	var files []*os.File
+	for _, args := range [][]string{{"--device", sharedDev}, nil} {
+		f, err := os.Open(h.mount(t, args...).path("up"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	half := len(want) / 2
+	for i, f := range files {
+		b := make([]byte, half)
+		if n, err := f.ReadAt(b, 0); n != half || !bytes.Equal(b, want[:half]) {
+			t.Fatalf("guest %d: the first half: %d bytes, %v", i, n, err)
+		}
+	}
+	if err := os.Remove(filepath.Join(exportDir, "up")); err != nil {
+		t.Fatal(err)
+	}
+	h.publish(t)
+	before := h.started(t)
+	if err := h.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if now := h.started(t); !now.IsZero() && !now.Equal(before) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not come back as a new run:\n%s", h.log.String())
+		}
+	}
+	if !strings.Contains(h.log.String(), "took over the last run's leases") {
+		t.Errorf("the new run took over no leases:\n%s", h.log.String())
+	}
+	for i, f := range files {
+		b := make([]byte, len(want)-half+10)
+		if n, err := f.ReadAt(b, int64(half)); n != len(want)-half || !bytes.Equal(b[:n], want[half:]) {
+			t.Fatalf("guest %d after the upgrade: %d bytes (%v), not the rest of the deleted file", i, n, err)
 		}
 	}
 }
