@@ -34,7 +34,7 @@ lint:
 	"$$($(GO) env GOPATH)/bin/staticcheck" ./...
 
 # Each fuzz target for FUZZTIME (go test allows one target per run).
-FUZZPKGS := ./ext4ro ./vsockproto
+FUZZPKGS := ./ext4ro ./vsockproto ./lease
 fuzz:
 	@for p in $(FUZZPKGS); do for t in $$($(GO) test -list '^Fuzz' $$p | grep ^Fuzz); do \
 		echo "== $$p $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$p || exit 1; done; done
