@@ -452,7 +452,7 @@ func TestMountHelperArgs(t *testing.T) {
 
 func TestStatusAtAGlance(t *testing.T) {
 	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
-	st := &hostagent.Status{Exports: []hostagent.ExportStatus{{
+	st := &hostagent.Status{Version: "v0.3.0 (go1.26.8, linux/amd64)", Started: now.Add(-3 * time.Hour), Exports: []hostagent.ExportStatus{{
 		Name: "mirror", Mount: "/srv/mirror", Generation: 7, Label: "20261121.2", Published: now.Add(-90 * time.Second), LastFreezeMS: 1.25,
 		Leases: 3, Files: 2, Breaks: 5, PendingBreaks: 1,
 		Guests: []hostagent.GuestStatus{{Peer: "vsock:3", Generation: 7, Leases: 1}, {Peer: "vsock:4", Generation: 5, Leases: 2}},
@@ -461,7 +461,9 @@ func TestStatusAtAGlance(t *testing.T) {
 	if err := writeStatus(&b, st, now); err != nil {
 		t.Fatal(err)
 	}
-	want := `EXPORT  GEN  LABEL       PUBLISHED  FREEZE  GUESTS  LEASES  FILES  BREAKS                    MOUNT
+	want := `agent v0.3.0 (go1.26.8, linux/amd64), running 3h0m0s
+
+EXPORT  GEN  LABEL       PUBLISHED  FREEZE  GUESTS  LEASES  FILES  BREAKS                    MOUNT
 mirror  7    20261121.2  1m30s ago  1.2 ms  2       3       2      5 (1 pending, 0 revoked)  /srv/mirror
 
 guests of mirror:

@@ -131,6 +131,11 @@ func writeLeases(w io.Writer, st *hostagent.Status, now time.Time) error {
 // writeStatus shows st at a glance: a line per export, then its guests,
 // with what needs attention (guests behind, breaks pending) said so.
 func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
+	if st.Version != "" {
+		// Which binary answers, since when: an upgrade in place begins
+		// another run in the same process.
+		fmt.Fprintf(w, "agent %s, running %s\n\n", st.Version, now.Sub(st.Started).Round(time.Second))
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "EXPORT\tGEN\tLABEL\tPUBLISHED\tFREEZE\tGUESTS\tLEASES\tFILES\tBREAKS\tMOUNT")
 	for _, e := range st.Exports {
