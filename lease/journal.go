@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,18 +37,19 @@ import (
 // journal writes the journal. Its methods are called with c.mu held.
 type journal struct {
 	path    string
+	log     hclog.Logger // nil for a compaction's new file: its failure is the journal's
 	f       *os.File
 	lines   int // written since the last rewrite
 	failed  error
 	scratch []byte
 }
 
-func openJournal(path string) (*journal, error) {
+func openJournal(path string, log hclog.Logger) (*journal, error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lease journal: %w", err)
 	}
-	return &journal{path: path, f: f}, nil
+	return &journal{path: path, f: f, log: log}, nil
 }
 
 // write appends one line, and any added before it, in one write(2). A
@@ -85,6 +87,10 @@ func (j *journal) fail(err error) {
 	j.failed = err
 	j.f.Close()
 	os.Remove(j.path)
+	if j.log != nil {
+		j.log.Error("the lease journal could not be written and is given up: an upgrade or restart will not keep the guests' leases (their open files will read ESTALE)",
+			"journal", j.path, "error", err)
+	}
 }
 
 func (j *journal) close() {

@@ -27,7 +27,7 @@ func (c *Coordinator) takeOver() error {
 			c.log.Error("the lease journal of the last run is unreadable; nothing is taken over", "journal", c.cfg.Journal, "error", err)
 			l = nil
 		}
-		if c.journal, err = openJournal(c.cfg.Journal); err != nil {
+		if c.journal, err = openJournal(c.cfg.Journal, c.log); err != nil {
 			c.letGo(held)
 			return err
 		}

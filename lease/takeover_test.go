@@ -2,6 +2,7 @@ package lease
 
 import (
 	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -224,4 +225,41 @@ func FuzzReadJournal(f *testing.F) {
 			t.Fatal("no ledger and no error")
 		}
 	})
+}
+
+// A journal that cannot be written (its disk full) is given up whole, not
+// left partial: leases go on being granted, and a successor takes over
+// nothing — no session resumes, and the handed-over files are let go.
+func TestJournalThatCannotBeWrittenIsGivenUp(t *testing.T) {
+	dir, path := oneFile(t, "hello")
+	journal := filepath.Join(t.TempDir(), "x.leases")
+	c1, err := New(Config{Root: dir, Journal: journal})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1 := session(t, c1, "g", newBreaks().sink)
+	full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1.mu.Lock()
+	c1.journal.f.Close()
+	c1.journal.f = full // every write fails with ENOSPC
+	c1.mu.Unlock()
+	id := mustAcquire(t, s1, requestFor(t, path))
+	if n, err := s1.ReadAt(id, make([]byte, 5), 0); err != nil || n != 5 {
+		t.Fatalf("a lease granted while the journal fails reads %d %v", n, err)
+	}
+	if _, err := os.Stat(journal); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the journal that failed is still there: %v", err)
+	}
+	held := handover(t, c1)
+	c2 := coordinator(t, dir, Config{Journal: journal, Held: held, Successor: true})
+	if _, _, err := c2.Resume(s1.Token(), "g", "g", newBreaks().sink); err == nil {
+		t.Fatal("a session resumed from a journal given up")
+	}
+	w := startWriter(t, "open", path)
+	if !w.finished(t, 5*time.Second) {
+		t.Fatal("a file handed over without a journal still holds its writer")
+	}
 }

@@ -26,31 +26,29 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
+// jsonOf runs leasefs with args, which print JSON, and decodes it.
+func jsonOf[T any](t *testing.T, args ...string) *T {
+	t.Helper()
+	out, err := leasefs(t, args...)
+	if err != nil {
+		t.Fatalf("leasefs %v: %v\n%s", args, err, out)
+	}
+	var v T
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return &v
+}
+
 // hostStatus asks the agent on control for its status.
 func hostStatus(t *testing.T, control string) *hostagent.Status {
 	t.Helper()
-	out, err := leasefs(t, "status", "--json", "--control", control)
-	if err != nil {
-		t.Fatalf("status: %v\n%s", err, out)
-	}
-	var st hostagent.Status
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	return &st
+	return jsonOf[hostagent.Status](t, "status", "--json", "--control", control)
 }
 
 func guestStatus(t *testing.T, dir string) *guestagent.Status {
 	t.Helper()
-	out, err := leasefs(t, "guest", "status", "--json", dir)
-	if err != nil {
-		t.Fatalf("guest status: %v\n%s", err, out)
-	}
-	var st guestagent.Status
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	return &st
+	return jsonOf[guestagent.Status](t, "guest", "status", "--json", dir)
 }
 
 // fillExport deletes name from the export at mnt and fills the
