@@ -136,3 +136,50 @@ func TestServerHandoverKeepsWhatGuestsAreOn(t *testing.T) {
 		t.Fatal("the generation a guest was on was dropped before it came back")
 	}
 }
+
+// A handover asked for during a publish's freeze waits for the publish
+// to end, and hands over its generation.
+func TestHandoverWaitsForAPublish(t *testing.T) {
+	x := newExport(t, 64)
+	frozen, thaw := make(chan struct{}), make(chan struct{})
+	first := true
+	e := x.openWith(t, ExportConfig{FreezeBudget: 5 * time.Second, OnFrozen: func() {
+		if first {
+			first = false
+			return
+		}
+		close(frozen)
+		<-thaw
+	}})
+	if _, err := e.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	published := make(chan *Generation, 1)
+	go func() {
+		g, err := e.Publish()
+		if err != nil {
+			t.Error(err)
+		}
+		published <- g
+	}()
+	<-frozen
+	handed := make(chan *ExportState, 1)
+	go func() {
+		st, release, err := e.handover()
+		if err != nil {
+			t.Error(err)
+		}
+		release()
+		handed <- st
+	}()
+	select {
+	case <-handed:
+		t.Fatal("handed over in the middle of a freeze")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(thaw)
+	g := <-published
+	if st := <-handed; st == nil || st.Cur != g.Number {
+		t.Fatalf("handed over %+v, want the publish's generation %d current", st, g.Number)
+	}
+}
