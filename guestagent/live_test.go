@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/leasefs/leasefs/hostagent"
@@ -205,6 +206,13 @@ func startGuestFollowing(t testing.TB, h *host, device string, follow Follow) *g
 // export are h's; its logger, if unset, the test's).
 func startGuestWith(t testing.TB, h *host, cfg ClientConfig) *guestMount {
 	t.Helper()
+	return startGuestNotifying(t, h, cfg, nil)
+}
+
+// startGuestNotifying is startGuestWith whose client tells the kernel
+// through wrap(the mount), when wrap is set.
+func startGuestNotifying(t testing.TB, h *host, cfg ClientConfig, wrap func(Notifier) Notifier) *guestMount {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg.Addr, cfg.Export = h.addr, "test"
 	if cfg.Logger == nil {
@@ -220,7 +228,11 @@ func startGuestWith(t testing.TB, h *host, cfg ClientConfig) *guestMount {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Attach(srv)
+	var n Notifier = srv
+	if wrap != nil {
+		n = wrap(n)
+	}
+	c.Attach(n)
 	done := make(chan struct{})
 	go func() { c.Run(ctx); close(done) }()
 	var once sync.Once
@@ -391,6 +403,35 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 		}
 	}
 }
+
+// A break whose invalidation the kernel refuses is reported: the kernel
+// may go on serving the pages it cached of the fenced file.
+func TestRefusedInvalidationIsReported(t *testing.T) {
+	h := startHost(t, 20*time.Second)
+	h.write(t, "f", "old content")
+	h.publish(t)
+	g := startGuestNotifying(t, h, ClientConfig{Device: h.img}, func(n Notifier) Notifier { return refusing{n} })
+	f := openInGuests(t, []*guestMount{g}, "f")[0]
+	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
+		t.Fatal(err)
+	}
+	w := exec.Command(os.Args[0])
+	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
+	if out, err := w.CombinedOutput(); err != nil {
+		t.Fatalf("writer: %v %s", err, out)
+	}
+	for i := 0; !strings.Contains(g.c.Status().LastError, "invalidation of inode"); i++ {
+		if i == 500 {
+			t.Fatalf("no error reported; last: %q", g.c.Status().LastError)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// refusing is a Notifier whose kernel refuses inode invalidations.
+type refusing struct{ Notifier }
+
+func (refusing) InodeNotify(uint64, int64, int64) fuse.Status { return fuse.EIO }
 
 // A file replaced on the host but not yet published cannot be read at
 // the guest's generation (its blocks may be reused). When the host

@@ -1,7 +1,10 @@
 package guestagent
 
 import (
+	"fmt"
 	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/vsockproto"
@@ -261,7 +264,7 @@ func (c *Client) inodeNotify(id uint64) {
 		return
 	}
 	c.m.inval.WithLabelValues("inode").Inc()
-	c.notify.InodeNotify(id, 0, 0) // ENOENT: nothing was cached
+	c.notified("inode", id, "", c.notify.InodeNotify(id, 0, 0))
 }
 
 func (c *Client) entryNotify(parent uint64, name string) {
@@ -269,7 +272,17 @@ func (c *Client) entryNotify(parent uint64, name string) {
 		return
 	}
 	c.m.inval.WithLabelValues("entry").Inc()
-	c.notify.EntryNotify(parent, name)
+	c.notified("entry", parent, name, c.notify.EntryNotify(parent, name))
+}
+
+// notified logs an invalidation the kernel refused. ENOENT is not one:
+// the kernel had nothing of it cached.
+func (c *Client) notified(kind string, node uint64, name string, st fuse.Status) {
+	if st.Ok() || st == fuse.ENOENT {
+		return
+	}
+	c.log.Error("the kernel refused an invalidation: it may serve what it cached of the old generation", "kind", kind, "node", node, "name", name, "status", st)
+	c.noteError(fmt.Errorf("invalidation of %s %#x %q: %v", kind, node, name, st))
 }
 
 // listing maps a directory's names to inodes (none if it is gone).

@@ -349,9 +349,7 @@ func TestSeeingLeases(t *testing.T) {
 	if len(pids) != 1 {
 		t.Fatalf("guest pids %v", pids)
 	}
-	if err := syscall.Kill(pids[0], syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	testenv.Stop(t, pids[0])
 	defer syscall.Kill(pids[0], syscall.SIGCONT)
 	wrote := make(chan error, 1)
 	go func() {

@@ -2,7 +2,11 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
+	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -57,4 +61,43 @@ func StartReady(t testing.TB, cmd *exec.Cmd, log *SyncBuffer, within, stop time.
 	case <-time.After(within):
 		t.Fatalf("%s not ready after %v:\n%s", cmd.Path, within, log)
 	}
+}
+
+// Stop stops process pid with SIGSTOP and returns once every one of its
+// threads has stopped: kill(2) returns before they have, and on a busy
+// machine (or a VM's vCPU the host does not run) a thread can go on for
+// a while, long enough to answer what a test sends it next. When t ends
+// the process is continued, if t has not done so.
+func Stop(t testing.TB, pid int) {
+	t.Helper()
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !allStopped(pid); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d has threads still running 10s after SIGSTOP", pid)
+		}
+	}
+}
+
+// allStopped reports whether every thread of pid is in state T (stopped).
+func allStopped(pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil || len(tasks) == 0 {
+		return false
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, task.Name(), "stat"))
+		if err != nil {
+			return false
+		}
+		// pid (comm) state ...: comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }

@@ -159,6 +159,11 @@ func (h *host) mount(t *testing.T, args ...string) *guest {
 	return g
 }
 
+// logs is the host agent's log and g's, for a failure's message.
+func (h *host) logs(g *guest) string {
+	return "host agent's log:\n" + h.log.String() + "guest's log:\n" + g.logText()
+}
+
 func (g *guest) logText() string {
 	b, _ := os.ReadFile(g.log)
 	return string(b)
@@ -316,9 +321,9 @@ func writerWaitsForAck(t *testing.T, h *host) {
 	if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	testenv.Stop(t, g.cmd.Process.Pid)
+	// Before the close above: a close waits for the guest (FLUSH).
+	defer g.cmd.Process.Signal(syscall.SIGCONT)
 	wrote := make(chan error, 1)
 	go func() {
 		w, err := os.OpenFile(filepath.Join(exportDir, "inplace"), os.O_WRONLY|os.O_TRUNC, 0)
@@ -330,7 +335,7 @@ func writerWaitsForAck(t *testing.T, h *host) {
 	}()
 	select {
 	case err := <-wrote:
-		t.Fatalf("the writer went ahead (%v) while the guest could not acknowledge", err)
+		t.Fatalf("the writer went ahead (%v) while the guest could not acknowledge\n%s", err, h.logs(g))
 	case <-time.After(2 * time.Second):
 	}
 	if err := g.cmd.Process.Signal(syscall.SIGCONT); err != nil {
@@ -342,7 +347,7 @@ func writerWaitsForAck(t *testing.T, h *host) {
 			t.Fatal(err)
 		}
 	case <-time.After(15 * time.Second):
-		t.Fatalf("the writer still waits 15s after the guest could acknowledge\n%s", h.log.String())
+		t.Fatalf("the writer still waits 15s after the guest could acknowledge\n%s", h.logs(g))
 	}
 	// Fenced: its reads are ESTALE once the guest has dropped the pages
 	// it cached (after its ack; until then they give the old bytes).
@@ -352,7 +357,7 @@ func writerWaitsForAck(t *testing.T, h *host) {
 		}
 	}
 	if !errors.Is(err, syscall.ESTALE) {
-		t.Fatalf("read of the broken file: %v, want ESTALE", err)
+		t.Fatalf("read of the broken file: %v, want ESTALE\n%s", err, h.logs(g))
 	}
 	h.publish(t)
 	g.waitRead(t, "inplace", "new content")
