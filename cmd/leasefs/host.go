@@ -290,10 +290,13 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if isUpgrade(args) {
 		return runUpgrade(ctx, args, stdout, stderr)
 	}
-	// SIGUSR2 would end the agent until it is handled.
+	// SIGUSR2 and SIGHUP would end the agent until they are handled:
+	// taken now, they wait until it is ready (a first scan can be long).
 	usr2, hup := make(chan os.Signal, 1), make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
 	defer signal.Stop(usr2)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	o, err := parseHost(args, stderr)
 	if err != nil {
 		return err
@@ -404,8 +407,6 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if ml != nil {
 		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
 	}
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	grp.Go(func() error {
 		for {
 			select {

@@ -429,6 +429,93 @@ func TestHostExtendsItsStartTimeout(t *testing.T) {
 	}
 }
 
+// A reload asked for while the agent starts (its first scan can take
+// minutes) neither ends it nor is lost: it happens once the agent is
+// ready. systemd's notify socket is kept full, so the start cannot get
+// past its first notification until the test has signalled.
+func TestReloadDuringStart(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	sock := filepath.Join(run, "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	filler, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer filler.Close()
+	for queued := 0; ; queued++ {
+		filler.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := filler.Write([]byte("FILLER=1")); err != nil {
+			if queued == 0 {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	t.Setenv("NOTIFY_SOCKET", sock)
+	control := "unix:" + filepath.Join(run, "control.sock")
+	var log testenv.SyncBuffer
+	cmd := exec.Command(leasefsBin, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	cmd.Stderr = &log
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var exitErr error
+	exited := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, out)
+		exitErr = cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			t.Errorf("the agent did not exit on SIGTERM")
+			_ = cmd.Process.Kill()
+		}
+		waitGone(t, mnt)
+	})
+	// The control socket is bound early in the start, before the first
+	// notification, which waits for room in the socket's queue.
+	waitFor(t, "the control socket", func() bool {
+		_, err := os.Stat(filepath.Join(run, "control.sock"))
+		return err == nil
+	})
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+		t.Fatalf("the agent ended on a SIGHUP during its start: %v\n%s", exitErr, log.String())
+	case <-time.After(500 * time.Millisecond):
+	}
+	go func() { // systemd reads the notifications at last
+		buf := make([]byte, 4096)
+		for {
+			if _, err := conn.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	waitFor(t, "the reload asked for during the start", func() bool {
+		return strings.Contains(log.String(), "SIGHUP: reading the settings again") && strings.Contains(log.String(), "reloaded")
+	})
+	if out, err := leasefs(t, "status", "--control", control); err != nil || !strings.Contains(out, "mirror") {
+		t.Fatalf("status after the reload: %v\n%s", err, out)
+	}
+}
+
 // make install puts the binary, the mount helper and the units (their
 // commands pointing at the binary) under PREFIX and DESTDIR; make
 // uninstall takes them all away again.

@@ -638,3 +638,97 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 		t.Fatalf("the open file of the export kept: %q %v", b, err)
 	}
 }
+
+// Upgrades at the worst moment: a writer replaces files continuously,
+// 'leasefs publish' runs every second (as a mirror's sync job does) and
+// processes in two guests read, while the agent is upgraded again and
+// again. No read is torn, no publish fails, the guests follow the
+// generations, and every upgrade is a new run in the same process.
+func TestUpgradeUnderLoad(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
+	tt := testenv.Torture{Dir: mnt, Files: 200, For: 10 * time.Second, Pause: 2 * time.Millisecond,
+		Min: testenv.TortureResults{Reads: 200, Generations: 5, Replaced: 200}}
+	tt.Populate(t)
+	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--control", control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	pid := a.cmd.Process.Pid
+	tt.Readers = []string{
+		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
+		guestMount(t, "--connect", guest, "--export", "mirror"),
+	}
+	tt.Publish = func() error {
+		if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
+			return fmt.Errorf("%v\n%s\nagent log:\n%s", err, out, a.log)
+		}
+		return nil
+	}
+
+	stop := make(chan struct{})
+	upgrades := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { upgrades <- n }()
+		before := hostStatus(t, control).Started
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(1500 * time.Millisecond):
+			}
+			if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+				t.Error(err)
+				return
+			}
+			for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Errorf("upgrade %d: the agent did not come back as a new run:\n%s", n+1, a.log)
+					return
+				}
+				var st hostagent.Status
+				out, err := leasefs(t, "status", "--json", "--control", control)
+				if err == nil && json.Unmarshal([]byte(out), &st) == nil && !st.Started.Equal(before) {
+					before = st.Started
+					break
+				}
+			}
+			n++
+		}
+	}()
+	tt.Run(t)
+	close(stop)
+	n := <-upgrades
+	if n < 4 {
+		t.Fatalf("%d upgrades during the load, want at least 4", n)
+	}
+	if a.cmd.Process.Pid != pid || zombies(pid) > 0 {
+		t.Fatalf("after the upgrades: pid %d (was %d), %d unreaped children", a.cmd.Process.Pid, pid, zombies(pid))
+	}
+	// Their sessions were resumed each time: nothing was fenced.
+	for i, dir := range tt.Readers {
+		if st := guestStatus(t, dir); len(st.Fenced) > 0 || st.Resumes < n {
+			t.Errorf("guest %d: %d resumes in %d upgrades; fenced %+v", i, st.Resumes, n, st.Fenced)
+		}
+	}
+	// The guests are on the last generation, and read what it has.
+	out, err := leasefs(t, "publish", "--control", control, "mirror")
+	if err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	gen := hostStatus(t, control).Exports[0].Generation
+	for i, dir := range tt.Readers {
+		for deadline := time.Now().Add(20 * time.Second); guestStatus(t, dir).Generation != gen; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("guest %d is on generation %d, not %d", i, guestStatus(t, dir).Generation, gen)
+			}
+		}
+		for f := range tt.Files {
+			b, err := os.ReadFile(filepath.Join(dir, fmt.Sprint("f", f)))
+			if err != nil || !testenv.Valid(b) {
+				t.Fatalf("guest %d: f%d: %v (valid: %v)", i, f, err, testenv.Valid(b))
+			}
+		}
+	}
+}
