@@ -164,20 +164,24 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // ServeControl answers control requests on l until ctx ends.
 func (s *Server) ServeControl(ctx context.Context, l *vsockproto.Listener) error {
+	s.gate.serve(l)
 	return s.acceptLoop(ctx, l, true, func(nc net.Conn, peer vsockproto.Peer) {
 		if peer.UID != 0 && int(peer.UID) != os.Geteuid() {
 			s.log.Warn("control connection from an unauthorised user", "peer", peer.String())
 			nc.Close()
 			return
 		}
+		s.gate.enter()
 		go s.control(nc)
 	})
 }
 
+// control answers one control connection, counted by the gate.
 func (s *Server) control(nc net.Conn) {
 	var req ControlRequest
 	var after func()
 	defer func() {
+		s.gate.leave() // before after: an upgrade waits for the others
 		if after != nil {
 			after()
 		}

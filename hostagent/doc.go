@@ -140,6 +140,7 @@
 // I/O: a block is read from the store's file by a caller holding a
 // reference to it, so its place is not reused under the read. Server.mu
 // guards the connections, served.mu the generation each session is on,
-// quotas.mu the per-guest budgets; each is a leaf, held for a map
+// quotas.mu the per-guest budgets, ctlGate.mu the control requests
+// being answered (Quiesce); each is a leaf, held for a map
 // operation, never while waiting on a budget or doing I/O.
 package hostagent

@@ -57,6 +57,7 @@ type Server struct {
 	quotas  *quotas
 	fds     *lease.FDs
 	spare   spareFD
+	gate    ctlGate       // of the control socket
 	warn    *rate.Limiter // of log lines about refused guests
 	started time.Time
 
@@ -115,6 +116,7 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 	s.m = newMetrics(s)
 	s.quotas = newQuotas(opt.Limits, s.m)
 	s.spare.open()
+	s.gate.init()
 	for _, e := range exports {
 		if err := s.AddExport(e); err != nil {
 			s.Close()
@@ -230,6 +232,9 @@ func (s *Server) acceptLoop(ctx context.Context, l *vsockproto.Listener, trusted
 	defer stop()
 	backoff := 5 * time.Millisecond
 	for {
+		if trusted && !s.gate.wait(ctx) {
+			return nil
+		}
 		nc, peer, err := l.Accept()
 		switch {
 		case err == nil:

@@ -198,6 +198,13 @@ func (a *hostAgent) upgrade() (func(), error) {
 	}
 	a.log.Info("upgrading in place", "binary", a.self, "to", v)
 	return func() {
+		// Control requests being answered are answered first; those
+		// that come meanwhile wait in the socket for the successor.
+		drained, reopen := a.srv.Quiesce(controlDrain)
+		defer reopen() // if the exec does not happen
+		if !drained {
+			a.log.Warn("control requests still unanswered; upgrading anyway (their clients see the connection end)", "waited", controlDrain)
+		}
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if err := a.execSuccessor(); err != nil {
@@ -205,6 +212,10 @@ func (a *hostAgent) upgrade() (func(), error) {
 		}
 	}, nil
 }
+
+// controlDrain bounds how long an upgrade waits for the control
+// requests being answered (a publish of a large export takes seconds).
+const controlDrain = 30 * time.Second
 
 // execSuccessor hands everything over and execs a.self; it returns only
 // if that failed, having taken everything back. Called with a.mu held.

@@ -732,3 +732,45 @@ func TestUpgradeUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// Operators and cron jobs do not coordinate: two 'host --upgrade', two
+// publishes and two status at the same moment all get their answer
+// (none sees its connection end under it), and the two upgrades make
+// one new run.
+func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	control := "unix:" + filepath.Join(run, "control.sock")
+	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	const rounds = 3
+	for round := 1; round <= rounds; round++ {
+		before := hostStatus(t, control).Started
+		reqs := [][]string{
+			{"host", "--upgrade", "--control", control}, {"host", "--upgrade", "--control", control},
+			{"publish", "--control", control, "mirror"}, {"publish", "--control", control, "mirror"},
+			{"status", "--control", control}, {"status", "--control", control},
+		}
+		errs := make(chan error, len(reqs))
+		for _, args := range reqs {
+			go func() {
+				if out, err := leasefs(t, args...); err != nil {
+					errs <- fmt.Errorf("round %d: leasefs %s: %v\n%s", round, strings.Join(args, " "), err, out)
+					return
+				}
+				errs <- nil
+			}()
+		}
+		for range reqs {
+			if err := <-errs; err != nil {
+				t.Fatalf("%v\nagent log:\n%s", err, a.log)
+			}
+		}
+		if st := hostStatus(t, control); st.Started.Equal(before) {
+			t.Fatalf("round %d: no new run", round)
+		}
+	}
+	if n := strings.Count(a.log.String(), "taking over from the agent before the upgrade"); n < rounds || n > 2*rounds {
+		t.Fatalf("%d takeovers in %d rounds of two upgrades each", n, rounds)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -237,6 +238,12 @@ func boot(t *testing.T, k kernel, vmlinuz, initrd, img, consolePath string) {
 		cmd.Env = append(cmd.Env, "ACCEL="+os.Getenv("LEASEFS_VM_ACCEL"))
 	}
 	cmd.WaitDelay = 5 * time.Second
+	// The VM goes with the test, also when go test's -timeout ends it
+	// with a panic and no cleanup runs. Boot's goroutine stays on its
+	// thread until the VM is done, so the signal cannot come early.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	console, err := os.Create(consolePath)
 	if err != nil {
 		t.Fatal(err)
