@@ -388,17 +388,25 @@ func TestSeeingLeases(t *testing.T) {
 	}
 }
 
+// notifySocket is systemd's notify socket, in dir, for the agents the
+// test starts ($NOTIFY_SOCKET).
+func notifySocket(t *testing.T, dir string) (*net.UnixConn, string) {
+	sock := filepath.Join(dir, "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	t.Setenv("NOTIFY_SOCKET", sock)
+	return conn, sock
+}
+
 // systemd's side of sd_notify: the host agent extends its start timeout
 // while it takes the first generations, then says it is ready.
 func TestHostExtendsItsStartTimeout(t *testing.T) {
 	mnt, dev := hostExport(t)
 	run := t.TempDir()
-	sock := filepath.Join(run, "notify")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn, _ := notifySocket(t, run)
 	var got []string
 	var mu sync.Mutex
 	go func() {
@@ -413,7 +421,6 @@ func TestHostExtendsItsStartTimeout(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	t.Setenv("NOTIFY_SOCKET", sock)
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
 	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
 		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
@@ -436,12 +443,7 @@ func TestHostExtendsItsStartTimeout(t *testing.T) {
 func TestReloadDuringStart(t *testing.T) {
 	mnt, dev := hostExport(t)
 	run := t.TempDir()
-	sock := filepath.Join(run, "notify")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn, sock := notifySocket(t, run)
 	filler, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
@@ -456,7 +458,6 @@ func TestReloadDuringStart(t *testing.T) {
 			break
 		}
 	}
-	t.Setenv("NOTIFY_SOCKET", sock)
 	control := "unix:" + filepath.Join(run, "control.sock")
 	var log testenv.SyncBuffer
 	cmd := exec.Command(leasefsBin, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
