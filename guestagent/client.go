@@ -120,7 +120,8 @@ type Client struct {
 	cache    *metaCache
 	m        *clientMetrics
 	fetching *inFlight     // metadata blocks being fetched
-	notify   Notifier      // set by Attach before Run; the switcher's alone
+	notify   Notifier      // set by Attach, then the switcher's alone
+	attached chan struct{} // closed by Attach: the switcher starts then
 	kick     chan struct{} // wakes the switcher
 	done     chan struct{} // closed by Close
 	started  time.Time
@@ -214,7 +215,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		cfg.PageCache = PageCacheGuest
 	}
 	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{},
-		kick: make(chan struct{}, 1), done: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
+		kick: make(chan struct{}, 1), done: make(chan struct{}), attached: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
 	c.m = newClientMetrics(c)
 	if cfg.Device != "" {
@@ -263,9 +264,15 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 // FileSystem returns the FUSE file system to mount.
 func (c *Client) FileSystem() *FileSystem { return c.fs }
 
-// Attach gives the client the mounted server, to invalidate through. It
-// must be called before Run, and before anything of the mount is used.
-func (c *Client) Attach(n Notifier) { c.notify = n }
+// Attach gives the client the mounted server, to invalidate through,
+// once, before Run. The mount serves from the moment it is made, so the
+// kernel may cache what a break or a switch must drop before there is
+// anything to tell it through: until Attach, the switcher keeps both
+// waiting (a fence stops reads at once all the same).
+func (c *Client) Attach(n Notifier) {
+	c.notify = n
+	close(c.attached)
+}
 
 // Generation returns the generation served.
 func (c *Client) Generation() uint64 {

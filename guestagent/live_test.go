@@ -428,6 +428,60 @@ func TestRefusedInvalidationIsReported(t *testing.T) {
 	}
 }
 
+// A break that comes between the mount and Attach (the mount serves,
+// and the kernel caches, from the moment it is made) is not lost: the
+// file's cached pages are dropped once the client can tell the kernel.
+func TestBreakBeforeAttachIsNotLost(t *testing.T) {
+	h := startHost(t, 20*time.Second)
+	h.write(t, "f", "old content")
+	h.publish(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: h.img, Logger: testLogger(t)})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	srv, err := Mount(c.FileSystem(), dir, MountConfig{FsName: "guest"})
+	if err != nil {
+		cancel()
+		c.Close()
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		srv.Unmount()
+		cancel()
+		select {
+		case <-done:
+		default: // Run never started
+			c.Close()
+		}
+	})
+	f, err := os.Open(filepath.Join(dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
+		t.Fatal(err)
+	}
+	w := exec.Command(os.Args[0])
+	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
+	if out, err := w.CombinedOutput(); err != nil {
+		t.Fatalf("writer: %v %s", err, out)
+	}
+	c.Attach(srv)
+	go func() { c.Run(ctx); close(done) }()
+	var rerr error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, rerr = f.ReadAt(make([]byte, 4), 0); errors.Is(rerr, syscall.ESTALE) {
+			return
+		}
+	}
+	t.Fatalf("the broken file still reads from the kernel's cache (%v): its invalidation was lost", rerr)
+}
+
 // refusing is a Notifier whose kernel refuses inode invalidations.
 type refusing struct{ Notifier }
 

@@ -18,7 +18,9 @@ import (
 // LOOKUP in it is answered; a page's, while a READ of it is), and the
 // requests holding those never wait for the switcher. The one request
 // that does wait for it is an OPEN that needs a newer generation, during
-// which the kernel holds no lock a notification takes.
+// which the kernel holds no lock a notification takes. It starts once
+// the client is attached to its mount (Attach): what breaks and switches
+// ask of it before then waits, not lost.
 
 // wake asks the switcher to look at the state again.
 func (c *Client) wake() {
@@ -29,6 +31,11 @@ func (c *Client) wake() {
 }
 
 func (c *Client) switcher() {
+	select {
+	case <-c.attached:
+	case <-c.done:
+		return
+	}
 	backoff := 100 * time.Millisecond
 	for {
 		select {
@@ -260,17 +267,11 @@ func (c *Client) sameInode(f *ext4ro.FS, ino uint32, id uint64) bool {
 }
 
 func (c *Client) inodeNotify(id uint64) {
-	if c.notify == nil {
-		return
-	}
 	c.m.inval.WithLabelValues("inode").Inc()
 	c.notified("inode", id, "", c.notify.InodeNotify(id, 0, 0))
 }
 
 func (c *Client) entryNotify(parent uint64, name string) {
-	if c.notify == nil {
-		return
-	}
 	c.m.inval.WithLabelValues("entry").Inc()
 	c.notified("entry", parent, name, c.notify.EntryNotify(parent, name))
 }

@@ -774,3 +774,83 @@ func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
 		t.Fatalf("%d takeovers in %d rounds of two upgrades each", n, rounds)
 	}
 }
+
+// Sixteen VMs of a Firecracker host (an hvsock-dir listener, one socket
+// each, sockets the new run binds again) each hold a file the host then
+// deletes and overwrites; two upgrades later every guest resumed its
+// session, nothing was fenced, and each reads its file's original bytes
+// to the end.
+func TestUpgradeWithSixteenVMs(t *testing.T) {
+	const vms = 16
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	dir := filepath.Join(run, "vms")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	want := make([][]byte, vms)
+	for i := range vms {
+		want[i] = bytes.Repeat([]byte{byte('a' + i)}, 256<<10)
+		if err := os.WriteFile(filepath.Join(mnt, fmt.Sprint("vm", i)), want[i], 0o644); err != nil {
+			t.Fatal(err)
+		}
+		vmSocket(t, filepath.Join(dir, fmt.Sprintf("vm%d.sock", i)))
+	}
+	control := "unix:" + filepath.Join(run, "control.sock")
+	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "hvsock-dir:"+dir+":5000",
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	pid := a.cmd.Process.Pid
+	mounts := make([]string, vms)
+	files := make([]*os.File, vms)
+	for i := range vms {
+		sock := filepath.Join(dir, fmt.Sprintf("vm%d.sock_5000", i))
+		waitFor(t, sock, func() bool { return exists(sock) })
+		args := []string{"--connect", "unix:" + sock, "--export", "mirror"}
+		if i%2 == 0 {
+			args = append(args, "--device", dev)
+		}
+		mounts[i] = guestMount(t, args...)
+		f, err := os.Open(filepath.Join(mounts[i], fmt.Sprint("vm", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files[i] = f
+	}
+	if st := hostStatus(t, control); len(st.Exports[0].Guests) != vms || st.Exports[0].Leases != vms {
+		t.Fatalf("before: %d guests, %d leases; want %d of each", len(st.Exports[0].Guests), st.Exports[0].Leases, vms)
+	}
+	for i := range vms - 1 {
+		if err := os.Remove(filepath.Join(mnt, fmt.Sprint("vm", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fillExport(t, mnt, fmt.Sprint("vm", vms-1))
+	if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	for round := 1; round <= 2; round++ {
+		if out, err := leasefs(t, "host", "--upgrade", "--control", control); err != nil {
+			t.Fatalf("upgrade %d: %v\n%s", round, err, out)
+		}
+		for i, m := range mounts {
+			st := guestStatus(t, m)
+			for deadline := time.Now().Add(20 * time.Second); st.Resumes < round && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				st = guestStatus(t, m)
+			}
+			if st.Resumes < round || len(st.Fenced) > 0 {
+				t.Fatalf("upgrade %d: guest %d: %d resumes, fenced %+v\nagent log:\n%s", round, i, st.Resumes, st.Fenced, a.log)
+			}
+		}
+	}
+	if st := hostStatus(t, control); len(st.Exports[0].Guests) != vms || st.Exports[0].Leases != vms || a.cmd.Process.Pid != pid {
+		t.Fatalf("after: %d guests, %d leases, pid %d (was %d)", len(st.Exports[0].Guests), st.Exports[0].Leases, a.cmd.Process.Pid, pid)
+	}
+	for i, f := range files {
+		got, err := io.ReadAll(f)
+		if err != nil || !bytes.Equal(got, want[i]) {
+			t.Fatalf("guest %d read %d bytes (%v), not its deleted file's", i, len(got), err)
+		}
+	}
+}
