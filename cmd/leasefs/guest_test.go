@@ -126,8 +126,15 @@ func (a *agent) stop(sig syscall.Signal) {
 // and unmounts it when t ends.
 func guestMount(t *testing.T, args ...string) string {
 	t.Helper()
+	return guestMountOf(t, leasefsBin, args...)
+}
+
+// guestMountOf is guestMount running the binary bin (leasefsBinNoRace,
+// where many guests would starve the two cores under -race).
+func guestMountOf(t *testing.T, bin string, args ...string) string {
+	t.Helper()
 	dir := t.TempDir()
-	if out, err := leasefs(t, append(append([]string{"guest"}, args...), dir)...); err != nil {
+	if out, err := exec.Command(bin, append(append([]string{"guest"}, args...), dir)...).CombinedOutput(); err != nil {
 		t.Fatalf("leasefs guest: %v\n%s", err, out)
 	}
 	t.Cleanup(func() { imgtest.Unmount(t, dir); waitGone(t, dir) })
