@@ -237,6 +237,11 @@ func (c *Conn) send(id uint64, m Message) error {
 func (c *Conn) write(id uint64, m Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	// Nothing after the frame that says why the connection ends (fail
+	// sets err before it takes wmu to write that frame).
+	if err := c.Err(); err != nil {
+		return err
+	}
 	// A payload that is bytes (Data, Meta) is written where it is, after
 	// the header, not copied into the frame buffer.
 	var bulk []byte

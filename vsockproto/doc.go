@@ -32,8 +32,10 @@
 //
 // # Lock order
 //
-// Conn.mu and Conn.wmu (frame writes) are never held together: fail
-// takes mu, releases it, and only then takes wmu to say goodbye; a failed
+// Conn.wmu (frame writes), then Conn.mu: a write holding wmu takes mu
+// briefly to see whether the connection has failed, so that nothing
+// follows the frame saying why it ended. fail takes mu, sets the error
+// and releases it, and only then takes wmu to say goodbye; a failed
 // write releases wmu before it calls fail.
 //
 // # Transports
