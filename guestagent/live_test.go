@@ -176,6 +176,17 @@ func (h *host) write(t testing.TB, name, content string) {
 	}
 }
 
+// writeInPlace opens name for writing in another process, as a writer
+// on the host does (its open waits for the lease breaks), and writes.
+func (h *host) writeInPlace(t testing.TB, name, content string) {
+	t.Helper()
+	w := exec.Command(os.Args[0])
+	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, name)+":"+content)
+	if out, err := w.CombinedOutput(); err != nil {
+		t.Fatalf("writer: %v %s", err, out)
+	}
+}
+
 // replace swaps in new content atomically, as a mirror sync does.
 func (h *host) replace(t testing.TB, name, content string) {
 	t.Helper()
@@ -381,12 +392,8 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 	h.publish(t)
 	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
 	fs := openInGuests(t, guests, "f")
-	w := exec.Command(os.Args[0])
-	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
 	start := time.Now()
-	if out, err := w.CombinedOutput(); err != nil {
-		t.Fatalf("writer: %v %s", err, out)
-	}
+	h.writeInPlace(t, "f", "new content")
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("the writer waited %v: the guests did not acknowledge", d)
 	}
@@ -415,11 +422,7 @@ func TestRefusedInvalidationIsReported(t *testing.T) {
 	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
 		t.Fatal(err)
 	}
-	w := exec.Command(os.Args[0])
-	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
-	if out, err := w.CombinedOutput(); err != nil {
-		t.Fatalf("writer: %v %s", err, out)
-	}
+	h.writeInPlace(t, "f", "new content")
 	for i := 0; !strings.Contains(g.c.Status().LastError, "invalidation of inode"); i++ {
 		if i == 500 {
 			t.Fatalf("no error reported; last: %q", g.c.Status().LastError)
@@ -466,11 +469,7 @@ func TestBreakBeforeAttachIsNotLost(t *testing.T) {
 	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
 		t.Fatal(err)
 	}
-	w := exec.Command(os.Args[0])
-	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, "f")+":new content")
-	if out, err := w.CombinedOutput(); err != nil {
-		t.Fatalf("writer: %v %s", err, out)
-	}
+	h.writeInPlace(t, "f", "new content")
 	c.Attach(srv)
 	go func() { c.Run(ctx); close(done) }()
 	var rerr error
