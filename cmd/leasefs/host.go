@@ -287,6 +287,9 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 }
 
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == checkUpgradeArg {
+		return runCheckUpgrade(args[1:], stdout, stderr)
+	}
 	if isUpgrade(args) {
 		return runUpgrade(ctx, args, stdout, stderr)
 	}

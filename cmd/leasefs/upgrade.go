@@ -173,28 +173,73 @@ func (h *handover) rest(store *fdStore) {
 	h.Exports, h.Listeners = nil, nil
 }
 
+// checkUpgradeArg, first after 'host', makes the binary only read and
+// check the settings the other arguments give, and print what
+// 'version --handover' prints: what an upgrade asks of the binary it
+// would exec, which would otherwise end on settings it refuses, with
+// the agent.
+const checkUpgradeArg = "--check-upgrade"
+
+// runCheckUpgrade is 'leasefs host --check-upgrade ARGS'.
+func runCheckUpgrade(args []string, stdout, stderr io.Writer) error {
+	o, err := parseHost(args, stderr)
+	if err != nil {
+		return err
+	}
+	if err := checkStateDir(o); err != nil {
+		return err
+	}
+	return runVersion(context.Background(), []string{"--handover"}, stdout, stderr)
+}
+
+// firstReason is what a command's stderr says went wrong: its error
+// line ("leasefs: …"), else its first line (a usage message's reason).
+func firstReason(stderr string) string {
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	for _, l := range lines {
+		if strings.HasPrefix(l, "leasefs: ") {
+			return strings.TrimPrefix(l, "leasefs: ")
+		}
+	}
+	return lines[0]
+}
+
 // checkBinary runs the binary an upgrade would exec, to see that it
-// runs and takes over what this one hands over; it returns its version.
-func checkBinary(self string) (string, error) {
+// runs, takes over what this one hands over, and accepts the settings
+// args give (read again now, as the new run will); it returns its
+// version.
+func checkBinary(self string, args []string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	run := func(args ...string) (string, string, error) {
+		var out, errOut strings.Builder
+		cmd := exec.CommandContext(ctx, self, args...)
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		err := cmd.Run()
+		return out.String(), firstReason(errOut.String()), err
+	}
 	// One run in the usual case (a binary built with -race takes a
-	// second to start); a refusal runs it again, to name it.
-	out, err := exec.CommandContext(ctx, self, "version", "--handover").Output()
-	if v, ok := strings.CutPrefix(string(out), fmt.Sprintf("handover %d\n", handoverFormat)); err == nil && ok {
+	// second to start); a refusal runs it again, to say why.
+	format := fmt.Sprintf("handover %d\n", handoverFormat)
+	out, refusal, err := run(append([]string{"host", checkUpgradeArg}, args...)...)
+	if v, ok := strings.CutPrefix(out, format); err == nil && ok {
 		return strings.TrimSpace(v), nil
 	}
-	if out, err = exec.CommandContext(ctx, self, "version").Output(); err != nil {
+	if out, _, err := run("version", "--handover"); err == nil && strings.HasPrefix(out, format) {
+		return "", fmt.Errorf("the new binary %s (%s) refuses the agent's settings: %s: not upgrading; fix them first",
+			self, strings.TrimSpace(strings.TrimPrefix(out, format)), refusal)
+	}
+	if out, _, err = run("version"); err != nil {
 		return "", fmt.Errorf("the new binary %s does not run (%v): not upgrading", self, err)
 	}
 	return "", fmt.Errorf("the new binary %s (%s) cannot take over from this one (it predates upgrades in place, or hands over another form): not upgrading; restart instead",
-		self, strings.TrimSpace(string(out)))
+		self, strings.TrimSpace(out))
 }
 
 // upgrade checks the binary at the agent's path and returns what execs
 // it (hostagent.ServerOptions.Upgrade).
 func (a *hostAgent) upgrade() (func(), error) {
-	v, err := checkBinary(a.self)
+	v, err := checkBinary(a.self, a.args)
 	if err != nil {
 		return nil, err
 	}

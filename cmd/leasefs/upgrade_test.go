@@ -613,8 +613,19 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 	defer fb.Close()
 	before := hostStatus(t, control)
 
-	write(fmt.Sprintf("%q", "unix:"+guest1), exportA)
+	// Settings the new binary would refuse: the upgrade is refused, and
+	// the agent goes on (the new run would have ended on them).
+	hostConfig(t, conf, "listen = [", "bogus = 1")
 	out, err := leasefs(t, "host", "--upgrade", "--control", control)
+	if err == nil || !strings.Contains(out, "refuses the agent's settings") || !strings.Contains(out, conf) {
+		t.Fatalf("an upgrade with broken settings: %v\n%s", err, out)
+	}
+	if st := hostStatus(t, control); !st.Started.Equal(before.Started) || len(st.Exports) != 2 {
+		t.Fatalf("after a refused upgrade: started %v (was %v), %d exports", st.Started, before.Started, len(st.Exports))
+	}
+
+	write(fmt.Sprintf("%q", "unix:"+guest1), exportA)
+	out, err = leasefs(t, "host", "--upgrade", "--control", control)
 	if err != nil {
 		t.Fatalf("host --upgrade: %v\n%s", err, out)
 	}
