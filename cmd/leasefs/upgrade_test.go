@@ -680,12 +680,16 @@ func TestUpgradeUnderLoad(t *testing.T) {
 		return nil
 	}
 
-	stop := make(chan struct{})
-	upgrades := make(chan int, 1)
+	// The upgrader ends with the test however it ends: a goroutine of
+	// the test's that outlives it panics the whole test binary, and
+	// every other test's mounts stay behind.
+	before := hostStatus(t, control).Started
+	stop, done := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	halt := func() { once.Do(func() { close(stop) }); <-done }
+	n := 0
 	go func() {
-		n := 0
-		defer func() { upgrades <- n }()
-		before := hostStatus(t, control).Started
+		defer close(done)
 		for {
 			select {
 			case <-stop:
@@ -711,9 +715,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			n++
 		}
 	}()
+	t.Cleanup(halt)
 	tt.Run(t)
-	close(stop)
-	n := <-upgrades
+	halt()
 	if n < 2 {
 		t.Fatalf("%d upgrades during the load, want at least 2", n)
 	}
@@ -775,10 +779,14 @@ func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
 				errs <- nil
 			}()
 		}
-		for range reqs {
+		var failed []error
+		for range reqs { // all of them, before the test may end
 			if err := <-errs; err != nil {
-				t.Fatalf("%v\nagent log:\n%s", err, a.log)
+				failed = append(failed, err)
 			}
+		}
+		if len(failed) > 0 {
+			t.Fatalf("%v\nagent log:\n%s", errors.Join(failed...), a.log)
 		}
 		if st := hostStatus(t, control); st.Started.Equal(before) {
 			t.Fatalf("round %d: no new run", round)
