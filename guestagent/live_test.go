@@ -224,6 +224,20 @@ func startGuestWith(t testing.TB, h *host, cfg ClientConfig) *guestMount {
 // through wrap(the mount), when wrap is set.
 func startGuestNotifying(t testing.TB, h *host, cfg ClientConfig, wrap func(Notifier) Notifier) *guestMount {
 	t.Helper()
+	g, srv, attach := mountGuest(t, h, cfg)
+	var n Notifier = srv
+	if wrap != nil {
+		n = wrap(n)
+	}
+	attach(n)
+	return g
+}
+
+// mountGuest mounts a guest of h configured by cfg, and returns it with
+// its FUSE server and what attaches the client to it (through n) and
+// runs it. The mount serves at once; the test attaches when it will.
+func mountGuest(t testing.TB, h *host, cfg ClientConfig) (g *guestMount, srv *fuse.Server, attach func(n Notifier)) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg.Addr, cfg.Export = h.addr, "test"
 	if cfg.Logger == nil {
@@ -235,27 +249,27 @@ func startGuestNotifying(t testing.TB, h *host, cfg ClientConfig, wrap func(Noti
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	srv, err := Mount(c.FileSystem(), dir, MountConfig{FsName: "guest"})
-	if err != nil {
+	if srv, err = Mount(c.FileSystem(), dir, MountConfig{FsName: "guest"}); err != nil {
+		cancel()
+		c.Close()
 		t.Fatal(err)
 	}
-	var n Notifier = srv
-	if wrap != nil {
-		n = wrap(n)
-	}
-	c.Attach(n)
-	done := make(chan struct{})
-	go func() { c.Run(ctx); close(done) }()
+	var running sync.WaitGroup
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
 			srv.Unmount()
 			cancel()
-			<-done
+			running.Wait()
+			c.Close() // for a client never run; a second Close does nothing
 		})
 	}
 	t.Cleanup(stop)
-	return &guestMount{c: c, dir: dir, stop: stop}
+	attach = func(n Notifier) {
+		c.Attach(n)
+		running.Go(func() { c.Run(ctx) })
+	}
+	return &guestMount{c: c, dir: dir, stop: stop}, srv, attach
 }
 
 // openInGuests opens name in each guest; the files close when t ends.
@@ -438,40 +452,13 @@ func TestBreakBeforeAttachIsNotLost(t *testing.T) {
 	h := startHost(t, 20*time.Second)
 	h.write(t, "f", "old content")
 	h.publish(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	c, err := NewClient(ctx, ClientConfig{Addr: h.addr, Export: "test", Device: h.img, Logger: testLogger(t)})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	srv, err := Mount(c.FileSystem(), dir, MountConfig{FsName: "guest"})
-	if err != nil {
-		cancel()
-		c.Close()
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		srv.Unmount()
-		cancel()
-		select {
-		case <-done:
-		default: // Run never started
-			c.Close()
-		}
-	})
-	f, err := os.Open(filepath.Join(dir, "f"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	g, srv, attach := mountGuest(t, h, ClientConfig{Device: h.img})
+	f := openInGuests(t, []*guestMount{g}, "f")[0]
 	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
 		t.Fatal(err)
 	}
 	h.writeInPlace(t, "f", "new content")
-	c.Attach(srv)
-	go func() { c.Run(ctx); close(done) }()
+	attach(srv)
 	var rerr error
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if _, rerr = f.ReadAt(make([]byte, 4), 0); errors.Is(rerr, syscall.ESTALE) {
