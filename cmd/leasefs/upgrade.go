@@ -211,9 +211,9 @@ func firstReason(stderr string) string {
 func checkBinary(self string, args []string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	run := func(args ...string) (string, string, error) {
+	run := func(argv ...string) (string, string, error) {
 		var out, errOut strings.Builder
-		cmd := exec.CommandContext(ctx, self, args...)
+		cmd := exec.CommandContext(ctx, self, argv...)
 		cmd.Stdout, cmd.Stderr = &out, &errOut
 		err := cmd.Run()
 		return out.String(), firstReason(errOut.String()), err

@@ -159,6 +159,22 @@ func (h *host) mount(t *testing.T, args ...string) *guest {
 	return g
 }
 
+// openInTwoGuests opens name in two new guests, one reading the shared
+// device and one reading through the host; the files close when t ends.
+func (h *host) openInTwoGuests(t *testing.T, name string) []*os.File {
+	t.Helper()
+	var files []*os.File
+	for _, args := range [][]string{{"--device", sharedDev}, nil} {
+		f, err := os.Open(h.mount(t, args...).path(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() }) // before the guest's unmount
+		files = append(files, f)
+	}
+	return files
+}
+
 // logs is the host agent's log and g's, for a failure's message.
 func (h *host) logs(g *guest) string {
 	return "host agent's log:\n" + h.log.String() + "guest's log:\n" + g.logText()
@@ -372,15 +388,7 @@ func openFileSurvivesRefill(t *testing.T, h *host) {
 	}
 	h.write(t, "big", want)
 	h.publish(t)
-	var files []*os.File
-	for _, args := range [][]string{{"--device", sharedDev}, nil} {
-		f, err := os.Open(h.mount(t, args...).path("big"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		files = append(files, f)
-	}
+	files := h.openInTwoGuests(t, "big")
 	if err := os.Remove(filepath.Join(exportDir, "big")); err != nil {
 		t.Fatal(err)
 	}
@@ -431,15 +439,7 @@ func upgradeInPlace(t *testing.T, h *host) {
 	want := bytes.Repeat([]byte("upgrade in place\n"), 1<<17) // 2 MiB
 	h.write(t, "up", want)
 	h.publish(t)
-	var files []*os.File
-	for _, args := range [][]string{{"--device", sharedDev}, nil} {
-		f, err := os.Open(h.mount(t, args...).path("up"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		files = append(files, f)
-	}
+	files := h.openInTwoGuests(t, "up")
 	half := len(want) / 2
 	for i, f := range files {
 		b := make([]byte, half)
