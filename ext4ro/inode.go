@@ -3,6 +3,7 @@ package ext4ro
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/fnv"
 	"io/fs"
 	"time"
 )
@@ -100,6 +101,30 @@ func (in *Inode) FileMode() fs.FileMode {
 
 // Encrypted reports whether the inode is fscrypt-encrypted.
 func (in *Inode) Encrypted() bool { return in.Flags&flagEncrypt != 0 }
+
+// Version is a 32-bit digest of what says which bytes a regular file
+// holds: its i_generation, size, block count, flags, modification and
+// change times, and its block map root (or inline data). Every write or
+// truncate changes the times (at the filesystem's granularity) and most
+// change the size or the map, so two versions of one file almost never
+// share it; two files sharing an inode number differ in i_generation.
+func (in *Inode) Version() uint32 {
+	h := fnv.New64a()
+	var b [48]byte
+	le := binary.LittleEndian
+	le.PutUint32(b[0:], in.Generation)
+	le.PutUint64(b[4:], in.Size)
+	le.PutUint64(b[12:], in.Blocks)
+	le.PutUint32(b[20:], in.Flags)
+	le.PutUint64(b[24:], uint64(in.Mtime.Sec))
+	le.PutUint32(b[32:], in.Mtime.Nsec)
+	le.PutUint64(b[36:], uint64(in.Ctime.Sec))
+	le.PutUint32(b[44:], in.Ctime.Nsec)
+	h.Write(b[:])
+	h.Write(in.iblock())
+	s := h.Sum64()
+	return uint32(s>>32) ^ uint32(s)
+}
 
 func (in *Inode) hasExtents() bool    { return in.Flags&flagExtents != 0 }
 func (in *Inode) hasInlineData() bool { return in.Flags&flagInlineData != 0 }

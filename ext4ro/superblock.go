@@ -92,6 +92,10 @@ type Superblock struct {
 	BackupBGs       [2]uint32
 	ChecksumSeed    uint32
 	Encoding        uint16
+	// KbytesWritten is s_kbytes_written: what the filesystem has written
+	// to its device over its life, as of the last time the kernel wrote
+	// the superblock (a freeze, a thaw, an unmount). It only grows.
+	KbytesWritten uint64
 }
 
 func (sb *Superblock) incompat(f uint32) bool { return sb.FeatureIncompat&f != 0 }
@@ -135,6 +139,7 @@ func parseSuperblock(b []byte) (*Superblock, error) {
 		BackupBGs:       [2]uint32{le.Uint32(b[0x24C:]), le.Uint32(b[0x250:])},
 		ChecksumSeed:    le.Uint32(b[0x270:]),
 		Encoding:        le.Uint16(b[0x27C:]),
+		KbytesWritten:   le.Uint64(b[0x178:]),
 	}
 	copy(sb.UUID[:], b[0x68:0x78])
 	sb.VolumeName = string(bytes.TrimRight(b[0x78:0x88], "\x00"))

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -98,8 +99,11 @@ type ClientConfig struct {
 	// cache of the drive on the host), through the file's own page cache
 	// on an image file (the host's, when the guest runs on the host).
 	PageCache PageCache
-	Conn      vsockproto.Options
-	Logger    hclog.Logger
+	// Down says how long requests wait for a host that is down
+	// (DefaultDown).
+	Down   DownPolicy
+	Conn   vsockproto.Options
+	Logger hclog.Logger
 }
 
 // Notifier is what the client tells the kernel through: *fuse.Server.
@@ -129,8 +133,14 @@ type Client struct {
 	mu      sync.Mutex
 	changed *sync.Cond // broadcast when conn, latest, cur or closed change
 
+	// live is the session while it is up, for reads of the device
+	// (holding.go); set and cleared with conn.
+	live atomic.Pointer[liveSession]
+
 	// The session (session.go), guarded by mu.
 	conn       *vsockproto.Conn // nil while disconnected
+	lost       time.Time        // when the last connection ended
+	gone       string           // why the host no longer serves the export, if it said so
 	token      vsockproto.Token
 	policy     publishPolicy
 	connected  time.Time
@@ -214,6 +224,9 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if cfg.PageCache == "" {
 		cfg.PageCache = PageCacheGuest
 	}
+	if !cfg.Down.Hard && cfg.Down.Timeout <= 0 {
+		cfg.Down = DefaultDown
+	}
 	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{},
 		kick: make(chan struct{}, 1), done: make(chan struct{}), attached: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
@@ -293,6 +306,7 @@ func (c *Client) Close() {
 	c.changed.Broadcast() // no one waits for a connection or a generation any more
 	conn := c.conn
 	c.conn = nil
+	c.live.Store(nil)
 	if c.timer != nil {
 		c.timer.Stop()
 	}
@@ -353,9 +367,13 @@ func (c *Client) viewOf(f *ext4ro.FS) *genView {
 }
 
 // waitLocked waits, with c.mu held, until done, the client closes or the
-// deadline passes.
+// deadline (if not zero) passes.
 func (c *Client) waitLocked(done func() bool, deadline time.Time) {
-	for !done() && !c.closed && time.Now().Before(deadline) {
+	for !done() && !c.closed && (deadline.IsZero() || time.Now().Before(deadline)) {
+		if deadline.IsZero() { // for ever
+			c.changed.Wait()
+			continue
+		}
 		t := time.AfterFunc(time.Until(deadline), c.changed.Broadcast)
 		c.changed.Wait()
 		t.Stop()

@@ -39,6 +39,8 @@ func errnoOf(err error) (errno syscall.Errno, log bool) {
 		return syscall.EINVAL, false
 	case errors.Is(err, ErrStale):
 		return syscall.ESTALE, false
+	case errors.Is(err, ErrExportGone):
+		return syscall.ESTALE, false
 	case errors.Is(err, ErrBusy):
 		return syscall.EBUSY, false
 	case errors.Is(err, ext4ro.ErrEncrypted):

@@ -105,13 +105,18 @@ func (c *Client) awaitNewer(gv *genView, deadline time.Time) string {
 	return ""
 }
 
-// sameFileNow finds in (the same inode number and i_generation) in the
-// view served now.
+// sameFileNow finds in (the same version of the same file: its node) in
+// the view served now. A file that changed is another node, which the
+// kernel must look up by name: the ESTALE this open then answers makes
+// it do so (the VFS looks the path up again, and opens what it finds).
 func (c *Client) sameFileNow(in *ext4ro.Inode) (*ext4ro.FS, *ext4ro.Inode, error) {
 	v := c.fs.View()
 	nin, err := v.Inode(in.Ino)
-	if err != nil || !nin.IsRegular() || nin.Generation != in.Generation {
+	switch {
+	case err != nil || !nin.IsRegular() || nin.Generation != in.Generation:
 		return nil, nil, fmt.Errorf("%w: inode %d is another file, or none, in the generation served now", ErrStale, in.Ino)
+	case NodeID(nin) != NodeID(in):
+		return nil, nil, fmt.Errorf("%w: inode %d changed in the generation served now", ErrStale, in.Ino)
 	}
 	return v, nin, nil
 }
@@ -180,7 +185,8 @@ func (c *Client) fence(lf *leasedFile, why string) {
 // maxFenced is how many fenced files status remembers.
 const maxFenced = 32
 
-func (lf *leasedFile) stale() error {
+// Stale says why lf may no longer be read, or nil.
+func (lf *leasedFile) Stale() error {
 	if why := lf.fenced.Load(); why != nil {
 		return fmt.Errorf("%w: inode %d: %s", ErrStale, lf.ino, *why)
 	}
@@ -188,23 +194,48 @@ func (lf *leasedFile) stale() error {
 }
 
 func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
-	if err := lf.stale(); err != nil {
-		return 0, err
-	}
-	var n int
-	var err error
-	if lf.file.Inline() || lf.c.deviceOK() {
-		n, err = lf.file.ReadAt(p, off)
-		if lf.data != nil {
-			lf.data.Add(float64(n))
+	if lf.file.Inline() || !lf.c.deviceOK() {
+		if err := lf.Stale(); err != nil {
+			return 0, err
 		}
-	} else {
-		n, err = lf.readHost(p, off)
+		var n int
+		var err error
+		if lf.file.Inline() { // the bytes are the generation's metadata
+			n, err = lf.file.ReadAt(p, off)
+		} else {
+			n, err = lf.readHost(p, off)
+		}
+		if serr := lf.Stale(); serr != nil {
+			return 0, serr // the lease may have ended while we read
+		}
+		return n, err
 	}
-	if serr := lf.stale(); serr != nil {
-		return 0, serr // the lease may have ended while we read
+	// From the device: only while a session holds the lease, before and
+	// after the read (holding.go); a read the session's loss overlapped
+	// is made again, or fails, once the session is back or not.
+	for {
+		if err := lf.Stale(); err != nil {
+			return 0, err
+		}
+		s, err := lf.c.holding()
+		if err != nil {
+			return 0, fmt.Errorf("inode %d: %w", lf.ino, err)
+		}
+		if err := lf.Stale(); err != nil { // fenced while it waited
+			return 0, err
+		}
+		n, err := lf.file.ReadAt(p, off)
+		if serr := lf.Stale(); serr != nil {
+			return 0, serr // the lease may have ended while we read
+		}
+		if lf.c.live.Load() == s && s.holds() {
+			if lf.data != nil {
+				lf.data.Add(float64(n))
+			}
+			return n, err
+		}
+		lf.c.m.readsRedone.Inc()
 	}
-	return n, err
 }
 
 // readHost reads through the host, a frame at most per request.

@@ -3,6 +3,7 @@ package guestagent
 import (
 	"errors"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,16 +39,32 @@ type FileSystem struct {
 	nodes *nodes // what the kernel holds; nil for a view that never changes
 
 	mu      sync.Mutex
-	handles map[uint64]*handle // open files and directories; guarded by mu
-	nextFh  uint64             // guarded by mu
+	handles map[uint64]*handle   // open files and directories; guarded by mu
+	held    map[uint64][]*handle // open files with a reader (Files), by node; guarded by mu
+	nextFh  uint64               // guarded by mu
 }
 
 // handle is an open file or directory: the view it was opened in, so a
 // listing stays in one generation, and for a file its reader.
 type handle struct {
-	v  *ext4ro.FS
-	in *ext4ro.Inode
-	f  OpenFile
+	v    *ext4ro.FS
+	in   *ext4ro.Inode
+	node uint64
+	f    *sharedFile // nil: read from the view
+}
+
+// sharedFile is a reader shared by the opens of one version of a file:
+// one of them by name, the others through a file it holds open
+// (/proc/PID/fd/N) after the view served lost that version. It is
+// closed with its last handle.
+type sharedFile struct {
+	OpenFile
+	refs int // guarded by FileSystem.mu
+}
+
+// Staler is an OpenFile that can say it may no longer be read.
+type Staler interface {
+	Stale() error
 }
 
 // Files opens regular files of a live view (the guest's): an open takes
@@ -107,6 +124,7 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		warnLog:       rate.NewLimiter(rate.Every(time.Second), 10),
 		files:         cfg.Files,
 		handles:       make(map[uint64]*handle),
+		held:          make(map[uint64][]*handle),
 	}
 	if cfg.Files != nil {
 		fs.nodes = newNodes()
@@ -175,28 +193,37 @@ func (fs *FileSystem) String() string { return "leasefs" }
 
 const fuseRoot = 1
 
-// NodeID is the FUSE node id of an inode: its i_generation in the high 32
-// bits and its number in the low, so that an inode number the host reuses
-// for another file is another node, and a name the kernel still caches for
-// the old file can never reach the new one (it gets ESTALE, and the
-// kernel looks the name up again). The root is node 1.
+// NodeID is the FUSE node id of an inode: a tag in the high 32 bits and
+// its number in the low. For a regular file the tag is its Version, so a
+// file changed in place between generations is another node, another
+// kernel inode with its own attributes and page cache: pages of one
+// version are never served to an open file of another. For anything else
+// it is its i_generation, so a directory keeps its node (and the kernel
+// its cached children) across changes. Either way an inode number the
+// host reuses for another file is another node, and a name the kernel
+// still caches for the old one can never reach the new (it gets ESTALE,
+// and the kernel looks the name up again). The root is node 1.
 func NodeID(in *ext4ro.Inode) uint64 {
 	if in.Ino == ext4ro.RootIno {
 		return fuseRoot
 	}
-	return uint64(in.Generation)<<32 | uint64(in.Ino)
+	tag := in.Generation
+	if in.IsRegular() {
+		tag = in.Version()
+	}
+	return uint64(tag)<<32 | uint64(in.Ino)
 }
 
-// splitNodeID returns the inode number and i_generation of a node id;
-// ino 0 for one never handed out.
-func splitNodeID(id uint64) (ino, gen uint32, any bool) {
+// nodeIno returns the inode number of a node id; 0 for one never
+// handed out.
+func nodeIno(id uint64) uint32 {
 	switch {
 	case id == fuseRoot:
-		return ext4ro.RootIno, 0, true
+		return ext4ro.RootIno
 	case uint32(id) == ext4ro.RootIno:
-		return 0, 0, false // never handed out
+		return 0 // never handed out
 	}
-	return uint32(id), uint32(id >> 32), false
+	return uint32(id)
 }
 
 // status answers a request that failed with err (errnoOf), logging
@@ -212,13 +239,23 @@ func (fs *FileSystem) status(op string, err error) fuse.Status {
 	return fuse.Status(errno)
 }
 
+// inode resolves nodeID in the view served, or, for a version of a file
+// that view no longer has, in the view an open file of it was opened in:
+// a file held open can be reached again (/proc/PID/fd/N, /proc/PID/exe)
+// for as long as it is held.
 func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
-	return fs.inodeIn(fs.view.Load(), nodeID)
+	v, in, st := fs.inodeIn(fs.view.Load(), nodeID)
+	if st == fuse.Status(syscall.ESTALE) {
+		if h := fs.heldNode(nodeID); h != nil {
+			return h.v, h.in, fuse.OK
+		}
+	}
+	return v, in, st
 }
 
 // inodeIn resolves nodeID in view v.
 func (fs *FileSystem) inodeIn(v *ext4ro.FS, nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
-	ino, gen, anyGen := splitNodeID(nodeID)
+	ino := nodeIno(nodeID)
 	if ino == 0 {
 		return nil, nil, fuse.Status(syscall.ESTALE)
 	}
@@ -229,8 +266,8 @@ func (fs *FileSystem) inodeIn(v *ext4ro.FS, nodeID uint64) (*ext4ro.FS, *ext4ro.
 		}
 		return nil, nil, fs.status("inode", err)
 	}
-	if !anyGen && in.Generation != gen {
-		return nil, nil, fuse.Status(syscall.ESTALE) // the number now names another file
+	if nodeID != fuseRoot && NodeID(in) != nodeID {
+		return nil, nil, fuse.Status(syscall.ESTALE) // the number now names another file, or another version
 	}
 	return v, in, fuse.OK
 }
@@ -341,7 +378,25 @@ func (fs *FileSystem) addHandle(h *handle) uint64 {
 	defer fs.mu.Unlock()
 	fs.nextFh++
 	fs.handles[fs.nextFh] = h
+	if h.f != nil {
+		h.f.refs++
+		fs.held[h.node] = append(fs.held[h.node], h)
+	}
 	return fs.nextFh
+}
+
+// heldNode returns an open file of node id whose reader may still be
+// read, or nil.
+func (fs *FileSystem) heldNode(id uint64) *handle {
+	fs.mu.Lock()
+	hs := slices.Clone(fs.held[id])
+	fs.mu.Unlock()
+	for _, h := range hs {
+		if s, ok := h.f.OpenFile.(Staler); !ok || s.Stale() == nil {
+			return h
+		}
+	}
+	return nil
 }
 
 // opened returns the inode of an open file or directory: from its handle,
@@ -367,9 +422,21 @@ func (fs *FileSystem) dropHandle(fh uint64) {
 	fs.mu.Lock()
 	h := fs.handles[fh]
 	delete(fs.handles, fh)
-	fs.mu.Unlock()
+	var last *sharedFile
 	if h != nil && h.f != nil {
-		if err := h.f.Close(); err != nil {
+		hs := slices.DeleteFunc(fs.held[h.node], func(o *handle) bool { return o == h })
+		if len(hs) == 0 {
+			delete(fs.held, h.node)
+		} else {
+			fs.held[h.node] = hs
+		}
+		if h.f.refs--; h.f.refs == 0 {
+			last = h.f
+		}
+	}
+	fs.mu.Unlock()
+	if last != nil {
+		if err := last.Close(); err != nil {
 			fs.log.Debug("closing a file", "inode", h.in.Ino, "error", err)
 		}
 	}
@@ -389,8 +456,13 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	if ino.Encrypted() {
 		return fs.status("open", ext4ro.ErrEncrypted)
 	}
-	h := &handle{v: v, in: ino}
-	if fs.files != nil && ino.IsRegular() {
+	h := &handle{v: v, in: ino, node: in.NodeId}
+	if held := fs.heldNode(in.NodeId); held != nil {
+		// This version is open already (and, if the view served no
+		// longer has it, can only be reached through that open file):
+		// share its reader, as the kernel shares its pages.
+		h.v, h.in, h.f = held.v, held.in, held.f
+	} else if fs.files != nil && ino.IsRegular() {
 		f, err := fs.files.Open(v, ino)
 		if err != nil {
 			if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
@@ -402,7 +474,7 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 			}
 			return fs.status("open", err)
 		}
-		h.f = f
+		h.f = &sharedFile{OpenFile: f}
 	}
 	out.Fh = fs.addHandle(h)
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE

@@ -16,6 +16,7 @@ type clientMetrics struct {
 	switches     prometheus.Counter
 	reconnects   prometheus.Counter
 	breaks       prometheus.Counter
+	readsRedone  prometheus.Counter
 	openRefusals *prometheus.CounterVec // why
 }
 
@@ -36,6 +37,8 @@ func newClientMetrics(c *Client) *clientMetrics {
 		switches:   counter("generation_switches_total", "Moves to a newer generation."),
 		reconnects: counter("reconnects_total", "Connections to the host made again after one was lost."),
 		breaks:     counter("lease_breaks_total", "Leases the host broke (a writer wanted the file)."),
+		readsRedone: counter("device_reads_redone_total",
+			"Device reads thrown away because the session that held the lease was lost (or went quiet) while they read."),
 		openRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_open_refusals_total",
 			Help: "Opens the host refused, by the answer given to the application."}, []string{"error"}),
 	}
@@ -58,7 +61,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 			return 0
 		})
 	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.cacheHits, m.cacheMisses, m.inval, m.data,
-		m.switches, m.reconnects, m.breaks, m.openRefusals, gen, open, cached, nodes, device)
+		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, gen, open, cached, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)
 	}

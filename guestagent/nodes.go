@@ -103,6 +103,17 @@ func (t *nodes) has(id uint64) bool {
 	return ok
 }
 
+// nameOf returns the directory and name id was last given under.
+func (t *nodes) nameOf(id uint64) (parent uint64, name string, ok bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	r, ok := t.m[id]
+	if !ok {
+		return 0, "", false
+	}
+	return r.parent, t.name(r), true
+}
+
 // len is how many nodes the kernel holds, besides the root.
 func (t *nodes) len() int {
 	t.mu.Lock()

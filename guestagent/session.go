@@ -14,7 +14,7 @@ func (c *Client) features() vsockproto.Features {
 	// Data through the host even with a device: the fallback while the
 	// device does not verify.
 	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy |
-		vsockproto.FeatureLabel
+		vsockproto.FeatureLabel | vsockproto.FeatureLeaseTime
 }
 
 // dial connects and runs the handshake, resuming the session if the host
@@ -29,6 +29,14 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	c.mu.Unlock()
 	conn, w, err := vsockproto.DialHello(ctx, c.cfg.Addr, hello, c.handle, c.cfg.Conn)
 	if err != nil {
+		var pe *vsockproto.Error
+		if errors.As(err, &pe) && pe.Code == vsockproto.CodeNoExport {
+			// Said plainly: what waits for the host fails at once.
+			c.mu.Lock()
+			c.gone = pe.Message
+			c.changed.Broadcast()
+			c.mu.Unlock()
+		}
 		return nil, fmt.Errorf("connecting to %v: %w", c.cfg.Addr, err)
 	}
 	if c.dev == nil && !conn.Features().Has(vsockproto.FeatureReadData) {
@@ -47,7 +55,8 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	}
 	var lost []*leasedFile
 	c.mu.Lock()
-	c.conn, c.token, c.connected = conn, w.Token, time.Now()
+	c.conn, c.token, c.connected, c.gone = conn, w.Token, time.Now(), ""
+	c.live.Store(&liveSession{conn: conn, lease: w.LeaseTime})
 	c.policy = publishPolicy{known: conn.Features().Has(vsockproto.FeaturePublishPolicy), quiet: w.PublishQuiet, max: w.PublishMax}
 	if w.Resumed {
 		c.resumes++
@@ -91,6 +100,8 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 // or the client is closed.
 func (c *Client) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
+	var lastWhy string // of the last failure to reconnect, while they last
+	var lastSaid time.Time
 	for {
 		c.mu.Lock()
 		conn := c.conn
@@ -104,11 +115,12 @@ func (c *Client) Run(ctx context.Context) error {
 				return nil
 			case <-conn.Done():
 			}
-			c.log.Warn("lost the host", "error", conn.Err())
+			c.log.Warn("lost the host: reads of open files wait for it to come back", "error", conn.Err(), "down", c.cfg.Down)
 			c.noteError(fmt.Errorf("lost the host: %w", conn.Err()))
 			c.mu.Lock()
 			if c.conn == conn {
-				c.conn = nil
+				c.conn, c.lost = nil, time.Now()
+				c.live.Store(nil)
 			}
 			c.changed.Broadcast()
 			c.mu.Unlock()
@@ -124,9 +136,16 @@ func (c *Client) Run(ctx context.Context) error {
 		w, err := c.dial(ctx)
 		if err != nil {
 			backoff = min(backoff*2, 5*time.Second)
-			c.log.Debug("reconnecting", "error", err)
+			// Said once, again when the reason changes, and once a
+			// minute while it lasts.
+			if why := err.Error(); why != lastWhy || time.Since(lastSaid) > time.Minute {
+				c.log.Warn("cannot reconnect to the host", "error", err)
+				lastWhy, lastSaid = why, time.Now()
+			}
+			c.noteError(fmt.Errorf("reconnecting: %w", err))
 			continue
 		}
+		lastWhy = ""
 		backoff = 100 * time.Millisecond
 		c.m.reconnects.Inc()
 		c.mu.Lock()
@@ -139,31 +158,36 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 }
 
-// callDeadline bounds a request, waits for a connection and retries
-// included.
+// callDeadline bounds one try of a request, and its retries when the
+// host answers retry.
 const callDeadline = 30 * time.Second
 
-// call sends a request and waits for its reply. When the connection ends
-// under it, the request is sent again on the next connection; when the
-// host answers retry (it is at a passing limit), again after a short
-// wait; both within callDeadline. Every request may be sent twice: an
-// Open whose reply was lost leaves a lease the guest does not know of on
-// a resumed session, until the session ends.
+// call sends a request and waits for its reply. Without a connection it
+// waits for one as the mount's DownPolicy says, and fails at once when
+// the host said it does not serve the export any more. When the
+// connection ends under it, the request is sent again on the next
+// connection; when the host answers retry (it is at a passing limit),
+// again after a short wait, within callDeadline. Every request may be
+// sent twice: an Open whose reply was lost leaves a lease the guest does
+// not know of on a resumed session, until the session ends.
 func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 	deadline := time.Now().Add(callDeadline)
+	down := c.cfg.Down.deadline() // for a connection
 	backoff := 5 * time.Millisecond
 	for {
 		c.mu.Lock()
-		c.waitLocked(func() bool { return c.conn != nil }, deadline)
-		conn, closed := c.conn, c.closed
+		c.waitLocked(func() bool { return c.conn != nil || c.gone != "" }, down)
+		conn, closed, gone := c.conn, c.closed, c.gone
 		c.mu.Unlock()
-		if closed {
+		switch {
+		case closed:
 			return nil, fmt.Errorf("%w: the mount is going away", errNotConnected)
+		case conn == nil && gone != "":
+			return nil, fmt.Errorf("%w: %s", ErrExportGone, gone)
+		case conn == nil:
+			return nil, fmt.Errorf("%w: no connection to %v for %v (--down %v)", errDown, c.cfg.Addr, c.cfg.Down.Timeout, c.cfg.Down)
 		}
-		if conn == nil {
-			return nil, fmt.Errorf("%w: %v", errNotConnected, c.cfg.Addr)
-		}
-		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		ctx, cancel := context.WithTimeout(context.Background(), callDeadline)
 		reply, err := conn.Call(ctx, m)
 		cancel()
 		switch {
@@ -173,10 +197,10 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 			time.Sleep(backoff)
 			backoff = min(2*backoff, 500*time.Millisecond)
 			continue
-		case conn.Err() != nil && time.Now().Before(deadline):
+		case conn.Err() != nil && (down.IsZero() || time.Now().Before(down)):
 			// The connection ended: wait for the next one.
 			c.mu.Lock()
-			c.waitLocked(func() bool { return c.conn != conn }, deadline)
+			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" }, down)
 			c.mu.Unlock()
 			continue
 		}
@@ -205,6 +229,22 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 			c.fence(lf, "a writer on the host wanted it back")
 		}
 		return &vsockproto.BreakAck{}, nil
+	case *vsockproto.Revoke:
+		// The host lets go of every file: none may be read from the
+		// device any more.
+		c.mu.Lock()
+		var revoked []*leasedFile
+		for id, lf := range c.files {
+			revoked = append(revoked, lf)
+			delete(c.files, id)
+		}
+		c.mu.Unlock()
+		c.log.Warn("the host revoked every lease", "why", m.Why, "files", len(revoked))
+		c.noteError(fmt.Errorf("the host revoked every lease: %s", m.Why))
+		for _, lf := range revoked {
+			c.fence(lf, "the host let go of it: "+m.Why)
+		}
+		return &vsockproto.RevokeAck{}, nil
 	}
 	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by a guest", req.Type())
 }

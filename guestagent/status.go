@@ -11,7 +11,9 @@ type Status struct {
 	Host        string        `json:"host"`
 	Export      string        `json:"export"`
 	Connected   bool          `json:"connected"`
-	Since       time.Time     `json:"since"` // connected, or started
+	Since       time.Time     `json:"since"`                 // connected, disconnected, or started
+	Gone        string        `json:"export_gone,omitempty"` // why the host no longer serves the export
+	Down        string        `json:"down"`                  // the DownPolicy
 	Session     string        `json:"session"`
 	Reconnects  int           `json:"reconnects"`
 	Resumes     int           `json:"resumes"`
@@ -61,9 +63,13 @@ func (c *Client) Status() *Status {
 		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
 		Fenced: append([]FencedFile(nil), c.fenced...),
 	}
-	if c.conn != nil {
+	switch {
+	case c.conn != nil:
 		st.Since = c.connected
+	case !c.lost.IsZero():
+		st.Since = c.lost
 	}
+	st.Gone, st.Down = c.gone, c.cfg.Down.String()
 	// The token is a secret (it resumes the session): show a digest.
 	sum := sha256.Sum256(c.token[:])
 	st.Session = hex.EncodeToString(sum[:4])

@@ -180,8 +180,17 @@ func (c *Client) invalidate(oldFS, newFS *ext4ro.FS, ch *changes, before map[uin
 		if err != nil {
 			continue // new: nothing of it is cached (its name is, below)
 		}
-		if id := NodeID(oldIn); c.fs.nodes.has(id) {
-			c.inodeNotify(id)
+		id := NodeID(oldIn)
+		if !c.fs.nodes.has(id) {
+			continue
+		}
+		c.inodeNotify(id)
+		if newIn, err := newFS.Inode(ino); oldIn.IsRegular() && (err != nil || NodeID(newIn) != id) {
+			// A file changed in place is another node now: the
+			// name the kernel has for the old one must go too.
+			if parent, name, ok := c.fs.nodes.nameOf(id); ok {
+				c.entryNotify(parent, name)
+			}
 		}
 	}
 	for ino, d := range before {
@@ -252,9 +261,8 @@ func (c *Client) invalidateAll(newFS *ext4ro.FS) {
 
 // sameNode returns node id's inode in f, if f still has it.
 func (c *Client) sameNode(f *ext4ro.FS, id uint64) (*ext4ro.Inode, error) {
-	ino, gen, anyGen := splitNodeID(id)
-	in, err := f.Inode(ino)
-	if err == nil && !anyGen && in.Generation != gen {
+	in, err := f.Inode(nodeIno(id))
+	if err == nil && id != fuseRoot && NodeID(in) != id {
 		err = ErrStale
 	}
 	return in, err

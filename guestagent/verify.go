@@ -143,10 +143,20 @@ func (c *Client) checkDevice(gv *genView, f *ext4ro.FS) (DeviceState, string) {
 		}
 	}
 	detail := fmt.Sprintf("filesystem %s; %d of %d sampled metadata blocks of generation %d match", fmtUUID(want.UUID), same, len(blocks), gv.gen)
-	if len(blocks) > 0 && 2*same < len(blocks) {
-		return DeviceMismatch, detail + ": a different copy of the filesystem"
+	if len(blocks) == 0 || 2*same >= len(blocks) {
+		return DeviceVerified, detail
 	}
-	return DeviceVerified, detail
+	// Most differ. The live disk does when the host wrote much since
+	// the generation (a reconnect to a host that has not published
+	// since): its superblock, written at every freeze and thaw, then
+	// counts more writes than the generation's, which a copy of the
+	// filesystem made before the generation cannot.
+	if got.KbytesWritten > want.KbytesWritten {
+		return DeviceVerified, fmt.Sprintf("%s; the device was written since (%d KiB written over its life, %d at the generation)",
+			detail, got.KbytesWritten, want.KbytesWritten)
+	}
+	return DeviceMismatch, fmt.Sprintf("%s, and its superblock counts no writes since (%d KiB written over its life, %d at the generation): a different copy of the filesystem",
+		detail, got.KbytesWritten, want.KbytesWritten)
 }
 
 // sampleBlocks picks up to n inode-table blocks in use, spread over the

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -172,7 +173,11 @@ func (s *Server) RemoveExport(name string) error {
 	delete(next, name)
 	s.exports.Store(&next)
 	s.mu.Unlock()
-	s.closeGuests(func(g *guest) bool { return g.sv == sv })
+	gs := s.guests(func(g *guest) bool { return g.sv == sv })
+	revokeAll(gs, fmt.Sprintf("export %s was removed from the host agent's settings", name))
+	for _, g := range gs {
+		g.conn.Close()
+	}
 	sv.coord.Close()
 	s.m.removeExport(name)
 	return nil
@@ -192,21 +197,28 @@ func fdReserve(want int) int {
 	return 256
 }
 
-// Close ends every connection and coordinator.
-func (s *Server) Close() { s.stop((*lease.Coordinator).Close) }
+// Close ends every connection and coordinator, revoking every lease
+// first: guests answer that they read nothing more of the files before
+// they are let go of.
+func (s *Server) Close() { s.stop("the host agent stopped", (*lease.Coordinator).Close) }
 
 // Leave is Close that gives no lease back: the held files stay leased,
 // kept outside the process (ExportConfig.Keeper), and the lease journals
 // stay, for the next run to take over (a restart with systemd's fd
 // store).
-func (s *Server) Leave() { s.stop(func(c *lease.Coordinator) error { c.Leave(); return nil }) }
+func (s *Server) Leave() { s.stop("", func(c *lease.Coordinator) error { c.Leave(); return nil }) }
 
-func (s *Server) stop(end func(*lease.Coordinator) error) {
+// stop ends every connection, after revoking its leases if why says why
+// they are let go of, then every coordinator.
+func (s *Server) stop(why string, end func(*lease.Coordinator) error) {
 	s.mu.Lock()
 	s.closed = true
 	conns := s.conns
 	s.conns = map[*guest]struct{}{}
 	s.mu.Unlock()
+	if why != "" {
+		revokeAll(slices.Collect(maps.Keys(conns)), why)
+	}
 	for g := range conns {
 		g.conn.Close()
 	}
@@ -375,6 +387,32 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	// still be delivered to it; forwardBreaks ends with the connection.
 }
 
+// revokeWait bounds how long the host waits for guests to answer a
+// Revoke before it lets go of their files all the same.
+const revokeWait = 3 * time.Second
+
+// revokeAll tells each guest of gs that every lease of its session ends,
+// and why, and waits (revokeWait at most) for their answers, all at
+// once. A guest that answered reads nothing more of the files; one that
+// did not (or an older guest, which is not asked) stops reading them
+// from the device when it sees its connection end.
+func revokeAll(gs []*guest, why string) {
+	var wg sync.WaitGroup
+	for _, g := range gs {
+		if !g.conn.Features().Has(vsockproto.FeatureLeaseTime) {
+			continue
+		}
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), revokeWait)
+			defer cancel()
+			if _, err := g.conn.Call(ctx, &vsockproto.Revoke{Why: why}); err != nil {
+				g.s.log.Warn("a guest did not answer the revocation of its leases", "peer", g.peer.String(), "error", err)
+			}
+		})
+	}
+	wg.Wait()
+}
+
 var zeroToken vsockproto.Token
 
 // welcome answers a Hello: the export, a new or resumed session.
@@ -417,7 +455,9 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	w := &vsockproto.Welcome{
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
-		Features:  vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy,
+		Features: vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy |
+			vsockproto.FeatureLeaseTime,
+		LeaseTime: sv.coord.Grace(),
 	}
 	if g.labels {
 		w.Features |= vsockproto.FeatureLabel

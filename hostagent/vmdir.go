@@ -196,16 +196,22 @@ func (d *vmDir) stopAll() {
 
 // closeGuests ends the connections match picks and returns how many.
 func (s *Server) closeGuests(match func(*guest) bool) int {
+	gs := s.guests(match)
+	for _, g := range gs {
+		g.conn.Close()
+	}
+	return len(gs)
+}
+
+// guests returns the connected guests that match.
+func (s *Server) guests(match func(*guest) bool) []*guest {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	var gs []*guest
 	for g := range s.conns {
 		if match(g) {
 			gs = append(gs, g)
 		}
 	}
-	s.mu.Unlock()
-	for _, g := range gs {
-		g.conn.Close()
-	}
-	return len(gs)
+	return gs
 }

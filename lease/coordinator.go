@@ -268,6 +268,9 @@ func breakTime() (time.Duration, error) {
 	return time.Duration(n) * time.Second, err
 }
 
+// Grace is how long a detached session keeps its leases.
+func (c *Coordinator) Grace() time.Duration { return c.cfg.Grace }
+
 // Close ends every session and lease and releases every fd.
 func (c *Coordinator) Close() error {
 	c.mu.Lock()

@@ -104,7 +104,8 @@ type result struct {
 
 type call struct {
 	ch   chan result
-	want Type // the reply type, besides Error
+	want Type  // the reply type, besides Error
+	sent int64 // unix nanos, when it was sent (about)
 }
 
 // Conn is an established connection: both sides may Call at once, and
@@ -133,6 +134,7 @@ type Conn struct {
 	slots chan struct{} // one per outstanding request of ours
 
 	lastSend  atomic.Int64 // unix nanos of the last frame sent
+	confirmed atomic.Int64 // unix nanos: when the latest request the peer answered was sent
 	unmatched atomic.Uint64
 }
 
@@ -144,6 +146,7 @@ func newConn(nc net.Conn, opt Options, peerMax uint32, features Features, h Hand
 		slots: make(chan struct{}, MaxOutstanding), nextID: 1, pending: map[uint64]call{}, inflight: map[uint64]struct{}{},
 	}
 	c.lastSend.Store(time.Now().UnixNano())
+	c.confirmed.Store(time.Now().UnixNano())
 	go c.readLoop()
 	go c.keepAlive()
 	return c
@@ -164,6 +167,12 @@ func (c *Conn) Err() error {
 	defer c.mu.Unlock()
 	return c.err
 }
+
+// Confirmed is when the latest of our requests that the peer answered
+// was sent (for a guest's connection, at first, when the Hello was): the
+// peer was up, and had this connection, at least until then. Keepalive
+// pings move it on while the connection is idle.
+func (c *Conn) Confirmed() time.Time { return time.Unix(0, c.confirmed.Load()) }
 
 // Unmatched counts replies that arrived for no outstanding request.
 func (c *Conn) Unmatched() uint64 { return c.unmatched.Load() }
@@ -196,7 +205,7 @@ func (c *Conn) Call(ctx context.Context, req Message) (Message, error) {
 	}
 	id := c.nextID
 	c.nextID++
-	c.pending[id] = call{ch, req.Type() | ReplyBit}
+	c.pending[id] = call{ch, req.Type() | ReplyBit, time.Now().UnixNano()}
 	c.mu.Unlock()
 
 	if err := c.send(id, req); err != nil {
@@ -399,6 +408,12 @@ func (c *Conn) reply(h Header, p []byte) error {
 		c.log.Trace("dropping a reply for no outstanding request", "type", h.Type, "id", h.ID)
 		return nil
 	}
+	for { // the peer was there, as it was when the request was sent
+		old := c.confirmed.Load()
+		if pc.sent <= old || c.confirmed.CompareAndSwap(old, pc.sent) {
+			break
+		}
+	}
 	m, err := Decode(h.Type, p)
 	if err == nil && h.Type != TypeError && h.Type != pc.want {
 		err = Errorf(CodeProtocol, "%v in reply to a request that expects %v", h.Type, pc.want)
@@ -461,7 +476,10 @@ func (c *Conn) keepAlive() {
 			return
 		case <-t.C:
 		}
-		if time.Since(time.Unix(0, c.lastSend.Load())) < c.opt.KeepAlive {
+		// Ping when nothing was sent for a while, and when nothing of
+		// ours was answered for a while (only replies were sent): the
+		// answer is what tells that the peer is there (Confirmed).
+		if time.Since(time.Unix(0, c.lastSend.Load())) < c.opt.KeepAlive && time.Since(c.Confirmed()) < c.opt.KeepAlive {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(c.ctx, 3*c.opt.KeepAlive)

@@ -20,6 +20,7 @@ func Client(ctx context.Context, nc net.Conn, hello Hello, h Handler, opt Option
 		nc.Close()
 		return nil, nil, fmt.Errorf("vsockproto: export name must be 1 to %d bytes", MaxExportName)
 	}
+	sent := time.Now()
 	m, err := exchange(ctx, nc, opt, func() error {
 		_, err := nc.Write(AppendFrame(nil, 1, &hello))
 		return err
@@ -38,7 +39,9 @@ func Client(ctx context.Context, nc net.Conn, hello Hello, h Handler, opt Option
 		nc.Close()
 		return nil, nil, Errorf(CodeVersion, "host answered version %d to our %d", w.Version, Version)
 	}
-	return newConn(nc, opt, w.MaxFrame, w.Features&hello.Features, h), w, nil
+	c := newConn(nc, opt, w.MaxFrame, w.Features&hello.Features, h)
+	c.confirmed.Store(sent.UnixNano()) // the host had the session when it answered the Hello
+	return c, w, nil
 }
 
 // Accept decides on a guest's Hello: it returns the Welcome (whose

@@ -30,6 +30,8 @@ const (
 	TypeBreakAck    Type = ReplyBit | TypeBreak
 	TypePing        Type = 0x0008
 	TypePong        Type = ReplyBit | TypePing
+	TypeRevoke      Type = 0x0009
+	TypeRevokeAck   Type = ReplyBit | TypeRevoke
 	TypeError       Type = 0xFFFF
 )
 
@@ -86,6 +88,10 @@ func newMessage(t Type) Message {
 		return new(Ping)
 	case TypePong:
 		return new(Pong)
+	case TypeRevoke:
+		return new(Revoke)
+	case TypeRevokeAck:
+		return new(RevokeAck)
 	case TypeError:
 		return new(Error)
 	}
@@ -127,6 +133,10 @@ const (
 	// (an upstream revision): the Welcome the current one's, Announce
 	// each new one's (AnnounceLabel).
 	FeatureLabel Features = 1 << 4
+	// FeatureLeaseTime: the Welcome says how long the host keeps a
+	// session's leases after the last request it answered (LeaseTime),
+	// and the host sends Revoke before it lets go of them otherwise.
+	FeatureLeaseTime Features = 1 << 5
 )
 
 // Has reports whether every feature in f is in s.
@@ -251,6 +261,10 @@ type Welcome struct {
 	PublishQuiet, PublishMax time.Duration
 	// With FeatureLabel: the current generation's label ("" for none).
 	Label string
+	// With FeatureLeaseTime: the host keeps the session's leases at least
+	// this long after the last request of the guest's it answered, unless
+	// it revokes them (Revoke) or breaks them (Break) first.
+	LeaseTime time.Duration
 }
 
 // Welcome flags.
@@ -283,6 +297,9 @@ func (m *Welcome) Append(b []byte) []byte {
 	if m.Features.Has(FeatureLabel) {
 		b = putStr(b, m.Label)
 	}
+	if m.Features.Has(FeatureLeaseTime) {
+		b = putU32(b, millis(m.LeaseTime))
+	}
 	return b
 }
 
@@ -306,6 +323,9 @@ func (m *Welcome) decode(d *decoder) {
 	}
 	if m.Features.Has(FeatureLabel) {
 		m.Label = d.str("label", MaxLabel)
+	}
+	if m.Features.Has(FeatureLeaseTime) {
+		m.LeaseTime = time.Duration(d.u32()) * time.Millisecond
 	}
 	switch {
 	case d.err != nil:
@@ -531,13 +551,32 @@ func (m *Break) decode(d *decoder) {
 	}
 }
 
+// Revoke ends every lease of the session (host → guest): the host is
+// about to let go of the files (it stops, or the export goes), and says
+// why. The guest stops reading them, and replies RevokeAck.
+type Revoke struct{ Why string }
+
+// MaxWhy bounds Revoke.Why.
+const MaxWhy = 256
+
+func (*Revoke) Type() Type               { return TypeRevoke }
+func (m *Revoke) Append(b []byte) []byte { return putStr(b, m.Why) }
+func (m *Revoke) decode(d *decoder)      { m.Why = d.str("why", MaxWhy) }
+
 // Empty messages.
 type (
 	Released struct{} // answers Release
 	BreakAck struct{} // answers Break: every lease in it has ended
 	Ping     struct{} // keepalive
 	Pong     struct{} // answers Ping
+	// RevokeAck answers Revoke: nothing is read under the session's
+	// leases any more.
+	RevokeAck struct{}
 )
+
+func (*RevokeAck) Type() Type             { return TypeRevokeAck }
+func (*RevokeAck) Append(b []byte) []byte { return b }
+func (*RevokeAck) decode(*decoder)        {}
 
 func (*Released) Type() Type { return TypeReleased }
 func (*BreakAck) Type() Type { return TypeBreakAck }

@@ -85,6 +85,12 @@ var golden = []struct {
 	{"Break", 7, &Break{Leases: []uint64{1, 2}},
 		`14000000 0700 0000 0700000000000000 | 02000000 0100000000000000 0200000000000000`},
 	{"BreakAck", 7, &BreakAck{}, `00000000 0780 0000 0700000000000000`},
+	{"WelcomeLeaseTime", 1, &Welcome{Version: 1, MaxFrame: 64 << 10, Features: FeatureLeaseTime, Generation: 3, BlockSize: 4096, LeaseTime: 30 * time.Second},
+		`30000000 0180 0000 0100000000000000 |
+		 0100 0000 00000100 2000000000000000 00000000000000000000000000000000
+		 0300000000000000 00100000 30750000`},
+	{"Revoke", 9, &Revoke{Why: "stop"}, `06000000 0900 0000 0900000000000000 | 0400 73746f70`},
+	{"RevokeAck", 9, &RevokeAck{}, `00000000 0980 0000 0900000000000000`},
 	{"Ping", 8, &Ping{}, `00000000 0800 0000 0800000000000000`},
 	{"Pong", 8, &Pong{}, `00000000 0880 0000 0800000000000000`},
 	{"Error", 3, &Error{Code: CodeStale, Message: "gen 3"},

@@ -28,6 +28,7 @@ type guestOptions struct {
 	addr                vsockproto.Addr
 	export, device, dir string
 	follow              guestagent.Follow
+	down                guestagent.DownPolicy
 	metrics, logTo      string
 	logLevel            string
 	pageCache           guestagent.PageCache
@@ -40,7 +41,7 @@ type guestOptions struct {
 // parseGuest checks a guest command line without acting on it.
 func parseGuest(args []string, stderr io.Writer) (*guestOptions, error) {
 	var o guestOptions
-	var connect, follow, pageCache string
+	var connect, follow, pageCache, down string
 	fs := newFlagSet("guest", `Usage: leasefs guest --connect ADDR --export NAME [--device PATH] [flags] MOUNTPOINT
        leasefs guest status [--json] MOUNTPOINT
 
@@ -66,6 +67,8 @@ docs/operations.md).
 	fs.StringVar(&o.export, "export", "", "the export to mount (required)")
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")
 	fs.StringVar(&follow, "follow", "always", "when to move to a new generation: always, interval=DURATION or manual")
+	fs.StringVar(&down, "down", "soft", "while the host agent is down or unreachable, what reads of open files, opens and\n"+
+		"uncached metadata do: hard (wait until it is back, as NFS hard mounts do), soft (fail with EIO\nafter 30 s) or soft=DURATION; an export the host no longer serves fails at once (ESTALE)")
 	fs.StringVar(&pageCache, "page-cache", "guest", "where file data is cached: guest (this kernel's page cache) or host (none here: the\n"+
 		"device is read past it, so that only the host's cache of the drive holds data, once for all guests)")
 	fs.IntVar(&o.cacheMB, "cache-mb", guestagent.DefaultCacheBytes>>20, "metadata cache size in MiB; the agent's memory is held to about this plus 32 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
@@ -89,6 +92,9 @@ docs/operations.md).
 		return nil, err
 	}
 	if o.follow, err = guestagent.ParseFollow(follow); err != nil {
+		return nil, err
+	}
+	if o.down, err = guestagent.ParseDownPolicy(down); err != nil {
 		return nil, err
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
@@ -176,7 +182,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 		return fmt.Errorf("the status socket: %w", err)
 	}
 	defer sl.Close()
-	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow,
+	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow, Down: o.down,
 		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Logger: log}, o.retry, log)
 	if err != nil {
 		return err
@@ -266,8 +272,11 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	conn := "connected " + ago(st.Since)
-	if !st.Connected {
-		conn = "DISCONNECTED since " + ago(st.Since) + " (reconnecting)"
+	switch {
+	case !st.Connected && st.Gone != "":
+		conn = "DISCONNECTED since " + ago(st.Since) + ": THE HOST NO LONGER SERVES THIS EXPORT (" + st.Gone + "); everything not cached fails with ESTALE"
+	case !st.Connected:
+		conn = "DISCONNECTED since " + ago(st.Since) + " (reconnecting; requests wait as --down " + st.Down + " says)"
 	}
 	fmt.Fprintf(tw, "host\t%s, export %s: %s; session %s, %d reconnects (%d resumed)\n", st.Host, st.Export, conn, st.Session, st.Reconnects, st.Resumes)
 	gen := fmt.Sprintf("%d, since %s", st.Generation, ago(st.Switched))

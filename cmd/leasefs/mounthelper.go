@@ -20,7 +20,7 @@ import (
 
 // helperOptions maps each mount option to the flag it stands for.
 var helperOptions = map[string]map[string]string{
-	"guest": {"connect": "--connect", "device": "--device", "follow": "--follow", "log": "--log", "log-level": "--log-level",
+	"guest": {"connect": "--connect", "device": "--device", "follow": "--follow", "down": "--down", "log": "--log", "log-level": "--log-level",
 		"cache-mb": "--cache-mb", "page-cache": "--page-cache", "metrics": "--metrics", "status-socket": "--status-socket"},
 	"mount": {"cache-mb": "--cache-mb", "readahead-kb": "--readahead-kb", "log": "--log", "allow-dirty-journal": "--allow-dirty-journal"},
 }
@@ -98,7 +98,7 @@ func mountHelperArgs(args []string) (cmd string, out []string, fake bool, err er
 		case helperOptions["guest"][k] != "":
 			return "", nil, false, fmt.Errorf("option %s needs connect=ADDR (a guest mount of an export)", k)
 		default:
-			return "", nil, false, fmt.Errorf("unknown option %q (a guest mount takes connect=, device=, follow=, log=, metrics=; an image mount cache-mb=, readahead-kb=, log=, allow-dirty-journal)", o)
+			return "", nil, false, fmt.Errorf("unknown option %q (a guest mount takes connect=, device=, follow=, down=, log=, metrics=; an image mount cache-mb=, readahead-kb=, log=, allow-dirty-journal)", o)
 		}
 	}
 	if cmd == "guest" {
