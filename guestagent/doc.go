@@ -5,10 +5,18 @@
 // # Node ids
 //
 // FileSystem uses go-fuse's raw API. A FUSE node id is the ext4 inode
-// number with its i_generation in the high 32 bits (the root, inode 2, is
-// FUSE's node 1, and node 2 is never handed out), so an inode number the
-// host reuses for another file is another node, and any node id can be
-// answered straight from the view. For a live view the filesystem also
+// number with a tag in the high 32 bits: for a regular file a digest of
+// its version (ext4ro Inode.Version: i_generation, size, times, block
+// map), for anything else its i_generation (the root, inode 2, is FUSE's
+// node 1, and node 2 is never handed out). So an inode number the host
+// reuses for another file is another node; a file changed in place is
+// another node too, another kernel inode, whose pages and attributes
+// never mix with another version's; a directory keeps its node, and the
+// kernel its children, across changes; and any node id can be answered
+// straight from the view. A node the view served no longer has, of a
+// version held open, is answered from that open file's view: the file
+// can be opened again through /proc/PID/fd/N or /proc/PID/exe (the opens
+// share its reader) for as long as it is held. For a live view the filesystem also
 // counts the kernel's references (nodes.go): each LOOKUP reply and
 // READDIRPLUS entry adds one, FORGET takes them away, and a node at zero
 // is dropped, so its memory follows the kernel's inode cache. A static
@@ -83,9 +91,21 @@
 // it fails at once with ESTALE (or EBUSY), and one log line names the
 // path, the generation and why.
 //
+// An open of a file that changed meanwhile (another version, another
+// node) fails with ESTALE, after which the kernel looks the name up again
+// and opens the new node: a handle never reads one version for a node of
+// another.
+//
 // A break fences the file: its reads check the fence before and after
 // they read, so a read that ends after the fence is ESTALE whatever it
-// read, and the acknowledgement can go at once. If a reconnect does not
+// read, and the acknowledgement can go at once. A Revoke (the host lets
+// go of every file: it stops, or the export goes) fences them all. The
+// device is read only while a session holds the leases (holding.go): its
+// connection up and answered within the lease time the host announced;
+// a device read the session's loss overlapped is made again once a
+// session is back, or fails. Without a session, reads and everything
+// else that needs the host wait as ClientConfig.Down says, and fail at
+// once when the host said it no longer serves the export. If a reconnect does not
 // resume the session (the host agent restarted), every open file is
 // fenced the same way: never other bytes. If the host does not have the
 // guest's generation any more, the old views are dead (nothing more is
@@ -100,19 +120,24 @@
 //
 // # Locking
 //
-// Client.mu guards the session, switching and open-file state; it is
-// held only to read and change that state, never during I/O, a call to
-// the host or a notification (it is released while waiting on
-// Client.changed). The locks taken with it held are metaCache.mu and
-// nodes.mu (through FileSystem methods), each a leaf held for a map
-// operation; nothing takes Client.mu while holding them. FileSystem.mu
-// (the handle table) is a leaf too. A leasedFile has no lock (its fence is
-// atomic), so nothing ever waits for a read in flight. The switcher sends
-// notifications with no lock held, and the only FUSE request that waits
-// for it is OPEN, during which the kernel holds no lock a notification
-// needs (a notification waits on a directory's lock while a LOOKUP in it
-// runs, and on a page's while a READ of it runs; neither ever waits for
-// the switcher).
+// Client.live (the session, for device reads) is atomic: a read never
+// takes a lock to check it. Client.mu guards the session, switching and
+// open-file state; it is held only to read and change that state, never
+// during I/O, a call to the host or a notification (it is released while
+// waiting on Client.changed). The locks taken with it held are
+// metaCache.mu and nodes.mu (through FileSystem methods), each a leaf
+// held for a map operation; nothing takes Client.mu while holding them.
+// FileSystem.mu (the handle table, and the open files by node) is a leaf
+// too: a reader is closed after it is let go. A leasedFile has no lock
+// (its fence is atomic), so nothing ever waits for a read in flight. The
+// switcher sends notifications with no lock held, and the only FUSE
+// request that waits for it is OPEN, during which the kernel holds no
+// lock a notification needs (a notification waits on a directory's lock
+// while a LOOKUP in it runs, and on a page's while a READ of it runs;
+// neither ever waits for the switcher). A READ may wait for the host
+// (Config.Down) with its page locked, and a notification of that page
+// with it; what ends the wait (a new session, the policy's deadline, a
+// fence by the reconnect) never needs the switcher.
 //
 // # What FUSE cannot show
 //

@@ -62,7 +62,8 @@ type sharedFile struct {
 	refs int // guarded by FileSystem.mu
 }
 
-// Staler is an OpenFile that can say it may no longer be read.
+// Staler is an OpenFile that can say it may no longer be read. Stale is
+// called with FileSystem.mu held: it takes no lock.
 type Staler interface {
 	Stale() error
 }
@@ -379,14 +380,27 @@ func (fs *FileSystem) addHandle(h *handle) uint64 {
 	fs.nextFh++
 	fs.handles[fs.nextFh] = h
 	if h.f != nil {
-		h.f.refs++
 		fs.held[h.node] = append(fs.held[h.node], h)
 	}
 	return fs.nextFh
 }
 
+// share returns a handle sharing the reader of an open file of node id
+// that may still be read, with a reference taken on it; or nil.
+func (fs *FileSystem) share(id uint64) *handle {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	for _, h := range fs.held[id] {
+		if s, ok := h.f.OpenFile.(Staler); !ok || s.Stale() == nil {
+			h.f.refs++
+			return &handle{v: h.v, in: h.in, node: id, f: h.f}
+		}
+	}
+	return nil
+}
+
 // heldNode returns an open file of node id whose reader may still be
-// read, or nil.
+// read, or nil: where its version can be found.
 func (fs *FileSystem) heldNode(id uint64) *handle {
 	fs.mu.Lock()
 	hs := slices.Clone(fs.held[id])
@@ -457,11 +471,11 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 		return fs.status("open", ext4ro.ErrEncrypted)
 	}
 	h := &handle{v: v, in: ino, node: in.NodeId}
-	if held := fs.heldNode(in.NodeId); held != nil {
+	if shared := fs.share(in.NodeId); shared != nil {
 		// This version is open already (and, if the view served no
 		// longer has it, can only be reached through that open file):
 		// share its reader, as the kernel shares its pages.
-		h.v, h.in, h.f = held.v, held.in, held.f
+		h = shared
 	} else if fs.files != nil && ino.IsRegular() {
 		f, err := fs.files.Open(v, ino)
 		if err != nil {
@@ -474,7 +488,7 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 			}
 			return fs.status("open", err)
 		}
-		h.f = &sharedFile{OpenFile: f}
+		h.f = &sharedFile{OpenFile: f, refs: 1}
 	}
 	out.Fh = fs.addHandle(h)
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE

@@ -423,7 +423,8 @@ func (s *fakeSystemd) prepare(a *agent, bin string, args []string, v254 bool) {
 // killed (a crash) and stopped (systemctl restart) and started again
 // with what the store kept, while two guests (device, and through the
 // host) read a file the host deleted and whose blocks would be reused.
-// They resume their sessions and read its original bytes to the end. A
+// A device read while no agent runs waits for the next (the guest cannot
+// know that the store keeps the lease). They resume their sessions and read its original bytes to the end. A
 // writer that opens a held file while no agent runs waits for it (the
 // store kept the lease), is let go as soon as the next run starts, and
 // the guests' handles of that file go stale. A file the guests close
@@ -520,9 +521,39 @@ func TestRestartWithFDStore(t *testing.T) {
 			case <-time.After(500 * time.Millisecond):
 			}
 		}
-		readChunk("while no agent runs", 0) // the guest reading the device
+		// The guest reading the device cannot know that the store
+		// keeps its lease: its read waits for the host (--down).
+		type result struct {
+			b   []byte
+			err error
+		}
+		const off = 7 << 20
+		waiting := make(chan result, 1)
+		go func() {
+			// Not from the page cache.
+			if err := unix.Fadvise(int(files[0].Fd()), off, 1<<20, unix.FADV_DONTNEED); err != nil {
+				waiting <- result{nil, err}
+				return
+			}
+			b := make([]byte, 256<<10)
+			n, err := files[0].ReadAt(b, off)
+			waiting <- result{b[:n], err}
+		}()
+		select {
+		case r := <-waiting:
+			t.Fatalf("a read of the device while no agent runs returned: %d bytes, %v", len(r.b), r.err)
+		case <-time.After(500 * time.Millisecond):
+		}
 		sd.prepare(a, leasefsBin, args, round == 1)
 		a.start()
+		select {
+		case r := <-waiting:
+			if r.err != nil || !bytes.Equal(r.b, data[off:off+len(r.b)]) {
+				t.Fatalf("the read that waited for the host: %d bytes, %v\nagent log:\n%s", len(r.b), r.err, a.log)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("the read that waited for the host still waits with the host back")
+		}
 		if writer != nil {
 			select {
 			case err := <-writer:
