@@ -138,17 +138,20 @@ type Client struct {
 	live atomic.Pointer[liveSession]
 
 	// The session (session.go), guarded by mu.
-	conn       *vsockproto.Conn // nil while disconnected
-	lost       time.Time        // when the last connection ended
-	gone       string           // why the host no longer serves the export, if it said so
-	token      vsockproto.Token
-	policy     publishPolicy
-	connected  time.Time
-	reconnects int
-	resumes    int
-	device     DeviceStatus // verify.go
-	lastErr    string
-	lastErrAt  time.Time
+	conn *vsockproto.Conn // nil while disconnected
+	lost time.Time        // when the last connection ended
+	gone string           // why the host no longer serves the export, if it said so
+	// downAfterWait: a wait for the host timed out since the last
+	// connection (DownPolicy): requests fail at once until the next.
+	downAfterWait bool
+	token         vsockproto.Token
+	policy        publishPolicy
+	connected     time.Time
+	reconnects    int
+	resumes       int
+	device        DeviceStatus // verify.go
+	lastErr       string
+	lastErrAt     time.Time
 
 	// Switching (switcher.go), guarded by mu.
 	cur         *genView                // the generation served

@@ -27,7 +27,7 @@ import (
 // DownPolicy says what a request waits for while the host is down (or
 // unreachable): reads of open files, metadata the guest has not cached,
 // opens. Like NFS: hard waits until the host is back; soft fails with
-// EIO after Timeout.
+// EIO after Timeout, and then at once until a session is back.
 type DownPolicy struct {
 	Hard    bool
 	Timeout time.Duration // soft: how long to wait
@@ -116,7 +116,7 @@ func (c *Client) holding() (*liveSession, error) {
 			}
 		}
 		if !waited {
-			deadline = c.cfg.Down.deadline()
+			deadline = c.downDeadline()
 		}
 		until := deadline
 		if s != nil && s.conn.Err() == nil {
@@ -135,7 +135,28 @@ func (c *Client) holding() (*liveSession, error) {
 		case gone != "" && !c.live.Load().holds():
 			return nil, fmt.Errorf("%w: %s", ErrExportGone, gone)
 		case !deadline.IsZero() && !time.Now().Before(deadline) && !c.live.Load().holds():
-			return nil, fmt.Errorf("%w: no session with %v for %v (--down %v)", errDown, c.cfg.Addr, c.cfg.Down.Timeout, c.cfg.Down)
+			return nil, c.timedOut()
 		}
 	}
+}
+
+// downDeadline is when a request that starts now stops waiting for the
+// host: as the policy says, or at once once a wait timed out and no
+// session came since (a host down for long fails each request once, not
+// after the timeout each time).
+func (c *Client) downDeadline() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.downAfterWait && c.conn == nil {
+		return time.Now()
+	}
+	return c.cfg.Down.deadline()
+}
+
+// timedOut records that a wait for the host timed out, and says so.
+func (c *Client) timedOut() error {
+	c.mu.Lock()
+	c.downAfterWait = true
+	c.mu.Unlock()
+	return fmt.Errorf("%w: no session with %v (--down %v)", errDown, c.cfg.Addr, c.cfg.Down)
 }

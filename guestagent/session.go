@@ -55,7 +55,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	}
 	var lost []*leasedFile
 	c.mu.Lock()
-	c.conn, c.token, c.connected, c.gone = conn, w.Token, time.Now(), ""
+	c.conn, c.token, c.connected, c.gone, c.downAfterWait = conn, w.Token, time.Now(), "", false
 	c.live.Store(&liveSession{conn: conn, lease: w.LeaseTime})
 	c.policy = publishPolicy{known: conn.Features().Has(vsockproto.FeaturePublishPolicy), quiet: w.PublishQuiet, max: w.PublishMax}
 	if w.Resumed {
@@ -172,7 +172,7 @@ const callDeadline = 30 * time.Second
 // not know of on a resumed session, until the session ends.
 func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 	deadline := time.Now().Add(callDeadline)
-	down := c.cfg.Down.deadline() // for a connection
+	down := c.downDeadline() // for a connection
 	backoff := 5 * time.Millisecond
 	for {
 		c.mu.Lock()
@@ -185,7 +185,7 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 		case conn == nil && gone != "":
 			return nil, fmt.Errorf("%w: %s", ErrExportGone, gone)
 		case conn == nil:
-			return nil, fmt.Errorf("%w: no connection to %v for %v (--down %v)", errDown, c.cfg.Addr, c.cfg.Down.Timeout, c.cfg.Down)
+			return nil, c.timedOut()
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), callDeadline)
 		reply, err := conn.Call(ctx, m)

@@ -136,19 +136,26 @@ func TestLettingGoNeverServesOtherBytes(t *testing.T) {
 			}
 
 			// Far from what was read, so past any readahead.
-			read := func(what string) error {
+			read := func(what string, off int64, within time.Duration) error {
 				t.Helper()
 				b := make([]byte, 1<<20)
-				off := int64(12 << 20)
 				start := time.Now()
 				n, err := f.ReadAt(b, off)
 				if !bytes.Equal(b[:n], data[off:off+int64(n)]) {
 					t.Fatalf("%s: read %d bytes (%v) that are not the file's: %q…", what, n, err, b[:min(n, 16)])
 				}
-				t.Logf("%s: %d bytes, %v, after %v", what, n, err, time.Since(start).Round(time.Millisecond))
+				took := time.Since(start)
+				t.Logf("%s: %d bytes, %v, after %v", what, n, err, took.Round(time.Millisecond))
+				if took > within {
+					t.Fatalf("%s: the read took %v, want at most %v", what, took, within)
+				}
 				return err
 			}
-			err = read("after the host let go")
+			wait := time.Second // ESTALE at once
+			if how == "killed" {
+				wait = 5 * time.Second // --down soft=3s
+			}
+			err = read("after the host let go", 12<<20, wait)
 			switch {
 			case err == nil:
 				t.Fatal("a read after the host let go gave the file's bytes: from where?")
@@ -158,6 +165,12 @@ func TestLettingGoNeverServesOtherBytes(t *testing.T) {
 				t.Fatalf("read after the host let go (%s): %v, want ESTALE at once", how, err)
 			}
 
+			if how == "killed" {
+				// Down already: the next read fails at once.
+				if err := read("again with the host down", 8<<20, time.Second); !errors.Is(err, syscall.EIO) {
+					t.Fatalf("a second read with the host down: %v, want EIO at once", err)
+				}
+			}
 			st := guestStatus(t, dir)
 			if st.Connected || st.Since.Before(letGo.Add(-time.Second)) {
 				t.Fatalf("status: connected %v since %v; the host let go at %v", st.Connected, st.Since, letGo)
@@ -168,15 +181,16 @@ func TestLettingGoNeverServesOtherBytes(t *testing.T) {
 				if !strings.Contains(st.LastError, "no export") {
 					t.Fatalf("status does not say the export is gone: %+v", st)
 				}
-				if _, err := os.Open(filepath.Join(dir, "hello")); !errors.Is(err, syscall.ESTALE) {
-					t.Fatalf("an open in a removed export: %v, want ESTALE", err)
+				start := time.Now()
+				if _, err := os.Open(filepath.Join(dir, "hello")); !errors.Is(err, syscall.ESTALE) || time.Since(start) > time.Second {
+					t.Fatalf("an open in a removed export: %v after %v, want ESTALE at once", err, time.Since(start))
 				}
 				h.reload(t, true)
 			default:
 				h.start()
 			}
 			waitFor(t, "the guest to reconnect", func() bool { return guestStatus(t, dir).Connected })
-			if err := read("with the host back"); !errors.Is(err, syscall.ESTALE) {
+			if err := read("with the host back", 12<<20, time.Second); !errors.Is(err, syscall.ESTALE) {
 				t.Fatalf("read with the host back: %v, want ESTALE", err)
 			}
 			if _, err := os.Stat(filepath.Join(dir, "big")); !errors.Is(err, os.ErrNotExist) {

@@ -68,7 +68,7 @@ docs/operations.md).
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")
 	fs.StringVar(&follow, "follow", "always", "when to move to a new generation: always, interval=DURATION or manual")
 	fs.StringVar(&down, "down", "soft", "while the host agent is down or unreachable, what reads of open files, opens and\n"+
-		"uncached metadata do: hard (wait until it is back, as NFS hard mounts do), soft (fail with EIO\nafter 30 s) or soft=DURATION; an export the host no longer serves fails at once (ESTALE)")
+		"uncached metadata do: hard (wait until it is back, as NFS hard mounts do), soft (fail with EIO\nafter 30 s, then at once until it is back) or soft=DURATION; an export the host no longer\nserves fails at once (ESTALE)")
 	fs.StringVar(&pageCache, "page-cache", "guest", "where file data is cached: guest (this kernel's page cache) or host (none here: the\n"+
 		"device is read past it, so that only the host's cache of the drive holds data, once for all guests)")
 	fs.IntVar(&o.cacheMB, "cache-mb", guestagent.DefaultCacheBytes>>20, "metadata cache size in MiB; the agent's memory is held to about this plus 32 MiB\n(the environment variable GOMEMLIMIT overrides that bound)")
