@@ -3,6 +3,7 @@ package hostagent
 import (
 	"io"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -117,12 +118,8 @@ func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, e := range c.s.Status().Exports {
-		gauge := func(d *prometheus.Desc, v float64) {
-			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, e.Name)
-		}
-		counter := func(d *prometheus.Desc, v uint64) {
-			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), e.Name)
-		}
+		gauge := func(d *prometheus.Desc, v float64) { emit(ch, d, prometheus.GaugeValue, v, e.Name) }
+		counter := func(d *prometheus.Desc, v uint64) { emit(ch, d, prometheus.CounterValue, float64(v), e.Name) }
 		gauge(descGeneration, float64(e.Generation))
 		gauge(descGuests, float64(len(e.Guests)))
 		gauge(descLeases, float64(e.Leases))
@@ -135,10 +132,22 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descPublished, float64(e.Published.UnixNano())/1e9)
 		}
 		if e.Label != "" {
-			ch <- prometheus.MustNewConstMetric(descLabel, prometheus.GaugeValue, 1, e.Name, e.Label)
+			emit(ch, descLabel, prometheus.GaugeValue, 1, e.Name, e.Label)
 		}
 		for _, g := range e.Guests {
-			ch <- prometheus.MustNewConstMetric(descLag, prometheus.GaugeValue, float64(e.Generation-min(g.Generation, e.Generation)), e.Name, g.Peer)
+			emit(ch, descLag, prometheus.GaugeValue, float64(e.Generation-min(g.Generation, e.Generation)), e.Name, g.Peer)
 		}
+	}
+}
+
+// emit sends a metric with its label values made valid UTF-8: names from
+// outside (a VM's socket name, a peer, a label) are bytes, and the client
+// library panics on anything else.
+func emit(ch chan<- prometheus.Metric, d *prometheus.Desc, t prometheus.ValueType, v float64, labels ...string) {
+	for i, l := range labels {
+		labels[i] = strings.ToValidUTF8(l, "\uFFFD")
+	}
+	if m, err := prometheus.NewConstMetric(d, t, v, labels...); err == nil {
+		ch <- m
 	}
 }

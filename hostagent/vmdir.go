@@ -27,6 +27,9 @@ import (
 // sockets (a symlink planted there among them) are never served. It
 // returns when ctx ends, or the directory goes.
 func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vsockproto.ListenOptions) error {
+	if err := CheckVMDir(dir); err != nil {
+		return err
+	}
 	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	if err != nil {
 		return os.NewSyscallError("inotify_init1", err)
@@ -83,6 +86,28 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 			_ = d.rescan()
 		}
 	}
+}
+
+// CheckVMDir refuses a VM directory that anyone but root (or the agent's
+// user) could put a socket in: every socket there is served as a VM, and
+// a planted one would take the agent's descriptors, or be where a VM's
+// guest connects instead of the agent. So it must be a directory, owned
+// by root or the agent's user, writable by its owner only (a sticky bit,
+// as /tmp has, is not enough: others could still create entries).
+func CheckVMDir(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return &os.PathError{Op: "stat", Path: dir, Err: err}
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("the VM directory %s is not a directory", dir)
+	case st.Uid != 0 && st.Uid != uint32(os.Geteuid()):
+		return fmt.Errorf("the VM directory %s is owned by uid %d, not by root or the agent's user: whoever owns it could plant VM sockets there", dir, st.Uid)
+	case st.Mode&0o022 != 0:
+		return fmt.Errorf("the VM directory %s (mode %#o) is writable by group or others: anyone who can write it could plant VM sockets there; make it writable by its owner only (chmod go-w)", dir, st.Mode&0o7777)
+	}
+	return nil
 }
 
 // vmDirCheck is how often a watched VM directory is looked for.

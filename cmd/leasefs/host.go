@@ -668,6 +668,9 @@ func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, *vs
 		if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
 			return nil, nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
 		}
+		if err := hostagent.CheckVMDir(addr.Path); err != nil {
+			return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
+		}
 		return func(ctx context.Context) error {
 			return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
 		}, nil, nil
