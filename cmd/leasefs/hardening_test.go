@@ -4,12 +4,16 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/testenv"
 )
 
 // A local user who can reach the agent's sockets or the VM directory is
@@ -140,5 +144,72 @@ func TestOddSettingsFilesAreRefused(t *testing.T) {
 		if out, err := leasefs(t, "status", "--control", control); err != nil {
 			t.Fatalf("status after %s: %v\n%s", c.name, err, out)
 		}
+	}
+}
+
+// An upgrade runs the binary at the agent's path as the agent's user
+// (root): one that another user owns, or could have put there (a
+// directory on its path writable by others and not sticky), is refused
+// before it runs, and the agent goes on.
+func TestUpgradeRefusesAnUntrustedBinary(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	binDir := filepath.Join(run, "bin")
+	bin := filepath.Join(binDir, "leasefs")
+	if out, err := exec.Command("install", "-D", "-m", "0755", leasefsBin, bin).CombinedOutput(); err != nil {
+		t.Fatalf("install: %v\n%s", err, out)
+	}
+	control := "unix:" + filepath.Join(run, "control.sock")
+	a := &agent{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
+		"--listen", "unix:" + filepath.Join(run, "guest.sock"), "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
+	a.start()
+	t.Cleanup(func() {
+		if a.cmd != nil {
+			a.stop(syscall.SIGTERM)
+		}
+		waitGone(t, mnt)
+	})
+	marker := filepath.Join(run, "ran")
+	planted := fmt.Sprintf("#!/bin/sh\ntouch %s\nexec %s \"$@\"\n", marker, leasefsBin)
+	for _, c := range []struct {
+		name, want string
+		plant      func()
+		undo       func()
+	}{
+		{"a binary another user owns", "owned by uid 1001", func() {
+			os.WriteFile(bin+".new", []byte(planted), 0o755)
+			os.Rename(bin+".new", bin)
+			os.Chown(bin, 1001, 1001)
+		}, func() {}},
+		{"a binary others can write", "writable by group or others", func() {
+			os.WriteFile(bin+".new", []byte(planted), 0o755)
+			os.Rename(bin+".new", bin)
+			os.Chmod(bin, 0o777)
+		}, func() {}},
+		{"a directory others can write", "writable by group or others", func() {
+			os.WriteFile(bin+".new", []byte(planted), 0o755)
+			os.Rename(bin+".new", bin)
+			os.Chmod(binDir, 0o777)
+		}, func() { os.Chmod(binDir, 0o755) }},
+	} {
+		c.plant()
+		before := hostStatus(t, control)
+		out, err := leasefs(t, "host", "--upgrade", "--control", control)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Fatalf("%s: host --upgrade: %v\n%s", c.name, err, out)
+		}
+		if exists(marker) {
+			t.Fatalf("%s: the planted binary ran", c.name)
+		}
+		if st := hostStatus(t, control); !st.Started.Equal(before.Started) {
+			t.Fatalf("%s: the agent restarted", c.name)
+		}
+		c.undo()
+	}
+	if out, err := exec.Command("install", "-D", "-m", "0755", leasefsBin, bin).CombinedOutput(); err != nil {
+		t.Fatalf("install: %v\n%s", err, out)
+	}
+	if out, err := leasefs(t, "host", "--upgrade", "--control", control); err != nil || !strings.Contains(out, "upgraded:") {
+		t.Fatalf("an upgrade to a trusted binary: %v\n%s", err, out)
 	}
 }
