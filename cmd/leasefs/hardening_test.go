@@ -213,3 +213,50 @@ func TestUpgradeRefusesAnUntrustedBinary(t *testing.T) {
 		t.Fatalf("an upgrade to a trusted binary: %v\n%s", err, out)
 	}
 }
+
+// A state directory another user owns or can write, where a planted
+// symlink would have the agent write through it, is refused at start;
+// so is one below a directory others can write (not sticky).
+func TestUntrustedStateDirIsRefused(t *testing.T) {
+	mnt, dev := hostExport(t)
+	for _, c := range []struct {
+		name, want string
+		make       func(run string) string
+	}{
+		{"owned by another user", "owned by uid 1001", func(run string) string {
+			d := filepath.Join(run, "state")
+			os.Mkdir(d, 0o700)
+			os.Chown(d, 1001, 1001)
+			return d
+		}},
+		{"writable by others", "writable by group or others", func(run string) string {
+			d := filepath.Join(run, "state")
+			os.Mkdir(d, 0o700)
+			os.Chmod(d, 0o777|os.ModeSticky)
+			return d
+		}},
+		{"below a directory others can write", "writable by group or others", func(run string) string {
+			open := filepath.Join(run, "open")
+			os.Mkdir(open, 0o700)
+			os.Chmod(open, 0o777)
+			d := filepath.Join(open, "state")
+			os.Mkdir(d, 0o700)
+			return d
+		}},
+	} {
+		run := t.TempDir()
+		state := c.make(run)
+		if err := os.Symlink("/etc/leasefs-test-target", filepath.Join(state, "mirror.freezing.tmp")); err != nil {
+			t.Fatal(err)
+		}
+		out := hostFails(t, "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+filepath.Join(run, "guest.sock"),
+			"--control", "unix:"+filepath.Join(run, "control.sock"), "--state-dir", state, "--auto-publish", "off")
+		if !strings.Contains(out, state) || !strings.Contains(out, c.want) {
+			t.Fatalf("%s: the agent said:\n%s", c.name, out)
+		}
+		if exists("/etc/leasefs-test-target") {
+			os.Remove("/etc/leasefs-test-target")
+			t.Fatalf("%s: the agent wrote through a planted symlink", c.name)
+		}
+	}
+}

@@ -331,6 +331,11 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
+	if err := hostagent.TrustedPath(o.stateDir, false); err != nil {
+		// Whoever can write it could plant symlinks where the agent
+		// writes its records.
+		return fmt.Errorf("--state-dir %s: %w: the agent keeps its freeze records and lease journals there", o.stateDir, err)
+	}
 	var lock *os.File
 	if handed != nil {
 		lock, err = hostagent.AdoptStateLock(handed.StateLock, o.stateDir)

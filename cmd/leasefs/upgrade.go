@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -210,7 +209,7 @@ func firstReason(stderr string) string {
 // args give (read again now, as the new run will); it returns its
 // version.
 func checkBinary(self string, args []string) (string, error) {
-	if err := trustedPath(self); err != nil {
+	if err := hostagent.TrustedPath(self, true); err != nil {
 		return "", fmt.Errorf("%w: not upgrading (an upgrade runs it as the agent's user)", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -238,41 +237,6 @@ func checkBinary(self string, args []string) (string, error) {
 	}
 	return "", fmt.Errorf("the new binary %s (%s) cannot take over from this one (it predates upgrades in place, or hands over another form): not upgrading; restart instead",
 		self, strings.TrimSpace(out))
-}
-
-// trustedPath refuses a file to execute that anyone but root or the
-// agent's user could have put there: the file (symlinks resolved) must
-// be a regular, executable file owned by root or the agent's user and
-// writable by its owner only, and so must every directory above it be
-// owned and writable — or, writable by others, sticky (as /tmp is: no
-// one else can remove or rename what is in it).
-func trustedPath(path string) error {
-	real, err := filepath.EvalSymlinks(path)
-	if err != nil {
-		return err
-	}
-	me := uint32(os.Geteuid())
-	for p, file := real, true; ; p, file = filepath.Dir(p), false {
-		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return &os.PathError{Op: "lstat", Path: p, Err: err}
-		}
-		what := "the directory " + p
-		if file {
-			what = "the binary " + p
-		}
-		switch {
-		case file && (st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o111 == 0):
-			return fmt.Errorf("%s is not an executable regular file", what)
-		case st.Uid != 0 && st.Uid != me:
-			return fmt.Errorf("%s is owned by uid %d, not by root or the agent's user", what, st.Uid)
-		case st.Mode&0o022 != 0 && (file || st.Mode&unix.S_ISVTX == 0):
-			return fmt.Errorf("%s (mode %#o) is writable by group or others", what, st.Mode&0o7777)
-		}
-		if p == "/" {
-			return nil
-		}
-	}
 }
 
 // upgrade checks the binary at the agent's path and returns what execs
