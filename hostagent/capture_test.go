@@ -251,7 +251,7 @@ func TestRecordedFreezeIsThawedAtStart(t *testing.T) {
 	fd, _ := unix.Open(x.mnt, unix.O_RDONLY, 0)
 	t.Cleanup(func() { unix.Close(fd) }) // after the thaw below
 	t.Cleanup(func() { thawFS(fd) })
-	if err := writeFileSync(filepath.Join(x.state, "test.freezing"), x.mnt); err != nil {
+	if err := WriteFileSync(filepath.Join(x.state, "test.freezing"), x.mnt); err != nil {
 		t.Fatal(err)
 	}
 	if err := freezeFS(fd); err != nil {

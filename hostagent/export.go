@@ -557,12 +557,12 @@ func (e *Export) makeCurrent(g *Generation, label string, ph Phases) {
 	e.gens[g.Number] = g
 	e.cur = g
 	e.mu.Unlock()
-	if err := writeFileSync(e.path("generation"), strconv.FormatUint(g.Number, 10)+"\n"); err != nil {
+	if err := WriteFileSync(e.path("generation"), strconv.FormatUint(g.Number, 10)+"\n"); err != nil {
 		e.log.Error("recording the generation number", "error", err)
 	}
 	if label != "" {
 		e.label = label
-		if err := writeFileSync(e.path("label"), label+"\n"); err != nil {
+		if err := WriteFileSync(e.path("label"), label+"\n"); err != nil {
 			e.log.Error("recording the label", "error", err)
 		}
 	}
@@ -760,10 +760,13 @@ func (e *Export) warm() error {
 
 // record notes, durably, that the freeze about to happen is ours.
 func (e *Export) record() error {
-	return writeFileSync(e.path("freezing"), e.cfg.Mount+"\n")
+	return WriteFileSync(e.path("freezing"), e.cfg.Mount+"\n")
 }
 
-func writeFileSync(path, content string) error {
+// WriteFileSync replaces path with content, durably (the file and its
+// directory synced), never following a symlink where the new file is
+// made.
+func WriteFileSync(path, content string) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {

@@ -23,7 +23,7 @@ func TestThawRecorded(t *testing.T) {
 	ours, theirs, idle := newExport(t, 32), newExport(t, 32), newExport(t, 32)
 	state := t.TempDir()
 	for name, x := range map[string]export{"ours": ours, "idle": idle} {
-		if err := writeFileSync(filepath.Join(state, name+".freezing"), x.mnt+"\n"); err != nil {
+		if err := WriteFileSync(filepath.Join(state, name+".freezing"), x.mnt+"\n"); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -260,3 +260,48 @@ func TestUntrustedStateDirIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// A listen address added through the control socket is served after an
+// upgrade and after a restart, as the settings' own are, until it is
+// removed; a guest connected through it reconnects each time.
+func TestAddedListenersSurviveUpgradeAndRestart(t *testing.T) {
+	h, _, dev := newContractHost(t, false)
+	vm := filepath.Join(t.TempDir(), "vm7")
+	addr := "hvsock:" + vm + ":5000"
+	if out, err := leasefs(t, "listen", "--control", h.control, "--add", addr); err != nil {
+		t.Fatalf("listen --add: %v\n%s", err, out)
+	}
+	g := guestMount(t, "--connect", "unix:"+vm+"_5000", "--export", "mirror", "--device", dev)
+	served := func(what string) {
+		t.Helper()
+		out, err := leasefs(t, "listen", "--control", h.control)
+		if err != nil || !strings.Contains(out, addr) || !exists(vm+"_5000") {
+			t.Fatalf("%s: the added address is not served: %v\n%s\nagent:\n%s", what, err, out, h.log)
+		}
+		waitFor(t, what+": the guest reconnects", func() bool {
+			st := guestStatus(t, g)
+			b, err := os.ReadFile(filepath.Join(g, "hello"))
+			return st.Connected && err == nil && string(b) == "generation one\n"
+		})
+	}
+	before := hostStatus(t, h.control)
+	if out, err := leasefs(t, "host", "--upgrade", "--control", h.control); err != nil || !strings.Contains(out, "upgraded:") {
+		t.Fatalf("upgrade: %v\n%s", err, out)
+	}
+	waitFor(t, "the new run", func() bool {
+		out, err := leasefs(t, "status", "--json", "--control", h.control)
+		return err == nil && !strings.Contains(out, before.Started.Format(time.RFC3339Nano))
+	})
+	served("after an upgrade")
+	h.stop(syscall.SIGTERM)
+	h.start()
+	served("after a restart")
+	if out, err := leasefs(t, "listen", "--control", h.control, "--remove", addr); err != nil {
+		t.Fatalf("listen --remove: %v\n%s", err, out)
+	}
+	h.stop(syscall.SIGTERM)
+	h.start()
+	if out, err := leasefs(t, "listen", "--control", h.control); err != nil || strings.Contains(out, addr) || exists(vm+"_5000") {
+		t.Fatalf("the removed address is served again after a restart: %v\n%s", err, out)
+	}
+}

@@ -372,7 +372,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	grp, ctx := errgroup.WithContext(ctx)
 	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
 		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored, hup: hup, usr2: usr2,
-		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}}
+		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}, stateDir: o.stateDir}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
 		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
 		Limits:    o.limits,
@@ -400,6 +400,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	stopExtending := extendStartup("publishing the first generations")
 	a.mu.Lock()
 	a.handed.keepOnly(o.exports, store)
+	a.loadExtra()
 	err = a.apply(o)
 	a.handed.rest(store)
 	for export, held := range a.stored {
@@ -529,13 +530,14 @@ type hostAgent struct {
 	store          *fdStore             // systemd's fd store, if the unit has one
 	hup, usr2      chan os.Signal       // SIGHUP's and SIGUSR2's, set up again if an upgrade fails
 
-	mu      sync.Mutex                 // one change at a time; guards what follows
-	o       *hostOptions               // the settings applied
-	listens map[string]*running        // by address
-	extra   map[string]vsockproto.Addr // added through the control socket: kept across reloads
-	exports map[string]*runningExport
-	handed  *handover                 // what an upgrade handed over, until apply takes it
-	stored  map[string]map[uint32]int // held files systemd's fd store gave back, until apply takes them
+	mu       sync.Mutex                 // one change at a time; guards what follows
+	o        *hostOptions               // the settings applied
+	listens  map[string]*running        // by address
+	extra    map[string]vsockproto.Addr // added through the control socket: kept across reloads, upgrades and restarts (extraFile)
+	stateDir string
+	exports  map[string]*runningExport
+	handed   *handover                 // what an upgrade handed over, until apply takes it
+	stored   map[string]map[uint32]int // held files systemd's fd store gave back, until apply takes them
 }
 
 // running is something served until its cancel; done when it has ended.
@@ -608,8 +610,10 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		return err
 	}
 	want := maps.Clone(a.extra)
+	fromSettings := map[string]bool{}
 	for _, l := range o.listen {
 		want[l.String()] = l
+		fromSettings[l.String()] = true
 	}
 	type bound struct {
 		serve func(context.Context) error
@@ -633,6 +637,14 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 			continue
 		}
 		serve, l, err := a.bind(addr)
+		if err != nil && !fromSettings[key] {
+			// One added through the control socket, no longer to be
+			// had (its directory went, say): it goes.
+			a.log.Warn("a listen address added through the control socket cannot be taken again; dropping it", "addr", key, "error", err)
+			delete(a.extra, key)
+			a.saveExtra()
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -746,6 +758,7 @@ func (a *hostAgent) AddListener(s string) error {
 		}
 		a.listens[key], a.extra[key] = a.start(serve), addr
 		a.listens[key].l = l
+		a.saveExtra()
 		a.log.Info("listening (added through the control socket)", "addr", key)
 		return nil
 	})
@@ -762,10 +775,52 @@ func (a *hostAgent) RemoveListener(s string) error {
 		}
 		r.stop()
 		delete(a.listens, key)
-		delete(a.extra, key)
+		if _, ok := a.extra[key]; ok {
+			delete(a.extra, key)
+			a.saveExtra()
+		}
 		a.log.Info("stopped listening (through the control socket)", "addr", key)
 		return nil
 	})
+}
+
+// extraFile keeps, in the state directory, the listen addresses added
+// through the control socket, so that upgrades and restarts serve them
+// too, as they serve the settings' own.
+func (a *hostAgent) extraFile() string { return filepath.Join(a.stateDir, "listen.added") }
+
+// saveExtra writes a.extra to extraFile; a.mu held.
+func (a *hostAgent) saveExtra() {
+	var b strings.Builder
+	for _, key := range slices.Sorted(maps.Keys(a.extra)) {
+		b.WriteString(key + "\n")
+	}
+	if err := hostagent.WriteFileSync(a.extraFile(), b.String()); err != nil {
+		a.log.Error("cannot record the listen addresses added through the control socket: an upgrade or restart will not serve them", "error", err)
+	}
+}
+
+// loadExtra reads what saveExtra wrote (nothing if there is none).
+func (a *hostAgent) loadExtra() {
+	b, err := readTrusted(a.extraFile(), 1<<20)
+	if errors.Is(err, iofs.ErrNotExist) {
+		return
+	}
+	if err != nil {
+		a.log.Warn("cannot read the listen addresses added through the control socket", "error", err)
+		return
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if line == "" {
+			continue
+		}
+		addr, err := vsockproto.ParseAddr(line)
+		if err != nil {
+			a.log.Warn("ignoring a recorded listen address", "addr", line, "error", err)
+			continue
+		}
+		a.extra[addr.String()] = addr
+	}
 }
 
 // withListener runs fn on the parsed address s and its key, a.mu held.
