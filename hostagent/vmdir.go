@@ -59,6 +59,10 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 			if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
 				return fmt.Errorf("the VM directory %s is gone", dir)
 			}
+			if d.refused { // descriptors may have been freed elsewhere since
+				d.refused = false
+				_ = d.rescan()
+			}
 			continue
 		}
 		if err != nil {
@@ -110,7 +114,13 @@ func CheckVMDir(dir string) error {
 	return nil
 }
 
-// vmDirCheck is how often a watched VM directory is looked for.
+// vmFDs is what serving a VM costs in descriptors: its listening socket,
+// and the directory it is in (kept to remove the socket by name, never
+// following a symlink).
+const vmFDs = 2
+
+// vmDirCheck is how often a watched VM directory is looked for, and a
+// VM refused for want of descriptors tried again.
 const vmDirCheck = 2 * time.Second
 
 // vmDir is what ServeVMDir serves; only its goroutine uses it.
@@ -122,7 +132,8 @@ type vmDir struct {
 	ctx  context.Context
 	vms  map[string]*servedVM // by socket name
 	// refused: a VM was not served for want of descriptors; freed: one
-	// stopped since. Then the directory is looked at again.
+	// stopped since. Then the directory is looked at again, and anyway
+	// every vmDirCheck while one is refused.
 	refused, freed bool
 }
 
@@ -171,7 +182,7 @@ func (d *vmDir) start(name string) {
 	path := filepath.Join(d.dir, name)
 	// A VM's listener comes from the descriptors guests' files and
 	// connections do: a directory filling with sockets cannot take them all.
-	if !d.s.fds.Take() {
+	if !d.s.fds.TakeN(vmFDs) {
 		d.refused = true
 		if d.s.warn.Allow() {
 			d.s.log.Error("cannot serve a VM: out of descriptors; it is served when another goes", "vm", path, "limit", d.s.fds.Limit())
@@ -182,7 +193,7 @@ func (d *vmDir) start(name string) {
 	opt.VM = path
 	l, err := vsockproto.Listen(vsockproto.Addr{Kind: vsockproto.KindHybrid, Path: path, Port: d.port}, opt)
 	if err != nil {
-		d.s.fds.Give()
+		d.s.fds.GiveN(vmFDs)
 		if d.s.warn.Allow() {
 			d.s.log.Error("cannot serve a VM", "vm", path, "error", err)
 		}
@@ -204,7 +215,7 @@ func (d *vmDir) stop(name string, vm *servedVM) {
 	vm.cancel()
 	vm.done.Wait()
 	delete(d.vms, name)
-	d.s.fds.Give()
+	d.s.fds.GiveN(vmFDs)
 	n := d.s.closeGuests(func(g *guest) bool { return g.peer.Kind == vsockproto.KindHybrid && g.peer.VM == path })
 	d.s.log.Info("VM gone: stopped serving it", "vm", path, "connections_closed", n)
 	d.freed = true
@@ -215,7 +226,7 @@ func (d *vmDir) stopAll() {
 		vm.cancel()
 		vm.done.Wait()
 		delete(d.vms, name)
-		d.s.fds.Give()
+		d.s.fds.GiveN(vmFDs)
 	}
 }
 

@@ -36,16 +36,22 @@ func NewFDs(reserve int) (*FDs, error) {
 func NewFDsLimit(n int) *FDs { return &FDs{limit: int64(n)} }
 
 // Take takes one descriptor from the budget, if one is left.
-func (b *FDs) Take() bool {
-	if b.used.Add(1) > b.limit {
-		b.used.Add(-1)
+func (b *FDs) Take() bool { return b.TakeN(1) }
+
+// TakeN takes n descriptors from the budget, if n are left.
+func (b *FDs) TakeN(n int) bool {
+	if b.used.Add(int64(n)) > b.limit {
+		b.used.Add(-int64(n))
 		return false
 	}
 	return true
 }
 
 // Give gives one back.
-func (b *FDs) Give() { b.used.Add(-1) }
+func (b *FDs) Give() { b.GiveN(1) }
+
+// GiveN gives n back.
+func (b *FDs) GiveN(n int) { b.used.Add(-int64(n)) }
 
 // Used is how many are taken.
 func (b *FDs) Used() int64 { return b.used.Load() }

@@ -305,3 +305,75 @@ func TestAddedListenersSurviveUpgradeAndRestart(t *testing.T) {
 		t.Fatalf("the removed address is served again after a restart: %v\n%s", err, out)
 	}
 }
+
+// Serving a VM costs the agent two descriptors (its listening socket and
+// its directory), and they come from the budget guests' files do: under
+// a small fd limit, VMs beyond the budget wait, the agent stays below
+// its limit, and they are served once descriptors are freed (here, by a
+// guest closing its files), not only when another VM goes.
+func TestVMsWaitForDescriptors(t *testing.T) {
+	testenv.RequireTool(t, "prlimit")
+	mnt, dev := hostExport(t)
+	const files = 40
+	for i := range files {
+		if err := os.WriteFile(filepath.Join(mnt, fmt.Sprintf("f%02d", i)), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	vms := filepath.Join(run, "vms")
+	if err := os.Mkdir(vms, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	guest := "unix:" + filepath.Join(run, "guest.sock")
+	control := "unix:" + filepath.Join(run, "control.sock")
+	const limit = 120 // a budget of 90 for guests' files, connections and VMs
+	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "prlimit", args: []string{fmt.Sprintf("--nofile=%d:%d", limit, limit),
+		leasefsBinNoRace, "host", "--export", "mirror=" + dev + ":" + mnt, "--listen", guest, "--listen", "hvsock-dir:" + vms + ":5000",
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
+	a.start()
+	t.Cleanup(func() {
+		if a.cmd != nil {
+			a.stop(syscall.SIGTERM)
+		}
+		waitGone(t, mnt)
+	})
+	pid := a.cmd.Process.Pid
+	base := fdCount(pid)
+	g := guestMount(t, "--connect", guest, "--export", "mirror")
+	var open []*os.File
+	for i := range files {
+		f, err := os.Open(filepath.Join(g, fmt.Sprintf("f%02d", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, f)
+	}
+	const n = 30
+	for i := range n {
+		vmSocket(t, filepath.Join(vms, fmt.Sprintf("vm%02d.sock", i)))
+	}
+	servedVMs := func() int {
+		c := 0
+		for i := range n {
+			if exists(filepath.Join(vms, fmt.Sprintf("vm%02d.sock_5000", i))) {
+				c++
+			}
+		}
+		return c
+	}
+	time.Sleep(3 * time.Second)
+	served := servedVMs()
+	if served == n || served == 0 {
+		t.Fatalf("%d of %d VMs served with the guest's %d files open; want some to wait", served, n, files)
+	}
+	if fds := fdCount(pid); fds >= limit {
+		t.Fatalf("the agent has %d descriptors of its %d (%d before the guest, %d VMs served): the budget does not count what VMs cost", fds, limit, base, served)
+	}
+	t.Logf("%d of %d VMs served, the agent at %d of %d descriptors", served, n, fdCount(pid), limit)
+	for _, f := range open {
+		f.Close()
+	}
+	waitFor(t, "every VM served once the guest's files are closed", func() bool { return servedVMs() == n })
+}
