@@ -60,6 +60,7 @@ type Server struct {
 	spare   spareFD
 	gate    ctlGate       // of the control socket
 	warn    *rate.Limiter // of log lines about refused guests
+	glog    *guestLog     // log lines about each guest, limited per guest
 	started time.Time
 
 	mu     sync.Mutex
@@ -112,7 +113,7 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 		}
 	}
 	s := &Server{opt: opt, log: opt.Logger, conns: map[*guest]struct{}{}, fds: opt.FDs, started: time.Now(),
-		warn: rate.NewLimiter(rate.Every(time.Second), 10)}
+		warn: rate.NewLimiter(rate.Every(time.Second), 10), glog: newGuestLog(opt.Logger)}
 	s.exports.Store(&map[string]*served{})
 	s.m = newMetrics(s)
 	s.quotas = newQuotas(opt.Limits, s.m)
@@ -336,7 +337,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	refuse := func(limit, why string) {
 		s.m.quota.WithLabelValues("", limit).Inc()
 		if s.warn.Allow() {
-			s.log.Warn("refusing a connection: "+why, "guest", who, "peer", peer.String())
+			s.glog.Warn(who, "refusing a connection: "+why, "peer", peer.String())
 		}
 		nc.Close()
 	}
@@ -374,11 +375,11 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	s.mu.Lock()
 	s.conns[g] = struct{}{}
 	s.mu.Unlock()
-	s.log.Info("guest connected", "guest", who, "peer", peer.String(), "export", g.sv.exp.Name())
+	s.glog.Info(who, "guest connected", "peer", peer.String(), "export", g.sv.exp.Name())
 
 	go g.forwardBreaks(s.opt.Lease.AckTimeout)
 	<-conn.Done()
-	s.log.Info("guest disconnected", "guest", who, "peer", peer.String(), "why", conn.Err())
+	s.glog.Info(who, "guest disconnected", "peer", peer.String(), "why", conn.Err())
 	s.mu.Lock()
 	delete(s.conns, g)
 	s.mu.Unlock()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 
 	"github.com/leasefs/leasefs/layout"
 )
@@ -98,6 +99,11 @@ type Coordinator struct {
 	sig     *signalThread
 	watch   *watcher
 	closer  *closer
+	// ended: lines about sessions ended for the per-guest cap, limited
+	// (a guest churning sessions would write one each); unlogged counts
+	// those left out.
+	ended    *rate.Limiter
+	unlogged atomic.Int64
 
 	mu       sync.Mutex
 	files    map[uint32]*file    // by inode; guarded by mu
@@ -233,7 +239,7 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	var seed [32]byte
 	_, _ = rand.Read(seed[:])
-	c := &Coordinator{
+	c := &Coordinator{ended: rate.NewLimiter(rate.Every(10*time.Second), 5),
 		cfg: cfg, log: cfg.Logger, mountFD: mfd, dev: st.Dev, bsize: uint64(sfs.Bsize),
 		files: map[uint32]*file{}, byFD: map[int]*file{}, byWD: map[int]*file{},
 		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, accounts: map[string]*account{},

@@ -63,7 +63,12 @@ func (c *Coordinator) NewSession(guest, name string, sink BreakFunc) (*Session, 
 			c.quota.Add(1)
 			return nil, fmt.Errorf("%w: guest %s has %d sessions, its limit", ErrQuota, guest, len(a.sessions))
 		}
-		c.log.Warn("a guest has too many sessions: ending its oldest detached one", "guest", guest, "session", oldest.name, "leases", len(oldest.grants))
+		if c.ended.Allow() {
+			c.log.Warn("a guest has too many sessions: ending its oldest detached one", "guest", guest, "session", oldest.name, "leases", len(oldest.grants),
+				"more_since_last_line", c.unlogged.Swap(0))
+		} else {
+			c.unlogged.Add(1)
+		}
 		c.endSession(oldest)
 	}
 	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1}

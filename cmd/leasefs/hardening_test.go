@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/internal/testenv"
+	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // A local user who can reach the agent's sockets or the VM directory is
@@ -376,4 +379,41 @@ func TestVMsWaitForDescriptors(t *testing.T) {
 		f.Close()
 	}
 	waitFor(t, "every VM served once the guest's files are closed", func() bool { return servedVMs() == n })
+}
+
+// One guest churning sessions (connect, hello, leave, again and again)
+// gets a few log lines and a summary, not one per connection: it cannot
+// fill the host's disk with the agent's log.
+func TestSessionChurnDoesNotFloodTheLog(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	guest := filepath.Join(run, "guest.sock")
+	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
+	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+guest,
+		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--max-sessions-per-guest", "4")
+	before := strings.Count(h.log.String(), "\n")
+	addr := vsockproto.Addr{Kind: vsockproto.KindUnix, Path: guest}
+	sessions := 0
+	for deadline := time.Now().Add(4 * time.Second); time.Now().Before(deadline); sessions++ {
+		c, _, err := vsockproto.DialHello(context.Background(), addr, vsockproto.Hello{Export: "mirror", Features: vsockproto.FeatureResume}, nil, vsockproto.Options{})
+		if errors.Is(err, vsockproto.ErrQuota) {
+			continue // its sessions are not all detached yet
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	time.Sleep(200 * time.Millisecond)
+	lines := strings.Count(h.log.String(), "\n") - before
+	t.Logf("%d sessions, %d log lines", sessions, lines)
+	if sessions < 500 {
+		t.Fatalf("only %d sessions in 4 s", sessions)
+	}
+	if lines > 100 {
+		t.Fatalf("%d sessions wrote %d log lines:\n%s", sessions, lines, h.log.String()[len(h.log.String())-2000:])
+	}
+	if !strings.Contains(h.log.String(), "lines_left_out") && !strings.Contains(h.log.String(), "most are left out") {
+		t.Fatalf("no word of the lines left out:\n%s", h.log)
+	}
 }
