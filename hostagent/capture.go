@@ -491,6 +491,7 @@ func (d *delta) generation() (*Generation, error) {
 		}
 	}
 	d.store.refAll(g.blocks, carried)
+	g.nblocks = len(g.blocks)
 	var diff []uint64
 	for b, h := range d.read {
 		if !used[b] {

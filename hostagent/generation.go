@@ -36,10 +36,11 @@ type Generation struct {
 	ChangedInodes []uint32
 	All           bool
 
-	store  *Store
-	blocks map[uint64]Hash     // block number → content
-	deps   map[uint32][]uint64 // inode → its MetaBlocks, for the next capture
-	tables []tableRange        // the inode tables in use, for the next capture
+	store   *Store
+	blocks  map[uint64]Hash     // block number → content; nil once released
+	nblocks int                 // len(blocks) as captured: read without a reference (status)
+	deps    map[uint32][]uint64 // inode → its MetaBlocks, for the next capture
+	tables  []tableRange        // the inode tables in use, for the next capture
 
 	// refs counts the export's hold on the generation (one, until it
 	// is dropped) and each request reading it (Export.Generation to
@@ -93,8 +94,9 @@ func (g *Generation) ReadBlock(n, _ uint64) ([]byte, error) {
 	return b, nil
 }
 
-// Blocks returns how many metadata blocks the generation holds.
-func (g *Generation) Blocks() int { return len(g.blocks) }
+// Blocks returns how many metadata blocks the generation holds (held:
+// it may be asked of one being dropped, which no longer has them).
+func (g *Generation) Blocks() int { return g.nblocks }
 
 // Has reports whether block n is metadata of the generation.
 func (g *Generation) Has(n uint64) bool { _, ok := g.blocks[n]; return ok }

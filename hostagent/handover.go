@@ -157,7 +157,7 @@ func (e *Export) takeOver(st *ExportState) error {
 	e.next, e.label = st.Next, st.Label
 	for _, gs := range st.Gens {
 		g := &Generation{Number: gs.Number, BlockSize: gs.BlockSize, Captured: gs.Captured, Frozen: gs.Frozen, Label: gs.Label, Full: gs.Full,
-			store: s, blocks: gs.Blocks, deps: gs.Deps}
+			store: s, blocks: gs.Blocks, nblocks: len(gs.Blocks), deps: gs.Deps}
 		for _, t := range gs.Tables {
 			g.tables = append(g.tables, tableRange{start: t[0], used: t[1]})
 		}

@@ -472,6 +472,12 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		w.PublishQuiet, w.PublishMax = ap.Quiet, ap.Max
 	}
 	sv.mu.Lock()
+	if prev, ok := sv.on[g.sess.Token()]; ok && on < prev {
+		// A session never goes back (as in its acknowledgements): a
+		// resumed one that names an older generation would pin it. It
+		// moves to the current one.
+		w.Kept, on = false, cur.Number
+	}
 	sv.on[g.sess.Token()] = on
 	sv.mu.Unlock()
 	return w, g.handle, nil

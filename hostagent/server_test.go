@@ -346,6 +346,14 @@ func TestDroppedGenerationsRaceNoRead(t *testing.T) {
 			})
 		})
 	}
+	// Status meanwhile, as a scrape or 'leasefs status' would: it reads
+	// generations being dropped.
+	wg.Go(func() {
+		testenv.Until(stop, func(int) bool {
+			_ = s.Status()
+			return true
+		})
+	})
 	for i := range 60 {
 		x.write(t, "churn", strconv.Itoa(i))
 		gen, err := s.Publish("test")
@@ -363,5 +371,87 @@ func TestDroppedGenerationsRaceNoRead(t *testing.T) {
 	}
 	if k := e.Kept(); k > 4 {
 		t.Fatalf("%d generations kept; the guest is on the newest and may hold back 2", k)
+	}
+}
+
+// Status reads the current generation without a reference (it only
+// counts), so the generation may be dropped under it: what it reads
+// must outlive the drop (a data race under -race before, and a count of
+// 0 after).
+func TestStatusOfAGenerationBeingDropped(t *testing.T) {
+	x, e, g := publishedFile(t)
+	want := g.Blocks()
+	read := make(chan int)
+	go func() {
+		time.Sleep(200 * time.Millisecond) // after the drop, with nothing ordering the two
+		read <- g.Blocks()
+	}()
+	x.write(t, "f", "more")
+	if _, err := e.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	e.Drop(g.Number)
+	if got := <-read; got != want || want == 0 {
+		t.Fatalf("a dropped generation counts %d blocks; it had %d", got, want)
+	}
+}
+
+// A session that resumes naming a generation older than the one it
+// acknowledged (still kept: another guest is on it) does not go back to
+// it: it is told to move to the current one, as acknowledgements that go
+// back are ignored — else it could pin old generations.
+func TestResumedSessionNeverGoesBack(t *testing.T) {
+	x, e, g1 := publishedFile(t)
+	s, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}, Limits: Limits{GenerationsBehind: 8}})
+	ackWith := func(gen func(*vsockproto.Announce) uint64) vsockproto.Handler {
+		return func(_ context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+			return &vsockproto.AnnounceAck{Generation: gen(req.(*vsockproto.Announce))}, nil
+		}
+	}
+	pin, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Generation: g1.Number},
+		ackWith(func(*vsockproto.Announce) uint64 { return g1.Number }), vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Close()
+	c, w, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Features: vsockproto.FeatureResume},
+		ackWith(func(m *vsockproto.Announce) uint64 { return m.Generation }), vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cur uint64
+	for i := range 3 {
+		x.write(t, "churn", strconv.Itoa(i))
+		g, err := s.Publish("test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur = g.Number
+	}
+	onCurrent := func() bool {
+		for _, gs := range s.Status().Exports[0].Guests {
+			if gs.Generation == cur {
+				return true
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(5 * time.Second); !onCurrent(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest never acknowledged the current generation")
+		}
+	}
+	c.Close()
+	if !e.Has(g1.Number) {
+		t.Fatal("the first generation is not kept, though a guest is on it")
+	}
+	c2, w2, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Token: w.Token, Features: vsockproto.FeatureResume, Generation: g1.Number},
+		ackWith(func(m *vsockproto.Announce) uint64 { return m.Generation }), vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if !w2.Resumed || w2.Kept || w2.Generation != cur {
+		t.Fatalf("resumed naming generation %d after acknowledging %d: resumed %v, kept %v, generation %d", g1.Number, cur, w2.Resumed, w2.Kept, w2.Generation)
 	}
 }
