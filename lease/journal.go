@@ -2,7 +2,6 @@ package lease
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -208,16 +207,19 @@ func readJournal(r io.Reader) (*ledger, error) {
 	sessions := map[Token]*sessionRec{}
 	grants := map[ID]*grantRec{}
 	onFile := map[*heldRec][]*grantRec{}
-	br := bufio.NewReader(r)
+	br := bufio.NewReaderSize(r, maxJournalLine)
 	for n := 1; ; n++ {
-		line, err := br.ReadString('\n')
+		b, err := br.ReadSlice('\n')
 		if errors.Is(err, io.EOF) {
 			return l, nil // a partial last line is dropped with it
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			return nil, fmt.Errorf("lease journal, line %d: longer than %d bytes", n, maxJournalLine)
 		}
 		if err != nil {
 			return nil, err
 		}
-		if err := l.apply(strings.TrimSuffix(line, "\n"), sessions, grants, onFile); err != nil {
+		if err := l.apply(strings.TrimSuffix(string(b), "\n"), sessions, grants, onFile); err != nil {
 			return nil, fmt.Errorf("lease journal, line %d: %w", n, err)
 		}
 	}
@@ -393,12 +395,30 @@ func cmpErr(err error, why string) error {
 // loadJournal reads the journal at path, if any. The file is left for
 // the new journal to replace.
 func loadJournal(path string) (*ledger, error) {
-	b, err := os.ReadFile(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	return readJournal(bytes.NewReader(b))
+	defer f.Close()
+	st, err := f.Stat()
+	switch {
+	case err != nil:
+		return nil, err
+	case !st.Mode().IsRegular():
+		return nil, fmt.Errorf("lease journal %s is not a regular file", path)
+	case st.Size() > maxJournal:
+		return nil, fmt.Errorf("lease journal %s is %d bytes, more than the %d a journal of any run has", path, st.Size(), maxJournal)
+	}
+	return readJournal(io.LimitReader(f, maxJournal))
 }
+
+// A journal's bounds: its lines are short (a session's line, the
+// longest, quotes a guest's and a peer's name), and it is compacted as
+// it grows, so one larger than maxJournal was not written by an agent.
+const (
+	maxJournalLine = 16 << 10
+	maxJournal     = 1 << 30
+)

@@ -3,6 +3,7 @@ package lease
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,9 +60,25 @@ func (c *Coordinator) takeOver() error {
 		}
 		files[rec] = f
 	}
-	nRevoked := 0
+	// The caps hold for what is taken over too: a guest's newest
+	// sessions up to its session cap, and its leases up to its lease
+	// cap; the rest end (a journal is the last run's word, and that
+	// run's guests' doing).
+	keep := map[*sessionRec]bool{}
+	perGuest := map[string]int{}
+	for _, sr := range slices.Backward(l.sessions) {
+		if !sr.ended && perGuest[sr.guest] < c.cfg.MaxSessionsPerGuest {
+			perGuest[sr.guest]++
+			keep[sr] = true
+		}
+	}
+	nRevoked, overCap := 0, 0
 	for _, sr := range l.sessions {
 		if sr.ended {
+			continue
+		}
+		if !keep[sr] {
+			overCap++
 			continue
 		}
 		a := c.accounts[sr.guest]
@@ -74,6 +91,10 @@ func (c *Coordinator) takeOver() error {
 		c.sessions[s.token] = s
 		for _, gr := range sr.grants {
 			if gr.dropped {
+				continue
+			}
+			if a.leases >= c.cfg.MaxPerGuest {
+				overCap++
 				continue
 			}
 			g := &grant{id: gr.id, s: s, since: gr.since, gen: gr.gen, state: revoked}
@@ -103,6 +124,9 @@ func (c *Coordinator) takeOver() error {
 		kept++
 	}
 	c.compact(true)
+	if overCap > 0 {
+		c.log.Warn("the last run's lease journal has sessions or leases over a guest's caps; those are not taken over", "ended", overCap)
+	}
 	if kept+nRevoked+len(c.sessions) > 0 {
 		c.log.Info("took over the last run's leases", "files", kept, "sessions", len(c.sessions), "leases", len(c.grants)-nRevoked, "revoked", nRevoked)
 	}

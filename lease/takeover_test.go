@@ -3,6 +3,7 @@ package lease
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -262,4 +263,56 @@ func TestJournalThatCannotBeWrittenIsGivenUp(t *testing.T) {
 		t.Fatalf("the journal that failed is still there: %v", err)
 	}
 	takesOverNothing(t, dir, path, journal, handover(t, c1), s1.Token())
+}
+
+// A journal is read within bounds: a line longer than any an agent
+// writes, or a file that is not a regular one (a FIFO would block, a
+// symlink could point anywhere), makes it unusable — at once, and with
+// memory to match.
+func TestJournalBounds(t *testing.T) {
+	long := "S 000102030405060708090a0b0c0d0e0f \"" + strings.Repeat("g", 1<<20) + "\" \"g\"\n"
+	if _, err := readJournal(strings.NewReader(long)); err == nil || !strings.Contains(err.Error(), "longer than") {
+		t.Fatalf("a 1 MiB line: %v", err)
+	}
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.leases")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadJournal(fifo); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Fatalf("a FIFO: %v", err)
+	}
+	link := filepath.Join(dir, "link.leases")
+	if err := os.Symlink("/etc/passwd", link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadJournal(link); err == nil {
+		t.Fatal("a symlink was read as a journal")
+	}
+}
+
+// A successor takes over no more of a guest's sessions than the cap
+// allows (its newest), whatever the journal says.
+func TestTakeoverKeepsTheSessionCap(t *testing.T) {
+	dir, _ := oneFile(t, "hello")
+	journal := filepath.Join(t.TempDir(), "x.leases")
+	var b strings.Builder
+	for i := range 200 {
+		fmt.Fprintf(&b, "S %032x \"g\" \"s%d\"\n", i+1, i)
+	}
+	if err := os.WriteFile(journal, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := coordinator(t, dir, Config{Journal: journal, Successor: true, MaxSessionsPerGuest: 8})
+	c.mu.Lock()
+	n := len(c.sessions)
+	c.mu.Unlock()
+	if n != 8 {
+		t.Fatalf("took over %d sessions of one guest; its cap is 8", n)
+	}
+	var newest Token
+	newest[15] = 200
+	if _, _, err := c.Resume(newest, "g", "g", newBreaks().sink); err != nil {
+		t.Fatalf("the newest session was not taken over: %v", err)
+	}
 }
