@@ -47,10 +47,40 @@ func (s *Server) PublishLabeled(name, label string, force bool) (*Generation, er
 		if g.labels {
 			a = &labeled
 		}
-		go g.announce(a, gen.Captured, s.opt.Conn.KeepAlive)
+		g.announceLater(&announce{a, gen.Captured}, s.opt.Conn.KeepAlive)
 	}
 	s.retain(sv)
 	return gen, nil
+}
+
+// announce is an announcement to send, and when its generation was
+// published.
+type announce struct {
+	msg       *vsockproto.Announce
+	published time.Time
+}
+
+// announceLater sends a to g in the background, after the one in flight
+// if there is one; one that waits is replaced by a newer (the guest sees
+// the gap in the numbers, and takes it that everything changed).
+func (g *guest) announceLater(a *announce, keepAlive time.Duration) {
+	g.annMu.Lock()
+	if g.annBusy {
+		g.annNext = a
+		g.annMu.Unlock()
+		return
+	}
+	g.annBusy = true
+	g.annMu.Unlock()
+	go func() {
+		for a != nil {
+			g.announce(a.msg, a.published, keepAlive)
+			g.annMu.Lock()
+			a, g.annNext = g.annNext, nil
+			g.annBusy = a != nil
+			g.annMu.Unlock()
+		}
+	}()
 }
 
 // announce tells one guest of a generation and notes which it is on.

@@ -90,6 +90,13 @@ type guest struct {
 	breaks chan []lease.ID
 	max    uint32 // the guest's frame limit
 	labels bool   // the guest takes generations' labels (FeatureLabel)
+
+	// One announcement in flight at a time (publish.go), and the newest
+	// of those that came meanwhile: a guest that does not answer costs
+	// one waiting call, however often the host publishes.
+	annMu   sync.Mutex
+	annBusy bool      // guarded by annMu
+	annNext *announce // guarded by annMu
 }
 
 // NewServer starts a lease coordinator for each export.

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -453,5 +454,36 @@ func TestResumedSessionNeverGoesBack(t *testing.T) {
 	defer c2.Close()
 	if !w2.Resumed || w2.Kept || w2.Generation != cur {
 		t.Fatalf("resumed naming generation %d after acknowledging %d: resumed %v, kept %v, generation %d", g1.Number, cur, w2.Resumed, w2.Kept, w2.Generation)
+	}
+}
+
+// A guest that never answers announcements costs one waiting call,
+// however often the host publishes: they do not pile up.
+func TestAnnouncementsToASilentGuestDoNotPileUp(t *testing.T) {
+	x, e, _ := publishedFile(t)
+	s, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	var got atomic.Int64
+	c, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, func(ctx context.Context, _ vsockproto.Message) (vsockproto.Message, error) {
+		got.Add(1)
+		<-ctx.Done() // never answers
+		return nil, ctx.Err()
+	}, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	before := runtime.NumGoroutine()
+	for i := range 100 {
+		x.write(t, "churn", strconv.Itoa(i))
+		if _, err := s.Publish("test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := runtime.NumGoroutine() - before; n > 20 {
+		t.Fatalf("%d goroutines more after 100 publishes to a guest that never answers", n)
+	}
+	if n := got.Load(); n != 1 {
+		t.Fatalf("the guest got %d announcements while it had not answered the first", n)
 	}
 }

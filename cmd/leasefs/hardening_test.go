@@ -417,3 +417,34 @@ func TestSessionChurnDoesNotFloodTheLog(t *testing.T) {
 		t.Fatalf("no word of the lines left out:\n%s", h.log)
 	}
 }
+
+// 'leasefs listen --add' refuses what it cannot serve as meant: a
+// relative path (the agent's working directory is not the caller's), a
+// name with a newline (it would make two lines of the record the agent
+// keeps), and a path where a file that is not a socket is (left as it
+// is); the agent goes on serving what it served.
+func TestListenAddChecksItsAddress(t *testing.T) {
+	h, _, _ := startHostCmd(t)
+	file := filepath.Join(t.TempDir(), "precious")
+	if err := os.WriteFile(file, []byte("keep me\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ addr, want string }{
+		{"unix:relative.sock", "must be absolute"},
+		{"hvsock:vms/vm1.sock:5000", "must be absolute"},
+		{"unix:" + filepath.Join(t.TempDir(), "a\nunix:/etc/b.sock"), "control characters"},
+		{"unix:" + file, "not a socket"},
+	} {
+		out, err := leasefs(t, "listen", "--control", h.control, "--add", c.addr)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Fatalf("listen --add %q: %v\n%s", c.addr, err, out)
+		}
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me\n" {
+		t.Fatalf("the file at the refused path: %q %v", b, err)
+	}
+	out, err := leasefs(t, "listen", "--control", h.control)
+	if err != nil || !strings.Contains(out, h.guest) || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		t.Fatalf("listen after the refusals: %v\n%s", err, out)
+	}
+}

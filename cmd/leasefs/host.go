@@ -20,6 +20,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/go-hclog"
@@ -749,7 +750,13 @@ func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, *vs
 // until RemoveListener (hostagent.Listeners, for 'leasefs listen').
 func (a *hostAgent) AddListener(s string) error {
 	return a.withListener(s, func(key string, addr vsockproto.Addr) error {
-		if a.listens[key] != nil {
+		switch {
+		case addr.Path != "" && !filepath.IsAbs(addr.Path):
+			// The agent's working directory is not the caller's.
+			return fmt.Errorf("%s: a socket path must be absolute", s)
+		case strings.ContainsFunc(key, unicode.IsControl):
+			return fmt.Errorf("%q: no control characters (a newline, say) in an address", s)
+		case a.listens[key] != nil:
 			return fmt.Errorf("already listening on %s", key)
 		}
 		serve, l, err := a.bind(addr)
