@@ -19,6 +19,17 @@ import (
 // guests' running budget, and the bytes of their reply from the byte
 // budgets, held until the reply has been written.
 func (g *guest) handle(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+	reply, err := g.serve(ctx, req)
+	if err != nil {
+		// A failure costs the guest its turn too: past its rate, the
+		// answer waits (and, its requests in flight all waiting, so
+		// does the reading of its next ones).
+		_ = g.quota.fails.Wait(ctx)
+	}
+	return reply, err
+}
+
+func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
 	switch m := req.(type) {
 	case *vsockproto.ReadMeta:
 		return g.readMeta(ctx, m)

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"golang.org/x/sync/semaphore"
+	"golang.org/x/time/rate"
 
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -33,6 +34,11 @@ type Limits struct {
 	// export back by (16): older ones are dropped whoever is on them,
 	// and a guest on one moves to the newest when it next reads.
 	GenerationsBehind int
+	// FailuresPerGuest is how many requests a second of one guest may
+	// fail (bad leases, stale opens, refusals) before each more waits
+	// its turn (1000, and as many at once): failing is cheap, but not
+	// free, and an honest guest fails rarely.
+	FailuresPerGuest int
 }
 
 // MaxReply is the most bytes a reply carries (a Read's data, a
@@ -58,6 +64,7 @@ func (l Limits) withDefaults() Limits {
 	defInt(&l.RunningPerGuest, 4)
 	defInt(&l.Running, 32)
 	defInt(&l.ConnsPerGuest, 8)
+	defInt(&l.FailuresPerGuest, 1000)
 	defInt(&l.GenerationsBehind, 16)
 	if l.Wait <= 0 {
 		l.Wait = 2 * time.Second
@@ -95,6 +102,7 @@ type guestQuota struct {
 	name           string
 	conns          int // guarded by quotas.mu
 	bytes, running *semaphore.Weighted
+	fails          *rate.Limiter // of failed requests
 }
 
 func newQuotas(lim Limits, m *metrics) *quotas {
@@ -108,7 +116,8 @@ func (q *quotas) connect(guest string) (*guestQuota, bool) {
 	defer q.mu.Unlock()
 	gq := q.guests[guest]
 	if gq == nil {
-		gq = &guestQuota{name: guest, bytes: semaphore.NewWeighted(q.lim.BytesPerGuest), running: semaphore.NewWeighted(int64(q.lim.RunningPerGuest))}
+		gq = &guestQuota{name: guest, bytes: semaphore.NewWeighted(q.lim.BytesPerGuest), running: semaphore.NewWeighted(int64(q.lim.RunningPerGuest)),
+			fails: rate.NewLimiter(rate.Limit(q.lim.FailuresPerGuest), q.lim.FailuresPerGuest)}
 		q.guests[guest] = gq
 	}
 	if gq.conns >= q.lim.ConnsPerGuest {

@@ -113,6 +113,9 @@ func NewServer(exports []*Export, opt ServerOptions) (*Server, error) {
 	if opt.Conn.MaxFrame == 0 {
 		opt.Conn.MaxFrame = vsockproto.MinFrame
 	}
+	// A guest's requests beyond those in flight wait in its socket: it
+	// makes the agent work no faster than the agent answers it.
+	opt.Conn.WaitWhenBusy = true
 	if opt.FDs == nil {
 		var err error
 		if opt.FDs, err = lease.NewFDs(fdReserve(opt.Lease.FDReserve)); err != nil {

@@ -12,10 +12,11 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-// VMs' listeners come from the descriptor budget: with room for one, a
-// second VM's socket is not served until the first VM goes.
+// VMs' listeners come from the descriptor budget, two descriptors each:
+// with room for one, a second VM's socket is not served until the first
+// VM goes.
 func TestVMDirListenersAreBudgeted(t *testing.T) {
-	s, err := NewServer(nil, ServerOptions{FDs: lease.NewFDsLimit(1)})
+	s, err := NewServer(nil, ServerOptions{FDs: lease.NewFDsLimit(vmFDs + 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,12 +50,12 @@ func TestVMDirListenersAreBudgeted(t *testing.T) {
 	if served("b") {
 		t.Fatal("a VM beyond the descriptor budget is served")
 	}
-	if used := s.fds.Used(); used != 1 {
-		t.Fatalf("%d descriptors of the budget used, want 1", used)
+	if used := s.fds.Used(); used != vmFDs {
+		t.Fatalf("%d descriptors of the budget used, want %d", used, vmFDs)
 	}
 	a.Close() // a goes: b takes its place
 	until("b served once a went", func() bool { return served("b") && !served("a") })
-	if used := s.fds.Used(); used != 1 {
-		t.Fatalf("%d descriptors of the budget used, want 1", used)
+	if used := s.fds.Used(); used != vmFDs {
+		t.Fatalf("%d descriptors of the budget used, want %d", used, vmFDs)
 	}
 }

@@ -16,8 +16,14 @@ import (
 
 // Options tune a connection. Zero fields take the defaults.
 type Options struct {
-	MaxFrame         uint32        // largest payload we accept (DefaultFrame)
-	MaxInFlight      int           // peer requests handled at once; more get quota (MaxOutstanding)
+	MaxFrame    uint32 // largest payload we accept (DefaultFrame)
+	MaxInFlight int    // peer requests handled at once; more get quota (MaxOutstanding)
+	// WaitWhenBusy: instead of answering quota to a request beyond
+	// MaxInFlight, stop reading until one in flight is answered, so
+	// that a peer can make this side work no faster than it answers
+	// (the host; a handler must then never wait for this connection's
+	// reads).
+	WaitWhenBusy     bool
 	KeepAlive        time.Duration // ping after this long without sending (10 s); idle limit is 3×
 	WriteTimeout     time.Duration // a write must complete in this time (10 s)
 	FrameTimeout     time.Duration // a payload must arrive this soon after its header (10 s)
@@ -132,6 +138,7 @@ type Conn struct {
 	err      error               // why the connection ended; guarded by mu
 
 	slots chan struct{} // one per outstanding request of ours
+	freed chan struct{} // a peer request was answered (WaitWhenBusy)
 
 	lastSend  atomic.Int64 // unix nanos of the last frame sent
 	confirmed atomic.Int64 // unix nanos: when the latest request the peer answered was sent
@@ -143,7 +150,7 @@ func newConn(nc net.Conn, opt Options, peerMax uint32, features Features, h Hand
 	c := &Conn{
 		nc: nc, opt: opt, peerMax: peerMax, features: features, handler: h,
 		log: opt.Logger, ctx: ctx, cancel: cancel, done: make(chan struct{}),
-		slots: make(chan struct{}, MaxOutstanding), nextID: 1, pending: map[uint64]call{}, inflight: map[uint64]struct{}{},
+		slots: make(chan struct{}, MaxOutstanding), freed: make(chan struct{}, 1), nextID: 1, pending: map[uint64]call{}, inflight: map[uint64]struct{}{},
 	}
 	c.lastSend.Store(time.Now().UnixNano())
 	c.confirmed.Store(time.Now().UnixNano())
@@ -367,6 +374,15 @@ func (c *Conn) dispatch(h Header, p []byte) error {
 		return err
 	}
 	c.mu.Lock()
+	for c.opt.WaitWhenBusy && err == nil && len(c.inflight) >= c.opt.MaxInFlight {
+		c.mu.Unlock()
+		select {
+		case <-c.freed:
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
+		c.mu.Lock()
+	}
 	if _, dup := c.inflight[h.ID]; dup {
 		c.mu.Unlock()
 		return Errorf(CodeProtocol, "request id %d is already in flight", h.ID)
@@ -464,6 +480,10 @@ func (c *Conn) handle(id uint64, req Message) {
 	c.mu.Lock()
 	delete(c.inflight, id)
 	c.mu.Unlock()
+	select {
+	case c.freed <- struct{}{}:
+	default:
+	}
 	c.sendReply(id, resp)
 }
 

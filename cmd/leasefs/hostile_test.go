@@ -154,6 +154,31 @@ func TestHostileGuest(t *testing.T) {
 		wg.Wait()
 	})
 
+	var badLeases atomic.Int64
+	phase("bad-lease flood", 5*time.Second, func(stop <-chan struct{}) {
+		// Requests that fail at once (leases that do not exist), as
+		// fast as it can on every connection it may have: each costs
+		// the agent a little, and they count against its share.
+		var wg sync.WaitGroup
+		for range 8 {
+			c, _ := g.conn(nil)
+			defer c.Close()
+			for range 32 {
+				wg.Go(func() {
+					testenv.Until(stop, func(i int) bool {
+						_, err := c.Call(context.Background(), &vsockproto.Read{Lease: rand.Uint64(), Length: 4096})
+						if errors.Is(err, vsockproto.ErrBadLease) {
+							badLeases.Add(1)
+						}
+						return true
+					})
+				})
+			}
+		}
+		wg.Wait()
+	})
+	t.Logf("bad-lease flood: %d answers in 5 s", badLeases.Load())
+
 	phase("metadata abuse", 3*time.Second, func(stop <-chan struct{}) {
 		var wg sync.WaitGroup
 		c, w := g.conn(nil)
@@ -314,7 +339,7 @@ func TestHostileGuest(t *testing.T) {
 }
 
 // phases are the soak's, in order.
-var phases = []string{"baseline", "unread flood", "read flood", "metadata abuse", "session churn", "file hog",
+var phases = []string{"baseline", "unread flood", "read flood", "bad-lease flood", "metadata abuse", "session churn", "file hog",
 	"generation pinning", "descriptor exhaustion", "forking guest"}
 
 // evilGuest is the attacker: a VM on its own hybrid vsock socket.
@@ -589,6 +614,11 @@ func (h *honestGuest) check() error {
 		if m := median(h.times[p]); len(h.times[p]) < 5 || m > 25*max(base, time.Millisecond) {
 			return fmt.Errorf("%s: the honest guest's median open and read took %v (%d of them), %v without it", p, m, len(h.times[p]), base)
 		}
+	}
+	// Failing requests are cheap and rate-limited per guest: they may
+	// slow the honest guest by little.
+	if p, m := "bad-lease flood", median(h.times["bad-lease flood"]); len(h.times[p]) < 5 || m > 3*max(base, time.Millisecond) {
+		return fmt.Errorf("%s: the honest guest's median open and read took %v (%d of them), %v without it", p, m, len(h.times[p]), base)
 	}
 	return nil
 }
