@@ -43,7 +43,12 @@ type agent struct {
 }
 
 func newAgent(t *testing.T, mnt string, args ...string) *agent {
-	a := &agent{t: t, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
+	return newAgentOf(t, "", mnt, args...)
+}
+
+// newAgentOf is newAgent running prog (leasefsBin if "") with args.
+func newAgentOf(t *testing.T, prog, mnt string, args ...string) *agent {
+	a := &agent{t: t, prog: prog, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
 	a.start()
 	t.Cleanup(func() {
 		if a.cmd != nil {

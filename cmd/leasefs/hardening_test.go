@@ -163,15 +163,8 @@ func TestUpgradeRefusesAnUntrustedBinary(t *testing.T) {
 		t.Fatalf("install: %v\n%s", err, out)
 	}
 	control := "unix:" + filepath.Join(run, "control.sock")
-	a := &agent{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
-		"--listen", "unix:" + filepath.Join(run, "guest.sock"), "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
-	a.start()
-	t.Cleanup(func() {
-		if a.cmd != nil {
-			a.stop(syscall.SIGTERM)
-		}
-		waitGone(t, mnt)
-	})
+	newAgentOf(t, bin, mnt, "host", "--export", "mirror="+dev+":"+mnt,
+		"--listen", "unix:"+filepath.Join(run, "guest.sock"), "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
 	marker := filepath.Join(run, "ran")
 	planted := fmt.Sprintf("#!/bin/sh\ntouch %s\nexec %s \"$@\"\n", marker, leasefsBin)
 	for _, c := range []struct {
@@ -332,16 +325,9 @@ func TestVMsWaitForDescriptors(t *testing.T) {
 	guest := "unix:" + filepath.Join(run, "guest.sock")
 	control := "unix:" + filepath.Join(run, "control.sock")
 	const limit = 120 // a budget of 90 for guests' files, connections and VMs
-	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "prlimit", args: []string{fmt.Sprintf("--nofile=%d:%d", limit, limit),
-		leasefsBinNoRace, "host", "--export", "mirror=" + dev + ":" + mnt, "--listen", guest, "--listen", "hvsock-dir:" + vms + ":5000",
-		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
-	a.start()
-	t.Cleanup(func() {
-		if a.cmd != nil {
-			a.stop(syscall.SIGTERM)
-		}
-		waitGone(t, mnt)
-	})
+	a := newAgentOf(t, "prlimit", mnt, fmt.Sprintf("--nofile=%d:%d", limit, limit),
+		leasefsBinNoRace, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--listen", "hvsock-dir:"+vms+":5000",
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
 	pid := a.cmd.Process.Pid
 	base := fdCount(pid)
 	g := guestMount(t, "--connect", guest, "--export", "mirror")
