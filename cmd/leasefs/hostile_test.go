@@ -61,7 +61,11 @@ func TestHostileGuest(t *testing.T) {
 	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
 	control := "unix:" + filepath.Join(run, "control.sock")
 	honestAddr := "unix:" + filepath.Join(run, "guest.sock")
-	evilVM := filepath.Join(run, "evil.sock")
+	evilVM := filepath.Join(run, "evil\xff.sock") // a name that is not UTF-8: it reaches metrics and logs
+	vms := filepath.Join(run, "vms")                 // a VM directory, for a VMM that starts VMs by the hundred
+	if err := os.Mkdir(vms, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	evil := vsockproto.Addr{Kind: vsockproto.KindUnix, Path: evilVM + "_5000"} // the host side of its hybrid socket
 
 	// 800 descriptors: a budget of 600 for guests' files and connections.
@@ -73,7 +77,7 @@ func TestHostileGuest(t *testing.T) {
 	}
 	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
 		cg.procs(), bin, "host", "--export", "mirror=" + dev + ":" + mnt,
-		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--control", control,
+		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--listen", "hvsock-dir:" + vms + ":5000", "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--ack-timeout", "2s", "--grace", "2s",
 		"--max-leases-per-guest", "400"}, limits...)}
 	a.start()
@@ -152,6 +156,38 @@ func TestHostileGuest(t *testing.T) {
 			}
 		}
 		wg.Wait()
+	})
+
+	phase("VM-directory flood", 3*time.Second, func(stop <-chan struct{}) {
+		// 100 VMs appear at once (their VMM is root: only root may
+		// write the directory), while the attacker's metrics carry
+		// its name, which is not UTF-8.
+		c, _ := g.conn(nil)
+		defer c.Close()
+		var gone []func()
+		for i := range 100 {
+			gone = append(gone, vmSocket(t, filepath.Join(vms, fmt.Sprintf("vm%03d.sock", i))))
+		}
+		defer func() { // the VMs go: so do their listeners
+			for _, f := range gone {
+				f()
+			}
+			waitFor(t, "the VMs' listeners gone", func() bool {
+				left, _ := filepath.Glob(filepath.Join(vms, "*_5000"))
+				return len(left) == 0
+			})
+		}()
+		testenv.Until(stop, func(int) bool {
+			out, err := leasefs(t, "metrics", "--control", control)
+			if err != nil || !strings.Contains(out, "evil\uFFFD.sock") {
+				t.Errorf("VM-directory flood: metrics: %v\n%s", err, out)
+				return false
+			}
+			return true
+		})
+		if fds := fdCount(pid); fds >= 800 {
+			t.Errorf("VM-directory flood: the agent is at its fd limit (%d)", fds)
+		}
 	})
 
 	var badLeases atomic.Int64
@@ -339,7 +375,7 @@ func TestHostileGuest(t *testing.T) {
 }
 
 // phases are the soak's, in order.
-var phases = []string{"baseline", "unread flood", "read flood", "bad-lease flood", "metadata abuse", "session churn", "file hog",
+var phases = []string{"baseline", "unread flood", "read flood", "VM-directory flood", "bad-lease flood", "metadata abuse", "session churn", "file hog",
 	"generation pinning", "descriptor exhaustion", "forking guest"}
 
 // evilGuest is the attacker: a VM on its own hybrid vsock socket.
@@ -610,7 +646,7 @@ func (h *honestGuest) check() error {
 		return fmt.Errorf("an honest open and read took %v", h.longest)
 	}
 	base := median(h.times["baseline"])
-	for _, p := range []string{"unread flood", "read flood", "metadata abuse"} {
+	for _, p := range []string{"unread flood", "read flood", "VM-directory flood", "metadata abuse"} {
 		if m := median(h.times[p]); len(h.times[p]) < 5 || m > 25*max(base, time.Millisecond) {
 			return fmt.Errorf("%s: the honest guest's median open and read took %v (%d of them), %v without it", p, m, len(h.times[p]), base)
 		}
