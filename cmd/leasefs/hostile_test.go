@@ -62,7 +62,7 @@ func TestHostileGuest(t *testing.T) {
 	control := "unix:" + filepath.Join(run, "control.sock")
 	honestAddr := "unix:" + filepath.Join(run, "guest.sock")
 	evilVM := filepath.Join(run, "evil\xff.sock") // a name that is not UTF-8: it reaches metrics and logs
-	vms := filepath.Join(run, "vms")                 // a VM directory, for a VMM that starts VMs by the hundred
+	vms := filepath.Join(run, "vms")              // a VM directory, for a VMM that starts VMs by the hundred
 	if err := os.Mkdir(vms, 0o755); err != nil {
 		t.Fatal(err)
 	}
