@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -76,9 +77,32 @@ func Stop(t testing.TB, pid int) {
 	}
 	for deadline := time.Now().Add(10 * time.Second); !allStopped(pid); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("process %d has threads still running 10s after SIGSTOP", pid)
+			running := runningThreads(pid)
+			// Continued at once: what the test defers (a close of a
+			// file it serves) would otherwise wait for it for ever.
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+			t.Fatalf("process %d has threads still running 10s after SIGSTOP: %s", pid, running)
 		}
 	}
+}
+
+// runningThreads describes pid's threads that are not stopped: their
+// state and the kernel function they wait in.
+func runningThreads(pid int) string {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, _ := os.ReadDir(dir)
+	var out []string
+	for _, task := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, task.Name(), "stat"))
+		i := bytes.LastIndexByte(b, ')')
+		if err != nil || i < 0 || i+2 >= len(b) || b[i+2] == 'T' {
+			continue
+		}
+		wchan, _ := os.ReadFile(filepath.Join(dir, task.Name(), "wchan"))
+		stack, _ := os.ReadFile(filepath.Join(dir, task.Name(), "stack"))
+		out = append(out, fmt.Sprintf("thread %s state %c in %s %q", task.Name(), b[i+2], wchan, bytes.TrimSpace(stack)))
+	}
+	return strings.Join(out, "; ")
 }
 
 // allStopped reports whether every thread of pid is in state T (stopped).
