@@ -428,6 +428,8 @@ func TestMountHelperArgs(t *testing.T) {
 	}{
 		{[]string{"mirror", "/m", "-o", "rw,connect=vsock:2:5000,device=/dev/vdb,_netdev,x-systemd.automount"}, "guest",
 			[]string{"--connect=vsock:2:5000", "--device=/dev/vdb", "--export=mirror", "/m"}, false, ""},
+		{[]string{"mirror", "/usr", "-o", "connect=vsock:2:5000,down=hard"}, "guest",
+			[]string{"--connect=vsock:2:5000", "--down=hard", "--export=mirror", "/usr"}, false, ""},
 		{[]string{"-fnv", "disk.img", "/m", "-oro,cache-mb=8,allow-dirty-journal"}, "mount",
 			[]string{"--cache-mb=8", "--allow-dirty-journal", "--image=disk.img", "/m"}, true, ""},
 		{[]string{"disk.img", "/m", "-s", "-o", "whatever=1"}, "mount", []string{"--image=disk.img", "/m"}, false, ""},
