@@ -32,7 +32,9 @@
 // and Config.NoOpen lets the kernel open files and directories without a
 // round trip. A live view lets the kernel open directories without one
 // too (Config.NoOpenDir): a listing's cookies carry a tag of the view it
-// began in (SetView), so one that meets a switch goes on in that view.
+// began in (SetView), so one that meets a switch goes on in that view —
+// or, once the host has dropped that generation, in the current one from
+// the same byte position (each block is parsed from its start).
 // With Config.DirectIO (--page-cache=host) files are opened for direct
 // I/O and the kernel caches none of their data.
 //

@@ -559,24 +559,58 @@ const prefetchEntries = 256
 // readDir lists from the cookie in in.Offset. Entry offsets are ext4ro
 // cookies, so a listing resumes exactly where the last one stopped.
 func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	var v *ext4ro.FS
-	var dir *ext4ro.Inode
-	st := fuse.OK
-	tag, pos := uint32(0), in.Offset
-	if fs.noOpenDir {
-		// No handle: the cookie says which view the listing is in.
-		tag, pos = splitCookie(in.Offset)
-		tag, v = fs.viewTagged(tag)
-		v, dir, st = fs.inodeIn(v, in.NodeId)
+	if !fs.noOpenDir {
+		v, dir, st := fs.opened(in.NodeId, in.Fh)
+		if !st.Ok() {
+			return st
+		}
+		st, added := fs.list(v, dir, 0, in.Offset, in.NodeId, out, plus)
+		return partial(st, added)
+	}
+	// No handle: the cookie says which view the listing is in. One whose
+	// generation can no longer be read (the host dropped it: a listing
+	// the kernel cached, or went on with, across switches) goes on in
+	// the current view from the same position: cookies are byte
+	// positions, read from the start of their block, so it sees each
+	// entry the directory still has once, as a listing of a directory
+	// that changes under it may.
+	tag, pos := splitCookie(in.Offset)
+	tag, v := fs.viewTagged(tag)
+	st, added := fuse.Status(syscall.ESTALE), 0
+	if v, dir, ist := fs.inodeIn(v, in.NodeId); ist.Ok() {
+		st, added = fs.list(v, dir, tag, pos, in.NodeId, out, plus)
 	} else {
-		v, dir, st = fs.opened(in.NodeId, in.Fh)
+		st = ist
 	}
-	if !st.Ok() {
-		return st
+	if st == fuse.Status(syscall.ESTALE) && added == 0 {
+		if ctag, cur := fs.viewTagged(0); ctag != tag {
+			v, dir, ist := fs.inodeIn(cur, in.NodeId)
+			if !ist.Ok() {
+				return ist
+			}
+			st, added = fs.list(v, dir, ctag, pos, in.NodeId, out, plus)
+		}
 	}
+	return partial(st, added)
+}
+
+// partial is what a listing that added entries before it failed
+// answers: those entries (the kernel holds them, and asks for the rest,
+// which fails again if it must).
+func partial(st fuse.Status, added int) fuse.Status {
+	if added > 0 {
+		return fuse.OK
+	}
+	return st
+}
+
+// list lists directory dir of view v from position pos, its cookies
+// tagged tag, and says how many entries it added.
+func (fs *FileSystem) list(v *ext4ro.FS, dir *ext4ro.Inode, tag uint32, pos, nodeID uint64, out *fuse.DirEntryList, plus bool) (fuse.Status, int) {
 	if !dir.IsDir() {
-		return fuse.ENOTDIR
+		return fuse.ENOTDIR, 0
 	}
+	added := 0
 	var subdirs []*ext4ro.Inode
 	if plus && fs.files != nil {
 		// The inode-table blocks this reply will read, in one go; and,
@@ -600,7 +634,11 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 	err := v.ReadDir(dir, pos, func(e ext4ro.DirEntry) bool {
 		de := fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: e.Type, Off: tagCookie(tag, e.Cookie)}
 		if !plus {
-			return out.AddDirEntry(de)
+			ok := out.AddDirEntry(de)
+			if ok {
+				added++
+			}
+			return ok
 		}
 		var child *ext4ro.Inode
 		if e.Name != "." && e.Name != ".." {
@@ -613,8 +651,9 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 		if eo == nil {
 			return false
 		}
+		added++
 		if child != nil {
-			fs.fillEntry(v, child, eo, in.NodeId, e.Name)
+			fs.fillEntry(v, child, eo, nodeID, e.Name)
 			if child.IsDir() && fs.files != nil {
 				subdirs = append(subdirs, child)
 			}
@@ -624,7 +663,7 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 	if err == nil {
 		err = ierr
 	}
-	return fs.status("readdir", err)
+	return fs.status("readdir", err), added
 }
 
 func (fs *FileSystem) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/hostagent"
 	"github.com/leasefs/leasefs/internal/directio"
@@ -787,5 +788,54 @@ func TestListingStaysInItsGeneration(t *testing.T) {
 	t.Logf("a new listing: %v", time.Since(t0))
 	if len(names) != 3000 || !strings.HasPrefix(names[len(names)-1].Name(), "old-") && !strings.HasPrefix(names[0].Name(), "new-") {
 		t.Fatalf("a new listing has %d names", len(names))
+	}
+}
+
+// A listing begun in one generation goes on after the host dropped that
+// generation (the guest moved on twice): in the current view, from the
+// same position, every name the directory still has seen once — not
+// ESTALE.
+func TestListingGoesOnAfterItsGenerationIsGone(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	if err := os.Mkdir(filepath.Join(h.mnt, "d"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const n = 300
+	for i := range n {
+		h.write(t, fmt.Sprintf("d/f%03d", i), "x")
+	}
+	gen := h.publish(t)
+	g := startGuest(t, h, "")
+	g.waitFor(t, gen)
+	f, err := os.Open(filepath.Join(g.dir, "d"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	seen := map[string]int{}
+	getdents := func() int {
+		t.Helper()
+		buf := make([]byte, 1024) // a few entries at a time
+		m, err := unix.Getdents(int(f.Fd()), buf)
+		if err != nil {
+			t.Fatalf("getdents: %v", err)
+		}
+		_, _, names := unix.ParseDirent(buf[:m], -1, nil)
+		for _, name := range names {
+			seen[name]++
+		}
+		return m
+	}
+	getdents()
+	for i := range 3 { // the host drops the generation the listing began in
+		h.write(t, fmt.Sprintf("d/new%d", i), "x")
+		g.waitFor(t, h.publish(t))
+	}
+	for getdents() > 0 {
+	}
+	for i := range n {
+		if name := fmt.Sprintf("f%03d", i); seen[name] != 1 {
+			t.Fatalf("%s listed %d times", name, seen[name])
+		}
 	}
 }
