@@ -390,22 +390,25 @@ func (fs *FileSystem) addHandle(h *handle) uint64 {
 func (fs *FileSystem) share(id uint64) *handle {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
-	for _, h := range fs.held[id] {
-		if s, ok := h.f.OpenFile.(Staler); !ok || s.Stale() == nil {
-			h.f.refs++
-			return &handle{v: h.v, in: h.in, node: id, f: h.f}
-		}
+	h := fs.heldLocked(id)
+	if h == nil {
+		return nil
 	}
-	return nil
+	h.f.refs++
+	return &handle{v: h.v, in: h.in, node: id, f: h.f}
 }
 
 // heldNode returns an open file of node id whose reader may still be
 // read, or nil: where its version can be found.
 func (fs *FileSystem) heldNode(id uint64) *handle {
 	fs.mu.Lock()
-	hs := slices.Clone(fs.held[id])
-	fs.mu.Unlock()
-	for _, h := range hs {
+	defer fs.mu.Unlock()
+	return fs.heldLocked(id)
+}
+
+// heldLocked is heldNode, called with fs.mu held.
+func (fs *FileSystem) heldLocked(id uint64) *handle {
+	for _, h := range fs.held[id] {
 		if s, ok := h.f.OpenFile.(Staler); !ok || s.Stale() == nil {
 			return h
 		}

@@ -97,19 +97,11 @@ func (s *Server) ServeVMDir(ctx context.Context, dir string, port uint32, opt vs
 // a planted one would take the agent's descriptors, or be where a VM's
 // guest connects instead of the agent. So it must be a directory, owned
 // by root or the agent's user, writable by its owner only (a sticky bit,
-// as /tmp has, is not enough: others could still create entries).
+// as /tmp has, is not enough: others could still create entries), below
+// directories no one else could replace it in (TrustedPath).
 func CheckVMDir(dir string) error {
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return &os.PathError{Op: "stat", Path: dir, Err: err}
-	}
-	switch {
-	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
-		return fmt.Errorf("the VM directory %s is not a directory", dir)
-	case st.Uid != 0 && st.Uid != uint32(os.Geteuid()):
-		return fmt.Errorf("the VM directory %s is owned by uid %d, not by root or the agent's user: whoever owns it could plant VM sockets there", dir, st.Uid)
-	case st.Mode&0o022 != 0:
-		return fmt.Errorf("the VM directory %s (mode %#o) is writable by group or others: anyone who can write it could plant VM sockets there; make it writable by its owner only (chmod go-w)", dir, st.Mode&0o7777)
+	if err := TrustedPath(dir, false); err != nil {
+		return fmt.Errorf("%w: it holds VM sockets, and whoever can write it could plant some", err)
 	}
 	return nil
 }
