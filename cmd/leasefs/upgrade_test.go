@@ -744,6 +744,21 @@ func TestUpgradeUnderLoad(t *testing.T) {
 				}
 			}
 			n++
+			// The next upgrade waits for both guests to have resumed: one
+			// still reconnecting would resume once for two upgrades.
+			for i, dir := range tt.Readers {
+				for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+					var st guestagent.Status
+					out, err := exec.Command(leasefsBinNoRace, "guest", "status", "--json", dir).Output()
+					if err == nil && json.Unmarshal(out, &st) == nil && st.Resumes >= n {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Errorf("upgrade %d: guest %d did not resume its session (%d resumes):\n%s", n, i, st.Resumes, a.log)
+						return
+					}
+				}
+			}
 		}
 	}()
 	t.Cleanup(halt)
