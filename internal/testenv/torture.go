@@ -17,7 +17,8 @@ import (
 // self-validating files (SelfValidating) in Dir continuously, a
 // generation is published every second, and two readers in each of
 // Readers — the same files as a guest sees them — read them
-// continuously. No read may be torn; a read may be ESTALE.
+// continuously, as do the readers Remote starts elsewhere (in VMs). No
+// read may be torn; a read may be ESTALE.
 type Torture struct {
 	Dir     string         // where the host writes the files
 	Readers []string       // the same directory in each guest
@@ -26,6 +27,10 @@ type Torture struct {
 	For     time.Duration  // how long the load runs
 	Pause   time.Duration  // between the writer's replacements
 	Min     TortureResults // at least this much must happen (Torn is ignored)
+
+	// Remote readers, each started at the beginning for tt.For and
+	// returning what its reads found (Read, run elsewhere).
+	Remote []func(time.Duration) (TortureResults, error)
 }
 
 // TortureResults counts what a Torture did.
@@ -52,7 +57,7 @@ func (tt Torture) Run(t testing.TB) TortureResults {
 	t.Helper()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	var reads, torn, stale, replaced, gens atomic.Int64
+	var replaced, gens atomic.Int64
 	wg.Go(func() { // the writer
 		r := rand.New(rand.NewPCG(3, 4))
 		Until(stop, func(int) bool {
@@ -85,6 +90,43 @@ func (tt Torture) Run(t testing.TB) TortureResults {
 			return true
 		})
 	})
+	var reads, torn, stale atomic.Int64
+	add := func(r TortureResults) {
+		reads.Add(r.Reads)
+		torn.Add(r.Torn)
+		stale.Add(r.Stale)
+	}
+	wg.Go(func() { add(tt.Read(t, tt.For)) })
+	for i, remote := range tt.Remote {
+		wg.Go(func() {
+			r, err := remote(tt.For)
+			if err != nil {
+				t.Errorf("remote reader %d: %v", i, err)
+			}
+			add(r)
+		})
+	}
+	time.Sleep(tt.For)
+	close(stop)
+	wg.Wait()
+	res := TortureResults{Replaced: replaced.Load(), Generations: gens.Load(), Reads: reads.Load(), Torn: torn.Load(), Stale: stale.Load()}
+	t.Logf("%v: %d files replaced, %d generations, %d good reads, %d torn, %d stale",
+		tt.For, res.Replaced, res.Generations, res.Reads, res.Torn, res.Stale)
+	if res.Torn != 0 {
+		t.Fatalf("%d torn reads", res.Torn)
+	}
+	if res.Reads < tt.Min.Reads || res.Generations < tt.Min.Generations || res.Replaced < tt.Min.Replaced {
+		t.Fatalf("too little happened: %d reads, %d generations, %d replaced; want at least %+v", res.Reads, res.Generations, res.Replaced, tt.Min)
+	}
+	return res
+}
+
+// Read runs two readers in each of tt.Readers for d and counts what
+// they read; an error other than ESTALE fails t.
+func (tt Torture) Read(t testing.TB, d time.Duration) TortureResults {
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var reads, torn, stale atomic.Int64
 	for gi, dir := range tt.Readers {
 		for k := range 2 {
 			wg.Go(func() {
@@ -107,17 +149,8 @@ func (tt Torture) Run(t testing.TB) TortureResults {
 			})
 		}
 	}
-	time.Sleep(tt.For)
+	time.Sleep(d)
 	close(stop)
 	wg.Wait()
-	res := TortureResults{Replaced: replaced.Load(), Generations: gens.Load(), Reads: reads.Load(), Torn: torn.Load(), Stale: stale.Load()}
-	t.Logf("%v: %d files replaced, %d generations, %d good reads, %d torn, %d stale",
-		tt.For, res.Replaced, res.Generations, res.Reads, res.Torn, res.Stale)
-	if res.Torn != 0 {
-		t.Fatalf("%d torn reads", res.Torn)
-	}
-	if res.Reads < tt.Min.Reads || res.Generations < tt.Min.Generations || res.Replaced < tt.Min.Replaced {
-		t.Fatalf("too little happened: %d reads, %d generations, %d replaced; want at least %+v", res.Reads, res.Generations, res.Replaced, tt.Min)
-	}
-	return res
+	return TortureResults{Reads: reads.Load(), Torn: torn.Load(), Stale: stale.Load()}
 }

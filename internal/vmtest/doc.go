@@ -7,7 +7,7 @@
 // read-only as the guest's device — and reports on the serial console
 // in go test's -v format, which the test outside parses.
 //
-// kernel.sh fetches and caches the kernels (apt-get download with a
+// debian.sh fetches and caches the kernels (apt-get download with a
 // private sources list); Initramfs writes the archive; Modules orders
 // the modules by what each depends on. examples/qemu/test-vm.sh is the
 // QEMU command line, the test's and a user's.

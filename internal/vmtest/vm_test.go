@@ -50,16 +50,52 @@ func TestGuestKernels(t *testing.T) {
 		inside(t)
 		return
 	}
+	busybox, bin := programs(t)
+	src := source(t)
+	cache := cacheDir(t)
+	torture := os.Getenv("LEASEFS_VM_TORTURE")
+	if torture == "" {
+		torture = "30s"
+	}
+	init := fmt.Sprintf(initScript, torture, insideTimeout)
+	for _, k := range selected(t) {
+		t.Run(k.name, func(t *testing.T) {
+			kdir := fetchKernel(t, k, cache)
+			initrd := filepath.Join(cache, "initramfs-"+k.name+".cpio") // kept, to boot by hand
+			buildInitramfs(t, initrd, kdir, busybox, bin, init, modules)
+			img := imgtest.Mkfs(t, "ext4", src, 256, "-b", "4096")
+			boot(t, k, filepath.Join(kdir, "vmlinuz"), initrd, img, filepath.Join(cache, "console-"+k.name+".log"))
+		})
+	}
+}
+
+// source is the tree the VM tests export: a varied tree, the
+// conformance suite's, and "hello".
+func source(t *testing.T) string {
+	src := t.TempDir()
+	imgtest.Populate(t, src, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 300, NanoTimes: true})
+	conformance.Populate(t, src)
+	if err := os.WriteFile(filepath.Join(src, "hello"), []byte(helloText), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return src
+}
+
+// programs checks for what the VM tests need on this machine and
+// builds the static programs that go into a VM's initramfs: it returns
+// busybox's path and the directory holding leasefs and vmtest (this
+// package's test binary).
+func programs(t *testing.T) (busybox, bin string) {
 	if runtime.GOARCH != "amd64" {
 		testenv.Unavailable(t, "the VM tests boot amd64 kernels")
 	}
 	testenv.RequireRoot(t) // the test tree's owners and modes
 	testenv.RequireTool(t, "qemu-system-x86_64", "busybox", "mkfs.ext4", "apt-get", "dpkg-deb", "xz")
-	busybox, _ := exec.LookPath("busybox")
+	busybox, _ = exec.LookPath("busybox")
 	if !static(busybox) {
 		testenv.Unavailable(t, "%s is not static (make deps installs busybox-static)", busybox)
 	}
-	bin := t.TempDir()
+	bin = t.TempDir()
 	for _, b := range [][]string{
 		{"build", "-o", filepath.Join(bin, "leasefs"), "github.com/leasefs/leasefs/cmd/leasefs"},
 		{"test", "-c", "-o", filepath.Join(bin, "vmtest"), "."},
@@ -70,26 +106,16 @@ func TestGuestKernels(t *testing.T) {
 			t.Fatalf("go %s: %v\n%s", strings.Join(b, " "), err, out)
 		}
 	}
-	src := t.TempDir()
-	imgtest.Populate(t, src, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 300, NanoTimes: true})
-	conformance.Populate(t, src)
-	if err := os.WriteFile(filepath.Join(src, "hello"), []byte(helloText), 0o644); err != nil {
-		t.Fatal(err)
+	return busybox, bin
+}
+
+// fetchKernel returns the directory holding k's vmlinuz and modules.
+func fetchKernel(t *testing.T, k kernel, cache string) string {
+	out, err := exec.Command("./debian.sh", "kernel", k.release, cache).Output()
+	if err != nil {
+		testenv.Unavailable(t, "fetching the %s kernel: %v %s", k.release, err, stderrOf(err))
 	}
-	cache := cacheDir(t)
-	for _, k := range selected(t) {
-		t.Run(k.name, func(t *testing.T) {
-			out, err := exec.Command("./kernel.sh", k.release, cache).Output()
-			if err != nil {
-				testenv.Unavailable(t, "fetching the %s kernel: %v %s", k.release, err, stderrOf(err))
-			}
-			kdir := strings.TrimSpace(string(out))
-			initrd := filepath.Join(cache, "initramfs-"+k.name+".cpio") // kept, to boot by hand
-			buildInitramfs(t, initrd, kdir, busybox, bin)
-			img := imgtest.Mkfs(t, "ext4", src, 256, "-b", "4096")
-			boot(t, k, filepath.Join(kdir, "vmlinuz"), initrd, img, filepath.Join(cache, "console-"+k.name+".log"))
-		})
-	}
+	return strings.TrimSpace(string(out))
 }
 
 // selected is the kernels to boot: all those of CI, or those named in
@@ -169,8 +195,8 @@ poweroff -f
 `
 
 // buildInitramfs writes the VM's root: busybox and its applets, the
-// modules in load order, leasefs and the test program.
-func buildInitramfs(t *testing.T, path, kdir, busybox, bin string) {
+// modules in load order, leasefs, the test program, and init as /init.
+func buildInitramfs(t *testing.T, path, kdir, busybox, bin, init string, modules []string) {
 	vers, err := os.ReadDir(filepath.Join(kdir, "lib/modules"))
 	if err != nil || len(vers) != 1 {
 		t.Fatalf("%s: want one module tree: %v", kdir, err)
@@ -206,11 +232,7 @@ func buildInitramfs(t *testing.T, path, kdir, busybox, bin string) {
 	a.File("modules/order", 0o644, []byte(strings.Join(order, "\n")+"\n"))
 	a.Copy("bin/leasefs", filepath.Join(bin, "leasefs"), 0o755)
 	a.Copy("bin/vmtest", filepath.Join(bin, "vmtest"), 0o755)
-	torture := os.Getenv("LEASEFS_VM_TORTURE")
-	if torture == "" {
-		torture = "30s"
-	}
-	a.File("init", 0o755, []byte(fmt.Sprintf(initScript, torture, insideTimeout)))
+	a.File("init", 0o755, []byte(init))
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
