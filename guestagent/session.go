@@ -135,7 +135,16 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		w, err := c.dial(ctx)
 		if err != nil {
-			backoff = min(backoff*2, 5*time.Second)
+			// Tried again often while the host is newly gone (an
+			// upgrade, a restart: the session is still there to resume,
+			// and reads wait for it), then less.
+			c.mu.Lock()
+			limit := time.Second
+			if !c.lost.IsZero() && time.Since(c.lost) > time.Minute {
+				limit = 5 * time.Second
+			}
+			c.mu.Unlock()
+			backoff = min(backoff*2, limit)
 			// Said once, again when the reason changes, and once a
 			// minute while it lasts.
 			if why := err.Error(); why != lastWhy || time.Since(lastSaid) > time.Minute {

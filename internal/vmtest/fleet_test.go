@@ -137,8 +137,9 @@ func (f *fleet) startHost(t *testing.T, extra ...*os.File) {
 	go func(exited chan error) {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			if sc.Text() == "ready" {
-				close(ready)
+			if sc.Text() == "ready" && ready != nil {
+				close(ready) // once: an upgraded run says it again
+				ready = nil
 			}
 		}
 		exited <- cmd.Wait()
@@ -398,7 +399,10 @@ func (v *vm) mount(t testing.TB, dir string, args ...string) {
 // The mounts each fleet VM has: one reading file data from the shared
 // disk, one reading it through the host agent.
 // A guest waits 3 s for a host agent that is away, not 30.
-var fleetMounts = []struct{ dir, args string }{{"/mnt/dev", "--device /dev/vda --down soft=3s"}, {"/mnt/net", "--down soft=3s"}}
+var fleetMounts = []struct{ dir, args string }{
+	{"/mnt/dev", "--device /dev/vda --down soft=3s --log /run/guest-dev.log"},
+	{"/mnt/net", "--down soft=3s --log /run/guest-net.log"},
+}
 
 func (v *vm) mountAll(t testing.TB) {
 	for _, m := range fleetMounts {
@@ -408,6 +412,14 @@ func (v *vm) mountAll(t testing.TB) {
 
 // each runs fn for every VM at once and fails t with what failed.
 func each(t *testing.T, vms []*vm, fn func(v *vm) error) {
+	t.Helper()
+	if eachNoStop(t, vms, fn); t.Failed() {
+		t.FailNow()
+	}
+}
+
+// eachNoStop is each, and t goes on.
+func eachNoStop(t *testing.T, vms []*vm, fn func(v *vm) error) {
 	t.Helper()
 	errs := make([]error, len(vms))
 	var wg sync.WaitGroup
@@ -419,9 +431,6 @@ func each(t *testing.T, vms []*vm, fn func(v *vm) error) {
 		if err != nil {
 			t.Errorf("VM %s (%s): %v", vms[i].name, vms[i].k.name, err)
 		}
-	}
-	if t.Failed() {
-		t.FailNow()
 	}
 }
 
@@ -581,11 +590,11 @@ func pattern(seed byte, n int) []byte {
 	return b
 }
 
-// refill deletes name from the export and fills the filesystem with
+// refill deletes name from the export (if it is there) and fills the filesystem with
 // other bytes, so that the file's blocks would be reused were they
 // free; t's end removes the filler and publishes.
 func (f *fleet) refill(t *testing.T, name string) {
-	if err := os.Remove(filepath.Join(f.mnt, name)); err != nil {
+	if err := os.Remove(filepath.Join(f.mnt, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	junk := make([]byte, 1<<20)
@@ -795,6 +804,11 @@ func holdDeleted(t *testing.T, f *fleet, vms []*vm, name string, seed byte) ([]*
 // read succeeds, the held files give their bytes, the guests resumed
 // their sessions.
 func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
+	calm := testenv.Torture{Dir: filepath.Join(f.mnt, "calm"), Files: 100}
+	if err := os.MkdirAll(calm.Dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	calm.Populate(t)
 	hs, want := holdDeleted(t, f, vms, "upgraded", 3)
 	before := f.status(t)
 	started := func() time.Time {
@@ -812,17 +826,21 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 			t.Error(err)
 		}
 	}()
-	each(t, vms, func(v *vm) error {
+	eachNoStop(t, vms, func(v *vm) error {
 		// Readers that fail on any error: there is no writer, so no
 		// file may be stale either.
 		out, err := v.shErr("/bin/vmtest -test.run '^TestFleetTask$' -test.v 2>&1", taskEnv+"=torture",
-			"LEASEFS_VM_FOR=10s", "LEASEFS_VM_FILES=200", "LEASEFS_VM_MOUNTS=/mnt/dev/torture /mnt/net/torture")
+			"LEASEFS_VM_FOR=10s", "LEASEFS_VM_FILES=100", "LEASEFS_VM_MOUNTS=/mnt/dev/calm /mnt/net/calm")
 		if err != nil || !strings.Contains(out, `"Stale":0`) || strings.Contains(out, `"Reads":0`) {
-			return fmt.Errorf("reading through the upgrade: %v\n%s", err, out)
+			logs, _ := v.shErr("tail -n 30 /run/guest-*.log")
+			return fmt.Errorf("reading through the upgrade: %v\n%s\nthe guests' logs:\n%s", err, out, logs)
 		}
 		return nil
 	})
 	<-done
+	if t.Failed() {
+		t.Logf("the host agent's log:\n%s", f.log)
+	}
 	if now := started(); now.Equal(was) || now.IsZero() {
 		t.Fatalf("no new run of the agent after SIGUSR2 (started %v, was %v)\n%s", now, was, f.log)
 	}
