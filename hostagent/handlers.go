@@ -19,6 +19,9 @@ import (
 // guests' running budget, and the bytes of their reply from the byte
 // budgets, held until the reply has been written.
 func (g *guest) handle(ctx context.Context, req vsockproto.Message) (vsockproto.Message, error) {
+	if !g.confirmed.Load() && g.confirmed.CompareAndSwap(false, true) {
+		g.sess.Confirm(g.att)
+	}
 	reply, err := g.serve(ctx, req)
 	if err != nil {
 		// A failure costs the guest its turn too: past its rate, the

@@ -89,7 +89,10 @@ type guest struct {
 	quota  *guestQuota
 	breaks chan []lease.ID
 	max    uint32 // the guest's frame limit
-	labels bool   // the guest takes generations' labels (FeatureLabel)
+	// confirmed: the guest made a request on this connection, so it has
+	// the session's secret the Welcome gave (lease.Session.Confirm).
+	confirmed atomic.Bool
+	labels    bool // the guest takes generations' labels (FeatureLabel)
 
 	// One announcement in flight at a time (publish.go), and the newest
 	// of those that came meanwhile: a guest that does not answer costs
@@ -384,7 +387,19 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	g.conn = conn
 	s.mu.Lock()
 	s.conns[g] = struct{}{}
+	// A session lives on one connection: one it was resumed from ends
+	// (it may be a copy of the same VM, restored from one snapshot).
+	var before []*guest
+	for o := range s.conns {
+		if o != g && o.sess == g.sess {
+			before = append(before, o)
+		}
+	}
 	s.mu.Unlock()
+	for _, o := range before {
+		s.glog.Info(who, "session resumed on another connection: closing the one before", "peer", peer.String())
+		o.conn.Close()
+	}
 	s.glog.Info(who, "guest connected", "peer", peer.String(), "export", g.sv.exp.Name())
 
 	go g.forwardBreaks(s.opt.Lease.AckTimeout)
@@ -464,7 +479,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	// The guest may stay on the generation it names if it is kept.
 	kept := h.Generation != 0 && sv.exp.Has(h.Generation)
 	w := &vsockproto.Welcome{
-		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Token()), Generation: cur.Number,
+		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Secret()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
 		Features: vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy |
 			vsockproto.FeatureLeaseTime,

@@ -110,7 +110,8 @@ type Coordinator struct {
 	byFD     map[int]*file       // open fds only; guarded by mu
 	byWD     map[int]*file       // guarded by mu
 	grants   map[ID]*grant       // every session's; guarded by mu
-	sessions map[Token]*Session  // guarded by mu
+	sessions map[Token]*Session  // by token; guarded by mu
+	secrets  map[Token]*Session  // by the secrets that resume them; guarded by mu
 	accounts map[string]*account // by guest; guarded by mu
 	rng      *mrand.ChaCha8      // lease ids; guarded by mu
 	journal  *journal            // guarded by mu
@@ -242,7 +243,7 @@ func New(cfg Config) (*Coordinator, error) {
 	c := &Coordinator{ended: rate.NewLimiter(rate.Every(10*time.Second), 5),
 		cfg: cfg, log: cfg.Logger, mountFD: mfd, dev: st.Dev, bsize: uint64(sfs.Bsize),
 		files: map[uint32]*file{}, byFD: map[int]*file{}, byWD: map[int]*file{},
-		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, accounts: map[string]*account{},
+		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, secrets: map[Token]*Session{}, accounts: map[string]*account{},
 		rng: mrand.NewChaCha8(seed), fds: cfg.FDs,
 	}
 	c.closer = newCloser(func() { c.held.Add(-1); c.fds.Give() })

@@ -24,6 +24,7 @@ import (
 //	C ino                                         no longer
 //	S token guest name                            a session began (guest and name quoted)
 //	E token                                       it ended
+//	K token secret prev                           its resume secrets (Session.secret)
 //	G token id ino generation since-unix-ns       a lease was granted
 //	V id                                          it was revoked
 //	D id                                          it ended
@@ -106,6 +107,7 @@ func (j *journal) file(f *file) {
 func (j *journal) fileDone(f *file)      { j.write("C %d", f.ino) }
 func (j *journal) session(s *Session)    { j.write("S %x %q %q", s.token[:], s.acct.guest, s.name) }
 func (j *journal) sessionEnd(s *Session) { j.write("E %x", s.token[:]) }
+func (j *journal) secret(s *Session)     { j.write("K %x %x %x", s.token[:], s.secret[:], s.prev[:]) }
 func (j *journal) grant(g *grant) {
 	j.write("G %x %x %d %d %d", g.s.token[:], uint64(g.id), g.f.ino, g.gen, g.since.UnixNano())
 }
@@ -140,6 +142,9 @@ func (c *Coordinator) compact(force bool) {
 	}
 	for _, s := range c.sessions {
 		w.session(s)
+		if s.secret != s.token {
+			w.secret(s)
+		}
 		for _, g := range s.grants {
 			if g.f != nil {
 				w.grant(g)
@@ -184,10 +189,10 @@ type heldRec struct {
 }
 
 type sessionRec struct {
-	token       Token
-	guest, name string
-	grants      []*grantRec
-	ended       bool
+	token, secret, prev Token
+	guest, name         string
+	grants              []*grantRec
+	ended               bool
 }
 
 type grantRec struct {
@@ -261,7 +266,7 @@ func (l *ledger) apply(line string, sessions map[Token]*sessionRec, grants map[I
 		if err != nil {
 			return err
 		}
-		s := &sessionRec{token: tok}
+		s := &sessionRec{token: tok, secret: tok}
 		q := strings.TrimPrefix(rest, f[0]+" ")
 		if s.guest, q, err = unquote(q); err != nil {
 			return err
@@ -274,6 +279,23 @@ func (l *ledger) apply(line string, sessions map[Token]*sessionRec, grants map[I
 		}
 		sessions[tok] = s
 		l.sessions = append(l.sessions, s)
+	case "K":
+		if len(f) != 3 {
+			return errors.New("want K token secret prev")
+		}
+		var toks [3]Token
+		for i := range toks {
+			t, err := parseToken(f[i])
+			if err != nil {
+				return err
+			}
+			toks[i] = t
+		}
+		s := sessions[toks[0]]
+		if s == nil {
+			return fmt.Errorf("secrets of no session %x", toks[0][:])
+		}
+		s.secret, s.prev = toks[1], toks[2]
 	case "E":
 		if len(f) != 1 {
 			return errors.New("want E token")

@@ -553,6 +553,57 @@ func TestSessionsResumeWithinGrace(t *testing.T) {
 	}
 }
 
+// Two copies of one VM (restored from one snapshot) present the same
+// secret: the session lives on one of them. Each resume gives a new
+// secret; the one before resumes it only until the new attachment is
+// confirmed, and a secret handed to a copy that lost the session
+// resumes nothing.
+func TestCopiesOfASessionCannotBothHoldIt(t *testing.T) {
+	dir, path := oneFile(t, "x")
+	c := coordinator(t, dir, Config{Grace: time.Minute})
+	s := session(t, c, "g", newBreaks().sink)
+	mustAcquire(t, s, requestFor(t, path))
+	t0 := s.Secret()
+	s.Detach(1)
+
+	// Copy A resumes and is given t1, but has not used it yet.
+	if _, att, err := c.Resume(t0, "g", "copy A", newBreaks().sink); err != nil || att != 2 {
+		t.Fatalf("copy A: %v, attachment %d", err, att)
+	}
+	t1 := s.Secret()
+	if t1 == t0 {
+		t.Fatal("a resume kept the secret")
+	}
+	// Copy B comes with t0 while A's attachment is unconfirmed (A's
+	// Welcome may have been lost): it takes the session, with t2, and t1
+	// is good no more.
+	if _, att, err := c.Resume(t0, "g", "copy B", newBreaks().sink); err != nil || att != 3 {
+		t.Fatalf("copy B: %v, attachment %d", err, att)
+	}
+	t2 := s.Secret()
+	if _, _, err := c.Resume(t1, "g", "copy A again", newBreaks().sink); err != ErrNoSession {
+		t.Fatalf("copy A with the secret it was given before B came: %v", err)
+	}
+	// B uses its session: t0 is good no more either.
+	s.Confirm(2) // an older attachment's confirmation counts for nothing
+	if _, att, err := c.Resume(t0, "g", "copy C", newBreaks().sink); err != nil || att != 4 {
+		t.Fatalf("t0 before B's confirmation: %v, attachment %d", err, att)
+	}
+	t3 := s.Secret()
+	s.Confirm(4)
+	for _, tok := range []Token{t0, t1, t2} {
+		if _, _, err := c.Resume(tok, "g", "a copy", newBreaks().sink); err != ErrNoSession {
+			t.Fatalf("secret %x after the confirmation: %v", tok[:4], err)
+		}
+	}
+	if _, att, err := c.Resume(t3, "g", "the holder", newBreaks().sink); err != nil || att != 5 {
+		t.Fatalf("the current secret: %v, attachment %d", err, att)
+	}
+	if s.Token() != t0 {
+		t.Fatal("the session's name changed with its secret")
+	}
+}
+
 // A detached guest cannot acknowledge, so a break revokes its lease at
 // once instead of holding the writer for the deadline.
 func TestBreakDoesNotWaitForDetachedGuests(t *testing.T) {

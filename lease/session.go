@@ -20,8 +20,17 @@ type BreakFunc func(ids []ID)
 // quotas hold for all of them together.
 type Session struct {
 	c     *Coordinator
-	token Token
+	token Token    // its name for good (the journal's, the host's maps)
 	acct  *account // its guest's
+
+	// The secret a guest resumes the session with: a copy of the
+	// token at first, a new one at each resume, so that two copies of
+	// one VM (restored from one snapshot) cannot both hold the session.
+	// prev, the secret before, still resumes it until the guest shows,
+	// by a request on the new attachment (Confirm), that it has the new
+	// one: a guest whose Welcome was lost is not cut off. Guarded by c.mu.
+	secret, prev Token
+	confirmed    bool
 
 	// All guarded by c.mu.
 	name     string
@@ -71,25 +80,33 @@ func (c *Coordinator) NewSession(guest, name string, sink BreakFunc) (*Session, 
 		}
 		c.endSession(oldest)
 	}
-	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1}
+	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1, confirmed: true}
 	_, _ = rand.Read(s.token[:])
+	s.secret = s.token
 	a.sessions = append(a.sessions, s)
 	c.sessions[s.token] = s
+	c.secrets[s.secret] = s
 	c.journal.session(s)
 	return s, nil
 }
 
-// Resume reattaches guest's session with this token, within its grace
+// Resume reattaches guest's session with this secret, within its grace
 // period or while an old connection of it is still thought alive, to a
-// new connection's sink. It returns the attachment's number, for Detach.
-// Another guest's token resumes nothing.
-func (c *Coordinator) Resume(token Token, guest, name string, sink BreakFunc) (*Session, uint64, error) {
+// new connection's sink. It returns the attachment's number, for Detach;
+// the session's secret is a new one then (Secret), and the one before
+// resumes it no more once the new attachment is confirmed. Another
+// guest's secret, or an older one, resumes nothing.
+func (c *Coordinator) Resume(secret Token, guest, name string, sink BreakFunc) (*Session, uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	s := c.sessions[token]
+	s := c.secrets[secret]
 	if s == nil || s.closed || sink == nil || s.acct.guest != guest {
 		return nil, 0, ErrNoSession
 	}
+	if secret == s.prev && s.confirmed || secret != s.prev && secret != s.secret {
+		return nil, 0, ErrNoSession
+	}
+	c.rotate(s, secret)
 	if s.grace != nil {
 		s.grace.Stop()
 		s.grace = nil
@@ -111,8 +128,47 @@ func (c *Coordinator) Resume(token Token, guest, name string, sink BreakFunc) (*
 	return s, s.attached, nil
 }
 
-// Token returns the session's resume token.
+// rotate gives s a new secret, resumed with presented: that one stays
+// good until the attachment the new one is given to is confirmed, and
+// any other goes. Called with c.mu held.
+func (c *Coordinator) rotate(s *Session, presented Token) {
+	if presented == s.secret {
+		delete(c.secrets, s.prev)
+		s.prev = s.secret
+	} else { // the guest never had the current one
+		delete(c.secrets, s.secret)
+	}
+	_, _ = rand.Read(s.secret[:])
+	s.confirmed = false
+	c.secrets[s.secret] = s
+	c.journal.secret(s)
+}
+
+// Token returns the session's name for good; it resumes nothing (Secret).
 func (s *Session) Token() Token { return s.token }
+
+// Secret returns what the guest resumes the session with.
+func (s *Session) Secret() Token {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.secret
+}
+
+// Confirm says that the guest of attachment number attachment has the
+// session's current secret (it made a request after being given it): the
+// one before resumes the session no more.
+func (s *Session) Confirm(attachment uint64) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.closed || s.confirmed || attachment != s.attached {
+		return
+	}
+	s.confirmed = true
+	delete(c.secrets, s.prev)
+	s.prev = Token{}
+	c.journal.secret(s)
+}
 
 // Leases returns how many leases the session holds, revoked ones included.
 func (s *Session) Leases() int {
@@ -168,6 +224,10 @@ func (c *Coordinator) endSession(s *Session) {
 	}
 	c.journal.sessionEnd(s)
 	delete(c.sessions, s.token)
+	delete(c.secrets, s.secret)
+	if !s.confirmed {
+		delete(c.secrets, s.prev)
+	}
 	a := s.acct
 	for i, o := range a.sessions {
 		if o == s {

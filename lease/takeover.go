@@ -86,9 +86,14 @@ func (c *Coordinator) takeOver() error {
 			a = &account{guest: sr.guest}
 			c.accounts[sr.guest] = a
 		}
-		s := &Session{c: c, token: sr.token, name: sr.name, acct: a, grants: map[ID]*grant{}}
+		s := &Session{c: c, token: sr.token, name: sr.name, acct: a, grants: map[ID]*grant{},
+			secret: sr.secret, prev: sr.prev, confirmed: sr.prev == Token{}}
 		a.sessions = append(a.sessions, s)
 		c.sessions[s.token] = s
+		c.secrets[s.secret] = s
+		if !s.confirmed {
+			c.secrets[s.prev] = s
+		}
 		for _, gr := range sr.grants {
 			if gr.dropped {
 				continue

@@ -316,3 +316,45 @@ func TestTakeoverKeepsTheSessionCap(t *testing.T) {
 		t.Fatalf("the newest session was not taken over: %v", err)
 	}
 }
+
+// A successor takes over each session's resume secrets as they were: the
+// current one, and the one before while the guest had not shown it has
+// the current one (Confirm); no other.
+func TestTakeOverKeepsTheSecrets(t *testing.T) {
+	for _, confirmed := range []bool{false, true} {
+		t.Run(fmt.Sprint("confirmed=", confirmed), func(t *testing.T) {
+			dir, path := oneFile(t, "x")
+			journal := filepath.Join(t.TempDir(), "x.leases")
+			c1, err := New(Config{Root: dir, Journal: journal})
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := session(t, c1, "g", newBreaks().sink)
+			mustAcquire(t, s, requestFor(t, path))
+			t0 := s.Secret()
+			if _, _, err := c1.Resume(t0, "g", "g", newBreaks().sink); err != nil {
+				t.Fatal(err)
+			}
+			t1 := s.Secret()
+			if confirmed {
+				s.Confirm(2)
+			}
+			held := handover(t, c1)
+			c2 := coordinator(t, dir, Config{Root: dir, Journal: journal, Held: held, Successor: true})
+			if _, _, err := c2.Resume(Token{9}, "g", "g", newBreaks().sink); err != ErrNoSession {
+				t.Fatalf("a made-up secret: %v", err)
+			}
+			old := t0
+			if confirmed {
+				if _, _, err := c2.Resume(t0, "g", "g", newBreaks().sink); err != ErrNoSession {
+					t.Fatalf("the secret before a confirmed one: %v", err)
+				}
+				old = t1
+			}
+			s2, _, err := c2.Resume(old, "g", "g", newBreaks().sink)
+			if err != nil || s2.Token() != s.Token() || s2.Leases() != 1 {
+				t.Fatalf("resume on the successor: %v", err)
+			}
+		})
+	}
+}

@@ -16,9 +16,35 @@
 # the host's page cache; CACHE=writeback shares the host's page cache
 # among the VMs. MONITOR=PATH puts QEMU's monitor on a Unix socket
 # (stop, cont, quit). ACCEL=kvm where KVM works; TCG otherwise.
+#
+# Snapshots: QEMU will not save a VM with a vhost-user vsock device, so
+# HOTPLUG=1 puts it on a PCIe root port, from which the monitor can
+# unplug it before a save and plug a new one after a restore:
+#
+#   (qemu) device_del vsock0
+#   (qemu) migrate "exec:cat > vm.snap"
+#
+# and INCOMING=vm.snap (with HOTPLUG=1, and VHOST empty: no device)
+# restores one copy, paused; then, with a new vhost-device-vsock each:
+#
+#   (qemu) chardev-add socket,id=vsock1,path=/run/vhost/copy1.sock
+#   (qemu) device_add vhost-user-vsock-pci,chardev=vsock1,id=vsock1,bus=rp0
+#   (qemu) cont
+#
+# The guest sees its vsock transport go and a new one come, as on a
+# Firecracker snapshot's restore.
 set -euo pipefail
-: "${VHOST:?VHOST=the vhost-user socket of the VM's vhost-device-vsock}" \
-	"${KERNEL:?KERNEL=path to a vmlinuz}" "${INITRD:?INITRD=path to an initramfs}" "${IMAGE:?IMAGE=the export's disk}"
+: "${KERNEL:?KERNEL=path to a vmlinuz}" "${INITRD:?INITRD=path to an initramfs}" "${IMAGE:?IMAGE=the disk of the export}"
+[ -n "${VHOST:-}" ] || [ -n "${INCOMING:-}" ] || { echo "vhost-vm.sh: VHOST=the vhost-user socket of the VM's vhost-device-vsock" >&2; exit 2; }
+vsock=()
+if [ "${HOTPLUG:-}" = 1 ]; then
+	vsock=(-device pcie-root-port,id=rp0,chassis=1,slot=1)
+	[ -z "${VHOST:-}" ] || vsock+=(-chardev socket,id=vsock0,path="$VHOST" -device vhost-user-vsock-pci,chardev=vsock0,id=vsock0,bus=rp0)
+else
+	vsock=(-chardev socket,id=vsock0,path="$VHOST" -device vhost-user-vsock-pci,chardev=vsock0,id=vsock0)
+fi
+incoming=()
+[ -z "${INCOMING:-}" ] || incoming=(-S -incoming "exec:cat $(printf %q "$INCOMING")")
 case ${ACCEL:=tcg} in
 tcg) cpu=${CPU:-max,cx16=off} ;; # see test-vm.sh
 kvm) cpu=${CPU:-host} ;;
@@ -38,5 +64,5 @@ exec qemu-system-x86_64 \
 	-display none -monitor "$monitor" -serial stdio -no-reboot \
 	-kernel "$KERNEL" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 random.trust_cpu=on quiet ${APPEND:-}" \
-	-chardev socket,id=vsock,path="$VHOST" -device vhost-user-vsock-pci,chardev=vsock \
+	"${vsock[@]}" "${incoming[@]}" \
 	-drive file="$IMAGE",if=virtio,format=raw,readonly=on,cache="$CACHE",file.locking=off

@@ -7,6 +7,8 @@ package vmtest
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -245,7 +247,7 @@ func (f *fleet) start(t *testing.T, name string, k kernel, cache string) *vm {
 	}
 	v.qemu = exec.Command("../../examples/qemu/vhost-vm.sh")
 	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[k.name], "INITRD="+f.initrds[k.name], "IMAGE="+f.img,
-		"VHOST="+vhostSock, "CACHE="+cache, "MEMORY=384")
+		"VHOST="+vhostSock, "CACHE="+cache, "MEMORY=384", "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"))
 	v.qemu.Stdout, v.qemu.Stderr = v.console, v.console
 	v.qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := v.qemu.Start(); err != nil {
@@ -285,6 +287,20 @@ func (v *vm) kill() {
 		<-p.done
 	}
 	_ = os.WriteFile(v.consolePath, []byte(v.console.String()), 0o644)
+}
+
+// diag is what the VM's guests logged last, for a failure's message.
+func (v *vm) diag() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rep, err := v.call(ctx, request{Op: "run", Args: []string{"/bin/sh", "-c", `tail -n 20 /run/guest-*.log
+for p in $(pidof leasefs vmtest); do for t in /proc/$p/task/*; do
+	read -r state < $t/wchan; echo "$t $(cut -d' ' -f3 $t/stat) $state"; grep -v '^$' $t/stack 2>/dev/null | head -12
+done; done`}})
+	if err != nil {
+		return fmt.Sprintf("(the VM's logs: %v)", err)
+	}
+	return fmt.Sprintf("VM %s (%s), its guests' logs:\n%s", v.name, v.k.name, rep.Out)
 }
 
 func (v *vm) tailOf() string {
@@ -372,21 +388,28 @@ func (v *vm) open(t testing.TB, path string) *held {
 	return &held{v: v, handle: rep.Handle}
 }
 
-// readAt reads n bytes at off; err carries the VM's errno.
-func (h *held) readAt(off int64, n int) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+// readAt reads n bytes at off and returns what the VM says of them;
+// err carries the VM's errno.
+func (h *held) readAt(off int64, n int) (reply, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	rep, err := h.v.call(ctx, request{Op: "read", Handle: h.handle, Off: off, Len: n})
 	if err != nil {
-		return nil, err
+		return rep, err
 	}
 	if rep.Errno != 0 {
-		return rep.Data, syscall.Errno(rep.Errno)
+		return rep, syscall.Errno(rep.Errno)
 	}
 	if rep.Err != "" {
-		return rep.Data, errors.New(rep.Err)
+		return rep, errors.New(rep.Err)
 	}
-	return rep.Data, nil
+	return rep, nil
+}
+
+// is reports whether the read gave exactly b.
+func (r reply) is(b []byte) bool {
+	sum := sha256.Sum256(b)
+	return r.N == len(b) && r.Sum == hex.EncodeToString(sum[:])
 }
 
 // mount runs a guest of the export in the VM at dir with args.
@@ -563,19 +586,20 @@ func (h *held) String() string {
 // It returns that error.
 func (h *held) readAll(t testing.TB, want []byte, failures ...error) error {
 	t.Helper()
-	for off := 0; off < len(want); off += 1 << 20 {
-		n := min(1<<20, len(want)-off)
-		b, err := h.readAt(int64(off), n)
+	const piece = 1 << 20
+	for off := 0; off < len(want); off += piece {
+		n := min(piece, len(want)-off)
+		r, err := h.readAt(int64(off), n)
 		if err != nil {
 			for _, f := range failures {
 				if errors.Is(err, f) {
 					return err
 				}
 			}
-			t.Fatalf("%s: read at %d: %v, want %v", h, off, err, failures)
+			t.Fatalf("%s: read at %d: %v, want %v\n%s", h, off, err, failures, h.v.diag())
 		}
-		if len(b) != n || string(b) != string(want[off:off+n]) {
-			t.Fatalf("%s: read at %d: %d bytes, not the file's (first: %q)", h, off, len(b), b[:min(16, len(b))])
+		if !r.is(want[off : off+n]) {
+			t.Fatalf("%s: read at %d: %d bytes, not the file's (first: %q)", h, off, r.N, r.Head)
 		}
 	}
 	return nil
@@ -818,6 +842,12 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 		return st.Started
 	}
 	was := started()
+	fenced := map[string]int{}
+	for _, v := range vms {
+		for _, m := range fleetMounts {
+			fenced[v.name+m.dir] = len(v.guestStatus(t, m.dir).Fenced)
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -849,8 +879,8 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 	}
 	for _, v := range vms {
 		for _, m := range fleetMounts {
-			if st := v.guestStatus(t, m.dir); st.Resumes < 1 || len(st.Fenced) > 0 {
-				t.Errorf("VM %s %s: %d resumes, fenced %+v", v.name, m.dir, st.Resumes, st.Fenced)
+			if st := v.guestStatus(t, m.dir); st.Resumes < 1 || len(st.Fenced) > fenced[v.name+m.dir] {
+				t.Errorf("VM %s %s: %d resumes, fenced %+v (before the upgrade: %d)", v.name, m.dir, st.Resumes, st.Fenced, fenced[v.name+m.dir])
 			}
 		}
 	}
