@@ -21,11 +21,14 @@ deps:
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
 
-# The end-to-end scenarios inside QEMU VMs on the guest kernels 5.10, 6.1
-# and 6.12 (also part of 'make test'). Fetches the kernels once, into
-# /var/cache/leasefs-vm; LEASEFS_VM_KERNELS=6.1 boots one.
+# The end-to-end scenarios in QEMU VMs on the guest kernels 5.10, 6.1 and
+# 6.12 (also part of 'make test'): host agent and guest inside each VM
+# (TestGuestKernels), and the host agent here with guests in four VMs at
+# once over vhost-user vsock (TestFleet). Fetches the kernels and
+# vhost-device-vsock once, into /var/cache/leasefs-vm;
+# LEASEFS_VM_KERNELS=6.1 boots only that kernel.
 test-vm: deps
-	$(GO) test -count=1 -timeout 30m -run TestGuestKernels -v ./internal/vmtest
+	$(GO) test -count=1 -timeout 30m -run 'TestGuestKernels|TestFleet' -v ./internal/vmtest
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

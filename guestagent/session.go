@@ -53,6 +53,12 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 		c.log.Warn("the host's generation of this number is not ours; moving to the host's newest", "generation", cur.gen)
 		w.Kept = false
 	}
+	if w.LeaseTime > 0 {
+		// A connection that died silently is found within a third of
+		// the lease time after its keepalive ping: the host keeps the
+		// session that long after a disconnect, and no longer.
+		conn.SetPingTimeout(max(time.Second, w.LeaseTime/3))
+	}
 	var lost []*leasedFile
 	c.mu.Lock()
 	c.conn, c.token, c.connected, c.gone, c.downAfterWait = conn, w.Token, time.Now(), "", false
@@ -182,6 +188,7 @@ const callDeadline = 30 * time.Second
 func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 	deadline := time.Now().Add(callDeadline)
 	down := c.downDeadline() // for a connection
+	var ended *vsockproto.Conn // the last connection that ended under the request
 	backoff := 5 * time.Millisecond
 	for {
 		c.mu.Lock()
@@ -206,8 +213,13 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 			time.Sleep(backoff)
 			backoff = min(2*backoff, 500*time.Millisecond)
 			continue
+		case conn.Err() != nil && conn != ended:
+			// The connection ended: wait for the next one, as --down
+			// says from now (a connection found dead by its keepalive
+			// ends long after the request began).
+			ended, down = conn, c.downDeadline()
+			fallthrough
 		case conn.Err() != nil && (down.IsZero() || time.Now().Before(down)):
-			// The connection ended: wait for the next one.
 			c.mu.Lock()
 			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" }, down)
 			c.mu.Unlock()

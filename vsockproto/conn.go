@@ -141,6 +141,7 @@ type Conn struct {
 	freed chan struct{} // a peer request was answered (WaitWhenBusy)
 
 	lastSend  atomic.Int64 // unix nanos of the last frame sent
+	pingWait  atomic.Int64 // how long a keepalive ping may go unanswered (0: 3 × KeepAlive)
 	confirmed atomic.Int64 // unix nanos: when the latest request the peer answered was sent
 	unmatched atomic.Uint64
 }
@@ -487,6 +488,13 @@ func (c *Conn) handle(id uint64, req Message) {
 	c.sendReply(id, resp)
 }
 
+// SetPingTimeout bounds how long a keepalive ping may go unanswered
+// before the connection is given up (3 × KeepAlive unless set): a guest
+// sets it below its lease time, so that a connection that died without a
+// word (a VMM's vsock backend that never passed the close on) is found
+// while its session can still be resumed.
+func (c *Conn) SetPingTimeout(d time.Duration) { c.pingWait.Store(int64(d)) }
+
 func (c *Conn) keepAlive() {
 	t := time.NewTicker(c.opt.KeepAlive / 2)
 	defer t.Stop()
@@ -502,7 +510,11 @@ func (c *Conn) keepAlive() {
 		if time.Since(time.Unix(0, c.lastSend.Load())) < c.opt.KeepAlive && time.Since(c.Confirmed()) < c.opt.KeepAlive {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(c.ctx, 3*c.opt.KeepAlive)
+		wait := 3 * c.opt.KeepAlive
+		if d := time.Duration(c.pingWait.Load()); d > 0 {
+			wait = d
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, wait)
 		_, err := c.Call(ctx, &Ping{})
 		cancel()
 		if err != nil && c.ctx.Err() == nil {

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,7 +76,8 @@ type vm struct {
 	name              string
 	k                 kernel
 	cid               int
-	uds               string
+	uds, monitor      string
+	vhostSock         string
 	qemu, backend     *exec.Cmd
 	console           *testenv.SyncBuffer
 	qemuDone, vhDone  chan struct{}
@@ -115,8 +117,10 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 }
 
 // fleetGrace is how long the fleet's agent keeps a disconnected guest's
-// leases.
-const fleetGrace = 6 * time.Second
+// leases: the default, long enough for a VM's snapshot and restore
+// (fleetSnapshot) and for a guest to find that its connection died
+// silently (vhost-device-vsock does not always pass a close on).
+const fleetGrace = 30 * time.Second
 
 // startHost starts the host agent and waits until it is ready; t's end
 // stops it (SIGTERM) unless a test did.
@@ -211,25 +215,33 @@ func (f *fleet) status(t testing.TB) hostagent.ExportStatus {
 	return st.Exports[0]
 }
 
-// boot starts a VM of kernel k whose disk is the export's image read
-// with the host cache mode cache (none, writeback), and waits for its
-// command server.
-func (f *fleet) boot(t *testing.T, name string, k kernel, cache string) *vm {
-	v := f.start(t, name, k, cache)
-	v.ready(t)
-	return v
+// A vmSpec says how to start a VM: its name (its socket's), kernel, the
+// host cache mode of its disk (none, writeback), its CID (0: the next
+// free), whether its vsock device sits on a PCIe root port, from which it
+// can be unplugged (for a snapshot), and a snapshot to restore (then it
+// starts paused, without a vsock device: plug).
+type vmSpec struct {
+	name     string
+	k        kernel
+	cache    string
+	cid      int
+	hotplug  bool
+	incoming string
 }
 
-// start starts a VM (boot without the wait: VMs boot at once).
-func (f *fleet) start(t *testing.T, name string, k kernel, cache string) *vm {
+// start starts a VM; ready waits for it (VMs boot at once).
+func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
 	f.mu.Lock()
-	f.cid++
-	v := &vm{f: f, name: name, k: k, cid: f.cid, uds: filepath.Join(f.vms, name+".vsock"),
-		console:     &testenv.SyncBuffer{},
+	if spec.cid == 0 {
+		f.cid++
+		spec.cid = f.cid
+	}
+	name := spec.name
+	v := &vm{f: f, name: name, k: spec.k, cid: spec.cid, uds: filepath.Join(f.vms, name+".vsock"),
+		console: &testenv.SyncBuffer{}, monitor: filepath.Join(f.sockets, name+".monitor"), vhostSock: filepath.Join(f.sockets, name+".sock"),
 		consolePath: filepath.Join(f.cache, "console-fleet-"+name+".log"), qemuDone: make(chan struct{}), vhDone: make(chan struct{})}
 	f.mu.Unlock()
-	vhostSock := filepath.Join(f.sockets, name+".sock")
-	v.backend = exec.Command(f.vhost, "--guest-cid", fmt.Sprint(v.cid), "--socket", vhostSock, "--uds-path", v.uds)
+	v.backend = exec.Command(f.vhost, "--guest-cid", fmt.Sprint(v.cid), "--socket", v.vhostSock, "--uds-path", v.uds)
 	v.backend.Stdout, v.backend.Stderr = v.console, v.console
 	v.backend.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := v.backend.Start(); err != nil {
@@ -238,7 +250,7 @@ func (f *fleet) start(t *testing.T, name string, k kernel, cache string) *vm {
 	go func() { _ = v.backend.Wait(); close(v.vhDone) }()
 	f.t.Cleanup(v.kill)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat(vhostSock); err == nil {
+		if _, err := os.Stat(v.vhostSock); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -246,8 +258,16 @@ func (f *fleet) start(t *testing.T, name string, k kernel, cache string) *vm {
 		}
 	}
 	v.qemu = exec.Command("../../examples/qemu/vhost-vm.sh")
-	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[k.name], "INITRD="+f.initrds[k.name], "IMAGE="+f.img,
-		"VHOST="+vhostSock, "CACHE="+cache, "MEMORY=384", "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"))
+	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[spec.k.name], "INITRD="+f.initrds[spec.k.name], "IMAGE="+f.img,
+		"CACHE="+spec.cache, "MEMORY=384", "MONITOR="+v.monitor, "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"))
+	if spec.hotplug {
+		v.qemu.Env = append(v.qemu.Env, "HOTPLUG=1")
+	}
+	if spec.incoming != "" {
+		v.qemu.Env = append(v.qemu.Env, "INCOMING="+spec.incoming, "VHOST=")
+	} else {
+		v.qemu.Env = append(v.qemu.Env, "VHOST="+v.vhostSock)
+	}
 	v.qemu.Stdout, v.qemu.Stderr = v.console, v.console
 	v.qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := v.qemu.Start(); err != nil {
@@ -474,7 +494,7 @@ func TestFleet(t *testing.T) {
 		if i == 2 {
 			cache = "writeback"
 		}
-		vms = append(vms, f.start(t, fmt.Sprint("vm", i), ks[i%len(ks)], cache))
+		vms = append(vms, f.start(t, vmSpec{name: fmt.Sprint("vm", i), k: ks[i%len(ks)], cache: cache}))
 	}
 	for _, v := range vms {
 		v.ready(t)
@@ -494,12 +514,14 @@ func TestFleet(t *testing.T) {
 		})
 	})
 	t.Run("torture_while_a_vm_comes_and_goes", func(t *testing.T) { fleetTorture(t, f, vms) })
+	t.Run("figures", func(t *testing.T) { fleetFigures(t, f, vms) })
 	t.Run("paused_shorter_than_the_grace", func(t *testing.T) { fleetPauseShort(t, f, vms) })
 	t.Run("paused_longer_than_the_grace", func(t *testing.T) { fleetPauseLong(t, f, vms) })
 	t.Run("host_agent_upgraded", func(t *testing.T) { fleetUpgrade(t, f, vms) })
 	t.Run("host_agent_stopped", func(t *testing.T) { fleetHostGone(t, f, vms, syscall.SIGTERM) })
 	t.Run("host_agent_killed", func(t *testing.T) { fleetHostGone(t, f, vms, syscall.SIGKILL) })
 	t.Run("vm_killed", func(t *testing.T) { fleetVMKilled(t, f, vms) })
+	t.Run("snapshot_restored_twice", func(t *testing.T) { fleetSnapshot(t, f, ks) })
 }
 
 // The consistency torture across the VMs: the host replaces
@@ -539,7 +561,7 @@ func fleetTorture(t *testing.T, f *fleet, vms []*vm) {
 	came := make(chan error, 1)
 	go func() {
 		came <- func() error {
-			v := f.start(t, "vm-passing", vms[len(vms)-1].k, "none")
+			v := f.start(t, vmSpec{name: "vm-passing", k: vms[len(vms)-1].k, cache: "none"})
 			defer v.kill()
 			for deadline := time.Now().Add(3 * time.Minute); !strings.Contains(v.console.String(), "LEASEFS-VM-READY"); time.Sleep(50 * time.Millisecond) {
 				if time.Now().After(deadline) {
@@ -884,8 +906,15 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 			}
 		}
 	}
-	if after := f.status(t); len(after.Guests) != len(before.Guests) || after.Files != before.Files {
-		t.Errorf("after the upgrade: %d guests holding %d files; before: %d holding %d", len(after.Guests), after.Files, len(before.Guests), before.Files)
+	// (The readers' last files are released as they close: soon after.)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		after := f.status(t)
+		if len(after.Guests) == len(before.Guests) && after.Files == before.Files {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the upgrade: %d guests holding %d files; before: %d holding %d", len(after.Guests), after.Files, len(before.Guests), before.Files)
+		}
 	}
 }
 
@@ -958,6 +987,7 @@ func fleetVMKilled(t *testing.T, f *fleet, vms []*vm) {
 	waited := time.Since(start)
 	w.Close()
 	t.Logf("the writer of the killed VM's file waited %v", waited.Round(time.Millisecond))
+	defer func() { t.Logf("the host agent's descriptors: %d with the VM, %d after it went", fdsBefore, fds()) }()
 	if waited > 2*time.Second+time.Second { // --ack-timeout 2s, and a second's slack
 		t.Errorf("the writer waited %v; the ack timeout is 2s", waited)
 	}
@@ -973,4 +1003,150 @@ func fleetVMKilled(t *testing.T, f *fleet, vms []*vm) {
 				st.Files, st.Leases, st.Kept, fds(), before.Files, before.Leases, before.Kept, fdsBefore)
 		}
 	}
+}
+
+// fleetFigures logs what the fleet costs and how fast it follows the
+// host (TCG: relative figures only; docs/benchmarks.md): publish to
+// visible in every guest, each VM's guest agents' memory, the host
+// agent's memory and descriptors.
+func fleetFigures(t *testing.T, f *fleet, vms []*vm) {
+	var took []time.Duration
+	for i := range 9 {
+		f.write(t, "figures", []byte(fmt.Sprintf("round %d\n", i)))
+		took = append(took, f.publishSeen(t))
+	}
+	slices.Sort(took)
+	t.Logf("publish to visible in all %d guests: median %v, max %v (%d rounds)", 2*len(vms),
+		took[len(took)/2].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond), len(took))
+	for _, v := range vms {
+		out := v.sh(t, `for p in $(pidof leasefs); do grep VmRSS /proc/$p/status; done`)
+		t.Logf("VM %s (%s): guest agents' RSS: %s", v.name, v.k.name, strings.Join(strings.Fields(out), " "))
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", f.host.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", f.host.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		if strings.HasPrefix(line, "VmRSS") {
+			t.Logf("host agent with %d VMs, %d guests: %s, %d descriptors", len(vms), len(f.status(t).Guests),
+				strings.Join(strings.Fields(line), " "), len(fds))
+		}
+	}
+}
+
+// hmp gives the VM's QEMU monitor commands and returns what it answered
+// to the last.
+func (v *vm) hmp(t testing.TB, commands ...string) string {
+	t.Helper()
+	c, err := net.Dial("unix", v.monitor)
+	if err != nil {
+		t.Fatalf("VM %s: monitor: %v", v.name, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	r := bufio.NewReader(c)
+	// Up to the next prompt: the banner's, then each command's answer.
+	prompt := func() string {
+		var b strings.Builder
+		for !strings.HasSuffix(b.String(), "(qemu) ") {
+			ch, err := r.ReadByte()
+			if err != nil {
+				t.Fatalf("VM %s: monitor: %v (%q)", v.name, err, b.String())
+			}
+			b.WriteByte(ch)
+		}
+		return b.String()
+	}
+	prompt()
+	var out string
+	for _, cmd := range commands {
+		if _, err := fmt.Fprintf(c, "%s\n", cmd); err != nil {
+			t.Fatal(err)
+		}
+		// The echo (with line editing) ends at the first CRLF.
+		_, out, _ = strings.Cut(prompt(), "\r\n")
+		out = strings.TrimSuffix(out, "(qemu) ")
+		if strings.Contains(out, "Error") {
+			t.Fatalf("VM %s: monitor: %s: %s", v.name, cmd, out)
+		}
+	}
+	return out
+}
+
+// A VM is saved and restored twice, as Firecracker users clone VMs: its
+// vsock device unplugged (QEMU saves no vhost-user device), the VM
+// migrated to a file, then two copies restored from it at once, each
+// given a new device (with its own backend, the VM's CID) — a transport
+// reset to the guest. Both copies' guests present the same sessions;
+// the host keeps each on one copy. For each mount, one copy resumes it
+// and reads its held file on, and the other gets a new session and
+// ESTALE for that file — also after the host deleted it and refilled the
+// disk — never other bytes. Both copies then work as two guests.
+func fleetSnapshot(t *testing.T, f *fleet, ks []kernel) {
+	k := ks[len(ks)/2]
+	src := f.start(t, vmSpec{name: "vm-saved", k: k, cache: "none", hotplug: true})
+	src.ready(t)
+	src.mountAll(t)
+	want := pattern(7, 2<<20)
+	f.write(t, "cloned", want)
+	f.publishSeen(t)
+	before := len(f.status(t).Guests)
+	hs := holdAll(t, []*vm{src}, "cloned")
+	for _, h := range hs {
+		h.readAll(t, want[:1<<20])
+	}
+	src.hmp(t, "device_del vsock0")
+	for deadline := time.Now().Add(time.Minute); strings.Contains(src.hmp(t, "info qtree"), "vhost-user-vsock"); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the vsock device was not unplugged within a minute")
+		}
+	}
+	snap := filepath.Join(f.run, "vm.snap")
+	src.hmp(t, fmt.Sprintf("migrate \"exec:cat > %s\"", snap))
+	for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(src.hmp(t, "info migrate"), "Migration status: completed"); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the save did not complete: %s", src.hmp(t, "info migrate"))
+		}
+	}
+	src.kill()
+	var copies []*vm
+	for _, name := range []string{"vm-copy1", "vm-copy2"} {
+		copies = append(copies, f.start(t, vmSpec{name: name, k: k, cache: "none", cid: src.cid, hotplug: true, incoming: snap}))
+	}
+	for _, c := range copies {
+		for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(c.hmp(t, "info status"), "paused"); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("VM %s not restored: %s", c.name, c.hmp(t, "info status"))
+			}
+		}
+	}
+	for _, c := range copies {
+		c.hmp(t, "cont", "chardev-add socket,id=vsock1,path="+c.vhostSock, "device_add vhost-user-vsock-pci,chardev=vsock1,id=vsock1,bus=rp0")
+	}
+	f.waitGuests(t, before-len(fleetMounts)+2*len(fleetMounts), 2*time.Minute)
+	// The file goes on the host, its blocks are reused: only a copy
+	// whose session holds it may read it on.
+	if err := os.Remove(filepath.Join(f.mnt, "cloned")); err != nil {
+		t.Fatal(err)
+	}
+	f.refill(t, "cloned")
+	f.publishSeen(t)
+	for i, m := range fleetMounts {
+		var kept []string
+		for _, c := range copies {
+			h := &held{v: c, handle: hs[i].handle} // the same descriptor in each copy
+			if err := h.readAll(t, want, syscall.ESTALE); err == nil {
+				kept = append(kept, c.name)
+			}
+		}
+		t.Logf("%s: the session stayed with %v", m.dir, kept)
+		if len(kept) > 1 {
+			t.Errorf("%s: both copies read the file their one session held: %v", m.dir, kept)
+		}
+	}
+	waitCat(t, copies, "hello", helloText)
 }
