@@ -187,7 +187,7 @@ const callDeadline = 30 * time.Second
 // not know of on a resumed session, until the session ends.
 func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 	deadline := time.Now().Add(callDeadline)
-	down := c.downDeadline() // for a connection
+	down := c.downDeadline()   // for a connection
 	var ended *vsockproto.Conn // the last connection that ended under the request
 	backoff := 5 * time.Millisecond
 	for {

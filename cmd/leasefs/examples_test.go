@@ -304,7 +304,7 @@ func TestFirecrackerExample(t *testing.T) {
 	// The unit keeps held files in systemd's fd store (--fd-store): the
 	// test plays systemd's notify socket.
 	sd := newFakeSystemd(t)
-	t.Setenv("NOTIFY_SOCKET", sd.path)
+	t.Setenv("NOTIFY_SOCKET", sd.Path)
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
 	runHostCmd(t, h, mnt, args...)
 

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -300,124 +299,14 @@ func TestUpgradeInPlace(t *testing.T) {
 	install(leasefsBin) // for the stop's 'leasefs thaw', and the cleanup
 }
 
-// fakeSystemd plays systemd's side of a service's notify socket and
-// file-descriptor store: it keeps the descriptors sent with FDSTORE=1
-// under their FDNAME, drops them on FDSTOREREMOVE=1, and passes them to
-// the next start as LISTEN_FDS and LISTEN_FDNAMES.
-type fakeSystemd struct {
-	t     *testing.T
-	path  string
-	fd    int
-	mu    sync.Mutex
-	store map[string][]int // guarded by mu
-}
-
-func newFakeSystemd(t *testing.T) *fakeSystemd {
-	s := &fakeSystemd{t: t, path: filepath.Join(t.TempDir(), "notify.sock"), store: map[string][]int{}}
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: s.path}); err != nil {
-		t.Fatal(err)
-	}
-	s.fd = fd
-	done := make(chan struct{})
-	go s.run(done)
-	t.Cleanup(func() {
-		unix.Shutdown(fd, unix.SHUT_RDWR)
-		unix.Close(fd)
-		<-done
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		for _, fds := range s.store {
-			for _, fd := range fds {
-				unix.Close(fd)
-			}
-		}
-	})
-	return s
-}
-
-func (s *fakeSystemd) run(done chan struct{}) {
-	defer close(done)
-	buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(64*4))
-	for {
-		n, oobn, _, _, err := unix.Recvmsg(s.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
-		if err != nil || n == 0 && oobn == 0 {
-			return
-		}
-		var fds []int
-		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-			for _, m := range msgs {
-				if r, err := unix.ParseUnixRights(&m); err == nil {
-					fds = append(fds, r...)
-				}
-			}
-		}
-		vars := map[string]string{}
-		for _, line := range strings.Split(string(buf[:n]), "\n") {
-			if k, v, ok := strings.Cut(line, "="); ok {
-				vars[k] = v
-			}
-		}
-		s.mu.Lock()
-		switch {
-		case vars["FDSTORE"] == "1":
-			s.store[vars["FDNAME"]] = append(s.store[vars["FDNAME"]], fds...)
-			fds = nil
-		case vars["FDSTOREREMOVE"] == "1":
-			for _, fd := range s.store[vars["FDNAME"]] {
-				unix.Close(fd)
-			}
-			delete(s.store, vars["FDNAME"])
-		}
-		s.mu.Unlock()
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}
-}
-
-// names lists the names stored.
-func (s *fakeSystemd) names() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Sorted(maps.Keys(s.store))
-}
-
-// prepare sets up a's next start as systemd would: the notify socket,
-// $FDSTORE as systemd 254 sets it (or --fd-store, for older ones), and
-// the stored descriptors passed from fd 3 on (LISTEN_PID is set by a
-// shell that execs the agent, whose pid it then is).
+// prepare sets up a's next start as systemd would (testenv.FakeSystemd).
 func (s *fakeSystemd) prepare(a *agent, bin string, args []string, v254 bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	a.prog = "/bin/sh"
-	a.args = append([]string{"-c", `LISTEN_PID=$$ exec "$0" "$@"`, bin}, args...)
-	a.env = []string{"NOTIFY_SOCKET=" + s.path, "FDSTORE=", "LISTEN_FDS=", "LISTEN_FDNAMES="}
-	if v254 {
-		a.env = append(a.env, "FDSTORE=4096")
-	} else {
-		a.args = append(a.args, "--fd-store")
-	}
-	a.extra = nil
-	var names []string
-	for _, name := range slices.Sorted(maps.Keys(s.store)) {
-		for _, fd := range s.store[name] {
-			// A copy of its own: the agent's start closes it.
-			d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-			if err != nil {
-				s.t.Fatal(err)
-			}
-			a.extra = append(a.extra, os.NewFile(uintptr(d), name))
-			names = append(names, name)
-		}
-	}
-	if len(names) > 0 {
-		a.env = append(a.env, "LISTEN_FDS="+strconv.Itoa(len(names)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
-	}
+	a.prog, a.args, a.env, a.extra = s.Start(bin, args, v254)
 }
+
+type fakeSystemd struct{ *testenv.FakeSystemd }
+
+func newFakeSystemd(t *testing.T) fakeSystemd { return fakeSystemd{testenv.NewFakeSystemd(t)} }
 
 // The agent keeps the files guests hold in systemd's fd store: it is
 // killed (a crash) and stopped (systemctl restart) and started again
@@ -479,9 +368,9 @@ func TestRestartWithFDStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	bigName := "lease.mirror." + strconv.FormatUint(st.Ino, 10)
-	for deadline := time.Now().Add(5 * time.Second); len(sd.names()) != 2; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); len(sd.Names()) != 2; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the store holds %v, want big and wanted", sd.names())
+			t.Fatalf("the store holds %v, want big and wanted", sd.Names())
 		}
 	}
 	got := make([][]byte, len(files))
@@ -594,9 +483,9 @@ func TestRestartWithFDStore(t *testing.T) {
 	for _, f := range files {
 		f.Close()
 	}
-	for deadline := time.Now().Add(10 * time.Second); slices.Contains(sd.names(), bigName); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); slices.Contains(sd.Names(), bigName); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the store still holds the closed file: %v", sd.names())
+			t.Fatalf("the store still holds the closed file: %v", sd.Names())
 		}
 	}
 }

@@ -112,7 +112,7 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 	f.args = []string{"host", "--export", "mirror=" + f.dev + ":" + f.mnt, "--listen", "hvsock-dir:" + f.vms + ":" + port,
 		"--control", f.control, "--state-dir", filepath.Join(f.run, "state"), "--auto-publish", "off",
 		"--grace", fleetGrace.String(), "--ack-timeout", "2s"}
-	f.startHost(t)
+	f.startHost(t, nil)
 	return f
 }
 
@@ -122,14 +122,19 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 // silently (vhost-device-vsock does not always pass a close on).
 const fleetGrace = 30 * time.Second
 
-// startHost starts the host agent and waits until it is ready; t's end
-// stops it (SIGTERM) unless a test did.
-func (f *fleet) startHost(t *testing.T, extra ...*os.File) {
+// startHost starts the host agent — as systemd with a file-descriptor
+// store would, if sd is not nil — and waits until it is ready; the
+// fleet's end stops it (SIGTERM) unless a test did.
+func (f *fleet) startHost(t *testing.T, sd *testenv.FakeSystemd) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.log = &testenv.SyncBuffer{}
 	cmd := exec.Command(filepath.Join(f.bin, "leasefs"), f.args...)
-	cmd.ExtraFiles = extra
+	if sd != nil {
+		prog, argv, env, extra := sd.Start(cmd.Path, f.args, true)
+		cmd = exec.Command(prog, argv...)
+		cmd.Env, cmd.ExtraFiles = append(os.Environ(), env...), extra
+	}
 	cmd.Stderr = f.log
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -520,6 +525,7 @@ func TestFleet(t *testing.T) {
 	t.Run("host_agent_upgraded", func(t *testing.T) { fleetUpgrade(t, f, vms) })
 	t.Run("host_agent_stopped", func(t *testing.T) { fleetHostGone(t, f, vms, syscall.SIGTERM) })
 	t.Run("host_agent_killed", func(t *testing.T) { fleetHostGone(t, f, vms, syscall.SIGKILL) })
+	t.Run("host_agent_restarted_with_the_fd_store", func(t *testing.T) { fleetFDStore(t, f, vms) })
 	t.Run("vm_killed", func(t *testing.T) { fleetVMKilled(t, f, vms) })
 	t.Run("snapshot_restored_twice", func(t *testing.T) { fleetSnapshot(t, f, ks) })
 }
@@ -945,7 +951,7 @@ func fleetHostGone(t *testing.T, f *fleet, vms []*vm, sig syscall.Signal) {
 		}
 		return nil
 	})
-	f.startHost(t)
+	f.startHost(t, nil)
 	f.waitGuests(t, guests, time.Minute)
 	waitCat(t, vms, "hello", helloText)
 	for _, h := range hs {
@@ -1042,9 +1048,15 @@ func fleetFigures(t *testing.T, f *fleet, vms []*vm) {
 // to the last.
 func (v *vm) hmp(t testing.TB, commands ...string) string {
 	t.Helper()
-	c, err := net.Dial("unix", v.monitor)
-	if err != nil {
-		t.Fatalf("VM %s: monitor: %v", v.name, err)
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		if c, err = net.Dial("unix", v.monitor); err == nil {
+			break
+		}
+		if time.Now().After(deadline) { // QEMU makes it as it starts
+			t.Fatalf("VM %s: monitor: %v", v.name, err)
+		}
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(2 * time.Minute))
@@ -1081,11 +1093,16 @@ func (v *vm) hmp(t testing.TB, commands ...string) string {
 // vsock device unplugged (QEMU saves no vhost-user device), the VM
 // migrated to a file, then two copies restored from it at once, each
 // given a new device (with its own backend, the VM's CID) — a transport
-// reset to the guest. Both copies' guests present the same sessions;
-// the host keeps each on one copy. For each mount, one copy resumes it
-// and reads its held file on, and the other gets a new session and
-// ESTALE for that file — also after the host deleted it and refilled the
-// disk — never other bytes. Both copies then work as two guests.
+// reset to the guest: one in the VM's place (its socket's name), one as
+// a clone (another name, so another guest to the host, as every VM of
+// an hvsock-dir is known by its socket). Both copies' guests present the
+// same sessions; only the copy in place resumes them and reads its held
+// files on — also after the host deleted one and refilled the disk — and
+// the clone gets new sessions and ESTALE for those files, never other
+// bytes. (Copies that the host cannot tell apart by their socket — one
+// CID for both, on vhost-vsock — are kept apart by the session's secret,
+// which changes at each resume: lease's TestCopiesOfASessionCannotBothHoldIt.)
+// Both copies then work as two guests.
 func fleetSnapshot(t *testing.T, f *fleet, ks []kernel) {
 	k := ks[len(ks)/2]
 	src := f.start(t, vmSpec{name: "vm-saved", k: k, cache: "none", hotplug: true})
@@ -1113,12 +1130,18 @@ func fleetSnapshot(t *testing.T, f *fleet, ks []kernel) {
 		}
 	}
 	src.kill()
+	for _, p := range []string{src.uds, src.vhostSock, src.monitor} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+	}
 	var copies []*vm
-	for _, name := range []string{"vm-copy1", "vm-copy2"} {
+	for _, name := range []string{src.name, "vm-clone"} {
 		copies = append(copies, f.start(t, vmSpec{name: name, k: k, cache: "none", cid: src.cid, hotplug: true, incoming: snap}))
 	}
 	for _, c := range copies {
-		for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(c.hmp(t, "info status"), "paused"); time.Sleep(100 * time.Millisecond) {
+		// "paused (inmigrate)" until the restore is done.
+		for deadline := time.Now().Add(2 * time.Minute); strings.TrimSpace(c.hmp(t, "info status")) != "VM status: paused"; time.Sleep(100 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatalf("VM %s not restored: %s", c.name, c.hmp(t, "info status"))
 			}
@@ -1127,6 +1150,13 @@ func fleetSnapshot(t *testing.T, f *fleet, ks []kernel) {
 	for _, c := range copies {
 		c.hmp(t, "cont", "chardev-add socket,id=vsock1,path="+c.vhostSock, "device_add vhost-user-vsock-pci,chardev=vsock1,id=vsock1,bus=rp0")
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, c := range copies {
+				t.Logf("%s: %s\n%s", c.name, c.hmp(t, "info status"), c.diag())
+			}
+		}
+	})
 	f.waitGuests(t, before-len(fleetMounts)+2*len(fleetMounts), 2*time.Minute)
 	// The file goes on the host, its blocks are reused: only a copy
 	// whose session holds it may read it on.
@@ -1144,9 +1174,48 @@ func fleetSnapshot(t *testing.T, f *fleet, ks []kernel) {
 			}
 		}
 		t.Logf("%s: the session stayed with %v", m.dir, kept)
-		if len(kept) > 1 {
-			t.Errorf("%s: both copies read the file their one session held: %v", m.dir, kept)
+		if len(kept) != 1 || kept[0] != src.name {
+			t.Errorf("%s: the session stayed with %v, want the copy restored in place (%s) alone", m.dir, kept, src.name)
 		}
 	}
 	waitCat(t, copies, "hello", helloText)
+}
+
+// The host agent runs as systemd runs it with a file-descriptor store
+// (a stand-in for systemd's): killed while every VM holds a deleted file,
+// and the disk refilled meanwhile, it starts again with what the store
+// kept. The guests resume their sessions and read their files whole:
+// the store kept the blocks. The agent stays so for what follows.
+func fleetFDStore(t *testing.T, f *fleet, vms []*vm) {
+	guests := len(f.status(t).Guests)
+	f.stopHost(t, syscall.SIGTERM)
+	sd := testenv.NewFakeSystemd(f.t) // for as long as the agent runs
+	f.startHost(t, sd)
+	f.waitGuests(t, guests, time.Minute)
+	hs, want := holdDeleted(t, f, vms, "stored", 8)
+	for deadline := time.Now().Add(10 * time.Second); !slices.ContainsFunc(sd.Names(), func(n string) bool { return strings.HasPrefix(n, "lease.mirror.") }); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the store holds %v: no held file", sd.Names())
+		}
+	}
+	resumes := map[string]int{}
+	for _, v := range vms {
+		for _, m := range fleetMounts {
+			resumes[v.name+m.dir] = v.guestStatus(t, m.dir).Resumes
+		}
+	}
+	f.stopHost(t, syscall.SIGKILL)
+	f.refill(t, "stored")
+	f.startHost(t, sd)
+	f.waitGuests(t, guests, time.Minute)
+	for _, h := range hs {
+		h.readAll(t, want)
+	}
+	for _, v := range vms {
+		for _, m := range fleetMounts {
+			if st := v.guestStatus(t, m.dir); st.Resumes <= resumes[v.name+m.dir] {
+				t.Errorf("VM %s %s: the session was not resumed (%d resumes)", v.name, m.dir, st.Resumes)
+			}
+		}
+	}
 }

@@ -69,11 +69,11 @@ type reply struct {
 	// read: how many bytes, their SHA-256 and the first few. Not the
 	// bytes: with Linux 6.12 guests, vhost-device-vsock 0.3.0 drops a
 	// guest's send of about 60 KB and more (docs/operations.md).
-	N    int    `json:",omitempty"`
-	Sum  string `json:",omitempty"`
-	Head []byte `json:",omitempty"`
-	Err    string `json:",omitempty"`
-	Errno  int    `json:",omitempty"`
+	N     int    `json:",omitempty"`
+	Sum   string `json:",omitempty"`
+	Head  []byte `json:",omitempty"`
+	Err   string `json:",omitempty"`
+	Errno int    `json:",omitempty"`
 }
 
 // serve answers requests on vsock port servePort, one per connection,
