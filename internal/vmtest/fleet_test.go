@@ -33,19 +33,9 @@ import (
 // vsock transport (no loop, no vsock loopback).
 var fleetModules = []string{"virtio_pci", "virtio_blk", "fuse", "vsock", "vmw_vsock_virtio_transport"}
 
-// fleetInit is a fleet VM's /init: the pseudo filesystems, the modules,
-// then the command server until the VM is killed.
-const fleetInit = `#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-for m in $(cat /modules/order); do insmod /modules/$m || echo "LEASEFS-VM: insmod $m failed"; done
-echo "LEASEFS-VM-BOOTED $(uname -r)"
-cd /tmp
-` + serveEnv + `=1 LEASEFS_RUN_DIR=/run/leasefs /bin/vmtest
+// fleetInit is a fleet VM's /init: initStart, then the command server
+// until the VM is killed.
+const fleetInit = initStart + serveEnv + `=1 LEASEFS_RUN_DIR=/run/leasefs /bin/vmtest
 echo "LEASEFS-VM-EXIT $?"
 poweroff -f
 `
@@ -72,16 +62,16 @@ type fleet struct {
 
 // A vm is one VM of the fleet: QEMU and its vhost-device-vsock.
 type vm struct {
-	f                 *fleet
-	name              string
-	k                 kernel
-	cid               int
-	uds, monitor      string
-	vhostSock         string
-	qemu, backend     *exec.Cmd
-	console           *testenv.SyncBuffer
-	qemuDone, vhDone  chan struct{}
-	consolePath, tail string
+	f                *fleet
+	name             string
+	k                kernel
+	cid              int
+	uds, monitor     string
+	vhostSock        string
+	qemu, backend    *exec.Cmd
+	console          *testenv.SyncBuffer
+	qemuDone, vhDone chan struct{}
+	consolePath      string
 }
 
 func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet {
@@ -385,12 +375,6 @@ func (v *vm) shErr(script string, env ...string) (string, error) {
 		err = fmt.Errorf("exit status %d", rep.Exit)
 	}
 	return rep.Out, err
-}
-
-// task runs TestFleetTask's task in the VM with env.
-func (v *vm) task(t testing.TB, task string, env ...string) string {
-	t.Helper()
-	return v.sh(t, "/bin/vmtest -test.run '^TestFleetTask$' -test.v 2>&1", append([]string{taskEnv + "=" + task}, env...)...)
 }
 
 // A held file, open in a VM between requests.

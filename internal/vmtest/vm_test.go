@@ -177,9 +177,8 @@ func cacheDir(t *testing.T) string {
 	return dir
 }
 
-// initScript is the VM's /init: the pseudo filesystems, the modules,
-// then the test program, its exit status on the console, and power off.
-const initScript = `#!/bin/sh
+// initStart begins a VM's /init: the pseudo filesystems and the modules.
+const initStart = `#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -189,7 +188,11 @@ mount -t tmpfs tmpfs /run
 for m in $(cat /modules/order); do insmod /modules/$m || echo "LEASEFS-VM: insmod $m failed"; done
 echo "LEASEFS-VM-BOOTED $(uname -r)"
 cd /tmp
-` + insideEnv + `=1 LEASEFS_VM_TORTURE=%s /bin/vmtest -test.run '^TestGuestKernels$' -test.v -test.timeout %s 2>&1
+`
+
+// initScript is the VM's /init: initStart, then the test program, its
+// exit status on the console, and power off.
+const initScript = initStart + insideEnv + `=1 LEASEFS_VM_TORTURE=%s /bin/vmtest -test.run '^TestGuestKernels$' -test.v -test.timeout %s 2>&1
 echo "LEASEFS-VM-EXIT $?"
 poweroff -f
 `
