@@ -130,7 +130,11 @@ func (f *fleet) startHost(t *testing.T, sd *testenv.FakeSystemd) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	for _, x := range cmd.ExtraFiles {
+		x.Close() // the agent's now; ours would keep the export busy
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	f.host, f.exited = cmd, make(chan error, 1)
