@@ -391,6 +391,9 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, peer vsockproto.Pee
 	// (it may be a copy of the same VM, restored from one snapshot).
 	var before []*guest
 	for o := range s.conns {
+		if g.att == 1 {
+			break // a new session: on no other connection
+		}
 		if o != g && o.sess == g.sess {
 			before = append(before, o)
 		}

@@ -28,9 +28,9 @@ type Session struct {
 	// one VM (restored from one snapshot) cannot both hold the session.
 	// prev, the secret before, still resumes it until the guest shows,
 	// by a request on the new attachment (Confirm), that it has the new
-	// one: a guest whose Welcome was lost is not cut off. Guarded by c.mu.
+	// one: a guest whose Welcome was lost is not cut off. prev is zero
+	// once confirmed. Both in c.secrets while good; guarded by c.mu.
 	secret, prev Token
-	confirmed    bool
 
 	// All guarded by c.mu.
 	name     string
@@ -80,7 +80,7 @@ func (c *Coordinator) NewSession(guest, name string, sink BreakFunc) (*Session, 
 		}
 		c.endSession(oldest)
 	}
-	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1, confirmed: true}
+	s := &Session{c: c, name: name, acct: a, grants: map[ID]*grant{}, sink: sink, attached: 1}
 	_, _ = rand.Read(s.token[:])
 	s.secret = s.token
 	a.sessions = append(a.sessions, s)
@@ -101,9 +101,6 @@ func (c *Coordinator) Resume(secret Token, guest, name string, sink BreakFunc) (
 	defer c.mu.Unlock()
 	s := c.secrets[secret]
 	if s == nil || s.closed || sink == nil || s.acct.guest != guest {
-		return nil, 0, ErrNoSession
-	}
-	if secret == s.prev && s.confirmed || secret != s.prev && secret != s.secret {
 		return nil, 0, ErrNoSession
 	}
 	c.rotate(s, secret)
@@ -139,7 +136,6 @@ func (c *Coordinator) rotate(s *Session, presented Token) {
 		delete(c.secrets, s.secret)
 	}
 	_, _ = rand.Read(s.secret[:])
-	s.confirmed = false
 	c.secrets[s.secret] = s
 	c.journal.secret(s)
 }
@@ -161,10 +157,9 @@ func (s *Session) Confirm(attachment uint64) {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if s.closed || s.confirmed || attachment != s.attached {
+	if s.closed || s.prev == (Token{}) || attachment != s.attached {
 		return
 	}
-	s.confirmed = true
 	delete(c.secrets, s.prev)
 	s.prev = Token{}
 	c.journal.secret(s)
@@ -225,9 +220,7 @@ func (c *Coordinator) endSession(s *Session) {
 	c.journal.sessionEnd(s)
 	delete(c.sessions, s.token)
 	delete(c.secrets, s.secret)
-	if !s.confirmed {
-		delete(c.secrets, s.prev)
-	}
+	delete(c.secrets, s.prev) // a zero prev is in no map
 	a := s.acct
 	for i, o := range a.sessions {
 		if o == s {

@@ -87,11 +87,11 @@ func (c *Coordinator) takeOver() error {
 			c.accounts[sr.guest] = a
 		}
 		s := &Session{c: c, token: sr.token, name: sr.name, acct: a, grants: map[ID]*grant{},
-			secret: sr.secret, prev: sr.prev, confirmed: sr.prev == Token{}}
+			secret: sr.secret, prev: sr.prev}
 		a.sessions = append(a.sessions, s)
 		c.sessions[s.token] = s
 		c.secrets[s.secret] = s
-		if !s.confirmed {
+		if s.prev != (Token{}) {
 			c.secrets[s.prev] = s
 		}
 		for _, gr := range sr.grants {
