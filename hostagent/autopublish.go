@@ -71,7 +71,7 @@ func (s *Server) AutoPublish(ctx context.Context, name string) error {
 			}
 			timer.Reset(max(min(ap.Quiet, time.Until(first.Add(ap.Max))), 0))
 		case <-timer.C:
-			if _, err := s.Publish(name); err != nil {
+			if _, err := s.publishIfChanged(name); err != nil {
 				s.log.Warn("auto-publish failed; retrying after the quiet period", "export", name, "error", err)
 				timer.Reset(ap.Quiet)
 				continue

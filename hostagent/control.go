@@ -17,7 +17,7 @@ import (
 // The control socket speaks one JSON request and one JSON reply per
 // connection: {"op":"publish","export":NAME}, {"op":"status"} or
 // {"op":"metrics"} (the Prometheus text format, as a string),
-// {"op":"listen"} and {"op":"upgrade"}. Only
+// {"op":"listen"}, {"op":"reload"} and {"op":"upgrade"}. Only
 // root and the agent's own user may use it.
 
 // ControlRequest is a request on the control socket.
@@ -29,6 +29,8 @@ type ControlRequest struct {
 	Force  bool   `json:"force,omitempty"`  // publish: even a label that goes backwards
 	Add    string `json:"add,omitempty"`    // listen: an address to serve guests on
 	Remove string `json:"remove,omitempty"` // listen: an address to stop serving
+	Dry    bool   `json:"dry,omitempty"`    // reload: only say what would change
+	Config string `json:"config,omitempty"` // reload (dry): this settings file instead of the agent's own
 }
 
 // Published is the reply to publish.
@@ -64,6 +66,16 @@ type Status struct {
 	Version string         `json:"version,omitempty"`
 	Started time.Time      `json:"started"` // when this run of the agent began (an upgrade begins another)
 	Exports []ExportStatus `json:"exports"`
+	Lost    []LostExport   `json:"lost,omitempty"`
+}
+
+// LostExport is an export no longer served because its filesystem went
+// away (Server.LoseExport).
+type LostExport struct {
+	Name   string    `json:"name"`
+	Mount  string    `json:"mount"`
+	Since  time.Time `json:"since"`
+	Reason string    `json:"reason"`
 }
 
 // ExportStatus describes one export.
@@ -113,6 +125,7 @@ type controlReply struct {
 	Status    *Status    `json:"status,omitempty"`
 	Metrics   string     `json:"metrics,omitempty"`
 	Listen    []string   `json:"listen,omitempty"`
+	Reload    []string   `json:"reload,omitempty"`
 }
 
 // Status reports the exports and their guests.
@@ -126,7 +139,11 @@ func (s *Server) status(leases bool, export string) *Status {
 	for g := range s.conns {
 		byExport[g.sv] = append(byExport[g.sv], g)
 	}
+	for _, l := range s.lost {
+		st.Lost = append(st.Lost, l)
+	}
 	s.mu.Unlock()
+	sort.Slice(st.Lost, func(i, j int) bool { return st.Lost[i].Name < st.Lost[j].Name })
 	for name, sv := range s.all() {
 		es := ExportStatus{Name: name, Mount: sv.exp.Mount()}
 		if g := sv.exp.Current(); g != nil {
@@ -224,6 +241,16 @@ func (s *Server) control(nc net.Conn) {
 			} else if l != nil {
 				reply.Listen = l.ListenAddrs()
 			}
+		case "reload":
+			var err error
+			if s.opt.Reload == nil {
+				err = errors.New("this agent's settings are fixed")
+			} else {
+				reply.Reload, err = s.opt.Reload(req.Dry, req.Config)
+			}
+			if err != nil {
+				reply.Error = err.Error()
+			}
 		case "upgrade":
 			var err error
 			if s.opt.Upgrade == nil {
@@ -264,6 +291,18 @@ func Control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*Pu
 		return nil, nil, err
 	}
 	return reply.Published, reply.Status, nil
+}
+
+// ControlReload asks the agent at addr to read its settings again and
+// apply them, and returns what changed, or the error that refused them.
+// With dry it changes nothing and says what would change; config, if
+// not "", is the file to read instead of the agent's own (dry only).
+func ControlReload(ctx context.Context, addr vsockproto.Addr, dry bool, config string) ([]string, error) {
+	reply, err := control(ctx, addr, ControlRequest{Op: "reload", Dry: dry, Config: config})
+	if err != nil {
+		return nil, err
+	}
+	return reply.Reload, nil
 }
 
 // ControlListen asks the agent at addr to add or remove a guest listen

@@ -16,6 +16,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/internal/mountinfo"
 	"github.com/leasefs/leasefs/lease"
 )
 
@@ -85,7 +86,8 @@ type Export struct {
 	cfg     ExportConfig
 	log     hclog.Logger
 	mountFD int
-	dev0    uint64 // st_dev of the export
+	dev0    uint64          // st_dev of the export
+	mnt     mountinfo.Mount // its mount, when opened (Mounted)
 	dev     *directio.File
 	cached  *os.File // the device through its page cache, for inode tables
 	store   *Store
@@ -122,7 +124,8 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if cfg.Watchdog == nil {
 		return nil, fmt.Errorf("export %s: no freeze watchdog", cfg.Name)
 	}
-	if err := checkMount(cfg.Device, cfg.Mount); err != nil {
+	mnt, err := checkMount(cfg.Device, cfg.Mount)
+	if err != nil {
 		return nil, fmt.Errorf("export %s: %w", cfg.Name, err)
 	}
 	var mst, sst unix.Stat_t
@@ -135,7 +138,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if mst.Dev == sst.Dev {
 		return nil, fmt.Errorf("export %s: the state directory %s is on the export itself; the agent would wait on its own freeze", cfg.Name, cfg.StateDir)
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, onFrozen: cfg.OnFrozen}
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, mnt: mnt, onFrozen: cfg.OnFrozen}
 	if cfg.Inherit != nil {
 		if err := e.takeOver(cfg.Inherit); err != nil {
 			unix.Close(cfg.Inherit.MountFD)
@@ -150,7 +153,6 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		return nil, err
 	}
 	fd := e.mountFD
-	var err error
 	if e.dev, err = directio.Open(cfg.Device); err != nil {
 		e.store.Close()
 		unix.Close(fd)
@@ -224,41 +226,6 @@ func (e *Export) leaseConfig(cfg lease.Config) lease.Config {
 
 func (e *Export) path(what string) string {
 	return filepath.Join(e.cfg.StateDir, e.cfg.Name+"."+what)
-}
-
-// checkMount checks that device is what is mounted read-write at mount,
-// and that it is ext4.
-func checkMount(device, mount string) error {
-	var dst unix.Stat_t
-	if err := unix.Stat(device, &dst); err != nil {
-		return err
-	}
-	if dst.Mode&unix.S_IFMT != unix.S_IFBLK {
-		return fmt.Errorf("%s is not a block device", device)
-	}
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return err
-	}
-	want := fmt.Sprintf("%d:%d", unix.Major(dst.Rdev), unix.Minor(dst.Rdev))
-	clean := filepath.Clean(mount)
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(f) < 6 || len(g) < 1 || f[4] != clean {
-			continue
-		}
-		switch {
-		case f[2] != want:
-			return fmt.Errorf("%s is not mounted at %s (device %s is)", device, mount, f[2])
-		case g[0] != "ext4":
-			return fmt.Errorf("%s is %s, not ext4", mount, g[0])
-		case !strings.HasPrefix(f[5], "rw"):
-			return fmt.Errorf("%s is not mounted read-write (%s)", mount, f[5])
-		}
-		return nil
-	}
-	return fmt.Errorf("nothing is mounted at %s", mount)
 }
 
 // Close releases the export; its generations can no longer be read.
@@ -381,10 +348,23 @@ var ErrLabelBackwards = errors.New("the label goes backwards")
 // survives restarts (in the state directory). An empty label publishes
 // a generation without one.
 func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
+	return e.publish(label, force, false)
+}
+
+// PublishIfChanged is Publish, unless nothing changed since the current
+// generation: then it makes none and returns nil. An automatic publish
+// is one of these: a publish made meanwhile (by 'leasefs publish') may
+// have taken the changes that started it.
+func (e *Export) PublishIfChanged() (*Generation, error) { return e.publish("", false, true) }
+
+func (e *Export) publish(label string, force, ifChanged bool) (*Generation, error) {
 	e.pub.Lock()
 	defer e.pub.Unlock()
 	if err := checkLabel(label); err != nil {
 		return nil, err
+	}
+	if err := e.Mounted(); err != nil {
+		return nil, fmt.Errorf("export %s: not publishing: %w", e.cfg.Name, err)
 	}
 	if label != "" && e.label != "" && !force && compareVersions(label, e.label) < 0 {
 		return nil, fmt.Errorf("%w: %q sorts before the last label %q (force it to roll back)", ErrLabelBackwards, label, e.label)
@@ -402,6 +382,13 @@ func (e *Export) PublishLabeled(label string, force bool) (*Generation, error) {
 	g, err := e.complete(&ph, p, d)
 	if err != nil {
 		return nil, err
+	}
+	// Any change a guest can see changes an inode (times, size, links);
+	// metadata blocks alone change at every sync (the superblock's
+	// counters).
+	if ifChanged && !g.All && len(g.ChangedInodes) == 0 {
+		e.log.Debug("no inode changed; no generation made", "changed_blocks", len(g.Changed))
+		return nil, nil
 	}
 	e.makeCurrent(g, label, ph)
 	return g, nil

@@ -108,16 +108,21 @@ var (
 	descPublished  = prometheus.NewDesc("leasefs_last_publish_timestamp_seconds", "When the export's current generation was published (Unix time).", []string{"export"}, nil)
 	descLabel      = prometheus.NewDesc("leasefs_generation_label", "Always 1: the label the export's current generation was published with.", []string{"export", "label"}, nil)
 	descLag        = prometheus.NewDesc("leasefs_guest_generation_lag", "How many generations a connected guest is behind the export's current one.", []string{"export", "guest"}, nil)
+	descLost       = prometheus.NewDesc("leasefs_export_lost", "Always 1: an export no longer served because its filesystem went away (unmounted, read-only, device gone).", []string{"export"}, nil)
 )
 
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag, descLabel} {
+	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag, descLabel, descLost} {
 		ch <- d
 	}
 }
 
 func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, e := range c.s.Status().Exports {
+	st := c.s.Status()
+	for _, l := range st.Lost {
+		emit(ch, descLost, prometheus.GaugeValue, 1, l.Name)
+	}
+	for _, e := range st.Exports {
 		gauge := func(d *prometheus.Desc, v float64) { emit(ch, d, prometheus.GaugeValue, v, e.Name) }
 		counter := func(d *prometheus.Desc, v uint64) { emit(ch, d, prometheus.CounterValue, float64(v), e.Name) }
 		gauge(descGeneration, float64(e.Generation))

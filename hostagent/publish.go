@@ -20,10 +20,29 @@ func (s *Server) PublishLabeled(name, label string, force bool) (*Generation, er
 	if sv == nil {
 		return nil, fmt.Errorf("no export %q", name)
 	}
-	gen, err := sv.exp.PublishLabeled(label, force)
+	return s.announce(sv, func() (*Generation, error) { return sv.exp.PublishLabeled(label, force) })
+}
+
+// publishIfChanged is Publish, unless nothing changed since the current
+// generation (Export.PublishIfChanged): then it returns nil.
+func (s *Server) publishIfChanged(name string) (*Generation, error) {
+	sv := s.export(name)
+	if sv == nil {
+		return nil, fmt.Errorf("no export %q", name)
+	}
+	return s.announce(sv, sv.exp.PublishIfChanged)
+}
+
+// announce publishes sv's generation with publish and announces it.
+func (s *Server) announce(sv *served, publish func() (*Generation, error)) (*Generation, error) {
+	name := sv.exp.Name()
+	gen, err := publish()
 	if err != nil {
 		s.m.failed.WithLabelValues(name).Inc()
 		return nil, err
+	}
+	if gen == nil {
+		return nil, nil
 	}
 	s.m.published.WithLabelValues(name).Inc()
 	s.m.freeze.WithLabelValues(name).Observe(gen.Frozen.Seconds())

@@ -34,6 +34,10 @@ type ServerOptions struct {
 	// Listeners, if set, adds and removes guest listen addresses on
 	// request through the control socket (op "listen").
 	Listeners Listeners
+	// Reload, if set, reads the settings again and applies them (op
+	// "reload"), answering what changed; with dry it only says what
+	// would, of the file config if not "".
+	Reload func(dry bool, config string) ([]string, error)
 	// Upgrade, if set, starts an in-place upgrade (op "upgrade"): it
 	// checks what it can, answers, and execs the new binary after.
 	Upgrade func() (exec func(), err error)
@@ -64,8 +68,9 @@ type Server struct {
 	started time.Time
 
 	mu     sync.Mutex
-	conns  map[*guest]struct{} // guarded by mu
-	closed bool                // guarded by mu
+	conns  map[*guest]struct{}   // guarded by mu
+	closed bool                  // guarded by mu
+	lost   map[string]LostExport // exports whose filesystem went away (LoseExport); guarded by mu
 }
 
 // served is one export with its lease coordinator.
@@ -160,6 +165,7 @@ func (s *Server) AddExport(e *Export) error {
 	if old[e.Name()] != nil {
 		return fmt.Errorf("export %s is named twice", e.Name())
 	}
+	delete(s.lost, e.Name())
 	c, err := lease.New(cfg)
 	if err != nil {
 		return fmt.Errorf("export %s: %w", e.Name(), err)
@@ -177,6 +183,35 @@ func (s *Server) AddExport(e *Export) error {
 // Its auto-publishing must have stopped; the caller then closes it.
 func (s *Server) RemoveExport(name string) error {
 	s.mu.Lock()
+	_, wasLost := s.lost[name]
+	delete(s.lost, name)
+	s.mu.Unlock()
+	if wasLost && s.export(name) == nil {
+		return nil
+	}
+	return s.removeExport(name, fmt.Sprintf("export %s was removed from the host agent's settings", name))
+}
+
+// LoseExport stops serving an export whose filesystem went away (see
+// Export.Mounted): its guests are told why and their leases revoked, as
+// when it is removed, and status and metrics show it as lost until it is
+// added again.
+func (s *Server) LoseExport(name string, why error) error {
+	sv := s.export(name)
+	if sv == nil {
+		return fmt.Errorf("no export %q", name)
+	}
+	s.mu.Lock()
+	if s.lost == nil {
+		s.lost = map[string]LostExport{}
+	}
+	s.lost[name] = LostExport{Name: name, Mount: sv.exp.Mount(), Since: time.Now(), Reason: why.Error()}
+	s.mu.Unlock()
+	return s.removeExport(name, fmt.Sprintf("export %s is no longer served: %v", name, why))
+}
+
+func (s *Server) removeExport(name, why string) error {
+	s.mu.Lock()
 	old := s.all()
 	sv := old[name]
 	if sv == nil {
@@ -188,7 +223,7 @@ func (s *Server) RemoveExport(name string) error {
 	s.exports.Store(&next)
 	s.mu.Unlock()
 	gs := s.guests(func(g *guest) bool { return g.sv == sv })
-	revokeAll(gs, fmt.Sprintf("export %s was removed from the host agent's settings", name))
+	revokeAll(gs, why)
 	for _, g := range gs {
 		g.conn.Close()
 	}

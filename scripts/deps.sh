@@ -6,7 +6,8 @@ set -euo pipefail
 want=(e2fsprogs fuse3 attr)
 # The examples' tests: unit files, the mount helper, an apt mirror; the
 # guest-kernel tests: QEMU, a static busybox for the VM, xz for modules.
-test_extra=(systemd util-linux rsync apt-utils dpkg-dev qemu-system-x86 busybox-static xz-utils)
+# mmdebstrap builds the Debian root the systemd VM test boots.
+test_extra=(systemd util-linux rsync apt-utils dpkg-dev qemu-system-x86 busybox-static xz-utils mmdebstrap)
 case "${1:-test}" in
   test) want+=("${test_extra[@]}") ;;
   demo) ;;

@@ -184,21 +184,40 @@ func listenSocket(t *testing.T, path string) string {
 	return path
 }
 
-// Flags on the command line win over the file; a missing file named by
-// --config is an error, the default one missing is not; every command's
-// --control defaults to the unit's socket.
+// The command line and the file merge: exports and listen addresses
+// from both are served; any other setting given in both places is an
+// error naming both, as is an export named in both. A missing file
+// named by --config is an error, the default one missing is not; every
+// command's --control defaults to the unit's socket.
 func TestConfigPrecedence(t *testing.T) {
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "host.toml")
-	hostConfig(t, conf, `listen = ["vsock:5000", "vsock:5001"]`, `state_dir = "/from/file"`, `ack_timeout = "3s"`,
+	hostConfig(t, conf, `listen = ["vsock:5000", "vsock:5001"]`, `ack_timeout = "3s"`,
 		"[export.m]", `device = "/dev/vdb"`, `mount = "/srv/m"`)
-	o, err := parseHost([]string{"--config", conf, "--listen", "vsock:6000", "--state-dir", "/from/flag"}, io.Discard)
+	o, err := parseHost([]string{"--config", conf, "--listen", "vsock:6000", "--state-dir", "/from/flag", "--export", "n=/dev/vdc:/srv/n"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(o.listen) != 1 || o.listen[0].Port != 6000 || o.stateDir != "/from/flag" || o.ackTimeout != 3*time.Second ||
-		len(o.exports) != 1 || o.exports[0] != (exportSpec{"m", "/dev/vdb", "/srv/m"}) || o.control.Path != "/run/leasefs/control.sock" {
+	var ports []uint32
+	for _, l := range o.listen {
+		ports = append(ports, l.Port)
+	}
+	if fmt.Sprint(ports) != "[5000 5001 6000]" || o.stateDir != "/from/flag" || o.ackTimeout != 3*time.Second ||
+		len(o.exports) != 2 || o.exports[0] != (exportSpec{"m", "/dev/vdb", "/srv/m"}) || o.exports[1] != (exportSpec{"n", "/dev/vdc", "/srv/n"}) ||
+		o.control.Path != "/run/leasefs/control.sock" {
 		t.Fatalf("parsed %+v", o)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--ack-timeout", "4s"}, `ack_timeout is also given on the command line (--ack-timeout): give each setting in one place`},
+		{[]string{"--export", "m=/dev/vdd:/srv/other"}, "the name m is given twice"},
+	} {
+		if _, err := parseHost(append([]string{"--config", conf}, c.args...), io.Discard); err == nil || !strings.Contains(err.Error(), c.want) ||
+			!strings.Contains(err.Error(), conf) && !strings.Contains(c.want, "twice") {
+			t.Errorf("%v with the file: %v; want an error saying %q", c.args, err, c.want)
+		}
 	}
 	if _, err := parseHost([]string{"--config", filepath.Join(dir, "missing.toml")}, io.Discard); err == nil || !os.IsNotExist(err) {
 		t.Fatalf("a missing --config: %v", err)

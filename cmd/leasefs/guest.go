@@ -20,6 +20,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/leasefs/leasefs/guestagent"
+	"github.com/leasefs/leasefs/internal/mountinfo"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -141,6 +142,9 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	if err != nil {
 		return err
 	}
+	if err := checkGuestTarget(o); err != nil {
+		return err
+	}
 	if !o.foreground {
 		if o.logTo == "" {
 			if backgroundLogGoesNowhere() {
@@ -207,7 +211,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	if ml != nil {
 		go serveMetrics(runCtx, ml, c.Gatherer(), log)
 	}
-	go closeWhenUnmounted(runCtx, o.dir, c)
+	go closeWhenUnmounted(runCtx, o.dir, c, log)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -325,10 +329,37 @@ func sizeOf(n int64) string {
 	return fmt.Sprintf("%d MiB", n>>20)
 }
 
+// checkGuestTarget checks, before anything is started, what a mount
+// needs: a directory to mount on that holds no leasefs mount already
+// (live, or left by an agent that died), and the device, if one is
+// named.
+func checkGuestTarget(o *guestOptions) error {
+	var st syscall.Stat_t
+	switch err := syscall.Stat(o.dir, &st); {
+	case errors.Is(err, syscall.ENOENT):
+		return fmt.Errorf("mount point %s does not exist: create it first (mkdir -p %s)", o.dir, o.dir)
+	case errors.Is(err, syscall.ENOTCONN):
+		return fmt.Errorf("%s is a FUSE mount whose server died (ENOTCONN): detach it first (umount -l %s)", o.dir, o.dir)
+	case err != nil:
+		return fmt.Errorf("mount point %s: %w", o.dir, err)
+	case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
+		return fmt.Errorf("mount point %s is not a directory", o.dir)
+	}
+	if m, ok, _ := mountinfo.At(o.dir); ok && m.FSType == "fuse.leasefs" {
+		return fmt.Errorf("%s is already a leasefs mount (%s): unmount it first (umount %s), or choose another mount point", o.dir, m.Source, o.dir)
+	}
+	if o.device != "" {
+		if _, err := os.Stat(o.device); err != nil {
+			return fmt.Errorf("--device %s: %w: name the export's disk as this machine sees it (attached read-only), or leave --device out to read file data through the host", o.device, errors.Unwrap(err))
+		}
+	}
+	return nil
+}
+
 // closeWhenUnmounted closes the client once the mount at dir is gone
 // (umount from outside), so that requests still waiting for the host end
 // at once and the server exits, instead of after their deadline.
-func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client) {
+func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client, log hclog.Logger) {
 	var st syscall.Stat_t
 	if syscall.Stat(dir, &st) != nil {
 		return
@@ -347,6 +378,8 @@ func closeWhenUnmounted(ctx context.Context, dir string, c *guestagent.Client) {
 		// attributes failing for a moment, as the host restarts) is not.
 		err := syscall.Stat(dir, &st)
 		if err == nil && st.Dev != dev || errors.Is(err, syscall.ENOTCONN) {
+			log.Warn("the mount was detached (umount, umount -l): the session with the host ends, and files still open on it read errors (EIO) from now on",
+				"dir", dir)
 			c.Close()
 			return
 		}

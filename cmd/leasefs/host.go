@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -95,15 +94,19 @@ the guest. 'leasefs publish', 'status' and 'metrics' talk to it on
 
 The settings can also come from a TOML file (--config, by default
 `+defaultHostConfig+` if it exists): each flag by its name, and each
-export as a table, [export.NAME] with device and mount; a flag given on
-the command line wins over the file. SIGHUP re-reads it: exports and
-listen addresses are added and removed without touching the others; a
-file with any error is refused whole and the running settings kept.
+export as a table, [export.NAME] with device and mount. Exports and
+listen addresses from the file and the command line are served together;
+any other setting is given in one place or the other, and in both is an
+error. 'leasefs host --check-config' checks the file and says what a
+reload would change; 'leasefs host --reload' (or SIGHUP) re-reads it:
+exports and listen addresses are added and removed without touching the
+others; a file with any error is refused whole and the running settings
+kept.
 SIGTERM or SIGINT stops the agent; 'leasefs thaw' after a crash (see
 docs/operations.md).
 
 `)
-	fs.StringVar(&o.config, "config", defaultHostConfig, "the settings file (TOML); flags override it")
+	fs.StringVar(&o.config, "config", defaultHostConfig, "the settings file (TOML), merged with the flags")
 	fs.Var(&v.exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
 	fs.Var(&v.listens, "listen", "an address to serve guests on (repeatable)")
 	fs.StringVar(&v.control, "control", defaultControl, "the control socket, unix:PATH")
@@ -218,9 +221,12 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 
 // readHostConfig turns the TOML file at path into flags of fs: each key
 // is a flag's name (or with underscores for dashes), each [export.NAME]
-// table an --export. Flags in set (given on the command line) are left
-// out; so is --export entirely when the command line gives any. Any key
-// that is no flag, or a value of the wrong kind, is an error.
+// table an --export. The rule with the command line (set: the flags it
+// gives): exports and listen addresses from both are served together
+// (an export's name given in both places is an error, as given twice
+// anywhere); any other setting may be given in one place only, and one
+// given in both is an error naming both. Any key that is no flag, or a
+// value of the wrong kind, is an error.
 func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]string, error) {
 	text, err := readTrusted(path, maxSettings)
 	if err != nil {
@@ -246,9 +252,7 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 				if !ok || len(t) != 2 || dev == "" || mnt == "" {
 					return nil, bad("[export.%s]: want exactly device and mount, as strings", name)
 				}
-				if !set["export"] {
-					args = append(args, "--export", name+"="+dev+":"+mnt)
-				}
+				args = append(args, "--export", name+"="+dev+":"+mnt)
 			}
 			continue
 		}
@@ -278,8 +282,8 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 		default:
 			return nil, bad("%s: a string, a number or true/false", key)
 		}
-		if set[f.Name] {
-			continue
+		if set[f.Name] && f.Name != "listen" {
+			return nil, bad("%s is also given on the command line (--%s): give each setting in one place", key, f.Name)
 		}
 		for _, v := range vals {
 			args = append(args, "--"+f.Name+"="+v)
@@ -291,6 +295,9 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == checkUpgradeArg {
 		return runCheckUpgrade(args[1:], stdout, stderr)
+	}
+	if cmd := hostRequest(args); cmd != nil {
+		return cmd(ctx, args, stdout, stderr)
 	}
 	if isUpgrade(args) {
 		return runUpgrade(ctx, args, stdout, stderr)
@@ -306,7 +313,8 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: stderr, Level: hclog.LevelFromString(o.logLevel)})
+	log := hclog.New(&hclog.LoggerOptions{Name: "leasefs-host", Output: journalStream(stderr), Level: hclog.LevelFromString(o.logLevel)})
+	log.Info("starting", "version", versionString(), "pid", os.Getpid(), "config", o.config)
 	self, err := os.Executable() // now: an upgrade replaces the file at this path
 	if err != nil {
 		return err
@@ -373,13 +381,15 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	grp, ctx := errgroup.WithContext(ctx)
 	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
 		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored, hup: hup, usr2: usr2,
-		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{}, stateDir: o.stateDir}
+		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{},
+		lost: map[string]exportSpec{}, stateDir: o.stateDir}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
 		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
 		Limits:    o.limits,
 		Logger:    log,
 		Version:   versionString(),
 		Listeners: a,
+		Reload:    a.reloadRequest,
 		Upgrade:   a.upgrade,
 	})
 	if err != nil {
@@ -389,12 +399,19 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	defer func() {
 		// The guests first, then what they were served. With an fd
 		// store, the held files stay leased there for the next run.
+		how := "its guests' leases revoked"
+		if store != nil {
+			how = "the files its guests hold kept in systemd's fd store for the next run"
+		}
+		notifyStopping("stopping: " + how)
+		log.Info("stopping", "held", how)
 		if store != nil {
 			srv.Leave()
 		} else {
 			srv.Close()
 		}
 		a.stopAll()
+		log.Info("stopped")
 	}()
 	// Every address and export is checked and taken before anything is
 	// frozen.
@@ -432,19 +449,32 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				}
 			case <-hup:
 				log.Info("SIGHUP: reading the settings again", "config", o.config)
-				a.mu.Lock()
-				if err := a.reload(); err != nil {
-					log.Error("reload refused; the running settings are kept", "error", err)
-				} else {
-					log.Info("reloaded", "exports", slices.Sorted(maps.Keys(a.exports)), "listen", slices.Sorted(maps.Keys(a.listens)))
-				}
-				a.mu.Unlock()
+				_, _ = a.reloadRequest(false, "")
 			}
 		}
 	})
+	grp.Go(func() error { a.watchMounts(ctx); return nil })
+	grp.Go(func() error { a.reportStatus(ctx); return nil })
 	fmt.Fprintln(stdout, "ready")
-	notifyReady()
+	log.Info("ready", "exports", slices.Sorted(maps.Keys(a.exports)), "listen", slices.Sorted(maps.Keys(a.listens)))
+	notifyReady(statusLine(srv.Status()))
 	return grp.Wait()
+}
+
+// hostRequest returns what runs 'leasefs host --check-config' or
+// 'leasefs host --reload' when args asks for one of them.
+func hostRequest(args []string) func(context.Context, []string, io.Writer, io.Writer) error {
+	for _, a := range args {
+		switch a {
+		case "--check-config", "-check-config":
+			return runCheckConfig
+		case "--reload", "-reload":
+			return runReload
+		case "--":
+			return nil
+		}
+	}
+	return nil
 }
 
 // maxSettings bounds a settings file.
@@ -537,6 +567,7 @@ type hostAgent struct {
 	extra    map[string]vsockproto.Addr // added through the control socket: kept across reloads, upgrades and restarts (extraFile)
 	stateDir string
 	exports  map[string]*runningExport
+	lost     map[string]exportSpec     // exports whose filesystem went away (watchMounts), until a reload brings them back
 	handed   *handover                 // what an upgrade handed over, until apply takes it
 	stored   map[string]map[uint32]int // held files systemd's fd store gave back, until apply takes them
 }
@@ -566,39 +597,6 @@ func (r *runningExport) close() {
 	}
 	r.e.Close()
 	r.wd.Close()
-}
-
-// reload reads the command line and the settings file again and applies
-// what changed in exports and listen addresses; anything else changed,
-// or any error, refuses it whole.
-func (a *hostAgent) reload() error {
-	var msg strings.Builder // what the command would print: the first line says why
-	o, err := parseHost(a.args, &msg)
-	if errors.Is(err, errUsage) {
-		why, _, _ := strings.Cut(msg.String(), "\n")
-		return errors.New(why)
-	}
-	if err != nil {
-		return err
-	}
-	if diff := fixedDiff(a.o, o); len(diff) > 0 {
-		return fmt.Errorf("%s changed, which needs a restart", strings.Join(diff, ", "))
-	}
-	return a.apply(o)
-}
-
-// fixedDiff names the settings tagged in hostOptions that differ.
-func fixedDiff(a, b *hostOptions) []string {
-	va, vb := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
-	var out []string
-	for i := range va.NumField() {
-		tag := va.Type().Field(i).Tag.Get("flag")
-		// fmt reads unexported fields, and prints what pointers point to.
-		if tag != "" && fmt.Sprintf("%+v", va.Field(i)) != fmt.Sprintf("%+v", vb.Field(i)) {
-			out = append(out, tag)
-		}
-	}
-	return out
 }
 
 // apply makes the agent serve o's exports on o's addresses. It takes the
@@ -660,6 +658,13 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 			keep[sp.name] = true
 			continue
 		}
+		if lost, ok := a.lost[sp.name]; ok && lost == sp {
+			if err := hostagent.CheckExport(sp.dev, sp.mnt); err != nil {
+				// Still gone: it stays lost, and the rest applies.
+				a.log.Warn("a lost export is still not mounted; not served", "export", sp.name, "error", err)
+				continue
+			}
+		}
 		wd, err := startWatchdog(sp.mnt)
 		if err != nil {
 			return err
@@ -688,6 +693,12 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 			r.stop()
 			delete(a.listens, key)
 			a.log.Info("stopped listening", "addr", key)
+		}
+	}
+	for name := range a.lost {
+		if !slices.ContainsFunc(o.exports, func(sp exportSpec) bool { return sp.name == name }) || opened[name] != nil {
+			delete(a.lost, name)
+			_ = a.srv.RemoveExport(name) // out of status
 		}
 	}
 	for name, r := range a.exports {

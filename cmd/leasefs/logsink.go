@@ -38,7 +38,7 @@ func logWriter(spec, name string, stderr io.Writer) (io.Writer, func(), error) {
 	nothing := func() {}
 	switch {
 	case spec == "" || spec == "stderr":
-		return stderr, nothing, nil
+		return journalStream(stderr), nothing, nil
 	case spec == logAuto:
 		switch {
 		case journal.Enabled():

@@ -16,6 +16,8 @@ import (
 	"runtime/pprof"
 	"strings"
 	"syscall"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 // version is set at build time with -ldflags "-X main.version=…" (make
@@ -111,7 +113,11 @@ func main() {
 	case errors.Is(err, errUsage):
 		os.Exit(2)
 	default:
-		fmt.Fprintln(os.Stderr, "leasefs:", err)
+		prefix := ""
+		if isJournalStream(os.Stderr) {
+			prefix = fmt.Sprintf("<%d>", journalPriority(hclog.Error))
+		}
+		fmt.Fprintln(os.Stderr, prefix+"leasefs:", err)
 		os.Exit(1)
 	}
 }

@@ -171,7 +171,7 @@ func mountForeground(ctx context.Context, c mountConfig, stderr io.Writer) (err 
 
 // signalReady tells a background parent that the mount is ready.
 func signalReady(ready **os.File) {
-	notifyReady()
+	notifyReady("")
 	if *ready != nil {
 		fmt.Fprintln(*ready, "ok")
 		(*ready).Close()

@@ -47,8 +47,6 @@ func isTerminal(f *os.File) bool {
 	return err == nil
 }
 
-// notifyReady tells systemd, when it started us as Type=notify, that we
-// are ready; it does nothing otherwise.
 // startupTimeout is how much longer each EXTEND_TIMEOUT_USEC gives a
 // start in progress; extendEvery how often it is sent.
 const (
@@ -83,8 +81,4 @@ func extendStartup(status string) (stop func()) {
 		}
 	}()
 	return func() { close(done) }
-}
-
-func notifyReady() {
-	_, _ = daemon.SdNotify(true, daemon.SdNotifyReady)
 }

@@ -157,6 +157,10 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	for _, l := range st.Lost {
+		fmt.Fprintf(w, "\nexport %s LOST %s ago, not served: %s\n  (mount it again at %s and 'systemctl reload leasefs-host', or remove it from the settings)\n",
+			l.Name, now.Sub(l.Since).Round(time.Second), l.Reason, l.Mount)
+	}
 	for _, e := range st.Exports {
 		if len(e.Guests) == 0 {
 			continue

@@ -255,10 +255,13 @@ func (a *hostAgent) upgrade() (func(), error) {
 		if !drained {
 			a.log.Warn("control requests still unanswered; upgrading anyway (their clients see the connection end)", "waited", controlDrain)
 		}
+		// systemd sees a reload until the new run says READY=1.
+		notifyReloading("upgrading in place to " + v)
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if err := a.execSuccessor(); err != nil {
 			a.log.Error("the upgrade failed; this agent goes on", "error", err)
+			notifyReady(statusLine(a.srv.Status()))
 		}
 	}, nil
 }

@@ -23,10 +23,15 @@ tcg) cpu=${CPU:-max,cx16=off} ;;
 kvm) cpu=${CPU:-host} ;;
 *) echo "test-vm.sh: ACCEL is tcg or kvm, not $ACCEL" >&2; exit 2 ;;
 esac
+# ROOT=root.img boots a root filesystem: it is the first drive (vda), the
+# export's two follow (vdb read-write, vdc read-only).
+root=()
+if [ -n "${ROOT:-}" ]; then root=(-drive file="$ROOT",if=virtio,format=raw,cache=unsafe); fi
 exec qemu-system-x86_64 \
 	-machine q35,accel="$ACCEL" -cpu "$cpu" -smp "${CPUS:-2}" -m "${MEMORY:-1536}" \
 	-display none -monitor none -serial stdio -no-reboot \
 	-kernel "$KERNEL" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 random.trust_cpu=on quiet ${APPEND:-}" \
+	"${root[@]}" \
 	-drive file="$IMAGE",if=virtio,format=raw,cache=none,file.locking=off \
 	-drive file="$IMAGE",if=virtio,format=raw,cache=none,file.locking=off,readonly=on

@@ -23,6 +23,7 @@ type FakeSystemd struct {
 	fd    int
 	mu    sync.Mutex
 	store map[string][]int // guarded by mu
+	msgs  []string         // the other messages, in order; guarded by mu
 }
 
 // NewFakeSystemd listens on a notify socket until t ends.
@@ -85,12 +86,36 @@ func (s *FakeSystemd) run(done chan struct{}) {
 				unix.Close(fd)
 			}
 			delete(s.store, vars["FDNAME"])
+		default:
+			s.msgs = append(s.msgs, string(buf[:n]))
 		}
 		s.mu.Unlock()
 		for _, fd := range fds {
 			unix.Close(fd)
 		}
 	}
+}
+
+// Messages is every message other than the fd store's, in order, one
+// per line group, as sent.
+func (s *FakeSystemd) Messages() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.msgs, "\n")
+}
+
+// Status is the last STATUS= sent.
+func (s *FakeSystemd) Status() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.msgs) - 1; i >= 0; i-- {
+		for line := range strings.SplitSeq(s.msgs[i], "\n") {
+			if v, ok := strings.CutPrefix(line, "STATUS="); ok {
+				return v
+			}
+		}
+	}
+	return ""
 }
 
 // Names lists the names stored.

@@ -10,6 +10,9 @@
 #   debian.sh vhost CACHE            rust-vmm's vhost-device-vsock, from
 #                                    sid (it needs only libc6 >= 2.34):
 #                                    prints the program's path
+#   debian.sh root SUITE CACHE       a Debian root filesystem of SUITE
+#                                    with systemd, made by mmdebstrap, as
+#                                    an ext4 image: prints its path
 #
 # The machine's own apt lists are left alone: apt reads a private
 # sources list and keeps its lists and downloads under CACHE.
@@ -76,6 +79,25 @@ vhost)
   mv "$out.tmp" "$out"
   echo "$out/vhost-device-vsock"
   ;;
+root)
+  suite=$2 cache=$3
+  out=$cache/root-$suite.img
+  if [ -e "$out" ]; then echo "$out"; exit 0; fi
+  tmp=$cache/root-$suite.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/tree"
+  # No recommends: systemd as init, udev, and what the tests run in it.
+  if ! mmdebstrap --variant=minbase --include=systemd-sysv,udev,util-linux,mount,procps,e2fsprogs,kmod \
+    --customize-hook='echo leasefs-vm >"$1/etc/hostname"' \
+    --customize-hook='ln -sf /dev/null "$1/etc/systemd/system/getty@tty1.service"' \
+    "$suite" "$tmp/root.tar" http://deb.debian.org/debian >"$tmp/log" 2>&1; then
+    echo "debian.sh: mmdebstrap $suite failed:" >&2; tail -5 "$tmp/log" >&2; exit 1
+  fi
+  tar -C "$tmp/tree" -xf "$tmp/root.tar"
+  mkfs.ext4 -q -F -L root -d "$tmp/tree" "$tmp/root.img" 2G
+  mv "$tmp/root.img" "$out"
+  rm -rf "$tmp"
+  echo "$out"
+  ;;
 *)
-  echo "usage: debian.sh kernel RELEASE CACHE | debian.sh vhost CACHE" >&2; exit 2 ;;
+  echo "usage: debian.sh kernel RELEASE CACHE | debian.sh vhost CACHE | debian.sh root SUITE CACHE" >&2; exit 2 ;;
 esac

@@ -64,7 +64,8 @@ func TestGuestKernels(t *testing.T) {
 			initrd := filepath.Join(cache, "initramfs-"+k.name+".cpio") // kept, to boot by hand
 			buildInitramfs(t, initrd, kdir, busybox, bin, init, modules)
 			img := imgtest.Mkfs(t, "ext4", src, 256, "-b", "4096")
-			boot(t, k, filepath.Join(kdir, "vmlinuz"), initrd, img, filepath.Join(cache, "console-"+k.name+".log"))
+			boot(t, vmBoot{name: k.name, test: "TestGuestKernels", want: scenarioNames, console: filepath.Join(cache, "console-"+k.name+".log"),
+				env: []string{"KERNEL=" + filepath.Join(kdir, "vmlinuz"), "INITRD=" + initrd, "IMAGE=" + img}})
 		})
 	}
 }
@@ -249,16 +250,25 @@ const (
 	vmDeadline    = 10 * time.Minute
 )
 
-var resultLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): TestGuestKernels/(\S+) \(([0-9.]+s)\)`)
+// A vmBoot is a VM to boot and what it must report.
+type vmBoot struct {
+	name    string
+	env     []string // test-vm.sh's: KERNEL, INITRD, IMAGE, ROOT
+	console string   // where its console is kept
+	test    string   // the test the VM runs, whose subtests must pass
+	want    []string // those subtests
+}
 
 // boot runs the VM with examples/qemu/test-vm.sh — the command line a
 // user boots it with by hand — and checks what its console reports:
 // each scenario passed, and the test program exited 0.
-func boot(t *testing.T, k kernel, vmlinuz, initrd, img, consolePath string) {
+func boot(t *testing.T, k vmBoot) {
+	resultLine := regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): ` + k.test + `/(\S+) \(([0-9.]+s)\)`)
+	consolePath := k.console
 	ctx, cancel := context.WithTimeout(context.Background(), vmDeadline)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "../../examples/qemu/test-vm.sh")
-	cmd.Env = append(os.Environ(), "KERNEL="+vmlinuz, "INITRD="+initrd, "IMAGE="+img)
+	cmd.Env = append(os.Environ(), k.env...)
 	if os.Getenv("LEASEFS_VM_ACCEL") != "" {
 		cmd.Env = append(cmd.Env, "ACCEL="+os.Getenv("LEASEFS_VM_ACCEL"))
 	}
@@ -325,7 +335,7 @@ func boot(t *testing.T, k kernel, vmlinuz, initrd, img, consolePath string) {
 	t.Logf("%s: userspace after %v, all done after %v; %s", k.name, booted.Round(100*time.Millisecond),
 		time.Since(start).Round(100*time.Millisecond), strings.Join(times, ", "))
 	var failed []string
-	for _, s := range scenarioNames {
+	for _, s := range k.want {
 		if results[s] != "PASS" {
 			failed = append(failed, fmt.Sprintf("%s (%s)", s, orNone(results[s])))
 		}
