@@ -369,7 +369,10 @@ func journalPriorities(t *testing.T, vm *unitVM) {
 func stopGivesErrors(t *testing.T, vm *unitVM) {
 	must(t, "systemctl stop leasefs-host")
 	// The guest knows no more whether the host holds the file: reads of
-	// it fail (after --down soft=5s), never give other bytes.
+	// it fail (after --down soft=5s), never give other bytes. (What its
+	// page cache has of the file is the file's own bytes: dropped, so
+	// that the read asks the guest.)
+	must(t, "echo 3 >/proc/sys/vm/drop_caches")
 	buf := make([]byte, len(vm.want))
 	n, err := vm.held.ReadAt(buf, 0)
 	if err == nil || !(errors.Is(err, syscall.EIO) || errors.Is(err, syscall.ESTALE)) {
