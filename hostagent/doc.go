@@ -127,6 +127,14 @@
 // directory (lease.Config.Journal). ExportConfig.Keeper and Held do the
 // same for a restart whose held files systemd's fd store kept.
 //
+// An export is checked by its filesystem's own flags (mountinfo's super
+// options: a service's namespace may mount it read-only, as systemd's
+// ProtectSystem= does); Export.Mounted says whether it is still the same
+// mount, and every publish checks it first. Server.LoseExport ends the
+// service of one that went away and keeps it, with the reason, in
+// status and metrics. An automatic publish that finds no inode changed
+// makes no generation (Export.PublishIfChanged).
+//
 // # Locking
 //
 // Server.Handover takes, per export, Export.pub, then Store.mu and
@@ -139,7 +147,9 @@
 // only after the last reader. Store.mu is a leaf, never held during
 // I/O: a block is read from the store's file by a caller holding a
 // reference to it, so its place is not reused under the read. Server.mu
-// guards the connections, served.mu the generation each session is on,
+// guards the connections and the lost exports (LoseExport, whose
+// removal takes it again only after letting go), served.mu the
+// generation each session is on,
 // quotas.mu the per-guest budgets, ctlGate.mu the control requests
 // being answered (Quiesce); each is a leaf, held for a map
 // operation, never while waiting on a budget or doing I/O.

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/leasefs/leasefs/hostagent"
-	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // reloadRequest reads the settings again and, unless dry, applies them
@@ -259,11 +258,7 @@ leasefs-host.service runs it for 'systemctl reload'. 'leasefs host
 
 `)
 	fs.Bool("reload", true, "reload the running agent's settings")
-	control := fs.String("control", defaultControl, "the agent's control socket, unix:PATH")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	addr, err := vsockproto.ParseAddr(*control)
+	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}

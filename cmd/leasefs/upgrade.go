@@ -372,11 +372,7 @@ go on; open files keep reading. It waits until the new agent answers.
 
 `)
 	fs.Bool("upgrade", true, "upgrade the running agent")
-	control := fs.String("control", defaultControl, "the agent's control socket, unix:PATH")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	addr, err := vsockproto.ParseAddr(*control)
+	addr, err := parseControl(fs, args, stderr)
 	if err != nil {
 		return err
 	}
