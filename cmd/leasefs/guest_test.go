@@ -422,7 +422,7 @@ func TestGuestStatusAndLogs(t *testing.T) {
 	}
 
 	out, err = leasefs(t, "guest", "--connect", h.guest, "--export", "mirror", dir)
-	if err == nil || !strings.Contains(out, "served by another process") {
+	if err == nil || !strings.Contains(out, "is already a leasefs mount") {
 		t.Fatalf("a second guest on %s: %v\n%s", dir, err, out)
 	}
 	if _, err := os.Stat("/dev/log"); os.IsNotExist(err) {

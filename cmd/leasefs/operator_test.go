@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -427,7 +428,7 @@ func TestHostExtendsItsStartTimeout(t *testing.T) {
 	waitFor(t, "READY=1", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
-		return len(got) > 0 && got[len(got)-1] == "READY=1"
+		return slices.ContainsFunc(got, func(m string) bool { return strings.HasPrefix(m, "READY=1\nSTATUS=serving mirror generation 1") })
 	})
 	mu.Lock()
 	defer mu.Unlock()
