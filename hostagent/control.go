@@ -80,14 +80,19 @@ type LostExport struct {
 
 // ExportStatus describes one export.
 type ExportStatus struct {
-	Name          string        `json:"name"`
-	Mount         string        `json:"mount"`
-	Generation    uint64        `json:"generation"`
-	Label         string        `json:"label,omitempty"` // the current generation's
-	Published     time.Time     `json:"published"`
-	LastFreezeMS  float64       `json:"last_freeze_ms"`
-	Blocks        int           `json:"metadata_blocks"`
-	Kept          int           `json:"kept_generations"`
+	Name         string    `json:"name"`
+	Mount        string    `json:"mount"`
+	Generation   uint64    `json:"generation"`
+	Label        string    `json:"label,omitempty"` // the current generation's
+	Published    time.Time `json:"published"`
+	LastFreezeMS float64   `json:"last_freeze_ms"`
+	Blocks       int       `json:"metadata_blocks"`
+	Kept         int       `json:"kept_generations"`
+	// The files held so that kept generations stay whole (Export.KeptFiles).
+	KeptFiles     int           `json:"kept_files"`
+	KeptReplaced  int           `json:"kept_replaced_files"` // of those, replaced or deleted since: kept for older generations only
+	KeptBytes     int64         `json:"kept_replaced_bytes"` // their size, the space they keep using
+	KeptLimitFull bool          `json:"kept_files_limit_reached,omitempty"`
 	StoreBytes    int64         `json:"store_bytes"`
 	Guests        []GuestStatus `json:"guests"`
 	Leases        int           `json:"leases"`
@@ -152,6 +157,8 @@ func (s *Server) status(leases bool, export string) *Status {
 		}
 		_, es.StoreBytes = sv.exp.Store().Size()
 		es.Kept = sv.exp.Kept()
+		ks := sv.exp.KeptFiles()
+		es.KeptFiles, es.KeptReplaced, es.KeptBytes, es.KeptLimitFull = ks.Files, ks.Gone, ks.Bytes, ks.Full
 		ls := sv.coord.Stats()
 		es.Leases, es.Files, es.PendingBreaks = ls.Leases, ls.Files, ls.Breaking
 		es.Breaks, es.Revoked, es.Rescans = ls.Breaks+ls.Modified, ls.Revoked, ls.Rescans

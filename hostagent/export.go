@@ -1,6 +1,7 @@
 package hostagent
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -65,6 +66,16 @@ type ExportConfig struct {
 	// wide, for the moment of each freeze (see expedite.go): FIFREEZE
 	// itself then takes well under a millisecond instead of tens.
 	ExpediteRCU bool
+	// KeepFiles bounds the files held so that the generations guests are
+	// on stay whole when the writer replaces or deletes them (see
+	// keeper): 0 is 262144; negative holds none.
+	KeepFiles int
+	// KeepReplaced and KeepBytes bound the files the writer replaced or
+	// deleted that are kept for older generations, in number and size
+	// (0: no bound). Past either, the oldest generations are dropped at
+	// the next publish, and their guests move on.
+	KeepReplaced int
+	KeepBytes    int64
 	// Progress, if set, is told how far the first publish has read the
 	// inode tables into the page cache, before its freeze: on a large,
 	// cold filesystem that takes seconds. The freeze then reads them
@@ -86,6 +97,7 @@ type Export struct {
 	cfg     ExportConfig
 	log     hclog.Logger
 	mountFD int
+	keep    *keeper         // the kept generations' files; nil when KeepFiles < 0
 	dev0    uint64          // st_dev of the export
 	mnt     mountinfo.Mount // its mount, when opened (Mounted)
 	dev     *directio.File
@@ -182,6 +194,14 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		}
 	}
 	e.probeKernel()
+	if cfg.KeepFiles >= 0 {
+		e.keep = newKeeper(fd, cmp.Or(cfg.KeepFiles, 262144))
+		if cur := e.Current(); cur != nil { // taken over: its files, as they are now
+			if err := e.keep.publish(cur, 0, true); err != nil {
+				e.log.Error("keeping the generation's files", "error", err)
+			}
+		}
+	}
 	if _, err := os.Stat(e.path("freezing")); err == nil {
 		// Our own freeze, left by a run that died mid-publish.
 		err := thawFS(fd)
@@ -237,6 +257,9 @@ func (e *Export) Close() error {
 		if e.watch != nil {
 			e.watch.close()
 		}
+		if e.keep != nil {
+			e.keep.close()
+		}
 		e.dev.Close()
 		e.cached.Close()
 		e.store.Close()
@@ -287,7 +310,14 @@ func (e *Export) Drop(n uint64) {
 		return
 	}
 	delete(e.gens, n)
+	oldest := e.cur.Number
+	for k := range e.gens {
+		oldest = min(oldest, k)
+	}
 	e.mu.Unlock()
+	if e.keep != nil {
+		e.keep.release(oldest)
+	}
 	g.Release() // the export's own reference
 }
 
@@ -539,11 +569,20 @@ func (e *Export) makeCurrent(g *Generation, label string, ph Phases) {
 	g.refs.Store(1) // the export's
 	g.Label = label
 	e.mu.Lock()
+	var prev uint64
+	if e.cur != nil {
+		prev = e.cur.Number
+	}
 	g.Number, g.Frozen, g.Captured = e.next, ph.Frozen, time.Now()
 	e.next++
 	e.gens[g.Number] = g
 	e.cur = g
 	e.mu.Unlock()
+	if e.keep != nil {
+		if err := e.keep.publish(g, prev, g.All); err != nil {
+			e.log.Error("keeping the generation's files: some replaced or deleted before guests leave it will answer ESTALE", "error", err)
+		}
+	}
 	if err := WriteFileSync(e.path("generation"), strconv.FormatUint(g.Number, 10)+"\n"); err != nil {
 		e.log.Error("recording the generation number", "error", err)
 	}

@@ -178,7 +178,8 @@ func (g *guest) open(ctx context.Context, m *vsockproto.Open) (vsockproto.Messag
 		return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "inode %d's layout is not that of generation %d", m.Inode, m.Generation)
 	}
 	id, err := g.sess.Acquire(lease.Request{Ino: m.Inode, IGen: in.Generation, Size: in.Size,
-		Ctime: unix.Timespec{Sec: in.Ctime.Sec, Nsec: int64(in.Ctime.Nsec)}, Layout: hash, Generation: m.Generation})
+		Ctime: unix.Timespec{Sec: in.Ctime.Sec, Nsec: int64(in.Ctime.Nsec)}, Layout: hash, Generation: m.Generation,
+		Links: in.Nlink, Mtime: unix.Timespec{Sec: in.Mtime.Sec, Nsec: int64(in.Mtime.Nsec)}})
 	if err != nil {
 		if errors.Is(err, lease.ErrQuota) {
 			g.sv.m.quota.WithLabelValues(g.sv.exp.Name(), "leases").Inc()

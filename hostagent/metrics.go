@@ -108,11 +108,14 @@ var (
 	descPublished  = prometheus.NewDesc("leasefs_last_publish_timestamp_seconds", "When the export's current generation was published (Unix time).", []string{"export"}, nil)
 	descLabel      = prometheus.NewDesc("leasefs_generation_label", "Always 1: the label the export's current generation was published with.", []string{"export", "label"}, nil)
 	descLag        = prometheus.NewDesc("leasefs_guest_generation_lag", "How many generations a connected guest is behind the export's current one.", []string{"export", "guest"}, nil)
+	descKept       = prometheus.NewDesc("leasefs_kept_files", "Files held so that the kept generations stay whole.", []string{"export"}, nil)
+	descKeptGone   = prometheus.NewDesc("leasefs_kept_replaced_files", "Of those, files the writer replaced or deleted since: kept for older generations only.", []string{"export"}, nil)
+	descKeptBytes  = prometheus.NewDesc("leasefs_kept_replaced_bytes", "The size of the replaced or deleted files kept: space the writer does not get back until guests move on.", []string{"export"}, nil)
 	descLost       = prometheus.NewDesc("leasefs_export_lost", "Always 1: an export no longer served because its filesystem went away (unmounted, read-only, device gone).", []string{"export"}, nil)
 )
 
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag, descLabel, descLost} {
+	for _, d := range []*prometheus.Desc{descGeneration, descGuests, descLeases, descFiles, descBreaking, descBreaks, descRevoked, descStore, descPublished, descLag, descLabel, descLost, descKept, descKeptGone, descKeptBytes} {
 		ch <- d
 	}
 }
@@ -131,6 +134,9 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descFiles, float64(e.Files))
 		gauge(descBreaking, float64(e.PendingBreaks))
 		gauge(descStore, float64(e.StoreBytes))
+		gauge(descKept, float64(e.KeptFiles))
+		gauge(descKeptGone, float64(e.KeptReplaced))
+		gauge(descKeptBytes, float64(e.KeptBytes))
 		counter(descBreaks, e.Breaks)
 		counter(descRevoked, e.Revoked)
 		if !e.Published.IsZero() {

@@ -142,6 +142,11 @@ func (s *Server) retain(sv *served) {
 	if behind := uint64(s.opt.Limits.GenerationsBehind); cur > behind {
 		floor = cur - behind
 	}
+	if f := min(sv.exp.keepFloor(), cur); f > floor {
+		s.log.Warn("the files kept for older generations exceed their budget; dropping the oldest generations, whose guests move on",
+			"export", sv.exp.Name(), "before", f, "kept", sv.exp.KeptFiles())
+		floor = f
+	}
 	oldest := cur
 	sv.mu.Lock()
 	for tok, n := range sv.on {

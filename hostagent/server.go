@@ -173,6 +173,7 @@ func (s *Server) AddExport(e *Export) error {
 	next := make(map[string]*served, len(old)+1)
 	maps.Copy(next, old)
 	next[e.Name()] = &served{exp: e, coord: c, m: s.m, on: e.handedOn()}
+	e.SetFDs(s.fds)
 	s.m.addExport(e.Name())
 	s.exports.Store(&next)
 	return nil

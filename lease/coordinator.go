@@ -376,6 +376,12 @@ type Request struct {
 	Size   uint64
 	Ctime  unix.Timespec
 	Layout uint64
+	// Links and Mtime, if Links is set, allow one change: the file
+	// unlinked since (renamed over, deleted; its inode kept by whoever
+	// holds it) with fewer links and a new ctime, its bytes untouched
+	// (the same size, mtime and layout).
+	Links uint32
+	Mtime unix.Timespec
 	// Generation is the caller's tag for what the lease was taken at
 	// (the host's generation number), reported by Leases.
 	Generation uint64
@@ -586,7 +592,8 @@ func (c *Coordinator) check(f *file, r Request) (st unix.Stat_t, err error) {
 	if err := unix.Fstat(f.fd, &st); err != nil {
 		return st, err
 	}
-	if uint64(st.Size) != r.Size || st.Ctim != r.Ctime {
+	unlinked := uint32(st.Nlink) < r.Links && st.Mtim == r.Mtime
+	if uint64(st.Size) != r.Size || st.Ctim != r.Ctime && !unlinked {
 		return st, fmt.Errorf("%w: inode %d has size %d ctime %d.%09d, the generation says %d, %d.%09d",
 			ErrStale, r.Ino, st.Size, st.Ctim.Sec, st.Ctim.Nsec, r.Size, r.Ctime.Sec, r.Ctime.Nsec)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -56,11 +57,17 @@ type hostOptions struct {
 	fdStore     bool                   `flag:"fd-store"`
 	maxLeases   int                    `flag:"max-leases-per-guest"`
 	maxSessions int                    `flag:"max-sessions-per-guest"`
+	keep        keepOptions            `flag:"keep-files, keep-replaced-files, keep-replaced-mb"`
 	limits      hostagent.Limits       `flag:"max-conns-per-guest, max-inflight-mb(-per-guest), max-running(-per-guest), max-generations-behind"`
 	config      string
 }
 
 type exportSpec struct{ name, dev, mnt string }
+
+// keepOptions bound what is held to keep the guests' generations whole.
+type keepOptions struct {
+	files, replaced, replacedMB int
+}
 
 // defaultHostConfig is read when --config is not given, if it exists;
 // defaultControl is every command's --control.
@@ -124,6 +131,11 @@ docs/operations.md).
 	fs.IntVar(&o.maxLeases, "max-leases-per-guest", 65536, "the leases (open files) one guest may hold, all its sessions together\n"+
 		"(a guest is a VM, or a user on a shared Unix socket); the host's files are shared besides:\n"+
 		"a guest may hold at most half of what the others leave")
+	fs.IntVar(&o.keep.files, "keep-files", 262144, "the files held per export (by descriptor, O_PATH) so that a file the writer replaces or deletes stays readable\n"+
+		"in the generations guests are on (at most half the host's descriptor budget; 0: none)")
+	fs.IntVar(&o.keep.replaced, "keep-replaced-files", 100000, "the replaced or deleted files an export keeps for older generations; past it, or past\n"+
+		"--keep-replaced-mb, the oldest generations are dropped at the next publish and their guests move on")
+	fs.IntVar(&o.keep.replacedMB, "keep-replaced-mb", 8192, "the space (MiB) of the replaced or deleted files an export keeps for older generations")
 	fs.IntVar(&o.maxSessions, "max-sessions-per-guest", 16, "the sessions one guest may have; one more ends its oldest detached one")
 	fs.IntVar(&o.limits.ConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
 	fs.IntVar(&v.perGuestMB, "max-inflight-mb-per-guest", 8, "the reply bytes (MiB) one guest may have in flight")
@@ -159,6 +171,9 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	fs := newHostFlagSet(o, v)
 	if err := parseFlags(fs, append(fileArgs, args...), stderr); err != nil {
 		return nil, err
+	}
+	if o.keep.files < 0 {
+		return nil, fmt.Errorf("--keep-files %d: must be 0 or more", o.keep.files)
 	}
 	if len(v.exports) == 0 || len(v.listens) == 0 || fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "leasefs host: need --export and --listen (on the command line or in "+probe.config+")")
@@ -207,7 +222,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	for name, n := range map[string]int{"--max-leases-per-guest": o.maxLeases, "--max-sessions-per-guest": o.maxSessions,
 		"--max-conns-per-guest": o.limits.ConnsPerGuest, "--max-inflight-mb-per-guest": v.perGuestMB, "--max-inflight-mb": v.allMB,
 		"--max-running-per-guest": o.limits.RunningPerGuest, "--max-running": o.limits.Running,
-		"--max-generations-behind": o.limits.GenerationsBehind} {
+		"--max-generations-behind": o.limits.GenerationsBehind, "--keep-replaced-files": o.keep.replaced, "--keep-replaced-mb": o.keep.replacedMB} {
 		if n <= 0 {
 			return nil, fmt.Errorf("%s %d: must be positive", name, n)
 		}
@@ -672,6 +687,7 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		ec := hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
 			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
 			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp),
+			KeepFiles: cmp.Or(o.keep.files, -1), KeepReplaced: o.keep.replaced, KeepBytes: int64(o.keep.replacedMB) << 20,
 			Progress: progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
 		if a.store != nil {
 			ec.Keeper, ec.Held = a.store.keeper(sp.name), a.stored[sp.name]
