@@ -5,13 +5,19 @@ package main
 // bytes, in the generation the guests are on.
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/leasefs/leasefs/internal/testenv"
 )
 
 // Between the writer's changes and the next publish, guests (device,
@@ -129,5 +135,81 @@ func TestKeptFilesBudget(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(g, "b"))
 	if err == nil && string(b) != "b second\n" || err != nil && !errors.Is(err, syscall.ESTALE) {
 		t.Fatalf("b in the guest whose generation was dropped: %q %v; want its new bytes or ESTALE", b, err)
+	}
+}
+
+// A program started from a guest before a dpkg-style upgrade (each file
+// written as NAME.dpkg-new and renamed over NAME) goes on importing the
+// modules of its generation, also those it had not imported yet, until
+// the publish; a program started after it gets the new ones.
+func TestProgramAcrossDpkgUpgrade(t *testing.T) {
+	testenv.RequireTool(t, "python3")
+	h, mnt, dev := startHostCmd(t)
+	lib := filepath.Join(mnt, "usr/lib/python3/dist-packages")
+	if err := os.MkdirAll(lib, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	install := func(version string, rename bool) {
+		for _, mod := range []string{"lfs_a", "lfs_b"} {
+			path := filepath.Join(lib, mod+".py")
+			dst := path
+			if rename {
+				dst += ".dpkg-new"
+			}
+			if err := os.WriteFile(dst, []byte("V = "+strconv.Quote(mod+" "+version)+"\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if rename {
+				if err := os.Rename(dst, path); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	install("1.0", false)
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	g := guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev)
+	glib := filepath.Join(g, "usr/lib/python3/dist-packages")
+	py := exec.Command("python3", "-u", "-c", `import sys
+sys.path.insert(0, sys.argv[1])
+import lfs_a
+print(lfs_a.V)
+sys.stdin.readline()
+import lfs_b
+print(lfs_b.V)
+`, glib)
+	py.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
+	stdin, _ := py.StdinPipe()
+	stdout, _ := py.StdoutPipe()
+	if err := py.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = py.Process.Kill(); _ = py.Wait() })
+	lines := bufio.NewScanner(stdout)
+	next := func() string {
+		if !lines.Scan() {
+			return "(no line: " + fmt.Sprint(lines.Err()) + ")"
+		}
+		return lines.Text()
+	}
+	if l := next(); l != "lfs_a 1.0" {
+		t.Fatalf("the program's first import: %s", l)
+	}
+	install("2.0", true) // dpkg unpacks the upgrade; nothing published yet
+	fmt.Fprintln(stdin)
+	if l := next(); l != "lfs_b 1.0" {
+		t.Fatalf("a module imported after the upgrade, before the publish: %s; want the old one", l)
+	}
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	waitFor(t, "the guest on the new generation", func() bool {
+		return guestStatus(t, g).Generation == hostStatus(t, h.control).Exports[0].Generation
+	})
+	out, err := exec.Command("python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import lfs_a, lfs_b; print(lfs_a.V, lfs_b.V)", glib).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "lfs_a 2.0 lfs_b 2.0" {
+		t.Fatalf("a program started after the publish: %s %v", out, err)
 	}
 }
