@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-lease demo deps clean install uninstall
+.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-keep bench-lease demo deps clean install uninstall
 
 all: build
 
@@ -57,6 +57,14 @@ bench-live: build
 bench-publish: build
 	@scripts/deps.sh bench
 	bench/publish.sh
+
+# What keeping generations whole costs: kernel memory pinned per held
+# file (the agent keeping and not, alternating), and publishes with and
+# without the keeper.
+bench-keep: build
+	@scripts/deps.sh bench
+	bench/keep.sh
+	$(GO) test -run '^$$' -bench Keep -benchtime 5x -count 3 ./hostagent
 
 # Lease acquisition latency and memory per lease.
 bench-lease: deps
