@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
+	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -148,9 +151,21 @@ func (s *Server) retain(sv *served) {
 		floor = f
 	}
 	oldest := cur
+	// Which sessions still exist is asked of the coordinator without
+	// served.mu, a leaf (Server.Handover takes the coordinator's lock,
+	// then served.mu). A session that appears meanwhile counts as alive.
+	sv.mu.Lock()
+	toks := slices.Collect(maps.Keys(sv.on))
+	sv.mu.Unlock()
+	gone := map[lease.Token]bool{}
+	for _, tok := range toks {
+		if !sv.coord.HasSession(tok) {
+			gone[tok] = true
+		}
+	}
 	sv.mu.Lock()
 	for tok, n := range sv.on {
-		if !sv.coord.HasSession(tok) {
+		if gone[tok] {
 			delete(sv.on, tok)
 			continue
 		}
