@@ -144,6 +144,9 @@ func install(t *testing.T, root, bin string) {
 	for _, c := range [][]string{
 		{"install", "-D", "-m", "0755", filepath.Join(bin, "vmtest"), filepath.Join(mnt, "usr/local/libexec/leasefs-vmtest")},
 		{"ln", "-sf", "/etc/systemd/system/leasefs-vmtest.service", filepath.Join(mnt, "etc/systemd/system/multi-user.target.wants/leasefs-vmtest.service")},
+		// The console is the scenarios': a getty starting on it later
+		// would hang it up under them, and their output would be lost.
+		{"ln", "-sf", "/dev/null", filepath.Join(mnt, "etc/systemd/system/serial-getty@ttyS0.service")},
 	} {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%v: %v %s", c, err, out)
