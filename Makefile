@@ -28,7 +28,7 @@ test: deps
 # vhost-device-vsock once, into /var/cache/leasefs-vm;
 # LEASEFS_VM_KERNELS=6.1 boots only that kernel.
 test-vm: deps
-	$(GO) test -count=1 -timeout 30m -run 'TestGuestKernels|TestFleet|TestSystemd' -v ./internal/vmtest
+	$(GO) test -count=1 -timeout 30m -run 'TestGuestKernels|TestFleet|TestSystemd|TestBootUsr' -v ./internal/vmtest
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

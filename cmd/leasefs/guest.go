@@ -37,6 +37,7 @@ type guestOptions struct {
 	statusSocket        string
 	foreground, debug   bool
 	retry               bool
+	storageDaemon       bool
 }
 
 // parseGuest checks a guest command line without acting on it.
@@ -76,6 +77,9 @@ docs/operations.md).
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics over HTTP (/metrics) on a loopback HOST:PORT or unix:PATH")
 	fs.StringVar(&o.statusSocket, "status-socket", "", "the status socket (default: one per mount point under "+runDir()+")")
 	fs.BoolVar(&o.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
+	fs.BoolVar(&o.storageDaemon, "storage-daemon", false, "serve a filesystem the system runs from (/usr, /): the agent names itself @leasefs-guest,\n"+
+		"which systemd's final kill at shutdown spares (its rule for storage daemons of the root\n"+
+		"filesystem), so it serves to the end; for a mount made in the initramfs")
 	fs.BoolVar(&o.retry, "retry", false, "while the host agent cannot be reached, keep trying (every 1 s, backing off to 30 s)\ninstead of failing: for a guest started while its host restarts")
 	fs.BoolVar(&o.debug, "debug", false, "log every FUSE request (implies --foreground)")
 	fs.StringVar(&o.logTo, "log", "", logHelp)
@@ -144,6 +148,15 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	}
 	if err := checkGuestTarget(o); err != nil {
 		return err
+	}
+	if o.storageDaemon && (len(os.Args[0]) == 0 || os.Args[0][0] != '@') {
+		// argv[0] is what systemd reads (/proc/PID/cmdline): it can
+		// only be set by an exec.
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		return syscall.Exec(exe, append([]string{storageDaemonName, "guest"}, args...), os.Environ())
 	}
 	if !o.foreground {
 		if o.logTo == "" {
@@ -328,6 +341,11 @@ func sizeOf(n int64) string {
 	}
 	return fmt.Sprintf("%d MiB", n>>20)
 }
+
+// storageDaemonName is the guest's argv[0] with --storage-daemon: a
+// first character '@' exempts a process from systemd's killing at
+// shutdown (systemd.io/ROOT_STORAGE_DAEMONS).
+const storageDaemonName = "@leasefs-guest"
 
 // checkGuestTarget checks, before anything is started, what a mount
 // needs: a directory to mount on that holds no leasefs mount already

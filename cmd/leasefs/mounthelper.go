@@ -21,7 +21,8 @@ import (
 // helperOptions maps each mount option to the flag it stands for.
 var helperOptions = map[string]map[string]string{
 	"guest": {"connect": "--connect", "device": "--device", "follow": "--follow", "down": "--down", "log": "--log", "log-level": "--log-level",
-		"cache-mb": "--cache-mb", "page-cache": "--page-cache", "metrics": "--metrics", "status-socket": "--status-socket"},
+		"cache-mb": "--cache-mb", "page-cache": "--page-cache", "metrics": "--metrics", "status-socket": "--status-socket",
+		"retry": "--retry", "storage-daemon": "--storage-daemon"},
 	"mount": {"cache-mb": "--cache-mb", "readahead-kb": "--readahead-kb", "log": "--log", "allow-dirty-journal": "--allow-dirty-journal"},
 }
 

@@ -16,6 +16,10 @@
 # the host's page cache; CACHE=writeback shares the host's page cache
 # among the VMs. MONITOR=PATH puts QEMU's monitor on a Unix socket
 # (stop, cont, quit). ACCEL=kvm where KVM works; TCG otherwise.
+# ROOT=root.img adds a root disk, read-write, as the first drive (vda):
+# the export's disk is then vdb. APPEND adds to the kernel command line
+# (mount.usr= and friends to boot with /usr from leasefs: see
+# docs/operations.md, "Booting from leasefs").
 #
 # Snapshots: QEMU will not save a VM with a vhost-user vsock device, so
 # HOTPLUG=1 puts it on a PCIe root port, from which the monitor can
@@ -55,6 +59,8 @@ none | writeback) ;;
 *) echo "vhost-vm.sh: CACHE is none or writeback, not $CACHE" >&2; exit 2 ;;
 esac
 memory=${MEMORY:-512}
+root=()
+[ -z "${ROOT:-}" ] || root=(-drive file="$ROOT",if=virtio,format=raw,cache=unsafe)
 monitor=none
 [ -z "${MONITOR:-}" ] || monitor=unix:$MONITOR,server=on,wait=off
 # vhost-user needs the guest's memory shared with the backend: a memfd.
@@ -64,5 +70,5 @@ exec qemu-system-x86_64 \
 	-display none -monitor "$monitor" -serial stdio -no-reboot \
 	-kernel "$KERNEL" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 random.trust_cpu=on quiet ${APPEND:-}" \
-	"${vsock[@]}" "${incoming[@]}" \
+	"${vsock[@]}" "${incoming[@]}" "${root[@]}" \
 	-drive file="$IMAGE",if=virtio,format=raw,readonly=on,cache="$CACHE",file.locking=off

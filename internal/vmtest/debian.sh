@@ -13,6 +13,10 @@
 #   debian.sh root SUITE CACHE       a Debian root filesystem of SUITE
 #                                    with systemd, made by mmdebstrap, as
 #                                    an ext4 image: prints its path
+#   debian.sh split SUITE CACHE      the same with python3 and perl, as two
+#                                    ext4 images: the root without the
+#                                    contents of /usr, and /usr: prints
+#                                    their paths, one per line
 #
 # The machine's own apt lists are left alone: apt reads a private
 # sources list and keeps its lists and downloads under CACHE.
@@ -98,6 +102,25 @@ root)
   rm -rf "$tmp"
   echo "$out"
   ;;
+split)
+  suite=$2 cache=$3
+  root=$cache/split-$suite-root.img usr=$cache/split-$suite-usr.img
+  if [ -e "$root" ] && [ -e "$usr" ]; then printf '%s\n%s\n' "$root" "$usr"; exit 0; fi
+  tmp=$cache/split-$suite.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/tree"
+  if ! mmdebstrap --variant=minbase --include=systemd-sysv,udev,util-linux,mount,procps,e2fsprogs,kmod,python3,perl \
+    --customize-hook='echo leasefs-vm >"$1/etc/hostname"' \
+    "$suite" "$tmp/root.tar" http://deb.debian.org/debian >"$tmp/log" 2>&1; then
+    echo "debian.sh: mmdebstrap $suite failed:" >&2; tail -5 "$tmp/log" >&2; exit 1
+  fi
+  tar -C "$tmp/tree" -xf "$tmp/root.tar"
+  mkfs.ext4 -q -F -L usr -d "$tmp/tree/usr" "$tmp/usr.img" 2G
+  rm -rf "$tmp/tree/usr" && mkdir "$tmp/tree/usr"
+  mkfs.ext4 -q -F -L root -d "$tmp/tree" "$tmp/root.img" 512M
+  mv "$tmp/usr.img" "$usr" && mv "$tmp/root.img" "$root"
+  rm -rf "$tmp"
+  printf '%s\n%s\n' "$root" "$usr"
+  ;;
 *)
-  echo "usage: debian.sh kernel RELEASE CACHE | debian.sh vhost CACHE | debian.sh root SUITE CACHE" >&2; exit 2 ;;
+  echo "usage: debian.sh kernel RELEASE CACHE | debian.sh vhost CACHE | debian.sh root SUITE CACHE | debian.sh split SUITE CACHE" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ package vmtest
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -50,6 +51,7 @@ type fleet struct {
 	img, mnt, dev      string // the export: its image, mount and loop device
 	vms, sockets, run  string // the hvsock-dir directory; the vhost-user sockets; the agent's files
 	control            string
+	export             string // its name, if not "mirror"
 	initrds, vmlinuzes map[string]string // by kernel name
 
 	mu     sync.Mutex
@@ -194,9 +196,9 @@ func (f *fleet) publish(t testing.TB) uint64 {
 }
 
 func (f *fleet) publishGen() (uint64, error) {
-	out, err := f.leasefs("publish", "--control", f.control, "mirror")
+	out, err := f.leasefs("publish", "--control", f.control, cmp.Or(f.export, "mirror"))
 	var gen uint64
-	if _, serr := fmt.Sscanf(out, "mirror: generation %d,", &gen); err != nil || serr != nil {
+	if _, serr := fmt.Sscanf(out, cmp.Or(f.export, "mirror")+": generation %d,", &gen); err != nil || serr != nil {
 		return 0, fmt.Errorf("leasefs publish: %v %s", err, out)
 	}
 	return gen, nil
@@ -227,6 +229,9 @@ type vmSpec struct {
 	cid      int
 	hotplug  bool
 	incoming string
+	root     string // a root disk (vda; the export is then vdb)
+	memory   int    // MiB; 384 if 0
+	append   string // to the kernel's command line
 }
 
 // start starts a VM; ready waits for it (VMs boot at once).
@@ -259,7 +264,8 @@ func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
 	}
 	v.qemu = exec.Command("../../examples/qemu/vhost-vm.sh")
 	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[spec.k.name], "INITRD="+f.initrds[spec.k.name], "IMAGE="+f.img,
-		"CACHE="+spec.cache, "MEMORY=384", "MONITOR="+v.monitor, "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"))
+		"CACHE="+spec.cache, fmt.Sprint("MEMORY=", cmp.Or(spec.memory, 384)), "MONITOR="+v.monitor, "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"),
+		"ROOT="+spec.root, "APPEND="+spec.append)
 	if spec.hotplug {
 		v.qemu.Env = append(v.qemu.Env, "HOTPLUG=1")
 	}
