@@ -508,3 +508,23 @@ func TestProgressLine(t *testing.T) {
 		t.Errorf("%q, want %q", b.String(), want)
 	}
 }
+
+// The boot scripts of examples/boot parse (the initramfs-tools ones also
+// boot a VM in internal/vmtest's TestBootUsr; the dracut module is not
+// run anywhere).
+func TestBootScriptsParse(t *testing.T) {
+	for _, c := range [][]string{
+		{"sh", "-n", "boot/initramfs-tools/hooks/leasefs"},
+		{"sh", "-n", "boot/initramfs-tools/scripts/local-bottom/leasefs"},
+		{"sh", "-n", "boot/dracut/90leasefs/leasefs-mount-usr.sh"},
+		{"bash", "-n", "boot/dracut/90leasefs/module-setup.sh"},
+	} {
+		cmd := exec.Command(c[0], c[1], filepath.Join(examples, c[2]))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("%s: %v\n%s", c[2], err, out)
+		}
+		if st, err := os.Stat(filepath.Join(examples, c[2])); err != nil || st.Mode()&0o111 == 0 {
+			t.Errorf("%s: not executable: %v", c[2], err)
+		}
+	}
+}

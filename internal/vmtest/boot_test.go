@@ -189,6 +189,75 @@ func TestBootUsr(t *testing.T) {
 		_, _ = v2.shErr("systemctl poweroff --no-block")
 		waitExit(t, v2, "reboot: Power down")
 	})
+	// Debian's own initramfs, made by mkinitramfs with the hook and
+	// script of examples/boot/initramfs-tools, in the VM's root (with
+	// the export as its /usr, where initramfs-tools is installed).
+	t.Run("initramfs_tools", func(t *testing.T) {
+		initrd := debianInitramfs(t, root, f.mnt, kdir, bin)
+		f.publish(t)
+		v3 := f.start(t, vmSpec{name: "boot3", k: k, cache: "none", root: root, memory: 768, initrd: initrd,
+			append: "root=/dev/vda rw " + spec.append})
+		v3.ready(t)
+		if mi := v3.sh(t, "grep ' /usr ' /proc/self/mountinfo"); !strings.Contains(mi, "fuse.leasefs") {
+			t.Fatalf("/usr is not leasefs: %s", mi)
+		}
+		if out := v3.sh(t, "python3 -c 'import ssl; print(\"ok\")'; cat /proc/$(pgrep -f -o '^@leasefs-guest')/cmdline | tr '\\0' ' '"); !strings.HasPrefix(out, "ok\n@leasefs-guest guest") {
+			t.Errorf("from Debian's initramfs: %q", out)
+		}
+		_, _ = v3.shErr("systemctl poweroff --no-block")
+		waitExit(t, v3, "reboot: Power down")
+	})
+}
+
+// debianInitramfs makes an initramfs with initramfs-tools in the root
+// image (its /usr the export mounted at usr), with the kernel's modules
+// and examples/boot/initramfs-tools, and returns its path.
+func debianInitramfs(t *testing.T, root, usr, kdir, bin string) string {
+	testenv.RequireTool(t, "chroot")
+	vers, err := os.ReadDir(filepath.Join(kdir, "lib/modules"))
+	if err != nil || len(vers) != 1 {
+		t.Fatalf("%s: want one module tree: %v", kdir, err)
+	}
+	ver := vers[0].Name()
+	mnt := t.TempDir()
+	var mounted []string
+	defer func() {
+		for i := len(mounted) - 1; i >= 0; i-- {
+			imgtest.Unmount(t, mounted[i])
+		}
+	}()
+	for _, m := range [][]string{{"-o", "loop", root, mnt}, {"--bind", usr, mnt + "/usr"}, {"-t", "proc", "proc", mnt + "/proc"}, {"--bind", "/dev", mnt + "/dev"}} {
+		if out, err := exec.Command("mount", m...).CombinedOutput(); err != nil {
+			t.Fatalf("mount %v: %v %s", m, err, out)
+		}
+		mounted = append(mounted, m[len(m)-1])
+	}
+	ex := "../../examples/boot/initramfs-tools/"
+	for _, c := range [][]string{
+		{"cp", "/etc/resolv.conf", mnt + "/etc/resolv.conf"},
+		{"chroot", mnt, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends initramfs-tools busybox"},
+		{"mkdir", "-p", mnt + "/usr/lib/modules"},
+		{"cp", "-a", filepath.Join(kdir, "lib/modules", ver), mnt + "/usr/lib/modules/"},
+		{"chroot", mnt, "depmod", ver},
+		{"install", "-m", "0755", filepath.Join(bin, "leasefs"), mnt + "/usr/local/bin/leasefs"},
+		{"install", "-D", "-m", "0755", ex + "hooks/leasefs", mnt + "/etc/initramfs-tools/hooks/leasefs"},
+		{"install", "-D", "-m", "0755", ex + "scripts/local-bottom/leasefs", mnt + "/etc/initramfs-tools/scripts/local-bottom/leasefs"},
+		{"sed", "-i", "s/^MODULES=.*/MODULES=list/", mnt + "/etc/initramfs-tools/initramfs.conf"},
+		{"sh", "-c", "printf 'virtio_pci\\nvirtio_blk\\n' >>" + mnt + "/etc/initramfs-tools/modules"},
+		{"chroot", mnt, "mkinitramfs", "-o", "/tmp/initrd.img", ver},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			if strings.Contains(string(out), "Could not resolve") || strings.Contains(string(out), "Temporary failure") {
+				testenv.Unavailable(t, "installing initramfs-tools in the VM's root needs Debian's archive: %s", out)
+			}
+			t.Fatalf("%v: %v\n%s", c, err, out)
+		}
+	}
+	initrd := filepath.Join(t.TempDir(), "initrd.img")
+	if out, err := exec.Command("cp", mnt+"/tmp/initrd.img", initrd).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	return initrd
 }
 
 // waitExit waits for the VM's QEMU to exit (it does not reboot: -no-reboot)

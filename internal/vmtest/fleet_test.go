@@ -51,7 +51,7 @@ type fleet struct {
 	img, mnt, dev      string // the export: its image, mount and loop device
 	vms, sockets, run  string // the hvsock-dir directory; the vhost-user sockets; the agent's files
 	control            string
-	export             string // its name, if not "mirror"
+	export             string            // its name, if not "mirror"
 	initrds, vmlinuzes map[string]string // by kernel name
 
 	mu     sync.Mutex
@@ -230,6 +230,7 @@ type vmSpec struct {
 	hotplug  bool
 	incoming string
 	root     string // a root disk (vda; the export is then vdb)
+	initrd   string // another initramfs than the fleet's
 	memory   int    // MiB; 384 if 0
 	append   string // to the kernel's command line
 }
@@ -263,7 +264,7 @@ func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
 		}
 	}
 	v.qemu = exec.Command("../../examples/qemu/vhost-vm.sh")
-	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[spec.k.name], "INITRD="+f.initrds[spec.k.name], "IMAGE="+f.img,
+	v.qemu.Env = append(os.Environ(), "KERNEL="+f.vmlinuzes[spec.k.name], "INITRD="+cmp.Or(spec.initrd, f.initrds[spec.k.name]), "IMAGE="+f.img,
 		"CACHE="+spec.cache, fmt.Sprint("MEMORY=", cmp.Or(spec.memory, 384)), "MONITOR="+v.monitor, "CPUS="+os.Getenv("LEASEFS_FLEET_CPUS"),
 		"ROOT="+spec.root, "APPEND="+spec.append)
 	if spec.hotplug {
