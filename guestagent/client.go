@@ -165,8 +165,10 @@ type Client struct {
 	inval       []uint64                // nodes whose pages and attributes to drop
 
 	// Open files (files.go), guarded by mu.
-	files  map[uint64]*leasedFile // by lease id
-	fenced []FencedFile           // the latest, newest last
+	files     map[uint64]*leasedFile // by lease id
+	fenced    []FencedFile           // the latest, newest last
+	idle      map[uint64]idleFile    // leases kept after their last close, by node (idle.go)
+	idleTimer *time.Timer            // releases them
 
 	closed bool // guarded by mu
 }
@@ -230,7 +232,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if !cfg.Down.Hard && cfg.Down.Timeout <= 0 {
 		cfg.Down = DefaultDown
 	}
-	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{},
+	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{}, idle: map[uint64]idleFile{},
 		kick: make(chan struct{}, 1), done: make(chan struct{}), attached: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
 	c.m = newClientMetrics(c)
@@ -312,6 +314,9 @@ func (c *Client) Close() {
 	c.live.Store(nil)
 	if c.timer != nil {
 		c.timer.Stop()
+	}
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
 	}
 	c.mu.Unlock()
 	if conn != nil {

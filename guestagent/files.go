@@ -32,6 +32,12 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 			}
 			continue
 		}
+		c.mu.Lock()
+		lf := c.reuseLocked(NodeID(in))
+		c.mu.Unlock()
+		if lf != nil {
+			return lf, nil
+		}
 		lf, err := c.lease(gv, v, in)
 		if err == nil {
 			return lf, nil
@@ -267,15 +273,17 @@ func (lf *leasedFile) readHost(p []byte, off int64) (int, error) {
 // maxRead is the most one Read asks for.
 const maxRead = 1 << 20
 
+// Close ends the last open of lf: its lease is kept idle for a while
+// (idle.go), for the next open of the same version.
 func (lf *leasedFile) Close() error {
 	c := lf.c
 	c.mu.Lock()
-	_, held := c.files[lf.id]
-	delete(c.files, lf.id)
-	c.mu.Unlock()
-	if !held {
+	if _, held := c.files[lf.id]; !held {
+		c.mu.Unlock()
 		return nil // broken, revoked or lost: nothing to release
 	}
-	_, err := c.call(&vsockproto.Release{Lease: lf.id})
-	return err
+	out := c.parkLocked(lf)
+	c.mu.Unlock()
+	c.release(out)
+	return nil
 }

@@ -474,10 +474,11 @@ type refusing struct{ Notifier }
 
 func (refusing) InodeNotify(uint64, int64, int64) fuse.Status { return fuse.EIO }
 
-// A file replaced on the host but not yet published cannot be read at
-// the guest's generation (its blocks may be reused). When the host
-// publishes on its own, an open waits for the generation that has the
-// change and reads what that has.
+// A file rewritten in place on the host but not yet published cannot be
+// read at the guest's generation (its blocks hold other bytes). When the
+// host publishes on its own, an open waits for the generation that has
+// the change and reads what that has. (A file replaced by a rename is
+// another matter: its old inode, held, reads as the generation has it.)
 func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
 	h := &host{auto: &hostagent.AutoPublish{Quiet: 400 * time.Millisecond, Max: 2 * time.Second}}
 	h = startHostLike(t, h)
@@ -488,7 +489,7 @@ func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
 		t.Fatal("first generation")
 	}
 	gen := g.c.Generation()
-	h.replace(t, "f", "after")
+	h.writeInPlace(t, "f", "after")
 	start := time.Now()
 	got := g.read(t, "f")
 	if got != "after" || time.Since(start) < 200*time.Millisecond || g.c.Generation() == gen {
@@ -509,7 +510,7 @@ func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 	if g.read(t, "f") != "before" {
 		t.Fatal("first generation")
 	}
-	h.replace(t, "f", "after")
+	h.writeInPlace(t, "f", "after")
 	start := time.Now()
 	_, err := os.ReadFile(filepath.Join(g.dir, "f"))
 	if !errors.Is(err, syscall.ESTALE) || time.Since(start) > time.Second {

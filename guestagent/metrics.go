@@ -18,6 +18,7 @@ type clientMetrics struct {
 	breaks       prometheus.Counter
 	readsRedone  prometheus.Counter
 	openRefusals *prometheus.CounterVec // why
+	leasesReused prometheus.Counter
 }
 
 func newClientMetrics(c *Client) *clientMetrics {
@@ -39,6 +40,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 		breaks:     counter("lease_breaks_total", "Leases the host broke (a writer wanted the file)."),
 		readsRedone: counter("device_reads_redone_total",
 			"Device reads thrown away because the session that held the lease was lost (or went quiet) while they read."),
+		leasesReused: counter("leases_reused_total", "Opens served by a lease kept after the file's last close, without asking the host."),
 		openRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_open_refusals_total",
 			Help: "Opens the host refused, by the answer given to the application."}, []string{"error"}),
 	}
@@ -61,7 +63,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 			return 0
 		})
 	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.cacheHits, m.cacheMisses, m.inval, m.data,
-		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, gen, open, cached, nodes, device)
+		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, gen, open, cached, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)
 	}

@@ -144,6 +144,7 @@ func (c *Client) switchTo(old *genView, target uint64, label string, ch *changes
 	c.mu.Unlock()
 	c.m.switches.Inc()
 	c.log.Debug("switched generation", "from", old.gen, "to", target, "all", ch.all)
+	c.pruneIdle(f, ch)
 	return nil
 }
 

@@ -108,7 +108,7 @@ split)
   if [ -e "$root" ] && [ -e "$usr" ]; then printf '%s\n%s\n' "$root" "$usr"; exit 0; fi
   tmp=$cache/split-$suite.tmp
   rm -rf "$tmp" && mkdir -p "$tmp/tree"
-  if ! mmdebstrap --variant=minbase --include=systemd-sysv,udev,util-linux,mount,procps,e2fsprogs,kmod,python3,perl \
+  if ! mmdebstrap --variant=minbase --include=systemd-sysv,udev,util-linux,mount,procps,e2fsprogs,kmod,python3,perl,git \
     --customize-hook='echo leasefs-vm >"$1/etc/hostname"' \
     "$suite" "$tmp/root.tar" http://deb.debian.org/debian >"$tmp/log" 2>&1; then
     echo "debian.sh: mmdebstrap $suite failed:" >&2; tail -5 "$tmp/log" >&2; exit 1
