@@ -6,7 +6,7 @@ BIN      := bin/leasefs
 STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-keep bench-lease demo deps clean install uninstall
+.PHONY: all build test test-vm lint fuzz bench bench-live bench-publish bench-keep bench-usr bench-lease demo deps clean install uninstall
 
 all: build
 
@@ -65,6 +65,13 @@ bench-keep: build
 	@scripts/deps.sh bench
 	bench/keep.sh
 	$(GO) test -run '^$$' -bench Keep -benchtime 5x -count 3 ./hostagent
+
+# Program starts (python3 imports, perl, git, a shell script of
+# coreutils) from a leasefs /usr against the host's ext4, warm,
+# interleaved (the Debian /usr is built once with mmdebstrap).
+bench-usr: build
+	@scripts/deps.sh test
+	bench/usr.sh
 
 # Lease acquisition latency and memory per lease.
 bench-lease: deps

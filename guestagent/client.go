@@ -90,6 +90,9 @@ type ClientConfig struct {
 	OpenWait time.Duration
 	// Timeout is the FUSE entry and attribute timeout (1 h).
 	Timeout time.Duration
+	// Linger is how long a file's lease is kept after its last close,
+	// for the next open of it (30 s if 0; negative: not kept).
+	Linger time.Duration
 	// CacheBytes bounds the metadata cache (DefaultCacheBytes).
 	CacheBytes int64
 	// PageCache says where file data is cached: PageCacheGuest (the
@@ -222,6 +225,9 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = time.Hour
+	}
+	if cfg.Linger == 0 {
+		cfg.Linger = defaultLinger
 	}
 	if cfg.CacheBytes <= 0 {
 		cfg.CacheBytes = DefaultCacheBytes

@@ -91,7 +91,11 @@
 // the host publishes on its own, after waiting for one as long as the
 // host's publish policy (told in the handshake) says one can take; else
 // it fails at once with ESTALE (or EBUSY), and one log line names the
-// path, the generation and why.
+// path, the generation and why. A lease outlives its file's last close
+// for 30 s (idle.go), so that opening the same version again (a program
+// start: its binary, libraries, modules) needs no round trip; an idle
+// lease stays in the open files, so a break or revoke drops it as any,
+// and a switch that changed its file releases it.
 //
 // An open of a file that changed meanwhile (another version, another
 // node) fails with ESTALE, after which the kernel looks the name up again

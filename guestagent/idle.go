@@ -13,12 +13,13 @@ import (
 // modules — opens them without asking the host. The lease stays in
 // c.files while idle, so a break or a revoke fences and drops it as any
 // other; an idle lease found fenced or gone is not reused. Idle leases
-// are let go after idleFor, the oldest first past maxIdle, and at a
+// are let go after ClientConfig.Linger (30 s; negative: at once), the
+// oldest first past maxIdle, and at a
 // switch those of files the new generation changed: they would keep the
 // space of a replaced file only for opens that can no longer come.
 const (
-	idleFor = 30 * time.Second
-	maxIdle = 4096
+	defaultLinger = 30 * time.Second
+	maxIdle       = 4096
 )
 
 // idleFile is a lease kept after its file's last close.
@@ -31,7 +32,7 @@ type idleFile struct {
 // It returns what must be released now (lf itself if it cannot be kept,
 // or the oldest idle leases past maxIdle). Called with c.mu held.
 func (c *Client) parkLocked(lf *leasedFile) []*leasedFile {
-	if c.closed || lf.Stale() != nil {
+	if c.closed || c.cfg.Linger < 0 || lf.Stale() != nil {
 		return []*leasedFile{lf}
 	}
 	var out []*leasedFile
@@ -51,7 +52,7 @@ func (c *Client) parkLocked(lf *leasedFile) []*leasedFile {
 		delete(c.idle, oldest)
 	}
 	if c.idleTimer == nil {
-		c.idleTimer = time.AfterFunc(idleFor, c.expireIdle)
+		c.idleTimer = time.AfterFunc(c.cfg.Linger, c.expireIdle)
 	}
 	return out
 }
@@ -71,18 +72,18 @@ func (c *Client) reuseLocked(node uint64) *leasedFile {
 	return f.lf
 }
 
-// expireIdle releases the leases idle for idleFor, and runs again while
-// some remain.
+// expireIdle releases the leases idle for the Linger, and runs again
+// while some remain.
 func (c *Client) expireIdle() {
 	c.mu.Lock()
 	var out []*leasedFile
 	next := time.Duration(0)
 	for node, f := range c.idle {
-		if age := time.Since(f.since); age >= idleFor || c.closed {
+		if age := time.Since(f.since); age >= c.cfg.Linger || c.closed {
 			out = append(out, f.lf)
 			delete(c.idle, node)
-		} else if next == 0 || idleFor-age < next {
-			next = idleFor - age
+		} else if next == 0 || c.cfg.Linger-age < next {
+			next = c.cfg.Linger - age
 		}
 	}
 	c.idleTimer = nil
@@ -91,6 +92,19 @@ func (c *Client) expireIdle() {
 	}
 	c.mu.Unlock()
 	c.release(out)
+}
+
+// dropIdle releases every idle lease, and says how many there were.
+func (c *Client) dropIdle() int {
+	c.mu.Lock()
+	out := make([]*leasedFile, 0, len(c.idle))
+	for node, f := range c.idle {
+		out = append(out, f.lf)
+		delete(c.idle, node)
+	}
+	c.mu.Unlock()
+	c.release(out)
+	return len(out)
 }
 
 // pruneIdle releases, after a switch to view f, the idle leases of files

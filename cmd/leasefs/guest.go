@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -38,6 +39,7 @@ type guestOptions struct {
 	foreground, debug   bool
 	retry               bool
 	storageDaemon       bool
+	linger              time.Duration
 }
 
 // parseGuest checks a guest command line without acting on it.
@@ -77,6 +79,8 @@ docs/operations.md).
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics over HTTP (/metrics) on a loopback HOST:PORT or unix:PATH")
 	fs.StringVar(&o.statusSocket, "status-socket", "", "the status socket (default: one per mount point under "+runDir()+")")
 	fs.BoolVar(&o.foreground, "foreground", false, "stay attached: serve until unmounted or signalled")
+	fs.DurationVar(&o.linger, "lease-linger", 30*time.Second, "how long a file's lease is kept after its last close, so that opening it again (a program\n"+
+		"start: its binary, libraries, modules) needs no round trip to the host (0: released at once)")
 	fs.BoolVar(&o.storageDaemon, "storage-daemon", false, "serve a filesystem the system runs from (/usr, /): the agent names itself @leasefs-guest,\n"+
 		"which systemd's final kill at shutdown spares (its rule for storage daemons of the root\n"+
 		"filesystem), so it serves to the end; for a mount made in the initramfs")
@@ -107,6 +111,9 @@ docs/operations.md).
 	}
 	if o.pageCache, err = guestagent.ParsePageCache(pageCache); err != nil {
 		return nil, err
+	}
+	if o.linger < 0 {
+		return nil, fmt.Errorf("--lease-linger %v: must be 0 or more", o.linger)
 	}
 	if o.cacheMB <= 0 {
 		return nil, fmt.Errorf("--cache-mb %d: must be positive", o.cacheMB)
@@ -200,7 +207,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	}
 	defer sl.Close()
 	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow, Down: o.down,
-		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Logger: log}, o.retry, log)
+		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Linger: cmp.Or(o.linger, -1), Logger: log}, o.retry, log)
 	if err != nil {
 		return err
 	}

@@ -324,13 +324,16 @@ func TestVMsWaitForDescriptors(t *testing.T) {
 	}
 	guest := "unix:" + filepath.Join(run, "guest.sock")
 	control := "unix:" + filepath.Join(run, "control.sock")
-	const limit = 120 // a budget of 90 for guests' files, connections and VMs
+	// A budget of 90 for guests' files, connections and VMs; none kept
+	// for whole generations (--keep-files 0), which would take up to
+	// half of it.
+	const limit = 120
 	a := newAgentOf(t, "prlimit", mnt, fmt.Sprintf("--nofile=%d:%d", limit, limit),
 		leasefsBinNoRace, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--listen", "hvsock-dir:"+vms+":5000",
-		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-files", "0")
 	pid := a.cmd.Process.Pid
 	base := fdCount(pid)
-	g := guestMount(t, "--connect", guest, "--export", "mirror")
+	g := guestMount(t, "--connect", guest, "--export", "mirror", "--lease-linger", "0") // closing frees at once
 	var open []*os.File
 	for i := range files {
 		f, err := os.Open(filepath.Join(g, fmt.Sprintf("f%02d", i)))

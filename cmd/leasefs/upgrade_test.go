@@ -344,9 +344,10 @@ func TestRestartWithFDStore(t *testing.T) {
 		}
 		waitGone(t, mnt)
 	})
+	// Closed files' leases linger 2 s, then leave the store.
 	dirs := []string{
-		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
-		guestMount(t, "--connect", guest, "--export", "mirror"),
+		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev, "--lease-linger", "2s"),
+		guestMount(t, "--connect", guest, "--export", "mirror", "--lease-linger", "2s"),
 	}
 	var files, wanted []*os.File
 	for _, dir := range dirs {
