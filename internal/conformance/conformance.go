@@ -11,11 +11,13 @@
 package conformance
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -55,6 +57,44 @@ func Populate(t testing.TB, root string) {
 	must(os.WriteFile(p("closed/inside"), []byte("x"), 0o644))
 	must(os.WriteFile(p("noexec"), []byte("#!/bin/sh\necho ran\n"), 0o644))
 	must(os.WriteFile(p("odd"), []byte(strings.Repeat("0123456789", 1234)+"tail"), 0o644))
+	must(os.WriteFile(p("script"), []byte("#!/bin/sh\necho ran from the mount\n"), 0o755))
+	if runtime.GOARCH == "amd64" {
+		must(os.WriteFile(p("exit42"), exit42(), 0o755))
+	}
+}
+
+// exit42 is the smallest static program: an ELF executable for amd64
+// whose code is exit(42). The kernel maps it from the file (a private
+// mapping, executable), as it maps every program and library.
+func exit42() []byte {
+	const base, hdr, phdr = 0x400000, 64, 56
+	code := []byte{0xbf, 42, 0, 0, 0, 0xb8, 60, 0, 0, 0, 0x0f, 0x05} // mov edi,42; mov eax,60; syscall
+	size := uint64(hdr + phdr + len(code))
+	b := make([]byte, 0, size)
+	le := binary.LittleEndian
+	b = append(b, 0x7f, 'E', 'L', 'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+	b = le.AppendUint16(b, 2)    // ET_EXEC
+	b = le.AppendUint16(b, 0x3e) // EM_X86_64
+	b = le.AppendUint32(b, 1)
+	b = le.AppendUint64(b, base+hdr+phdr) // entry
+	b = le.AppendUint64(b, hdr)           // program headers
+	b = le.AppendUint64(b, 0)             // no section headers
+	b = le.AppendUint32(b, 0)
+	b = le.AppendUint16(b, hdr)
+	b = le.AppendUint16(b, phdr)
+	b = le.AppendUint16(b, 1)
+	b = le.AppendUint16(b, 64)
+	b = le.AppendUint16(b, 0)
+	b = le.AppendUint16(b, 0)
+	b = le.AppendUint32(b, 1) // PT_LOAD
+	b = le.AppendUint32(b, 5) // R+X
+	b = le.AppendUint64(b, 0)
+	b = le.AppendUint64(b, base)
+	b = le.AppendUint64(b, base)
+	b = le.AppendUint64(b, size)
+	b = le.AppendUint64(b, size)
+	b = le.AppendUint64(b, 0x1000)
+	return append(b, code...)
 }
 
 // Run runs every check on mount against oracle; both show the same
@@ -63,6 +103,7 @@ func Run(t *testing.T, mount, oracle string) {
 	t.Run("EROFS", func(t *testing.T) { checkWrites(t, mount, oracle) })
 	t.Run("errno", func(t *testing.T) { checkErrnos(t, mount, oracle) })
 	t.Run("permissions", func(t *testing.T) { checkPermissions(t, mount, oracle) })
+	t.Run("mmap and exec", func(t *testing.T) { checkMapsAndExec(t, mount, oracle) })
 	t.Run("tree", func(t *testing.T) {
 		want := imgtest.Snapshot(t, oracle)
 		if len(want) < 10 {
@@ -191,6 +232,52 @@ func checkErrnos(t *testing.T, mount, oracle string) {
 		}
 		if (want == nil) != (got == nil) || (want != nil && !errors.Is(got, we)) {
 			t.Errorf("%s: %v, want %v as the kernel's mount", name, got, want)
+		}
+	}
+}
+
+// checkMapsAndExec: a file mapped privately and shared reads as the
+// kernel's, and programs run from the mount: a script, and a binary the
+// kernel maps to execute it.
+func checkMapsAndExec(t *testing.T, mount, oracle string) {
+	want, err := os.ReadFile(filepath.Join(oracle, Dir, "odd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name  string
+		flags int
+	}{{"MAP_PRIVATE", unix.MAP_PRIVATE}, {"MAP_SHARED", unix.MAP_SHARED}} {
+		f, err := os.Open(filepath.Join(mount, Dir, "odd"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := unix.Mmap(int(f.Fd()), 0, len(want), unix.PROT_READ, c.flags)
+		f.Close()
+		if errors.Is(err, unix.ENODEV) && c.flags == unix.MAP_SHARED {
+			// A mount whose files are opened for direct I/O
+			// (--page-cache host) on a kernel before 6.6, which has no
+			// FUSE_DIRECT_IO_ALLOW_MMAP: the guest says so at mount.
+			t.Logf("%s: ENODEV (direct I/O, no shared mappings on this kernel)", c.name)
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", c.name, err)
+			continue
+		}
+		if string(m) != string(want) {
+			t.Errorf("%s: the mapping differs from the file", c.name)
+		}
+		unix.Munmap(m)
+	}
+	if out, err := exec.Command(filepath.Join(mount, Dir, "script")).Output(); err != nil || string(out) != "ran from the mount\n" {
+		t.Errorf("a script from the mount: %q %v", out, err)
+	}
+	if runtime.GOARCH == "amd64" {
+		err := exec.Command(filepath.Join(mount, Dir, "exit42")).Run()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 42 {
+			t.Errorf("a program from the mount: %v, want exit status 42", err)
 		}
 	}
 }
