@@ -30,23 +30,8 @@ func BenchmarkPublish(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("LEASEFS_BENCH_CHANGED")); err == nil && v >= 0 {
 		changed = v
 	}
-	sizeMB := max(2048, dirs*per/64)
-	img := imgtest.Mkfs(b, "ext4", "", sizeMB, "-b", "4096", "-N", strconv.Itoa(dirs*per+20000), "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
-	mnt := imgtest.KernelMount(b, img, "rw")
-	for d := range dirs {
-		dir := filepath.Join(mnt, "d"+strconv.Itoa(d))
-		os.Mkdir(dir, 0o755)
-		for i := range per {
-			os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), []byte("x"), 0o644)
-		}
-	}
-	x := export{img: img, dev: imgtest.LoopDevice(b, mnt), mnt: mnt, state: b.TempDir()}
-	wd, err := StartWatchdog(watchdogCmd(mnt))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer wd.Close()
+	x, wd := benchTree(b, dirs, per, max(2048, dirs*per/64))
+	mnt := x.mnt
 	open := func(watch, expedite bool) *Export {
 		e, err := OpenExport(ExportConfig{Name: "bench", Device: x.dev, Mount: mnt, StateDir: x.state, Watchdog: wd,
 			FreezeBudget: time.Minute, Watch: watch, FullScanEvery: -1, ExpediteRCU: expedite})
@@ -117,6 +102,28 @@ func BenchmarkPublish(b *testing.B) {
 	}
 }
 
+// benchTree is an export of dirs directories of per one-byte files, on
+// an image of sizeMB, with its watchdog; both go when b ends.
+func benchTree(b *testing.B, dirs, per, sizeMB int) (export, *Watchdog) {
+	img := imgtest.Mkfs(b, "ext4", "", sizeMB, "-b", "4096", "-N", strconv.Itoa(dirs*per+20000), "-O",
+		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
+	mnt := imgtest.KernelMount(b, img, "rw")
+	for d := range dirs {
+		dir := filepath.Join(mnt, "d"+strconv.Itoa(d))
+		os.Mkdir(dir, 0o755)
+		for i := range per {
+			os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), []byte("x"), 0o644)
+		}
+	}
+	x := export{img: img, dev: imgtest.LoopDevice(b, mnt), mnt: mnt, state: b.TempDir()}
+	wd, err := StartWatchdog(watchdogCmd(mnt))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { wd.Close() })
+	return x, wd
+}
+
 // BenchmarkReadMeta is one guest's metadata request and its reply, over a
 // Unix socket, as a cold walk makes them one after another: 1 block, and
 // the 16 of a directory's inode-table blocks.
@@ -155,22 +162,8 @@ func BenchmarkReadMeta(b *testing.B) {
 func BenchmarkKeep(b *testing.B) {
 	testenv.RequireLoop(b)
 	const dirs, per, replaced = 10, 1000, 1000
-	img := imgtest.Mkfs(b, "ext4", "", 512, "-b", "4096", "-N", "40000", "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
-	mnt := imgtest.KernelMount(b, img, "rw")
-	for d := range dirs {
-		dir := filepath.Join(mnt, "d"+strconv.Itoa(d))
-		os.Mkdir(dir, 0o755)
-		for i := range per {
-			os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), []byte("x"), 0o644)
-		}
-	}
-	x := export{img: img, dev: imgtest.LoopDevice(b, mnt), mnt: mnt, state: b.TempDir()}
-	wd, err := StartWatchdog(watchdogCmd(mnt))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer wd.Close()
+	x, wd := benchTree(b, dirs, per, 512)
+	mnt := x.mnt
 	for _, keep := range []int{-1, 0} {
 		name := map[int]string{-1: "without", 0: "keeping"}[keep]
 		open := func() *Export {

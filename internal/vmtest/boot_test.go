@@ -24,15 +24,7 @@ import (
 // systemd. The API filesystems move to the new root with the guest
 // agent's /dev (its FUSE and disk descriptors) and /run (its status
 // socket).
-const initBootUsr = `#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /run
-for m in $(cat /modules/order); do insmod /modules/$m || echo "LEASEFS-VM: insmod $m failed"; done
-echo "LEASEFS-VM-BOOTED $(uname -r)"
-fail() { echo "LEASEFS-VM: $*"; poweroff -f; }
+const initBootUsr = initStart + `fail() { echo "LEASEFS-VM: $*"; poweroff -f; }
 mkdir -p /newroot
 mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount the root"
 for a in $(cat /proc/cmdline); do
@@ -109,22 +101,10 @@ func TestBootUsr(t *testing.T) {
 	}
 	installBootRoot(t, root, bin)
 
-	// The host agent exports /usr.
-	f.img = usr
-	f.mnt = imgtest.KernelMount(t, usr, "")
-	f.dev = imgtest.LoopDevice(t, f.mnt)
+	// The host agent exports /usr, the demo module in it.
+	f.serve(t, usr)
 	writeDemo(t, f.mnt, "1.0", false)
-	f.run = t.TempDir()
-	f.vms, f.sockets = filepath.Join(f.run, "vms"), filepath.Join(f.run, "vhost")
-	for _, d := range []string{f.vms, f.sockets} {
-		if err := os.Mkdir(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	f.control = "unix:" + filepath.Join(f.run, "control.sock")
-	f.args = []string{"host", "--export", "usr=" + f.dev + ":" + f.mnt, "--listen", "hvsock-dir:" + f.vms + ":" + port,
-		"--control", f.control, "--state-dir", filepath.Join(f.run, "state"), "--auto-publish", "off"}
-	f.startHost(t, nil)
+	f.publish(t)
 
 	spec := vmSpec{name: "boot", k: k, cache: "none", root: root, memory: 768,
 		append: "mount.usr=usr mount.usrfstype=fuse.leasefs mount.usrflags=connect=vsock:2:" + port + ",device=/dev/vdb,storage-daemon,log=/dev/kmsg"}

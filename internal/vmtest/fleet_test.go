@@ -90,7 +90,15 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 		f.initrds[k.name] = filepath.Join(f.cache, "initramfs-fleet-"+k.name+".cpio")
 		buildInitramfs(t, f.initrds[k.name], kdir, busybox, bin, fleetInit, fleetModules)
 	}
-	f.img = imgtest.Mkfs(t, "ext4", src, 512, "-b", "4096")
+	f.serve(t, imgtest.Mkfs(t, "ext4", src, 512, "-b", "4096"), "--grace", fleetGrace.String(), "--ack-timeout", "2s")
+	return f
+}
+
+// serve mounts the image img read-write and starts the host agent
+// exporting it (as f.export, or "mirror") to every VM whose socket is
+// in f.vms, with the flags more.
+func (f *fleet) serve(t *testing.T, img string, more ...string) {
+	f.img = img
 	f.mnt = imgtest.KernelMount(t, f.img, "")
 	f.dev = imgtest.LoopDevice(t, f.mnt)
 	f.run = t.TempDir()
@@ -101,11 +109,9 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 		}
 	}
 	f.control = "unix:" + filepath.Join(f.run, "control.sock")
-	f.args = []string{"host", "--export", "mirror=" + f.dev + ":" + f.mnt, "--listen", "hvsock-dir:" + f.vms + ":" + port,
-		"--control", f.control, "--state-dir", filepath.Join(f.run, "state"), "--auto-publish", "off",
-		"--grace", fleetGrace.String(), "--ack-timeout", "2s"}
+	f.args = append([]string{"host", "--export", cmp.Or(f.export, "mirror") + "=" + f.dev + ":" + f.mnt, "--listen", "hvsock-dir:" + f.vms + ":" + port,
+		"--control", f.control, "--state-dir", filepath.Join(f.run, "state"), "--auto-publish", "off"}, more...)
 	f.startHost(t, nil)
-	return f
 }
 
 // fleetGrace is how long the fleet's agent keeps a disconnected guest's
