@@ -29,6 +29,7 @@ type keeper struct {
 	mountFD int
 	max     int        // files held at most
 	fds     *lease.FDs // the host's budget of descriptors, shared with leases: the keeper takes at most half
+	charged int        // of the descriptors held, those taken from fds; guarded by mu
 
 	mu    sync.Mutex
 	held  map[handle]*keptFile // guarded by mu
@@ -60,8 +61,8 @@ func (e *Export) SetFDs(fds *lease.FDs) {
 	e.keep.mu.Lock()
 	defer e.keep.mu.Unlock()
 	e.keep.fds = fds
-	if n := len(e.keep.held); n > 0 {
-		fds.TakeN(n) // what it held before: over the budget at worst, never under
+	if n := len(e.keep.held); n > 0 && fds.TakeN(n) { // what it held before, if the budget has room
+		e.keep.charged = n
 	}
 }
 
@@ -156,6 +157,9 @@ func (k *keeper) take(h handle, size int64) {
 		}
 		return
 	}
+	if fds != nil {
+		k.charged++
+	}
 	k.held[h] = &keptFile{fd: fd, size: size}
 }
 
@@ -186,8 +190,9 @@ func (k *keeper) close() {
 func (k *keeper) let(h handle, f *keptFile) {
 	unix.Close(f.fd)
 	delete(k.held, h)
-	if k.fds != nil {
+	if k.fds != nil && k.charged > 0 {
 		k.fds.Give()
+		k.charged--
 	}
 }
 
