@@ -480,7 +480,9 @@ func (refusing) InodeNotify(uint64, int64, int64) fuse.Status { return fuse.EIO 
 // the change and reads what that has. (A file replaced by a rename is
 // another matter: its old inode, held, reads as the generation has it.)
 func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
-	h := &host{auto: &hostagent.AutoPublish{Quiet: 400 * time.Millisecond, Max: 2 * time.Second}}
+	// Quiet long enough that the writer (another process, which waits
+	// for the lease break) is done well before the publish.
+	h := &host{auto: &hostagent.AutoPublish{Quiet: 2 * time.Second, Max: 4 * time.Second}}
 	h = startHostLike(t, h)
 	h.write(t, "f", "before")
 	h.publish(t)

@@ -49,6 +49,11 @@ type keptFile struct {
 }
 
 func newKeeper(mountFD, max int) *keeper {
+	// Until a budget is set (SetFDs), at most half the process's limit.
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil {
+		max = min(max, int(rl.Cur/2))
+	}
 	return &keeper{mountFD: mountFD, max: max, held: map[handle]*keptFile{}}
 }
 

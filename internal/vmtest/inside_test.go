@@ -81,7 +81,8 @@ func startHost(t *testing.T) *host {
 	}
 	h := &host{}
 	h.cmd = exec.Command(leasefs, "host", "--export", "mirror="+exportDev+":"+exportDir,
-		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off")
+		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off",
+		"--keep-files", "0") // the scenarios refill the disk to show a freed block reused: nothing is kept from reuse
 	testenv.StartReady(t, h.cmd, &h.log, 60*time.Second, 20*time.Second)
 	return h
 }
