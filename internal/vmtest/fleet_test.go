@@ -450,10 +450,13 @@ func (v *vm) mount(t testing.TB, dir string, args ...string) {
 
 // The mounts each fleet VM has: one reading file data from the shared
 // disk, one reading it through the host agent.
-// A guest waits 3 s for a host agent that is away, not 30.
+// A guest waits 3 s for a host agent that is away, not 30, and keeps no
+// lease after a close (--lease-linger 0): the scenarios check that a new
+// open needs the host (a lingering lease would open a recently closed
+// file again without it, from what the guest's cache has of it).
 var fleetMounts = []struct{ dir, args string }{
-	{"/mnt/dev", "--device /dev/vda --down soft=3s --log /run/guest-dev.log"},
-	{"/mnt/net", "--down soft=3s --log /run/guest-net.log"},
+	{"/mnt/dev", "--device /dev/vda --down soft=3s --lease-linger 0 --log /run/guest-dev.log"},
+	{"/mnt/net", "--down soft=3s --lease-linger 0 --log /run/guest-net.log"},
 }
 
 func (v *vm) mountAll(t testing.TB) {
