@@ -1,6 +1,7 @@
 package hostagent
 
 import (
+	"errors"
 	"fmt"
 
 	"golang.org/x/sys/unix"
@@ -43,24 +44,41 @@ func CheckExport(device, mount string) error {
 	return err
 }
 
+// ErrGone is what Mounted's error is when the export's filesystem is
+// certainly gone (errors.Is); any other error means Mounted could not
+// tell (the mount table unreadable for want of a descriptor or memory),
+// and the export must not be given up for it.
+var ErrGone = errors.New("the export's filesystem is gone")
+
+type goneError string
+
+func (e goneError) Error() string      { return string(e) }
+func (goneError) Is(target error) bool { return target == ErrGone }
+
 // Mounted checks that the export is still what it was when opened: the
 // same mount of its device, read-write, its device still there. An
 // export unmounted (even lazily), remounted read-only or whose device
-// went away is gone: what the writer writes at the mount point now lands
-// elsewhere, and nothing more of it may be published.
+// went away is gone (ErrGone): what the writer writes at the mount point
+// now lands elsewhere, and nothing more of it may be published.
 func (e *Export) Mounted() error {
 	m, ok, err := mountinfo.At(e.cfg.Mount)
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot check that %s is still mounted: %w", e.cfg.Mount, err)
 	}
 	var dst unix.Stat_t
 	switch {
 	case !ok || m.ID != e.mnt.ID:
-		return fmt.Errorf("the filesystem of %s was unmounted from %s", e.cfg.Device, e.cfg.Mount)
+		return goneError(fmt.Sprintf("the filesystem of %s was unmounted from %s", e.cfg.Device, e.cfg.Mount))
 	case !m.SuperRW:
-		return fmt.Errorf("the filesystem at %s was remounted read-only", e.cfg.Mount)
-	case unix.Stat(e.cfg.Device, &dst) != nil || fmt.Sprintf("%d:%d", unix.Major(dst.Rdev), unix.Minor(dst.Rdev)) != e.mnt.Dev:
-		return fmt.Errorf("the device %s went away", e.cfg.Device)
+		return goneError(fmt.Sprintf("the filesystem at %s was remounted read-only", e.cfg.Mount))
+	}
+	switch err := unix.Stat(e.cfg.Device, &dst); {
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO):
+		return goneError(fmt.Sprintf("the device %s went away", e.cfg.Device))
+	case err != nil:
+		return fmt.Errorf("cannot check the device %s: %w", e.cfg.Device, err)
+	case fmt.Sprintf("%d:%d", unix.Major(dst.Rdev), unix.Minor(dst.Rdev)) != e.mnt.Dev:
+		return goneError(fmt.Sprintf("the device %s went away (%s is another device now)", e.cfg.Device, e.cfg.Device))
 	}
 	return nil
 }

@@ -468,8 +468,9 @@ func (g *evilGuest) raw() net.Conn {
 		g.t.Fatal(err)
 	}
 	nc.Write(vsockproto.AppendFrame(nil, 1, &vsockproto.Hello{Version: 1, MaxFrame: vsockproto.MaxFrame, Export: "mirror", Features: vsockproto.FeatureReadData}))
-	if h, _, err := vsockproto.ReadFrame(nc, vsockproto.MaxFrame); err != nil || h.Type != vsockproto.TypeWelcome {
-		g.t.Fatalf("raw hello: %v %v", h.Type, err)
+	if h, p, err := vsockproto.ReadFrame(nc, vsockproto.MaxFrame); err != nil || h.Type != vsockproto.TypeWelcome {
+		m, derr := vsockproto.Decode(h.Type, p)
+		g.t.Fatalf("raw hello: %v %v: %+v %v", h.Type, err, m, derr)
 	}
 	return nc
 }

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/leasefs/leasefs/hostagent"
 )
 
@@ -145,10 +147,12 @@ func fixedDiff(a, b *hostOptions) []string {
 // that went away — unmounted, even lazily; remounted read-only; its
 // device gone — is lost: its publishing stops, its guests are told and
 // follow the lease contract (their open files answer errors), and status,
-// metrics and systemd's status say so. A reload tries it again.
+// metrics and systemd's status say so. A reload tries it again. A check
+// that cannot tell (the agent out of descriptors a moment) loses nothing.
 func (a *hostAgent) watchMounts(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	unsure := rate.NewLimiter(rate.Every(time.Minute), 1)
 	for {
 		select {
 		case <-ctx.Done():
@@ -160,6 +164,14 @@ func (a *hostAgent) watchMounts(ctx context.Context) {
 			r := a.exports[name]
 			err := r.e.Mounted()
 			if err == nil {
+				continue
+			}
+			if !errors.Is(err, hostagent.ErrGone) {
+				// Out of descriptors or memory for a moment: that is
+				// no reason to give the export up.
+				if unsure.Allow() {
+					a.log.Warn("cannot check an export's mount; trying again", "export", name, "error", err)
+				}
 				continue
 			}
 			a.log.Error("export lost: its filesystem went away; no longer publishing or serving it. Mount it again and reload, or remove it from the settings",

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -216,6 +217,46 @@ func TestExportVanishes(t *testing.T) {
 		t.Fatalf("after the reload:\n%s%v", out, err)
 	}
 	os.Remove(filepath.Join(mnt, "stray"))
+}
+
+// An agent out of descriptors cannot read the mount table: that is no
+// reason to give its export up (CI once lost one to the hostile guest's
+// descriptor exhaustion). It says so, and goes on serving.
+func TestExportKeptWhileUnsure(t *testing.T) {
+	testenv.RequireTool(t, "prlimit")
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	control := "unix:" + filepath.Join(run, "control.sock")
+	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--control", control,
+		"--listen", "unix:"+filepath.Join(run, "guest.sock"), "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
+	pid := strconv.Itoa(a.cmd.Process.Pid)
+	out, err := exec.Command("prlimit", "--pid", pid, "--nofile", "--noheadings", "--output", "SOFT,HARD").Output()
+	lim := strings.Fields(string(out))
+	if err != nil || len(lim) != 2 {
+		t.Fatalf("prlimit: %v %q", err, out)
+	}
+	// No descriptor below its limit is free: each open fails (EMFILE).
+	free := 0
+	for exists(fmt.Sprintf("/proc/%s/fd/%d", pid, free)) {
+		free++
+	}
+	if out, err := exec.Command("prlimit", "--pid", pid, fmt.Sprintf("--nofile=%d:%s", free, lim[1])).CombinedOutput(); err != nil {
+		t.Fatalf("prlimit: %v %s", err, out)
+	}
+	waitFor(t, "the agent saying it cannot check", func() bool { return strings.Contains(a.log.String(), "cannot check an export's mount") })
+	time.Sleep(1500 * time.Millisecond) // another check or two
+	if out, err := exec.Command("prlimit", "--pid", pid, "--nofile="+lim[0]+":"+lim[1]).CombinedOutput(); err != nil {
+		t.Fatalf("prlimit: %v %s", err, out)
+	}
+	if strings.Contains(a.log.String(), "export lost") {
+		t.Errorf("the export was given up:\n%s", a.log)
+	}
+	if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
+		t.Errorf("publish after: %v\n%s", err, out)
+	}
+	if out, _ := leasefs(t, "status", "--control", control); strings.Contains(out, "LOST") {
+		t.Errorf("status:\n%s", out)
+	}
 }
 
 // The agent tells systemd what it does: READY=1 with a status line,
