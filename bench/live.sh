@@ -18,7 +18,7 @@
 # default /var/tmp/leasefs-bench): a kernel-written copy of /usr (>= 100k
 # entries). It is mounted read-write here and exported by a host agent.
 #
-# Environment: RUNS_COLD (3), RUNS_WARM (3), GUESTS (16), LEASEFS (the
+# Environment: RUNS_COLD (5), RUNS_WARM (5), GUESTS (16), LEASEFS (the
 # binary to measure, bin/leasefs), LEASEFS_BEFORE (another build, e.g. of
 # an older commit, measured the same way in the same run, as "before"),
 # LEASEFS_BEFORE_HOST=1 (its guests of the bench tree served by a host
@@ -34,7 +34,7 @@ work=${LEASEFS_BENCH_DIR:-/var/tmp/leasefs-bench}
 img=$work/bench.img
 leasefs=${LEASEFS:-$(pwd)/bin/leasefs}
 before=${LEASEFS_BEFORE:-}
-runs_cold=${RUNS_COLD:-3} runs_warm=${RUNS_WARM:-3} guests=${GUESTS:-16}
+runs_cold=${RUNS_COLD:-5} runs_warm=${RUNS_WARM:-5} guests=${GUESTS:-16}
 live=$work/live
 bench/image.sh "$work"
 mkdir -p "$live"
@@ -142,17 +142,21 @@ done
 echo "rss-host-after $(rss_kib "$(cat "$live/bench-host.pid")")" >> "$out"
 [ -f "$live/bench-before-host.pid" ] && echo "rss-host-before $(rss_kib "$(cat "$live/bench-before-host.pid")")" >> "$out"
 
-# Warm walks: each mount walked once, then timed.
-for who in kernel "${builds[@]}"; do
-  dir=$live/host/tree
-  if [ "$who" != kernel ]; then
-    pid=$(guest "${bin[$who]}" bench "$dev" "$live/g-$who"); dir=$live/g-$who/tree
-  fi
-  walk "$dir"
-  for ((r = 0; r < runs_warm; r++)); do timed "walk-warm-$who" walk "$dir"; done
-  [ "$who" != kernel ] && stop_guest "$live/g-$who" "$pid"
-  echo "  warm $who: $(tail -1 "$out")" >&2
+# Warm walks: each mount walked once, then timed in interleaved rounds.
+declare -A wdir=([kernel]=$live/host/tree) wpid=()
+for who in "${builds[@]}"; do
+  wpid[$who]=$(guest "${bin[$who]}" bench "$dev" "$live/g-$who"); wdir[$who]=$live/g-$who/tree
 done
+for who in kernel "${builds[@]}"; do walk "${wdir[$who]}"; done
+for ((r = 0; r < runs_warm; r++)); do
+  order=(kernel "${builds[@]}")
+  for ((i = 0; i < ${#order[@]}; i++)); do
+    who=${order[(i + r) % ${#order[@]}]}
+    timed "walk-warm-$who" walk "${wdir[$who]}"
+    echo "  warm $who: $(tail -1 "$out")" >&2
+  done
+done
+for who in "${builds[@]}"; do stop_guest "$live/g-$who" "${wpid[$who]}"; done
 
 # Reading 1 GiB (big.bin): cold (fresh mounts, caches dropped) and warm
 # (read again), on the host's mount and on a guest in each page-cache
@@ -240,13 +244,17 @@ med = lambda k: statistics.median(v[k])
 rng = lambda k, div, unit: f"{min(v[k]) / div:.2f}–{max(v[k]) / div:.2f} {unit}"
 print(f"| {entries:,} entries | " + " | ".join(["host kernel"] + [f"guest ({b})" for b in builds]) + " |")
 print("| --- |" + " ---: |" * (1 + len(builds)))
+# A guest's walk against the kernel's of the same round: the rounds
+# interleave, so the disk cache's drift between rounds (2-4x on this VM)
+# cancels in each ratio; their spread is what two runs must agree within.
 for kind in ("cold", "warm"):
     k = med(f"walk-{kind}-kernel")
-    cells = [f"{k / 1e6:.2f} s"]
+    cells = [f"{k / 1e6:.2f} s ({rng(f'walk-{kind}-kernel', 1e6, 's')})"]
     for b in builds:
         g = med(f"walk-{kind}-{b}")
-        cells.append(f"{g / 1e6:.2f} s ({g / k:.2f}×; {rng(f'walk-{kind}-{b}', 1e6, 's')})")
-    print(f"| {kind} walk, median | " + " | ".join(cells) + " |")
+        ratios = sorted(x / y for x, y in zip(v[f"walk-{kind}-{b}"], v[f"walk-{kind}-kernel"]))
+        cells.append(f"{g / 1e6:.2f} s; {statistics.median(ratios):.2f}× the kernel (rounds {ratios[0]:.2f}–{ratios[-1]:.2f}×)")
+    print(f"| {kind} walk, median of {len(v[f'walk-{kind}-kernel'])} | " + " | ".join(cells) + " |")
 print("| guest RSS after a cold walk | – | " + " | ".join(f"{med(f'rss-walk-{b}') / 1024:.0f} MiB" for b in builds) + " |")
 print("| host agent RSS after the cold walks | – | " + " | ".join(f"{med(f'rss-host-{b}') / 1024:.0f} MiB" if f"rss-host-{b}" in v else "(the same agent)" for b in builds) + " |")
 print(f"| RSS of each of {guests} guests idle on 2,000 files | – | " +

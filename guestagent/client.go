@@ -82,6 +82,13 @@ type ClientConfig struct {
 	// It is verified to hold the export's filesystem (verify.go).
 	Device string
 	Follow Follow
+	// Pin, or PinLabel when Pin is 0, is a generation the host keeps
+	// (host --keep-generations) to stay on instead of following: by
+	// number, or the newest published with that label. The mount fails
+	// if the host does not keep it; once mounted, the guest moves on only
+	// when the host drops it (it says so first: Unpin).
+	Pin      uint64
+	PinLabel string
 	// OpenWait bounds how long an open of a file that changed on the
 	// host waits for a generation that has the change, when the host
 	// publishes on its own (0: the longest the host says a publish can
@@ -161,6 +168,7 @@ type Client struct {
 	views       map[*ext4ro.FS]*genView // the readers of recent generations
 	latest      uint64                  // the newest generation the host announced
 	latestLabel string                  // latest's label, as the host published it
+	pinned      uint64                  // the generation the mount stays on (ClientConfig.Pin); 0 once it follows
 	pending     changes                 // from cur to latest
 	force       bool                    // switch to latest whatever Follow says
 	switched    time.Time               // the last switch
@@ -263,12 +271,19 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		c.Close()
 		return nil, err
 	}
-	c.cache = newMetaCache(cfg.CacheBytes, int64(w.BlockSize), w.Generation)
-	v := &genView{c: c, gen: w.Generation, label: w.Label, bs: int64(w.BlockSize)}
+	gen, label := w.Generation, w.Label
+	if cfg.Pin != 0 || cfg.PinLabel != "" {
+		if gen, label, err = c.pinnedFrom(w); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	c.cache = newMetaCache(cfg.CacheBytes, int64(w.BlockSize), gen)
+	v := &genView{c: c, gen: gen, label: label, bs: int64(w.BlockSize)}
 	f, err := c.open(v)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("export %s, generation %d: %w", cfg.Export, w.Generation, err)
+		return nil, fmt.Errorf("export %s, generation %d: %w", cfg.Export, gen, err)
 	}
 	if c.dev != nil {
 		if err := c.verifyDevice(f); err != nil {
@@ -278,9 +293,12 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	}
 	c.mu.Lock()
 	c.cur, c.latest, c.switched = v, w.Generation, time.Now()
+	if gen != w.Generation {
+		c.pending.all = true // from a pinned generation: what changed since is not known
+	}
 	c.mu.Unlock()
 	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost, Logger: cfg.Logger})
-	c.fs.SetView(f, uint32(w.Generation))
+	c.fs.SetView(f, uint32(gen))
 	go c.switcher()
 	return c, nil
 }

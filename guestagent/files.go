@@ -94,6 +94,9 @@ func (c *Client) awaitNewer(gv *genView, deadline time.Time) string {
 	if c.cur != gv {
 		return "" // moved meanwhile
 	}
+	if c.pinned != 0 {
+		return fmt.Sprintf("the mount is pinned to generation %d", c.pinned)
+	}
 	if c.latest == gv.gen {
 		if c.policy.known && c.policy.max == 0 {
 			return "the host publishes only when told (leasefs publish), and has not since"

@@ -26,6 +26,16 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	if c.cur != nil {
 		hello.Generation = c.cur.gen
 	}
+	switch {
+	case c.cur == nil && (c.cfg.Pin != 0 || c.cfg.PinLabel != ""):
+		// Only a guest that pins says so: a host that does not know
+		// the feature refuses the Hello.
+		hello.Features |= vsockproto.FeaturePin
+		hello.Generation, hello.Label = c.cfg.Pin, c.cfg.PinLabel
+	case c.pinned != 0:
+		hello.Features |= vsockproto.FeaturePin
+	}
+	pinned := c.pinned
 	c.mu.Unlock()
 	conn, w, err := vsockproto.DialHello(ctx, c.cfg.Addr, hello, c.handle, c.cfg.Conn)
 	if err != nil {
@@ -71,6 +81,10 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 			lost = append(lost, lf)
 			delete(c.files, id)
 		}
+	}
+	if pinned != 0 && w.Pinned != pinned {
+		c.log.Error("the host no longer keeps the generation this mount is pinned to; moving to its newest", "generation", pinned)
+		c.pinned = 0
 	}
 	if c.cur != nil {
 		switch {
@@ -266,6 +280,9 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 			c.fence(lf, "the host let go of it: "+m.Why)
 		}
 		return &vsockproto.RevokeAck{}, nil
+	case *vsockproto.Unpin:
+		c.unpin(m)
+		return &vsockproto.UnpinAck{}, nil
 	}
 	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by a guest", req.Type())
 }
@@ -277,6 +294,10 @@ func (c *Client) generationGone(v *genView) {
 	c.mu.Lock()
 	if c.cur == v {
 		c.force = true
+		if c.pinned != 0 {
+			c.log.Error("the host no longer keeps the generation this mount is pinned to; moving to its newest", "generation", c.pinned)
+			c.pinned = 0
+		}
 	}
 	c.mu.Unlock()
 	c.wake()

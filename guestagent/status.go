@@ -20,6 +20,7 @@ type Status struct {
 	Generation  uint64        `json:"generation"`
 	Label       string        `json:"label,omitempty"` // the generation's, as the host published it
 	Latest      uint64        `json:"latest_announced"`
+	Pinned      bool          `json:"pinned,omitempty"` // the mount stays on Generation (--generation, --label)
 	Switched    time.Time     `json:"switched"`
 	Follow      string        `json:"follow"`
 	PageCache   PageCache     `json:"page_cache"`
@@ -61,7 +62,7 @@ func (c *Client) Status() *Status {
 		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Label: c.cur.label, Latest: c.latest,
 		Switched: c.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.policy.String(),
 		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
-		Fenced: append([]FencedFile(nil), c.fenced...),
+		Fenced: append([]FencedFile(nil), c.fenced...), Pinned: c.pinned != 0,
 	}
 	switch {
 	case c.conn != nil:

@@ -89,6 +89,8 @@ func (c *Client) step() error {
 func (c *Client) dueLocked() bool {
 	f := c.cfg.Follow
 	switch {
+	case c.pinned != 0:
+		return false // until the host drops it (unpin, generationGone)
 	case c.force:
 		return true
 	case f.Manual:
@@ -319,10 +321,17 @@ func (c *Client) announced(m *vsockproto.Announce) {
 	if m.Generation <= c.latest {
 		return // late, or doubled
 	}
-	if m.Generation > c.latest+1 {
+	switch {
+	case c.pinned != 0:
+		// Pinned, the changes are not kept (they would grow without
+		// bound): a switch, if the pin ends, goes through everything.
+		c.pending = changes{all: true}
+	case m.Generation > c.latest+1:
 		c.pending.all = true // some were missed
+		c.pending.add(m)
+	default:
+		c.pending.add(m)
 	}
-	c.pending.add(m)
 	c.latest = m.Generation
 	c.noteLabel(m.Generation, m.Label)
 	c.changed.Broadcast()

@@ -88,6 +88,7 @@ type ExportStatus struct {
 	LastFreezeMS float64   `json:"last_freeze_ms"`
 	Blocks       int       `json:"metadata_blocks"`
 	Kept         int       `json:"kept_generations"`
+	KeptList     []KeptGen `json:"kept,omitempty"` // which, oldest first
 	// The files held so that kept generations stay whole (Export.KeptFiles).
 	KeptFiles     int           `json:"kept_files"`
 	KeptReplaced  int           `json:"kept_replaced_files"` // of those, replaced or deleted since: kept for older generations only
@@ -121,7 +122,16 @@ type LeaseStatus struct {
 type GuestStatus struct {
 	Peer       string `json:"peer"`
 	Generation uint64 `json:"generation"`
+	Pinned     bool   `json:"pinned,omitempty"` // it stays on Generation (leasefs guest --generation, --label)
 	Leases     int    `json:"leases"`
+}
+
+// KeptGen is a generation an export keeps.
+type KeptGen struct {
+	Number    uint64    `json:"number"`
+	Label     string    `json:"label,omitempty"`
+	Published time.Time `json:"published"`
+	Pinned    int       `json:"pinned_by,omitempty"` // guests pinned to it
 }
 
 type controlReply struct {
@@ -162,11 +172,19 @@ func (s *Server) status(leases bool, export string) *Status {
 		ls := sv.coord.Stats()
 		es.Leases, es.Files, es.PendingBreaks = ls.Leases, ls.Files, ls.Breaking
 		es.Breaks, es.Revoked, es.Rescans = ls.Breaks+ls.Modified, ls.Revoked, ls.Rescans
+		pins := map[uint64]int{}
 		for _, g := range byExport[sv] {
 			sv.mu.Lock()
-			on := sv.on[g.sess.Token()]
+			tok := g.sess.Token()
+			on, pinned := sv.on[tok], sv.pins[tok]
 			sv.mu.Unlock()
-			es.Guests = append(es.Guests, GuestStatus{Peer: g.peer.String(), Generation: on, Leases: g.sess.Leases()})
+			if pinned {
+				pins[on]++
+			}
+			es.Guests = append(es.Guests, GuestStatus{Peer: g.peer.String(), Generation: on, Pinned: pinned, Leases: g.sess.Leases()})
+		}
+		for _, k := range sv.exp.KeptList() {
+			es.KeptList = append(es.KeptList, KeptGen{Number: k.Number, Label: k.Label, Published: k.Published, Pinned: pins[k.Number]})
 		}
 		sort.Slice(es.Guests, func(i, j int) bool { return es.Guests[i].Peer < es.Guests[j].Peer })
 		if leases && (export == "" || export == name) {

@@ -4,9 +4,11 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +21,7 @@ import (
 	"github.com/leasefs/leasefs/internal/directio"
 	"github.com/leasefs/leasefs/internal/mountinfo"
 	"github.com/leasefs/leasefs/lease"
+	"github.com/leasefs/leasefs/vsockproto"
 )
 
 // ext4IocCheckpoint is EXT4_IOC_CHECKPOINT: _IOW('f', 43, __u32), and
@@ -76,6 +79,11 @@ type ExportConfig struct {
 	// the next publish, and their guests move on.
 	KeepReplaced int
 	KeepBytes    int64
+	// KeepGenerations is how many of the newest generations are kept
+	// whole whether or not a guest is on them, for guests to pin
+	// (vsockproto.FeaturePin); within the budgets above. 0 or 1: the
+	// current one.
+	KeepGenerations int
 	// Progress, if set, is told how far the first publish has read the
 	// inode tables into the page cache, before its freeze: on a large,
 	// cold filesystem that takes seconds. The freeze then reads them
@@ -300,6 +308,31 @@ func (e *Export) Has(n uint64) bool {
 	return e.gens[n] != nil
 }
 
+// KeptList lists the generations the export keeps, oldest first.
+func (e *Export) KeptList() []vsockproto.KeptGeneration {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var list []vsockproto.KeptGeneration
+	for _, n := range slices.Sorted(maps.Keys(e.gens)) {
+		g := e.gens[n]
+		list = append(list, vsockproto.KeptGeneration{Number: n, Published: g.Captured, Label: g.Label})
+	}
+	return list
+}
+
+// labeled is the newest kept generation published with label; 0 if none.
+func (e *Export) labeled(label string) uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var n uint64
+	for k, g := range e.gens {
+		if g.Label == label {
+			n = max(n, k)
+		}
+	}
+	return n
+}
+
 // Drop forgets generation n (never the current one); its blocks that no
 // kept generation shares are freed once no request reads it.
 func (e *Export) Drop(n uint64) {
@@ -310,13 +343,10 @@ func (e *Export) Drop(n uint64) {
 		return
 	}
 	delete(e.gens, n)
-	oldest := e.cur.Number
-	for k := range e.gens {
-		oldest = min(oldest, k)
-	}
+	kept := slices.Sorted(maps.Keys(e.gens))
 	e.mu.Unlock()
 	if e.keep != nil {
-		e.keep.release(oldest)
+		e.keep.release(kept)
 	}
 	g.Release() // the export's own reference
 }
@@ -324,10 +354,16 @@ func (e *Export) Drop(n uint64) {
 // DropBefore drops every kept generation older than n (never the
 // current one).
 func (e *Export) DropBefore(n uint64) {
+	e.dropUnless(func(k uint64) bool { return k >= n })
+}
+
+// dropUnless drops every kept generation but those keep says to keep
+// (and the current one).
+func (e *Export) dropUnless(keep func(n uint64) bool) {
 	e.mu.Lock()
 	var old []uint64
 	for k := range e.gens {
-		if k < n {
+		if !keep(k) {
 			old = append(old, k)
 		}
 	}

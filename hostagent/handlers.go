@@ -45,6 +45,12 @@ func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.M
 			return nil, protoErr(err)
 		}
 		return &vsockproto.Released{}, nil
+	case *vsockproto.ListGens:
+		if !g.conn.Features().Has(vsockproto.FeaturePin) {
+			break
+		}
+		list := g.sv.exp.KeptList()
+		return &vsockproto.Generations{List: list[max(0, len(list)-vsockproto.MaxGenerations):]}, nil
 	}
 	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by the host", req.Type())
 }

@@ -25,6 +25,7 @@ type ExportState struct {
 	MountFD, StoreFD int                    // the export's locked root, the store's file
 	Held             map[uint32]int         // the files guests hold, by inode
 	On               map[lease.Token]uint64 // the generation each session is on, kept for it until it is back
+	Pinned           map[lease.Token]bool   // the sessions that pinned theirs
 	Next, Cur        uint64
 	Label            string
 	Slots            []SlotState
@@ -75,20 +76,22 @@ func (s *Server) Handover() (map[string]*ExportState, func(), error) {
 		undo = append(undo, rel)
 		st.Held = held
 		sv.mu.Lock()
-		st.On = maps.Clone(sv.on)
+		st.On, st.Pinned = maps.Clone(sv.on), maps.Clone(sv.pins)
 		sv.mu.Unlock()
 		out[name] = st
 	}
 	return out, release, nil
 }
 
-// handedOn is the generation each session was on, as handed over.
-func (e *Export) handedOn() map[lease.Token]uint64 {
-	on := map[lease.Token]uint64{}
+// handedOn is the generation each session was on, and which sessions
+// pinned theirs, as handed over.
+func (e *Export) handedOn() (map[lease.Token]uint64, map[lease.Token]bool) {
+	on, pins := map[lease.Token]uint64{}, map[lease.Token]bool{}
 	if e.cfg.Inherit != nil {
 		maps.Copy(on, e.cfg.Inherit.On)
+		maps.Copy(pins, e.cfg.Inherit.Pinned)
 	}
-	return on
+	return on, pins
 }
 
 // handover waits for a publish in flight, writes out the store and

@@ -33,9 +33,10 @@ type keeper struct {
 
 	mu    sync.Mutex
 	held  map[handle]*keptFile // guarded by mu
-	full  bool                 // max was reached; guarded by mu
-	gone  int                  // files held that no longer are in the current generation; guarded by mu
+	byIno map[uint32][]uint32  // the i_generations held of each inode number; guarded by mu
+	gone  map[handle]*keptFile // those held that the current generation no longer has; guarded by mu
 	bytes int64                // their size; guarded by mu
+	full  bool                 // max was reached; guarded by mu
 }
 
 type handle struct{ ino, igen uint32 }
@@ -43,9 +44,10 @@ type handle struct{ ino, igen uint32 }
 type keptFile struct {
 	fd   int
 	size int64
-	// last is the newest generation that has the file; 0 while the
-	// current one does.
-	last uint64
+	// first is the generation the file was taken in; last the newest
+	// that has it, 0 while the current one does. A file is held while a
+	// kept generation lies between them.
+	first, last uint64
 }
 
 func newKeeper(mountFD, max int) *keeper {
@@ -54,7 +56,7 @@ func newKeeper(mountFD, max int) *keeper {
 	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil {
 		max = min(max, int(rl.Cur/2))
 	}
-	return &keeper{mountFD: mountFD, max: max, held: map[handle]*keptFile{}}
+	return &keeper{mountFD: mountFD, max: max, held: map[handle]*keptFile{}, byIno: map[uint32][]uint32{}, gone: map[handle]*keptFile{}}
 }
 
 // SetFDs makes the export's keeper take its descriptors from fds, the
@@ -75,7 +77,8 @@ func (e *Export) SetFDs(fds *lease.FDs) {
 // those of the inodes that changed. A file of an inode that changed and
 // is no longer in g (another incarnation, or none) is marked as last in
 // prev. What cannot be opened any more (the writer deleted it since the
-// freeze) is not kept.
+// freeze) is not kept. Its cost grows with what changed, not with what
+// is held.
 func (k *keeper) publish(g *Generation, prev uint64, all bool) error {
 	view, err := g.FS()
 	if err != nil {
@@ -92,7 +95,7 @@ func (k *keeper) publish(g *Generation, prev uint64, all bool) error {
 		}
 		if in.IsRegular() && in.Nlink > 0 {
 			cur[handle{ino, in.Generation}] = true
-			k.take(handle{ino, in.Generation}, int64(in.Size))
+			k.take(handle{ino, in.Generation}, int64(in.Size), g.Number)
 		}
 		return nil
 	}
@@ -109,28 +112,36 @@ func (k *keeper) publish(g *Generation, prev uint64, all bool) error {
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	changed := map[uint32]bool{}
-	for _, ino := range g.ChangedInodes {
-		changed[ino] = true
-	}
-	for h, f := range k.held {
-		if f.last == 0 && !cur[h] && (all || changed[h.ino]) {
+	leave := func(h handle) {
+		if f := k.held[h]; f.last == 0 && !cur[h] {
 			f.last = prev
-			k.gone++
+			k.gone[h] = f
 			k.bytes += f.size
+		}
+	}
+	if all {
+		for h := range k.held {
+			leave(h)
+		}
+		return nil
+	}
+	for _, ino := range g.ChangedInodes {
+		for _, igen := range k.byIno[ino] {
+			leave(handle{ino, igen})
 		}
 	}
 	return nil
 }
 
-// take holds the file h, unless it is held or max files are.
-func (k *keeper) take(h handle, size int64) {
+// take holds the file h of generation n, unless it is held or max files
+// are.
+func (k *keeper) take(h handle, size int64, n uint64) {
 	k.mu.Lock()
 	f := k.held[h]
 	if f != nil {
 		if f.last != 0 { // back in the current generation (a link made again)
 			f.last = 0
-			k.gone--
+			delete(k.gone, h)
 			k.bytes -= f.size
 		}
 		k.mu.Unlock()
@@ -165,18 +176,19 @@ func (k *keeper) take(h handle, size int64) {
 	if fds != nil {
 		k.charged++
 	}
-	k.held[h] = &keptFile{fd: fd, size: size}
+	k.held[h] = &keptFile{fd: fd, size: size, first: n}
+	k.byIno[h.ino] = append(k.byIno[h.ino], h.igen)
 }
 
-// release lets go of the files no generation from oldest on has.
-func (k *keeper) release(oldest uint64) {
+// release lets go of the files that no generation of kept (sorted) has:
+// none lies between their first and last.
+func (k *keeper) release(kept []uint64) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for h, f := range k.held {
-		if f.last != 0 && f.last < oldest {
+	for h, f := range k.gone {
+		i, _ := slices.BinarySearch(kept, f.first)
+		if i == len(kept) || kept[i] > f.last {
 			k.let(h, f)
-			k.gone--
-			k.bytes -= f.size
 		}
 	}
 }
@@ -188,13 +200,23 @@ func (k *keeper) close() {
 	for h, f := range k.held {
 		k.let(h, f)
 	}
-	k.gone, k.bytes, k.full = 0, 0, false
+	k.full = false
 }
 
 // let closes f's descriptor and forgets it; k.mu held.
 func (k *keeper) let(h handle, f *keptFile) {
 	unix.Close(f.fd)
 	delete(k.held, h)
+	if f.last != 0 {
+		delete(k.gone, h)
+		k.bytes -= f.size
+	}
+	igens := slices.DeleteFunc(k.byIno[h.ino], func(g uint32) bool { return g == h.igen })
+	if len(igens) == 0 {
+		delete(k.byIno, h.ino)
+	} else {
+		k.byIno[h.ino] = igens
+	}
 	if k.fds != nil && k.charged > 0 {
 		k.fds.Give()
 		k.charged--
@@ -207,7 +229,7 @@ func (k *keeper) let(h handle, f *keptFile) {
 func (k *keeper) floor(maxFiles int, maxBytes int64) uint64 {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if (maxFiles <= 0 || k.gone <= maxFiles) && (maxBytes <= 0 || k.bytes <= maxBytes) {
+	if (maxFiles <= 0 || len(k.gone) <= maxFiles) && (maxBytes <= 0 || k.bytes <= maxBytes) {
 		return 0
 	}
 	type tally struct {
@@ -215,10 +237,7 @@ func (k *keeper) floor(maxFiles int, maxBytes int64) uint64 {
 		bytes int64
 	}
 	by := map[uint64]*tally{}
-	for _, f := range k.held {
-		if f.last == 0 {
-			continue
-		}
+	for _, f := range k.gone {
 		t := by[f.last]
 		if t == nil {
 			t = &tally{}
@@ -255,6 +274,9 @@ func (e *Export) KeptFiles() KeptStats {
 	return e.keep.stats()
 }
 
+// keepGenerations is ExportConfig.KeepGenerations, at least 1.
+func (e *Export) keepGenerations() uint64 { return uint64(max(e.cfg.KeepGenerations, 1)) }
+
 // keepFloor is the oldest generation the budget for replaced files
 // lets the export keep; 0 if it keeps them all.
 func (e *Export) keepFloor() uint64 {
@@ -267,7 +289,7 @@ func (e *Export) keepFloor() uint64 {
 func (k *keeper) stats() KeptStats {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return KeptStats{Files: len(k.held), Gone: k.gone, Bytes: k.bytes, Full: k.full}
+	return KeptStats{Files: len(k.held), Gone: len(k.gone), Bytes: k.bytes, Full: k.full}
 }
 
 // eachInode calls fn for every inode number of view's inode tables that

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/leasefs/leasefs/lease"
@@ -134,23 +135,32 @@ func (g *guest) announce(ann *vsockproto.Announce, published time.Time, keepAliv
 	// Retention runs at the next publish.
 }
 
-// retain drops the generations older than every one a session is on, or
+// retain decides which generations sv keeps, and drops the others. It
+// keeps the current one and the ExportConfig.KeepGenerations before it;
+// for the sessions that follow, every generation from the oldest one
+// such a session is on (a guest that follows at intervals may move to
+// any generation announced to it before it can say so), but none more
 // than Limits.GenerationsBehind before the current one, whoever is on
-// them: one guest cannot pin them all. Those between are kept: a guest
-// that follows at intervals may move to any generation announced to it
-// before it can say so.
+// them: one guest cannot pin them all; and each generation a session
+// pinned. The budget for the files kept for older generations comes
+// first: the generations before its floor go, pinned or not, and the
+// guests that pinned them are told (Unpin) and move on.
 func (s *Server) retain(sv *served) {
 	cur := sv.exp.Current().Number
 	floor := uint64(0)
 	if behind := uint64(s.opt.Limits.GenerationsBehind); cur > behind {
 		floor = cur - behind
 	}
-	if f := min(sv.exp.keepFloor(), cur); f > floor {
+	budget := min(sv.exp.keepFloor(), cur)
+	if budget > floor {
 		s.log.Warn("the files kept for older generations exceed their budget; dropping the oldest generations, whose guests move on",
-			"export", sv.exp.Name(), "before", f, "kept", sv.exp.KeptFiles())
-		floor = f
+			"export", sv.exp.Name(), "before", budget, "kept", sv.exp.KeptFiles())
+		floor = budget
 	}
-	oldest := cur
+	keep := map[uint64]bool{}
+	for n := cur; n >= max(budget, 1) && cur-n < sv.exp.keepGenerations(); n-- {
+		keep[n] = true
+	}
 	// Which sessions still exist is asked of the coordinator without
 	// served.mu, a leaf (Server.Handover takes the coordinator's lock,
 	// then served.mu). A session that appears meanwhile counts as alive.
@@ -163,13 +173,24 @@ func (s *Server) retain(sv *served) {
 			gone[tok] = true
 		}
 	}
+	unpinned := map[lease.Token]uint64{}
+	oldest := cur // of the sessions that follow
 	sv.mu.Lock()
 	for tok, n := range sv.on {
-		if gone[tok] {
+		switch {
+		case gone[tok]:
 			delete(sv.on, tok)
+			delete(sv.pins, tok)
 			continue
-		}
-		if n < floor {
+		case sv.pins[tok] && n >= budget:
+			keep[n] = true
+			continue
+		case sv.pins[tok]:
+			unpinned[tok] = n
+			delete(sv.pins, tok)
+			sv.on[tok] = cur
+			continue
+		case n < floor:
 			if s.warn.Allow() {
 				s.log.Warn("a guest holds the export back too far; dropping the generation it is on", "export", sv.exp.Name(),
 					"generation", n, "current", cur)
@@ -180,5 +201,40 @@ func (s *Server) retain(sv *served) {
 		oldest = min(oldest, n)
 	}
 	sv.mu.Unlock()
-	sv.exp.DropBefore(oldest)
+	for n := oldest; n <= cur; n++ {
+		keep[n] = true
+	}
+	if len(unpinned) > 0 {
+		s.unpin(sv, unpinned)
+	}
+	sv.exp.dropUnless(func(n uint64) bool { return keep[n] })
+}
+
+// unpinWait bounds how long a publish waits for the guests it unpins.
+const unpinWait = time.Second
+
+// unpin tells the guests of the sessions in pinned that the generation
+// each pinned is about to be dropped, and waits a moment for them.
+func (s *Server) unpin(sv *served, pinned map[lease.Token]uint64) {
+	why := "the host's budget for files kept for older generations is spent"
+	for _, n := range slices.Sorted(maps.Values(pinned)) {
+		s.log.Warn("dropping a pinned generation: "+why, "export", sv.exp.Name(), "generation", n)
+	}
+	s.mu.Lock()
+	var gs []*guest
+	for g := range s.conns {
+		if _, ok := pinned[g.sess.Token()]; ok && g.sv == sv && g.conn.Features().Has(vsockproto.FeaturePin) {
+			gs = append(gs, g)
+		}
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, g := range gs {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), unpinWait)
+			defer cancel()
+			_, _ = g.conn.Call(ctx, &vsockproto.Unpin{Generation: pinned[g.sess.Token()], Why: why})
+		})
+	}
+	wg.Wait()
 }

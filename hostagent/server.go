@@ -79,8 +79,9 @@ type served struct {
 	coord *lease.Coordinator
 	m     *metrics
 
-	mu sync.Mutex
-	on map[lease.Token]uint64 // the generation each session is on; guarded by mu
+	mu   sync.Mutex
+	on   map[lease.Token]uint64 // the generation each session is on; guarded by mu
+	pins map[lease.Token]bool   // the sessions that pinned theirs (vsockproto.FeaturePin); guarded by mu
 }
 
 // guest is one connection.
@@ -172,7 +173,8 @@ func (s *Server) AddExport(e *Export) error {
 	}
 	next := make(map[string]*served, len(old)+1)
 	maps.Copy(next, old)
-	next[e.Name()] = &served{exp: e, coord: c, m: s.m, on: e.handedOn()}
+	on, pins := e.handedOn()
+	next[e.Name()] = &served{exp: e, coord: c, m: s.m, on: on, pins: pins}
 	e.SetFDs(s.fds)
 	s.m.addExport(e.Name())
 	s.exports.Store(&next)
@@ -515,14 +517,24 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		g.att = 1
 	}
 	g.sv, g.max, g.labels = sv, h.MaxFrame, h.Features.Has(vsockproto.FeatureLabel)
-	// The guest may stay on the generation it names if it is kept.
-	kept := h.Generation != 0 && sv.exp.Has(h.Generation)
+	// The guest may stay on the generation it names if it is kept; one
+	// that pins it stays there, one that pins a label on the newest
+	// generation kept with it.
+	want := h.Generation
+	pin := h.Features.Has(vsockproto.FeaturePin)
+	if pin && want == 0 && h.Label != "" {
+		want = sv.exp.labeled(h.Label)
+	}
+	kept := want != 0 && sv.exp.Has(want)
 	w := &vsockproto.Welcome{
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Secret()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
 		Features: vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy |
-			vsockproto.FeatureLeaseTime,
+			vsockproto.FeatureLeaseTime | vsockproto.FeaturePin,
 		LeaseTime: sv.coord.Grace(),
+	}
+	if pin && kept {
+		w.Pinned = want
 	}
 	if g.labels {
 		w.Features |= vsockproto.FeatureLabel
@@ -530,7 +542,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 	}
 	on := cur.Number
 	if kept {
-		on = h.Generation
+		on = want
 	}
 	if ap := sv.exp.AutoPublish(); ap != nil {
 		w.PublishQuiet, w.PublishMax = ap.Quiet, ap.Max
@@ -540,9 +552,14 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		// A session never goes back (as in its acknowledgements): a
 		// resumed one that names an older generation would pin it. It
 		// moves to the current one.
-		w.Kept, on = false, cur.Number
+		w.Kept, w.Pinned, on = false, 0, cur.Number
 	}
 	sv.on[g.sess.Token()] = on
+	if w.Pinned != 0 {
+		sv.pins[g.sess.Token()] = true
+	} else {
+		delete(sv.pins, g.sess.Token())
+	}
 	sv.mu.Unlock()
 	return w, g.handle, nil
 }

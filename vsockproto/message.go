@@ -32,6 +32,10 @@ const (
 	TypePong        Type = ReplyBit | TypePing
 	TypeRevoke      Type = 0x0009
 	TypeRevokeAck   Type = ReplyBit | TypeRevoke
+	TypeListGens    Type = 0x000A
+	TypeGenerations Type = ReplyBit | TypeListGens
+	TypeUnpin       Type = 0x000B
+	TypeUnpinAck    Type = ReplyBit | TypeUnpin
 	TypeError       Type = 0xFFFF
 )
 
@@ -92,6 +96,14 @@ func newMessage(t Type) Message {
 		return new(Revoke)
 	case TypeRevokeAck:
 		return new(RevokeAck)
+	case TypeListGens:
+		return new(ListGens)
+	case TypeGenerations:
+		return new(Generations)
+	case TypeUnpin:
+		return new(Unpin)
+	case TypeUnpinAck:
+		return new(UnpinAck)
 	case TypeError:
 		return new(Error)
 	}
@@ -137,6 +149,11 @@ const (
 	// session's leases after the last request it answered (LeaseTime),
 	// and the host sends Revoke before it lets go of them otherwise.
 	FeatureLeaseTime Features = 1 << 5
+	// FeaturePin: a guest pins a kept generation (Hello.Generation, or
+	// Hello.Label when that is 0) and stays on it; the Welcome says which
+	// it got (Pinned; 0: none), and the host sends Unpin before it drops
+	// it. With it the host answers ListGens.
+	FeaturePin Features = 1 << 6
 )
 
 // Has reports whether every feature in f is in s.
@@ -207,6 +224,9 @@ type Hello struct {
 	Token      Token
 	Generation uint64
 	Export     string
+	// With FeaturePin: the label of the generation to pin, when
+	// Generation is 0.
+	Label string
 }
 
 func (*Hello) Type() Type { return TypeHello }
@@ -218,7 +238,11 @@ func (m *Hello) Append(b []byte) []byte {
 	b = putU64(b, uint64(m.Features))
 	b = append(b, m.Token[:]...)
 	b = putU64(b, m.Generation)
-	return putStr(b, m.Export)
+	b = putStr(b, m.Export)
+	if m.Features.Has(FeaturePin) {
+		b = putStr(b, m.Label)
+	}
+	return b
 }
 
 func (m *Hello) decode(d *decoder) {
@@ -231,6 +255,9 @@ func (m *Hello) decode(d *decoder) {
 	copy(m.Token[:], d.take(16))
 	m.Generation = d.u64()
 	m.Export = d.str("export", MaxExportName)
+	if m.Features.Has(FeaturePin) {
+		m.Label = d.str("label", MaxLabel)
+	}
 	switch {
 	case d.err != nil:
 	case m.Version == 0:
@@ -265,6 +292,9 @@ type Welcome struct {
 	// this long after the last request of the guest's it answered, unless
 	// it revokes them (Revoke) or breaks them (Break) first.
 	LeaseTime time.Duration
+	// With FeaturePin: the generation pinned for the guest (0: none; it
+	// asked for one the host does not keep).
+	Pinned uint64
 }
 
 // Welcome flags.
@@ -300,6 +330,9 @@ func (m *Welcome) Append(b []byte) []byte {
 	if m.Features.Has(FeatureLeaseTime) {
 		b = putU32(b, millis(m.LeaseTime))
 	}
+	if m.Features.Has(FeaturePin) {
+		b = putU64(b, m.Pinned)
+	}
 	return b
 }
 
@@ -326,6 +359,9 @@ func (m *Welcome) decode(d *decoder) {
 	}
 	if m.Features.Has(FeatureLeaseTime) {
 		m.LeaseTime = time.Duration(d.u32()) * time.Millisecond
+	}
+	if m.Features.Has(FeaturePin) {
+		m.Pinned = d.u64()
 	}
 	switch {
 	case d.err != nil:
@@ -562,6 +598,82 @@ const MaxWhy = 256
 func (*Revoke) Type() Type               { return TypeRevoke }
 func (m *Revoke) Append(b []byte) []byte { return putStr(b, m.Why) }
 func (m *Revoke) decode(d *decoder)      { m.Why = d.str("why", MaxWhy) }
+
+// ListGens asks which generations the host keeps (guest → host, with
+// FeaturePin); it answers Generations, oldest first.
+type ListGens struct{}
+
+func (*ListGens) Type() Type             { return TypeListGens }
+func (*ListGens) Append(b []byte) []byte { return b }
+func (*ListGens) decode(*decoder)        {}
+
+// A KeptGeneration is one generation the host keeps.
+type KeptGeneration struct {
+	Number    uint64
+	Published time.Time // when it was captured, to the millisecond
+	Label     string
+}
+
+// MaxGenerations bounds Generations.List.
+const MaxGenerations = 4096
+
+// Generations answers ListGens.
+type Generations struct{ List []KeptGeneration }
+
+func (*Generations) Type() Type { return TypeGenerations }
+
+func (m *Generations) Append(b []byte) []byte {
+	b = putU32(b, uint32(len(m.List)))
+	for _, g := range m.List {
+		b = putU64(b, g.Number)
+		b = putU64(b, uint64(g.Published.UnixMilli()))
+		b = putStr(b, g.Label)
+	}
+	return b
+}
+
+func (m *Generations) decode(d *decoder) {
+	n := d.count("generations", 8+8+2)
+	if d.err == nil && n > MaxGenerations {
+		d.fail("%d generations, more than %d", n, MaxGenerations)
+		return
+	}
+	for range n {
+		g := KeptGeneration{Number: d.u64(), Published: time.UnixMilli(int64(d.u64())), Label: d.str("label", MaxLabel)}
+		if d.err != nil {
+			return
+		}
+		if g.Number == 0 || len(m.List) > 0 && g.Number <= m.List[len(m.List)-1].Number {
+			d.fail("generation %d out of order", g.Number)
+			return
+		}
+		m.List = append(m.List, g)
+	}
+}
+
+// Unpin tells a guest that the host is about to drop the generation it
+// pinned (host → guest), and why (its budget for kept files is spent):
+// the guest moves on, and replies UnpinAck.
+type Unpin struct {
+	Generation uint64
+	Why        string
+}
+
+func (*Unpin) Type() Type { return TypeUnpin }
+
+func (m *Unpin) Append(b []byte) []byte { return putStr(putU64(b, m.Generation), m.Why) }
+
+func (m *Unpin) decode(d *decoder) {
+	m.Generation = d.u64()
+	m.Why = d.str("why", MaxWhy)
+}
+
+// UnpinAck answers Unpin.
+type UnpinAck struct{}
+
+func (*UnpinAck) Type() Type             { return TypeUnpinAck }
+func (*UnpinAck) Append(b []byte) []byte { return b }
+func (*UnpinAck) decode(*decoder)        {}
 
 // Empty messages.
 type (

@@ -91,6 +91,21 @@ var golden = []struct {
 		 0300000000000000 00100000 30750000`},
 	{"Revoke", 9, &Revoke{Why: "stop"}, `06000000 0900 0000 0900000000000000 | 0400 73746f70`},
 	{"RevokeAck", 9, &RevokeAck{}, `00000000 0980 0000 0900000000000000`},
+	{"HelloPin", 1, &Hello{Version: 1, MaxFrame: 1 << 20, Features: FeaturePin, Export: "m", Label: "r42"},
+		`30000000 0100 0000 0100000000000000 |
+		 0100 0000 00001000 4000000000000000 00000000000000000000000000000000
+		 0000000000000000 0100 6d 0300 723432`},
+	{"WelcomePin", 1, &Welcome{Version: 1, MaxFrame: 64 << 10, Features: FeaturePin, Generation: 9, BlockSize: 4096, Pinned: 7},
+		`34000000 0180 0000 0100000000000000 |
+		 0100 0000 00000100 4000000000000000 00000000000000000000000000000000
+		 0900000000000000 00100000 0700000000000000`},
+	{"ListGens", 4, &ListGens{}, `00000000 0a00 0000 0400000000000000`},
+	{"Generations", 4, &Generations{List: []KeptGeneration{{7, time.UnixMilli(1000), "r42"}, {9, time.UnixMilli(2000), ""}}},
+		`2b000000 0a80 0000 0400000000000000 | 02000000
+		 0700000000000000 e803000000000000 0300 723432
+		 0900000000000000 d007000000000000 0000`},
+	{"Unpin", 10, &Unpin{Generation: 7, Why: "budget"}, `10000000 0b00 0000 0a00000000000000 | 0700000000000000 0600 627564676574`},
+	{"UnpinAck", 10, &UnpinAck{}, `00000000 0b80 0000 0a00000000000000`},
 	{"Ping", 8, &Ping{}, `00000000 0800 0000 0800000000000000`},
 	{"Pong", 8, &Pong{}, `00000000 0880 0000 0800000000000000`},
 	{"Error", 3, &Error{Code: CodeStale, Message: "gen 3"},
@@ -168,6 +183,10 @@ func TestDecodeRejects(t *testing.T) {
 		{"break none", TypeBreak, `00000000`, "no leases"},
 		{"break count", TypeBreak, `03000000 0100000000000000`, "do not fit"},
 		{"release short", TypeRelease, `01000000`, "too short"},
+		{"generations out of order", TypeGenerations, `02000000 0700000000000000 0000000000000000 0000 0700000000000000 0000000000000000 0000`, "out of order"},
+		{"generation 0", TypeGenerations, `01000000 0000000000000000 0000000000000000 0000`, "out of order"},
+		{"generations count", TypeGenerations, `05000000 0700000000000000 0000000000000000 0000`, "do not fit"},
+		{"unpin why missing", TypeUnpin, `0700000000000000`, "too short"},
 		{"ping payload", TypePing, `00`, "left over"},
 		{"error message too long", TypeError, `01000000 0104`, "at most 1024"},
 	} {

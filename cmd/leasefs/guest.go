@@ -40,6 +40,8 @@ type guestOptions struct {
 	retry               bool
 	storageDaemon       bool
 	linger              time.Duration
+	pin                 uint64 // --generation
+	pinLabel            string // --label
 }
 
 // parseGuest checks a guest command line without acting on it.
@@ -71,6 +73,9 @@ docs/operations.md).
 	fs.StringVar(&o.export, "export", "", "the export to mount (required)")
 	fs.StringVar(&o.device, "device", "", "the export's device or image, shared read-only (default: data through the host)")
 	fs.StringVar(&follow, "follow", "always", "when to move to a new generation: always, interval=DURATION or manual")
+	fs.Uint64Var(&o.pin, "generation", 0, "stay on this generation, one the host keeps (host --keep-generations), instead of following;\n"+
+		"the host says before it drops it, and the mount then moves to the newest")
+	fs.StringVar(&o.pinLabel, "label", "", "as --generation, for the newest generation the host keeps that was published with this label")
 	fs.StringVar(&down, "down", "soft", "while the host agent is down or unreachable, what reads of open files, opens and\n"+
 		"uncached metadata do: hard (wait until it is back, as NFS hard mounts do), soft (fail with EIO\nafter 30 s, then at once until it is back) or soft=DURATION; an export the host no longer\nserves fails at once (ESTALE)")
 	fs.StringVar(&pageCache, "page-cache", "guest", "where file data is cached: guest (this kernel's page cache) or host (none here: the\n"+
@@ -114,6 +119,9 @@ docs/operations.md).
 	}
 	if o.linger < 0 {
 		return nil, fmt.Errorf("--lease-linger %v: must be 0 or more", o.linger)
+	}
+	if o.pin != 0 && o.pinLabel != "" {
+		return nil, fmt.Errorf("--generation and --label: give one")
 	}
 	if o.cacheMB <= 0 {
 		return nil, fmt.Errorf("--cache-mb %d: must be positive", o.cacheMB)
@@ -207,7 +215,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	}
 	defer sl.Close()
 	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow, Down: o.down,
-		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Linger: cmp.Or(o.linger, -1), Logger: log}, o.retry, log)
+		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Linger: cmp.Or(o.linger, -1), Pin: o.pin, PinLabel: o.pinLabel, Logger: log}, o.retry, log)
 	if err != nil {
 		return err
 	}
@@ -310,7 +318,11 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 	if st.Latest != st.Generation {
 		gen += fmt.Sprintf("; %d announced", st.Latest)
 	}
-	fmt.Fprintf(tw, "generation\t%s; follows %s; the host publishes %s\n", gen, st.Follow, st.Publish)
+	follows := "follows " + st.Follow
+	if st.Pinned {
+		follows = "PINNED (--generation, --label): stays on it until the host drops it"
+	}
+	fmt.Fprintf(tw, "generation\t%s; %s; the host publishes %s\n", gen, follows, st.Publish)
 	fmt.Fprintf(tw, "metadata cache\t%s of %s (%d hits, %d misses); the kernel holds %d nodes\n",
 		sizeOf(st.Cache.Bytes), sizeOf(st.Cache.LimitBytes), st.Cache.Hits, st.Cache.Misses, st.Nodes)
 	fmt.Fprintf(tw, "open files\t%d; file data cached in the %s's page cache\n", st.OpenFiles, st.PageCache)

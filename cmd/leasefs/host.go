@@ -57,7 +57,7 @@ type hostOptions struct {
 	fdStore     bool                   `flag:"fd-store"`
 	maxLeases   int                    `flag:"max-leases-per-guest"`
 	maxSessions int                    `flag:"max-sessions-per-guest"`
-	keep        keepOptions            `flag:"keep-files, keep-replaced-files, keep-replaced-mb"`
+	keep        keepOptions            `flag:"keep-files, keep-replaced-files, keep-replaced-mb, keep-generations"`
 	limits      hostagent.Limits       `flag:"max-conns-per-guest, max-inflight-mb(-per-guest), max-running(-per-guest), max-generations-behind"`
 	config      string
 }
@@ -67,6 +67,7 @@ type exportSpec struct{ name, dev, mnt string }
 // keepOptions bound what is held to keep the guests' generations whole.
 type keepOptions struct {
 	files, replaced, replacedMB int
+	generations                 int // --keep-generations
 }
 
 // defaultHostConfig is read when --config is not given, if it exists;
@@ -136,6 +137,8 @@ docs/operations.md).
 	fs.IntVar(&o.keep.replaced, "keep-replaced-files", 100000, "the replaced or deleted files an export keeps for older generations; past it, or past\n"+
 		"--keep-replaced-mb, the oldest generations are dropped at the next publish and their guests move on")
 	fs.IntVar(&o.keep.replacedMB, "keep-replaced-mb", 8192, "the space (MiB) of the replaced or deleted files an export keeps for older generations")
+	fs.IntVar(&o.keep.generations, "keep-generations", 1, "how many of the newest generations an export keeps whole, with a guest on them or not,\n"+
+		"for guests to pin (leasefs guest --generation, --label); within the budgets above")
 	fs.IntVar(&o.maxSessions, "max-sessions-per-guest", 16, "the sessions one guest may have; one more ends its oldest detached one")
 	fs.IntVar(&o.limits.ConnsPerGuest, "max-conns-per-guest", 8, "the connections one guest may have open")
 	fs.IntVar(&v.perGuestMB, "max-inflight-mb-per-guest", 8, "the reply bytes (MiB) one guest may have in flight")
@@ -222,7 +225,8 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	for name, n := range map[string]int{"--max-leases-per-guest": o.maxLeases, "--max-sessions-per-guest": o.maxSessions,
 		"--max-conns-per-guest": o.limits.ConnsPerGuest, "--max-inflight-mb-per-guest": v.perGuestMB, "--max-inflight-mb": v.allMB,
 		"--max-running-per-guest": o.limits.RunningPerGuest, "--max-running": o.limits.Running,
-		"--max-generations-behind": o.limits.GenerationsBehind, "--keep-replaced-files": o.keep.replaced, "--keep-replaced-mb": o.keep.replacedMB} {
+		"--max-generations-behind": o.limits.GenerationsBehind, "--keep-replaced-files": o.keep.replaced, "--keep-replaced-mb": o.keep.replacedMB,
+		"--keep-generations": o.keep.generations} {
 		if n <= 0 {
 			return nil, fmt.Errorf("%s %d: must be positive", name, n)
 		}
@@ -688,7 +692,8 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
 			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp),
 			KeepFiles: cmp.Or(o.keep.files, -1), KeepReplaced: o.keep.replaced, KeepBytes: int64(o.keep.replacedMB) << 20,
-			Progress: progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
+			KeepGenerations: o.keep.generations,
+			Progress:        progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
 		if a.store != nil {
 			ec.Keeper, ec.Held = a.store.keeper(sp.name), a.stored[sp.name]
 			delete(a.stored, sp.name)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -162,6 +163,24 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 			l.Name, now.Sub(l.Since).Round(time.Second), l.Reason, l.Mount)
 	}
 	for _, e := range st.Exports {
+		if len(e.KeptList) > 1 {
+			var ks []string
+			for _, k := range e.KeptList {
+				s := fmt.Sprint(k.Number)
+				switch {
+				case k.Label != "" && k.Pinned > 0:
+					s += fmt.Sprintf(" (%s, pinned by %d)", k.Label, k.Pinned)
+				case k.Label != "":
+					s += " (" + k.Label + ")"
+				case k.Pinned > 0:
+					s += fmt.Sprintf(" (pinned by %d)", k.Pinned)
+				}
+				ks = append(ks, s)
+			}
+			fmt.Fprintf(w, "\n%s keeps generations %s\n", e.Name, strings.Join(ks, ", "))
+		}
+	}
+	for _, e := range st.Exports {
 		if len(e.Guests) == 0 {
 			continue
 		}
@@ -172,6 +191,9 @@ func writeStatus(w io.Writer, st *hostagent.Status, now time.Time) error {
 			behind := ""
 			if g.Generation < e.Generation {
 				behind = fmt.Sprintf(" (%d behind)", e.Generation-g.Generation)
+			}
+			if g.Pinned {
+				behind += " pinned"
 			}
 			fmt.Fprintf(tw, "  %s\t%d%s\t%d\n", g.Peer, g.Generation, behind, g.Leases)
 		}

@@ -21,6 +21,9 @@
 # (mount.usr= and friends to boot with /usr from leasefs: see
 # docs/operations.md, "Booting from leasefs").
 #
+# VHOST=none boots a VM with no vsock device, whose memory is then
+# private (vhost-user needs it shared): for comparisons, for KSM.
+#
 # Snapshots: QEMU will not save a VM with a vhost-user vsock device, so
 # HOTPLUG=1 puts it on a PCIe root port, from which the monitor can
 # unplug it before a save and plug a new one after a restore:
@@ -40,8 +43,13 @@
 set -euo pipefail
 : "${KERNEL:?KERNEL=path to a vmlinuz}" "${INITRD:?INITRD=path to an initramfs}" "${IMAGE:?IMAGE=the disk of the export}"
 [ -n "${VHOST:-}" ] || [ -n "${INCOMING:-}" ] || { echo "vhost-vm.sh: VHOST=the vhost-user socket of the VM's vhost-device-vsock" >&2; exit 2; }
+memory=${MEMORY:-512}
+# vhost-user needs the guest's memory shared with the backend: a memfd.
+mem=(-m "$memory" -object memory-backend-memfd,id=mem,size="${memory}M",share=on -numa node,memdev=mem)
 vsock=()
-if [ "${HOTPLUG:-}" = 1 ]; then
+if [ "${VHOST:-}" = none ]; then
+	mem=(-m "$memory")
+elif [ "${HOTPLUG:-}" = 1 ]; then
 	vsock=(-device pcie-root-port,id=rp0,chassis=1,slot=1)
 	[ -z "${VHOST:-}" ] || vsock+=(-chardev socket,id=vsock0,path="$VHOST" -device vhost-user-vsock-pci,chardev=vsock0,id=vsock0,bus=rp0)
 else
@@ -58,15 +66,12 @@ case ${CACHE:=none} in
 none | writeback) ;;
 *) echo "vhost-vm.sh: CACHE is none or writeback, not $CACHE" >&2; exit 2 ;;
 esac
-memory=${MEMORY:-512}
 root=()
 [ -z "${ROOT:-}" ] || root=(-drive file="$ROOT",if=virtio,format=raw,cache=unsafe)
 monitor=none
 [ -z "${MONITOR:-}" ] || monitor=unix:$MONITOR,server=on,wait=off
-# vhost-user needs the guest's memory shared with the backend: a memfd.
 exec qemu-system-x86_64 \
-	-machine q35,accel="$ACCEL" -cpu "$cpu" -smp "${CPUS:-1}" -m "$memory" \
-	-object memory-backend-memfd,id=mem,size="${memory}M",share=on -numa node,memdev=mem \
+	-machine q35,accel="$ACCEL" -cpu "$cpu" -smp "${CPUS:-1}" "${mem[@]}" \
 	-display none -monitor "$monitor" -serial stdio -no-reboot \
 	-kernel "$KERNEL" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 random.trust_cpu=on quiet ${APPEND:-}" \

@@ -36,6 +36,8 @@ for a in $(cat /proc/cmdline); do
 done
 if [ "$usrfstype" = fuse.leasefs ]; then
 	/bin/leasefs mount-helper "$usr" /newroot/usr -o "$usrflags" || fail "cannot mount /usr from leasefs"
+elif [ -n "$usr" ]; then
+	mount -t "$usrfstype" -o "$usrflags" "$usr" /newroot/usr || fail "cannot mount /usr from $usr"
 fi
 for d in dev proc sys run; do mount -o move /$d /newroot/$d; done
 exec switch_root /newroot /sbin/init
@@ -74,35 +76,10 @@ WantedBy=multi-user.target
 // here, and checks what runs from it, an upgrade under it, a reboot and
 // a power-off.
 func TestBootUsr(t *testing.T) {
-	busybox, bin := programs(t)
-	testenv.RequireTool(t, "mmdebstrap")
-	k := kernel{"6.1", "bookworm"}
-	f := &fleet{t: t, cache: cacheDir(t), bin: bin, cid: 2, export: "usr", initrds: map[string]string{}, vmlinuzes: map[string]string{}}
-	out, err := exec.Command("./debian.sh", "vhost", f.cache).Output()
-	if err != nil {
-		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, stderrOf(err))
-	}
-	f.vhost = strings.TrimSpace(string(out))
-	kdir := fetchKernel(t, k, f.cache)
-	f.vmlinuzes[k.name] = filepath.Join(kdir, "vmlinuz")
-	f.initrds[k.name] = filepath.Join(f.cache, "initramfs-boot-usr.cpio")
-	buildInitramfs(t, f.initrds[k.name], kdir, busybox, bin, initBootUsr, fleetModules)
-	out, err = exec.Command("./debian.sh", "split", rootSuite, f.cache).Output()
-	if err != nil {
-		testenv.Unavailable(t, "building the Debian root and /usr: %v %s", err, stderrOf(err))
-	}
-	images := strings.Fields(string(out))
-	tmp := t.TempDir()
-	root, usr := filepath.Join(tmp, "root.img"), filepath.Join(tmp, "usr.img")
-	for i, dst := range []string{root, usr} {
-		if out, err := exec.Command("cp", "--sparse=always", images[i], dst).CombinedOutput(); err != nil {
-			t.Fatalf("copying %s: %v %s", images[i], err, out)
-		}
-	}
-	installBootRoot(t, root, bin)
+	bu := newBootUsr(t)
+	f, k, kdir, root, bin := bu.f, bu.k, bu.kdir, bu.root, bu.bin
 
 	// The host agent exports /usr, the demo module in it.
-	f.serve(t, usr)
 	writeDemo(t, f.mnt, "1.0", false)
 	f.publish(t)
 
@@ -189,6 +166,48 @@ func TestBootUsr(t *testing.T) {
 	})
 }
 
+// A bootUsr is what a VM booting with /usr from leasefs needs: the host
+// agent here serving a copy of the Debian /usr (debian.sh split) as the
+// export "usr", the 6.1 kernel with an initramfs of initBootUsr, and a
+// copy of the root image (its /usr empty) with the test's units.
+type bootUsr struct {
+	f         *fleet
+	k         kernel
+	kdir      string // the kernel's files
+	root, bin string
+}
+
+func newBootUsr(t testing.TB) *bootUsr {
+	busybox, bin := programs(t)
+	testenv.RequireTool(t, "mmdebstrap")
+	k := kernel{"6.1", "bookworm"}
+	f := &fleet{t: t, cache: cacheDir(t), bin: bin, cid: 2, export: "usr", initrds: map[string]string{}, vmlinuzes: map[string]string{}}
+	out, err := exec.Command("./debian.sh", "vhost", f.cache).Output()
+	if err != nil {
+		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, stderrOf(err))
+	}
+	f.vhost = strings.TrimSpace(string(out))
+	kdir := fetchKernel(t, k, f.cache)
+	f.vmlinuzes[k.name] = filepath.Join(kdir, "vmlinuz")
+	f.initrds[k.name] = filepath.Join(f.cache, "initramfs-boot-usr.cpio")
+	buildInitramfs(t, f.initrds[k.name], kdir, busybox, bin, initBootUsr, fleetModules)
+	out, err = exec.Command("./debian.sh", "split", rootSuite, f.cache).Output()
+	if err != nil {
+		testenv.Unavailable(t, "building the Debian root and /usr: %v %s", err, stderrOf(err))
+	}
+	images := strings.Fields(string(out))
+	tmp := t.TempDir()
+	root, usr := filepath.Join(tmp, "root.img"), filepath.Join(tmp, "usr.img")
+	for i, dst := range []string{root, usr} {
+		if out, err := exec.Command("cp", "--sparse=always", images[i], dst).CombinedOutput(); err != nil {
+			t.Fatalf("copying %s: %v %s", images[i], err, out)
+		}
+	}
+	installBootRoot(t, root, bin)
+	f.serve(t, usr)
+	return &bootUsr{f: f, k: k, kdir: kdir, root: root, bin: bin}
+}
+
 // debianInitramfs makes an initramfs with initramfs-tools in the root
 // image (its /usr the export mounted at usr), with the kernel's modules
 // and examples/boot/initramfs-tools, and returns its path.
@@ -242,7 +261,7 @@ func debianInitramfs(t *testing.T, root, usr, kdir, bin string) string {
 
 // waitExit waits for the VM's QEMU to exit (it does not reboot: -no-reboot)
 // and for its console to say want.
-func waitExit(t *testing.T, v *vm, want string) {
+func waitExit(t testing.TB, v *vm, want string) {
 	t.Helper()
 	select {
 	case <-v.qemuDone:
@@ -256,7 +275,7 @@ func waitExit(t *testing.T, v *vm, want string) {
 
 // installBootRoot puts the test's command server and units into the
 // root image (its /usr is the export's).
-func installBootRoot(t *testing.T, root, bin string) {
+func installBootRoot(t testing.TB, root, bin string) {
 	mnt := t.TempDir()
 	if out, err := exec.Command("mount", "-o", "loop", root, mnt).CombinedOutput(); err != nil {
 		t.Fatalf("mounting the root: %v %s", err, out)
@@ -284,7 +303,7 @@ func installBootRoot(t *testing.T, root, bin string) {
 
 // writeDemo writes the demo module into the /usr at mnt, directly or as
 // dpkg unpacks an upgrade.
-func writeDemo(t *testing.T, mnt, version string, dpkg bool) {
+func writeDemo(t testing.TB, mnt, version string, dpkg bool) {
 	dir := filepath.Join(mnt, demoDir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)

@@ -45,7 +45,7 @@ poweroff -f
 // "mirror" and serving every VM whose socket is in vms, and the VMs
 // booted against it.
 type fleet struct {
-	t                  *testing.T
+	t                  testing.TB
 	cache, bin         string
 	vhost              string // vhost-device-vsock
 	img, mnt, dev      string // the export: its image, mount and loop device
@@ -99,7 +99,7 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 // serve mounts the image img read-write and starts the host agent
 // exporting it (as f.export, or "mirror") to every VM whose socket is
 // in f.vms, with the flags more.
-func (f *fleet) serve(t *testing.T, img string, more ...string) {
+func (f *fleet) serve(t testing.TB, img string, more ...string) {
 	f.img = img
 	f.mnt = imgtest.KernelMount(t, f.img, "")
 	f.dev = imgtest.LoopDevice(t, f.mnt)
@@ -125,7 +125,7 @@ const fleetGrace = 30 * time.Second
 // startHost starts the host agent — as systemd with a file-descriptor
 // store would, if sd is not nil — and waits until it is ready; the
 // fleet's end stops it (SIGTERM) unless a test did.
-func (f *fleet) startHost(t *testing.T, sd *testenv.FakeSystemd) {
+func (f *fleet) startHost(t testing.TB, sd *testenv.FakeSystemd) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.log = &testenv.SyncBuffer{}
@@ -171,7 +171,7 @@ func (f *fleet) startHost(t *testing.T, sd *testenv.FakeSystemd) {
 }
 
 // stopHost sends the host agent sig and waits for it to exit.
-func (f *fleet) stopHost(t *testing.T, sig syscall.Signal) {
+func (f *fleet) stopHost(t testing.TB, sig syscall.Signal) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.host == nil {
@@ -241,10 +241,11 @@ type vmSpec struct {
 	initrd   string // another initramfs than the fleet's
 	memory   int    // MiB; 384 if 0
 	append   string // to the kernel's command line
+	noVsock  bool   // none (its memory private): for comparisons, reached only by its console
 }
 
 // start starts a VM; ready waits for it (VMs boot at once).
-func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
+func (f *fleet) start(t testing.TB, spec vmSpec) *vm {
 	f.mu.Lock()
 	if spec.cid == 0 {
 		f.cid++
@@ -278,9 +279,12 @@ func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
 	if spec.hotplug {
 		v.qemu.Env = append(v.qemu.Env, "HOTPLUG=1")
 	}
-	if spec.incoming != "" {
+	switch {
+	case spec.incoming != "":
 		v.qemu.Env = append(v.qemu.Env, "INCOMING="+spec.incoming, "VHOST=")
-	} else {
+	case spec.noVsock:
+		v.qemu.Env = append(v.qemu.Env, "VHOST=none")
+	default:
 		v.qemu.Env = append(v.qemu.Env, "VHOST="+v.vhostSock)
 	}
 	v.qemu.Stdout, v.qemu.Stderr = v.console, v.console
@@ -293,7 +297,7 @@ func (f *fleet) start(t *testing.T, spec vmSpec) *vm {
 }
 
 // ready waits for the VM's command server.
-func (v *vm) ready(t *testing.T) {
+func (v *vm) ready(t testing.TB) {
 	name, k := v.name, v.k
 	for deadline := time.Now().Add(3 * time.Minute); !strings.Contains(v.console.String(), "LEASEFS-VM-READY"); time.Sleep(50 * time.Millisecond) {
 		select {

@@ -72,7 +72,7 @@ func TestGuestKernels(t *testing.T) {
 
 // source is the tree the VM tests export: a varied tree, the
 // conformance suite's, and "hello".
-func source(t *testing.T) string {
+func source(t testing.TB) string {
 	src := t.TempDir()
 	imgtest.Populate(t, src, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 300, NanoTimes: true})
 	conformance.Populate(t, src)
@@ -86,7 +86,7 @@ func source(t *testing.T) string {
 // builds the static programs that go into a VM's initramfs: it returns
 // busybox's path and the directory holding leasefs and vmtest (this
 // package's test binary).
-func programs(t *testing.T) (busybox, bin string) {
+func programs(t testing.TB) (busybox, bin string) {
 	if runtime.GOARCH != "amd64" {
 		testenv.Unavailable(t, "the VM tests boot amd64 kernels")
 	}
@@ -111,7 +111,7 @@ func programs(t *testing.T) (busybox, bin string) {
 }
 
 // fetchKernel returns the directory holding k's vmlinuz and modules.
-func fetchKernel(t *testing.T, k kernel, cache string) string {
+func fetchKernel(t testing.TB, k kernel, cache string) string {
 	out, err := exec.Command("./debian.sh", "kernel", k.release, cache).Output()
 	if err != nil {
 		testenv.Unavailable(t, "fetching the %s kernel: %v %s", k.release, err, stderrOf(err))
@@ -167,7 +167,7 @@ func stderrOf(err error) string {
 // cacheDir keeps the fetched kernels, the last initramfs and console of
 // each between runs:
 // $LEASEFS_VM_CACHE, or /var/cache/leasefs-vm.
-func cacheDir(t *testing.T) string {
+func cacheDir(t testing.TB) string {
 	dir := os.Getenv("LEASEFS_VM_CACHE")
 	if dir == "" {
 		dir = "/var/cache/leasefs-vm"
@@ -200,7 +200,7 @@ poweroff -f
 
 // buildInitramfs writes the VM's root: busybox and its applets, the
 // modules in load order, leasefs, the test program, and init as /init.
-func buildInitramfs(t *testing.T, path, kdir, busybox, bin, init string, modules []string) {
+func buildInitramfs(t testing.TB, path, kdir, busybox, bin, init string, modules []string) {
 	vers, err := os.ReadDir(filepath.Join(kdir, "lib/modules"))
 	if err != nil || len(vers) != 1 {
 		t.Fatalf("%s: want one module tree: %v", kdir, err)

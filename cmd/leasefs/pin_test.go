@@ -1,0 +1,134 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// A guest pins a kept generation, by number or by label, and stays on it
+// while the host publishes past it (host --keep-generations, within the
+// budget for kept files); one the host does not keep is refused with what
+// it keeps; when the budget runs out the host says so before it drops
+// the oldest pinned generation, and its guest moves to the newest.
+func TestPinnedGenerations(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	control := "unix:" + filepath.Join(run, "control.sock")
+	sock := "unix:" + filepath.Join(run, "guest.sock")
+	newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", sock, "--control", control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "3", "--keep-replaced-files", "4")
+	// put writes name as a sync tool does: a temporary file renamed over it.
+	put := func(name, body string) {
+		t.Helper()
+		tmp := filepath.Join(mnt, "."+name+".tmp")
+		if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(mnt, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publish := func(label string) {
+		t.Helper()
+		if out, err := leasefs(t, "publish", "--control", control, "--label", label, "mirror"); err != nil {
+			t.Fatalf("publish %s: %v\n%s", label, err, out)
+		}
+	}
+	read := func(dir, name string) string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		return string(b)
+	}
+	put("v", "r1")
+	put("old", "only in r1 and r2")
+	publish("r1")
+	first := hostStatus(t, control).Exports[0].Generation
+	put("v", "r2")
+	publish("r2")
+	put("v", "r3")
+	if err := os.Remove(filepath.Join(mnt, "old")); err != nil {
+		t.Fatal(err)
+	}
+	publish("r3")
+	put("new", "since r4")
+	publish("r4")
+
+	// Generations 1 and 2 are beyond --keep-generations 3 but were kept
+	// for no one; the first pins are of what the host keeps now.
+	logA := filepath.Join(run, "a.log")
+	a := guestMount(t, "--connect", sock, "--export", "mirror", "--device", dev, "--label", "r2", "--log", logA)
+	b := guestMount(t, "--connect", sock, "--export", "mirror", "--generation", itoa(first+2))
+	follower := guestMount(t, "--connect", sock, "--export", "mirror", "--device", dev)
+	if out, err := leasefs(t, "guest", "--connect", sock, "--export", "mirror", "--generation", itoa(first), t.TempDir()); err == nil ||
+		!strings.Contains(out, "does not keep generation "+itoa(first)) || !strings.Contains(out, "(r4)") {
+		t.Errorf("a mount pinning a generation the host dropped: %v\n%s", err, out)
+	}
+	for _, c := range []struct{ dir, name, want string }{
+		{a, "v", "r2"}, {a, "old", "only in r1 and r2"}, {b, "v", "r3"}, {follower, "v", "r3"}, {follower, "new", "since r4"},
+	} {
+		if got := read(c.dir, c.name); got != c.want {
+			t.Errorf("%s/%s: %q, want %q", c.dir, c.name, got, c.want)
+		}
+	}
+	if !exists(filepath.Join(follower, "new")) || exists(filepath.Join(a, "new")) {
+		t.Errorf("the pinned guest sees what came after its generation")
+	}
+	if st := guestStatus(t, a); !st.Pinned || st.Label != "r2" {
+		t.Errorf("the pinned guest's status: pinned %v, label %q", st.Pinned, st.Label)
+	}
+	if out, _ := leasefs(t, "guest", "status", a); !strings.Contains(out, "PINNED") {
+		t.Errorf("guest status:\n%s", out)
+	}
+
+	// Past --keep-generations, pinned generations stay: a replaced file
+	// of r2, opened only now, reads as r2 had it.
+	put("v", "r5")
+	publish("r5")
+	put("v", "r6")
+	publish("r6")
+	if got := read(follower, "v"); got != "r6" {
+		t.Errorf("the follower: %q", got)
+	}
+	for _, dir := range []string{a, b} {
+		if st := guestStatus(t, dir); !st.Pinned {
+			t.Errorf("%s is no longer pinned", dir)
+		}
+	}
+	if got := read(b, "v"); got != "r3" {
+		t.Errorf("pinned to r3, after r6: %q", got)
+	}
+
+	// Six replaced or deleted files now, past the budget of four: the
+	// oldest pinned generation (r2) goes, and its guest is told first.
+	put("v", "r7")
+	publish("r7")
+	waitFor(t, "the guest pinned to r2 moving on", func() bool { return !guestStatus(t, a).Pinned })
+	logged, _ := os.ReadFile(logA)
+	if !strings.Contains(string(logged), "the host drops the generation this mount is pinned to") {
+		t.Errorf("the unpinned guest's log:\n%s", logged)
+	}
+	waitFor(t, "the unpinned guest reading the newest", func() bool { return read(a, "v") == "r7" })
+	if exists(filepath.Join(a, "old")) {
+		t.Errorf("the unpinned guest still sees r2's files")
+	}
+	st := hostStatus(t, control).Exports[0]
+	kept := map[string]int{}
+	for _, k := range st.KeptList {
+		kept[k.Label] = k.Pinned
+	}
+	if _, ok := kept["r2"]; ok || kept["r3"] != 1 || st.KeptReplaced > 4 {
+		t.Errorf("kept %d replaced files (budget 4) and generations %+v: want r3 pinned by one guest, r2 gone", st.KeptReplaced, st.KeptList)
+	}
+	if out, _ := leasefs(t, "status", "--control", control); !strings.Contains(out, "(r3, pinned by 1)") {
+		t.Errorf("status:\n%s", out)
+	}
+}
+
+func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
