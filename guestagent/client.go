@@ -89,6 +89,9 @@ type ClientConfig struct {
 	// when the host drops it (it says so first: Unpin).
 	Pin      uint64
 	PinLabel string
+	// ShowGenerations lists .generations in the root directory (it is
+	// there, but hidden, otherwise).
+	ShowGenerations bool
 	// OpenWait bounds how long an open of a file that changed on the
 	// host waits for a generation that has the change, when the host
 	// publishes on its own (0: the longest the host says a publish can
@@ -169,11 +172,14 @@ type Client struct {
 	latest      uint64                  // the newest generation the host announced
 	latestLabel string                  // latest's label, as the host published it
 	pinned      uint64                  // the generation the mount stays on (ClientConfig.Pin); 0 once it follows
-	pending     changes                 // from cur to latest
-	force       bool                    // switch to latest whatever Follow says
-	switched    time.Time               // the last switch
-	timer       *time.Timer             // a deferred switch (Follow.Interval)
-	inval       []uint64                // nodes whose pages and attributes to drop
+	browse      map[uint64]*ext4ro.FS   // readers of kept generations, for .generations (browse.go)
+	keptList    []vsockproto.KeptGeneration
+	keptAt      time.Time   // when keptList was asked for
+	pending     changes     // from cur to latest
+	force       bool        // switch to latest whatever Follow says
+	switched    time.Time   // the last switch
+	timer       *time.Timer // a deferred switch (Follow.Interval)
+	inval       []uint64    // nodes whose pages and attributes to drop
 
 	// Open files (files.go), guarded by mu.
 	files     map[uint64]*leasedFile // by lease id
@@ -246,7 +252,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if !cfg.Down.Hard && cfg.Down.Timeout <= 0 {
 		cfg.Down = DefaultDown
 	}
-	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, files: map[uint64]*leasedFile{}, idle: map[uint64]idleFile{},
+	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, browse: map[uint64]*ext4ro.FS{}, files: map[uint64]*leasedFile{}, idle: map[uint64]idleFile{},
 		kick: make(chan struct{}, 1), done: make(chan struct{}), attached: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
 	c.m = newClientMetrics(c)
@@ -297,7 +303,8 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		c.pending.all = true // from a pinned generation: what changed since is not known
 	}
 	c.mu.Unlock()
-	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost, Logger: cfg.Logger})
+	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost,
+		Generations: c, ShowGenerations: cfg.ShowGenerations, Logger: cfg.Logger})
 	c.fs.SetView(f, uint32(gen))
 	go c.switcher()
 	return c, nil

@@ -5,10 +5,13 @@
 // # Node ids
 //
 // FileSystem uses go-fuse's raw API. A FUSE node id is the ext4 inode
-// number with a tag in the high 32 bits: for a regular file a digest of
+// number with a 31-bit tag above it: for a regular file a digest of
 // its version (ext4ro Inode.Version: i_generation, size, times, block
 // map), for anything else its i_generation (the root, inode 2, is FUSE's
-// node 1, and node 2 is never handed out). So an inode number the host
+// node 1, and node 2 is never handed out). Ids with the top bit set are
+// the .generations directory's (browse.go): a kept generation's tree is
+// the slot the mount gave that generation with each inode's number,
+// resolved in that generation alone, which never changes. So an inode number the host
 // reuses for another file is another node; a file changed in place is
 // another node too, another kernel inode, whose pages and attributes
 // never mix with another version's; a directory keeps its node, and the
@@ -97,6 +100,13 @@
 // lease stays in the open files, so a break or revoke drops it as any,
 // and a switch that changed its file releases it.
 //
+// A mount may pin a generation the host keeps (ClientConfig.Pin, pin.go):
+// it then never switches, an open the host refuses fails at once, and it
+// moves to the newest only when the host says it drops that generation
+// (Unpin) or no longer has it. Every mount shows the generations the host
+// keeps under .generations (browse.go), each read in its own view: an
+// open there is of that generation's file or fails, never moved.
+//
 // An open of a file that changed meanwhile (another version, another
 // node) fails with ESTALE, after which the kernel looks the name up again
 // and opens the new node: a handle never reads one version for a node of
@@ -134,7 +144,9 @@
 // metaCache.mu and nodes.mu (through FileSystem methods), each a leaf
 // held for a map operation; nothing takes Client.mu while holding them.
 // FileSystem.mu (the handle table, and the open files by node) is a leaf
-// too: a reader is closed after it is let go. A leasedFile has no lock
+// too: a reader is closed after it is let go; so is FileSystem.browsed.mu
+// (the slots of browsed generations), and the client lets go of a slot
+// (forgetBrowsed) with Client.mu released. A leasedFile has no lock
 // (its fence is atomic), so nothing ever waits for a read in flight. The
 // switcher sends notifications with no lock held, and the only FUSE
 // request that waits for it is OPEN, during which the kernel holds no

@@ -21,10 +21,13 @@ import (
 // host publishes on its own, after waiting for one (OpenWait); when it
 // publishes only when told, it fails at once. The error then says which
 // generation and why.
-func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
+func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error) {
 	var waitUntil time.Time // for a newer generation; set on the first refusal
 	for {
 		gv := c.viewOf(v)
+		if gv == nil && fixed {
+			return nil, fmt.Errorf("%w: inode %d: the host no longer keeps its generation", ErrStale, in.Ino)
+		}
 		if gv == nil { // a reader too old to remember: the view served now
 			var err error
 			if v, in, err = c.sameFileNow(in); err != nil {
@@ -56,6 +59,10 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error) {
 			cause = ErrBusy
 		default:
 			return nil, err
+		}
+		if fixed {
+			// A file of .generations is that generation's or nothing.
+			return nil, fmt.Errorf("%w: inode %d of kept generation %d: %v", cause, in.Ino, gv.gen, err)
 		}
 		if waitUntil.IsZero() {
 			c.mu.Lock()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,6 +39,11 @@ type FileSystem struct {
 	files Files  // nil: files are read straight from the view
 	nodes *nodes // what the kernel holds; nil for a view that never changes
 
+	gens     Generations // serves .generations (browse.go); nil: none
+	showGens bool        // .generations is in the root's listing
+	browsed  browsed
+	started  time.Time
+
 	mu      sync.Mutex
 	handles map[uint64]*handle   // open files and directories; guarded by mu
 	held    map[uint64][]*handle // open files with a reader (Files), by node; guarded by mu
@@ -70,8 +76,10 @@ type Staler interface {
 
 // Files opens regular files of a live view (the guest's): an open takes
 // a lease, the reader reads the file as it was opened, and Close releases.
+// fixed says v is a kept generation browsed in .generations: the open is
+// of that generation's file or fails, never moved to another.
 type Files interface {
-	Open(v *ext4ro.FS, in *ext4ro.Inode) (OpenFile, error)
+	Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error)
 }
 
 // OpenFile reads one open file.
@@ -99,8 +107,13 @@ type Config struct {
 	// none of their data, every read comes here (--page-cache=host).
 	DirectIO bool
 	// Files, if set, opens regular files (and NoOpen must be false).
-	Files  Files
-	Logger hclog.Logger
+	Files Files
+	// Generations, if set, serves the .generations directory at the
+	// root (browse.go), hidden from the root's listing unless
+	// ShowGenerations. It needs NoOpenDir.
+	Generations     Generations
+	ShowGenerations bool
+	Logger          hclog.Logger
 }
 
 // taggedView is a view and the tag its directory cookies carry.
@@ -124,6 +137,9 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 		errLog:        rate.NewLimiter(rate.Every(time.Second), 10),
 		warnLog:       rate.NewLimiter(rate.Every(time.Second), 10),
 		files:         cfg.Files,
+		gens:          cfg.Generations,
+		showGens:      cfg.ShowGenerations && cfg.Generations != nil,
+		started:       time.Now(),
 		handles:       make(map[uint64]*handle),
 		held:          make(map[uint64][]*handle),
 	}
@@ -203,7 +219,9 @@ const fuseRoot = 1
 // its cached children) across changes. Either way an inode number the
 // host reuses for another file is another node, and a name the kernel
 // still caches for the old one can never reach the new (it gets ESTALE,
-// and the kernel looks the name up again). The root is node 1.
+// and the kernel looks the name up again). The root is node 1. The tag
+// keeps 31 bits: node ids with the top bit set are .generations's
+// (browse.go).
 func NodeID(in *ext4ro.Inode) uint64 {
 	if in.Ino == ext4ro.RootIno {
 		return fuseRoot
@@ -212,7 +230,7 @@ func NodeID(in *ext4ro.Inode) uint64 {
 	if in.IsRegular() {
 		tag = in.Version()
 	}
-	return uint64(tag)<<32 | uint64(in.Ino)
+	return uint64(tag&^(1<<31))<<32 | uint64(in.Ino)
 }
 
 // nodeIno returns the inode number of a node id; 0 for one never
@@ -254,8 +272,12 @@ func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Stat
 	return v, in, st
 }
 
-// inodeIn resolves nodeID in view v.
+// inodeIn resolves nodeID in view v (a browsed generation's node in its
+// own).
 func (fs *FileSystem) inodeIn(v *ext4ro.FS, nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
+	if nodeID&browseBit != 0 {
+		return fs.browseInode(nodeID)
+	}
 	ino := nodeIno(nodeID)
 	if ino == 0 {
 		return nil, nil, fuse.Status(syscall.ESTALE)
@@ -295,7 +317,7 @@ func (fs *FileSystem) fillAttr(v *ext4ro.FS, in *ext4ro.Inode, a *fuse.Attr) {
 // fillEntry answers a lookup of name in directory parent with in: the
 // kernel holds one more reference to its node from then on.
 func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryOut, parent uint64, name string) {
-	out.NodeId = NodeID(in)
+	out.NodeId = fs.nodeID(v, in)
 	if fs.nodes != nil {
 		fs.nodes.add(out.NodeId, parent, name)
 	}
@@ -306,6 +328,21 @@ func (fs *FileSystem) fillEntry(v *ext4ro.FS, in *ext4ro.Inode, out *fuse.EntryO
 }
 
 func (fs *FileSystem) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	switch {
+	case h.NodeId == genDirID:
+		return fs.lookupGenerations(name, out)
+	case synthetic(h.NodeId):
+		return fuse.ENOTDIR
+	case h.NodeId == fuseRoot && name == GenerationsDir && fs.gens != nil:
+		out.NodeId = genDirID
+		out.SetEntryTimeout(genDirTimeout)
+		out.SetAttrTimeout(genDirTimeout)
+		fs.syntheticAttr(genDirID, &out.Attr)
+		if fs.nodes != nil {
+			fs.nodes.add(genDirID, fuseRoot, name)
+		}
+		return fuse.OK
+	}
 	v, dir, st := fs.inode(h.NodeId)
 	if !st.Ok() {
 		return st
@@ -346,6 +383,11 @@ func (fs *FileSystem) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.A
 			return fuse.OK
 		}
 	}
+	if synthetic(in.NodeId) {
+		out.SetTimeout(genDirTimeout)
+		fs.syntheticAttr(in.NodeId, &out.Attr)
+		return fuse.OK
+	}
 	v, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -359,6 +401,9 @@ func (fs *FileSystem) Access(_ <-chan struct{}, in *fuse.AccessIn) fuse.Status {
 	if in.Mask&unixW_OK != 0 {
 		return fuse.EROFS
 	}
+	if synthetic(in.NodeId) {
+		return fuse.OK
+	}
 	_, _, st := fs.inode(in.NodeId)
 	return st
 }
@@ -366,6 +411,9 @@ func (fs *FileSystem) Access(_ <-chan struct{}, in *fuse.AccessIn) fuse.Status {
 const unixW_OK = 2
 
 func (fs *FileSystem) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
+	if synthetic(h.NodeId) && h.NodeId != genDirID {
+		return strconv.AppendUint(nil, h.NodeId&^(browseBit|labelBit), 10), fuse.OK
+	}
 	v, in, st := fs.inode(h.NodeId)
 	if !st.Ok() {
 		return nil, st
@@ -466,6 +514,9 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	if fs.noOpen {
 		return fuse.ENOSYS // the mount is read-only: writes never get here
 	}
+	if synthetic(in.NodeId) {
+		return fuse.EISDIR
+	}
 	v, ino, st := fs.inode(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -480,7 +531,7 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 		// share its reader, as the kernel shares its pages.
 		h = shared
 	} else if fs.files != nil && ino.IsRegular() {
-		f, err := fs.files.Open(v, ino)
+		f, err := fs.files.Open(v, ino, in.NodeId&browseBit != 0)
 		if err != nil {
 			if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
 				// Not a failure, but an application sees an error it
@@ -562,6 +613,9 @@ const prefetchEntries = 256
 // readDir lists from the cookie in in.Offset. Entry offsets are ext4ro
 // cookies, so a listing resumes exactly where the last one stopped.
 func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
+	if in.NodeId == genDirID {
+		return fs.listGenerations(in.Offset, out, plus)
+	}
 	if !fs.noOpenDir {
 		v, dir, st := fs.opened(in.NodeId, in.Fh)
 		if !st.Ok() {
@@ -579,6 +633,18 @@ func (fs *FileSystem) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool
 	// that changes under it may.
 	tag, pos := splitCookie(in.Offset)
 	tag, v := fs.viewTagged(tag)
+	if in.NodeId == fuseRoot && fs.showGens {
+		// .generations first, then the root's own entries.
+		if pos == 0 {
+			e := fuse.DirEntry{Name: GenerationsDir, Mode: syscall.S_IFDIR, Ino: genDirID, Off: tagCookie(tag, showCookie)}
+			if plus && out.AddDirLookupEntry(e) == nil || !plus && !out.AddDirEntry(e) {
+				return fuse.OK
+			}
+		}
+		if pos == showCookie {
+			pos = 0
+		}
+	}
 	st, added := fuse.Status(syscall.ESTALE), 0
 	if v, dir, ist := fs.inodeIn(v, in.NodeId); ist.Ok() {
 		st, added = fs.list(v, dir, tag, pos, in.NodeId, out, plus)
@@ -670,6 +736,9 @@ func (fs *FileSystem) list(v *ext4ro.FS, dir *ext4ro.Inode, tag uint32, pos, nod
 }
 
 func (fs *FileSystem) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
+	if synthetic(h.NodeId) {
+		return 0, fuse.ENODATA
+	}
 	v, in, st := fs.inode(h.NodeId)
 	if !st.Ok() {
 		return 0, st
@@ -685,6 +754,9 @@ func (fs *FileSystem) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, attr string,
 }
 
 func (fs *FileSystem) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
+	if synthetic(h.NodeId) {
+		return 0, fuse.OK
+	}
 	v, in, st := fs.inode(h.NodeId)
 	if !st.Ok() {
 		return 0, st

@@ -19,7 +19,7 @@ func (c *Client) pinnedFrom(w *vsockproto.Welcome) (uint64, string, error) {
 	c.mu.Lock()
 	conn := c.conn
 	c.mu.Unlock()
-	if conn == nil || !conn.Features().Has(vsockproto.FeaturePin) {
+	if conn == nil || !conn.Features().Has(vsockproto.FeaturePin) || !conn.Features().Has(vsockproto.FeatureKept) {
 		return 0, "", fmt.Errorf("export %s: cannot pin %s: the host agent is too old to keep generations for guests", c.cfg.Export, want)
 	}
 	list, err := c.kept(conn)

@@ -2,6 +2,7 @@ package guestagent
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -138,7 +139,7 @@ func (c *Client) switchTo(old *genView, target uint64, label string, ch *changes
 	c.mu.Lock()
 	c.cur, c.switched = nv, time.Now()
 	for fs, v := range c.views { // keep the readers of recent generations only
-		if v.gen+8 < nv.gen || v.gen > nv.gen {
+		if !v.browse && (v.gen+8 < nv.gen || v.gen > nv.gen) {
 			delete(c.views, fs)
 		}
 	}
@@ -222,7 +223,9 @@ func (c *Client) invalidate(oldFS, newFS *ext4ro.FS, ch *changes, before map[uin
 // the new view goes that is not known to name what it names there (it
 // may be a cached miss).
 func (c *Client) invalidateAll(newFS *ext4ro.FS) {
-	entries := c.fs.nodes.entries()
+	// .generations and what is under it never change with the view
+	// served (browse.go).
+	entries := slices.DeleteFunc(c.fs.nodes.entries(), func(e entry) bool { return e.id&browseBit != 0 || e.parent&browseBit != 0 })
 	children := map[uint64]map[string]uint64{} // what the kernel was told each directory holds
 	for _, e := range entries {
 		c.inodeNotify(e.id)
@@ -331,6 +334,12 @@ func (c *Client) announced(m *vsockproto.Announce) {
 		c.pending.add(m)
 	default:
 		c.pending.add(m)
+	}
+	// What the host keeps changes with each publish: .generations's
+	// listing, cached by the kernel, and ours, go (browse.go).
+	c.keptAt = time.Time{}
+	if c.fs != nil && c.fs.nodes.has(genDirID) {
+		c.inval = append(c.inval, genDirID)
 	}
 	c.latest = m.Generation
 	c.noteLabel(m.Generation, m.Label)

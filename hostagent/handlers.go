@@ -46,7 +46,7 @@ func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.M
 		}
 		return &vsockproto.Released{}, nil
 	case *vsockproto.ListGens:
-		if !g.conn.Features().Has(vsockproto.FeaturePin) {
+		if !g.conn.Features().Has(vsockproto.FeatureKept) {
 			break
 		}
 		list := g.sv.exp.KeptList()

@@ -530,7 +530,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Secret()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
 		Features: vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy |
-			vsockproto.FeatureLeaseTime | vsockproto.FeaturePin,
+			vsockproto.FeatureLeaseTime | vsockproto.FeatureKept | vsockproto.FeaturePin,
 		LeaseTime: sv.coord.Grace(),
 	}
 	if pin && kept {

@@ -149,11 +149,13 @@ const (
 	// session's leases after the last request it answered (LeaseTime),
 	// and the host sends Revoke before it lets go of them otherwise.
 	FeatureLeaseTime Features = 1 << 5
+	// FeatureKept: the host answers ListGens, the generations it keeps.
+	FeatureKept Features = 1 << 6
 	// FeaturePin: a guest pins a kept generation (Hello.Generation, or
 	// Hello.Label when that is 0) and stays on it; the Welcome says which
 	// it got (Pinned; 0: none), and the host sends Unpin before it drops
-	// it. With it the host answers ListGens.
-	FeaturePin Features = 1 << 6
+	// it. A guest asks for it only to pin: the Hello is longer with it.
+	FeaturePin Features = 1 << 7
 )
 
 // Has reports whether every feature in f is in s.
@@ -600,7 +602,7 @@ func (m *Revoke) Append(b []byte) []byte { return putStr(b, m.Why) }
 func (m *Revoke) decode(d *decoder)      { m.Why = d.str("why", MaxWhy) }
 
 // ListGens asks which generations the host keeps (guest → host, with
-// FeaturePin); it answers Generations, oldest first.
+// FeatureKept); it answers Generations, oldest first.
 type ListGens struct{}
 
 func (*ListGens) Type() Type             { return TypeListGens }

@@ -42,6 +42,7 @@ type guestOptions struct {
 	linger              time.Duration
 	pin                 uint64 // --generation
 	pinLabel            string // --label
+	showGenerations     bool
 }
 
 // parseGuest checks a guest command line without acting on it.
@@ -76,6 +77,8 @@ docs/operations.md).
 	fs.Uint64Var(&o.pin, "generation", 0, "stay on this generation, one the host keeps (host --keep-generations), instead of following;\n"+
 		"the host says before it drops it, and the mount then moves to the newest")
 	fs.StringVar(&o.pinLabel, "label", "", "as --generation, for the newest generation the host keeps that was published with this label")
+	fs.BoolVar(&o.showGenerations, "show-generations", false, "list the .generations directory in the mount's root (it is there, hidden, either way): the\n"+
+		"generations the host keeps, each a directory by number, each label a link to the newest with it")
 	fs.StringVar(&down, "down", "soft", "while the host agent is down or unreachable, what reads of open files, opens and\n"+
 		"uncached metadata do: hard (wait until it is back, as NFS hard mounts do), soft (fail with EIO\nafter 30 s, then at once until it is back) or soft=DURATION; an export the host no longer\nserves fails at once (ESTALE)")
 	fs.StringVar(&pageCache, "page-cache", "guest", "where file data is cached: guest (this kernel's page cache) or host (none here: the\n"+
@@ -215,7 +218,7 @@ func runGuest(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	}
 	defer sl.Close()
 	c, err := connectGuest(ctx, guestagent.ClientConfig{Addr: o.addr, Export: o.export, Device: o.device, Follow: o.follow, Down: o.down,
-		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Linger: cmp.Or(o.linger, -1), Pin: o.pin, PinLabel: o.pinLabel, Logger: log}, o.retry, log)
+		CacheBytes: int64(o.cacheMB) << 20, PageCache: o.pageCache, Linger: cmp.Or(o.linger, -1), Pin: o.pin, PinLabel: o.pinLabel, ShowGenerations: o.showGenerations, Logger: log}, o.retry, log)
 	if err != nil {
 		return err
 	}

@@ -22,7 +22,8 @@ import (
 var helperOptions = map[string]map[string]string{
 	"guest": {"connect": "--connect", "device": "--device", "follow": "--follow", "down": "--down", "log": "--log", "log-level": "--log-level",
 		"cache-mb": "--cache-mb", "page-cache": "--page-cache", "metrics": "--metrics", "status-socket": "--status-socket",
-		"retry": "--retry", "storage-daemon": "--storage-daemon", "lease-linger": "--lease-linger", "generation": "--generation", "label": "--label"},
+		"retry": "--retry", "storage-daemon": "--storage-daemon", "lease-linger": "--lease-linger", "generation": "--generation", "label": "--label",
+		"show-generations": "--show-generations"},
 	"mount": {"cache-mb": "--cache-mb", "readahead-kb": "--readahead-kb", "log": "--log", "allow-dirty-journal": "--allow-dirty-journal"},
 }
 

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"errors"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -132,3 +137,96 @@ func TestPinnedGenerations(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// Every live mount has a .generations directory at its root, hidden from
+// the root's listing unless --show-generations: a directory per kept
+// generation, holding its tree as published, and a link per label. A
+// file opened there is that generation's, even after the host drops it.
+func TestGenerationsDirectory(t *testing.T) {
+	mnt, dev := hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	control := "unix:" + filepath.Join(run, "control.sock")
+	sock := "unix:" + filepath.Join(run, "guest.sock")
+	newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", sock, "--control", control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "2")
+	gens := map[string]uint64{}
+	publishV := func(label, body string) {
+		t.Helper()
+		tmp := filepath.Join(mnt, ".v.tmp")
+		if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(mnt, "v")); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := leasefs(t, "publish", "--control", control, "--label", label, "mirror"); err != nil {
+			t.Fatalf("publish: %v\n%s", err, out)
+		}
+		gens[label] = hostStatus(t, control).Exports[0].Generation
+	}
+	publishV("r1", "one")
+	publishV("r2", "two")
+	publishV("r3", "three")
+	hidden := guestMount(t, "--connect", sock, "--export", "mirror", "--device", dev)
+	shown := guestMount(t, "--connect", sock, "--export", "mirror", "--show-generations")
+	names := func(dir string) []string {
+		t.Helper()
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ns []string
+		for _, e := range ents {
+			ns = append(ns, e.Name())
+		}
+		return ns
+	}
+	if slices.Contains(names(hidden), ".generations") || !slices.Contains(names(shown), ".generations") {
+		t.Errorf("root listings: hidden %v, shown %v", names(hidden), names(shown))
+	}
+	if n := names(shown); len(n) != len(slices.Compact(slices.Sorted(slices.Values(n)))) {
+		t.Errorf("the shown root lists a name twice: %v", n)
+	}
+	r2, r3 := itoa(gens["r2"]), itoa(gens["r3"])
+	for _, dir := range []string{hidden, shown} {
+		g := filepath.Join(dir, ".generations")
+		if got, want := names(g), []string{r2, r3, "r2", "r3"}; !slices.Equal(got, want) {
+			t.Errorf("%s: %v, want %v", g, got, want)
+		}
+		for path, want := range map[string]string{r2 + "/v": "two", r3 + "/v": "three", "r2/v": "two", "../v": "three"} {
+			if b, err := os.ReadFile(filepath.Join(g, path)); err != nil || string(b) != want {
+				t.Errorf("%s/%s: %q %v, want %q", g, path, b, err, want)
+			}
+		}
+		if target, err := os.Readlink(filepath.Join(g, "r2")); err != nil || target != r2 {
+			t.Errorf("the label r2 links to %q %v", target, err)
+		}
+		if _, err := os.Stat(filepath.Join(g, itoa(gens["r1"]))); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("a dropped generation: %v", err)
+		}
+		if err := os.WriteFile(filepath.Join(g, r2, "w"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("a write under .generations: %v", err)
+		}
+	}
+	// Held open, a file of r2 keeps its bytes once r2 is dropped; the
+	// directory no longer lists it, and once closed it cannot be opened
+	// there again.
+	f, err := os.Open(filepath.Join(hidden, ".generations", r2, "v"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	publishV("r4", "four")
+	waitFor(t, "r2 gone from .generations", func() bool { return !slices.Contains(names(filepath.Join(hidden, ".generations")), r2) })
+	if b, err := io.ReadAll(f); err != nil || string(b) != "two" {
+		t.Errorf("the held file of the dropped r2: %q %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(hidden, "v")); err != nil || string(b) != "four" {
+		t.Errorf("the mount itself: %q %v", b, err)
+	}
+	f.Close()
+	if b, err := os.ReadFile(filepath.Join(hidden, ".generations", r2, "v")); err == nil {
+		t.Errorf("a path into the dropped r2 still reads: %q", b)
+	}
+}

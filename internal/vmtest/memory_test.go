@@ -17,15 +17,19 @@ import (
 	"github.com/leasefs/leasefs/internal/imgtest"
 )
 
-// memoryVMs run the workload at once in each mode.
-const memoryVMs = 4
+// memoryVMs run the workload at once in each mode, with memoryMiB each.
+const (
+	memoryVMs = 4
+	memoryMiB = 768
+)
 
 // workloadScript is the same python workload in every VM, run at boot
 // by workloadService: imports, then a process that keeps them (its
 // libraries mapped) while the host measures. It prints the guest's
 // memory before and after to the console.
 const workloadScript = `#!/bin/sh
-mem() { echo "LFS-MEM $1 $(awk '/^(MemTotal|MemFree|Cached|AnonPages|Shmem|Mapped):/ {printf "%s%s ", $1, $2}' /proc/meminfo)"; }
+agent() { p=$(pgrep -o -f '^@leasefs-guest') && awk '/^(VmRSS|RssAnon|RssFile):/ {printf "Agent%s%s ", $1, $2}' /proc/$p/status; }
+mem() { echo "LFS-MEM $1 $(awk '/^(MemTotal|MemFree|Cached|AnonPages|Shmem|Mapped):/ {printf "%s%s ", $1, $2}' /proc/meminfo)$(agent)"; }
 mem before
 mods='email, http.client, xml.dom.minidom, json, sqlite3, ssl, lzma, ctypes, asyncio, decimal, unittest, argparse, csv'
 python3 -c "import $mods"
@@ -103,7 +107,7 @@ func usrMemory(b *testing.B, bu *bootUsr, m memMode) {
 		if out, err := exec.Command("cp", "--sparse=always", bu.root, root).CombinedOutput(); err != nil {
 			b.Fatalf("copying the root: %v %s", err, out)
 		}
-		vms = append(vms, f.start(b, vmSpec{name: fmt.Sprintf("%s-%d", m.name, i), k: bu.k, cache: m.cache, root: root, memory: 768, noVsock: m.noVsock,
+		vms = append(vms, f.start(b, vmSpec{name: fmt.Sprintf("%s-%d", m.name, i), k: bu.k, cache: m.cache, root: root, memory: memoryMiB, noVsock: m.noVsock,
 			append: "mount.usr=" + usr + " mount.usrfstype=" + m.fstype + " mount.usrflags=" + m.flags}))
 	}
 	var before, after guestMem
@@ -114,27 +118,31 @@ func usrMemory(b *testing.B, bu *bootUsr, m memMode) {
 	}
 	time.Sleep(2 * time.Second) // the last VM's page faults settle
 	measure := func(suffix string) {
-		var ram int64
+		var ram, qemu int64
 		for _, v := range vms {
-			ram += pss(b, v.qemu.Process.Pid) + pss(b, v.backend.Process.Pid)
+			r, other := guestRAM(b, v.qemu.Process.Pid, memoryMiB)
+			ram, qemu = ram+r, qemu+other
 		}
 		cache := residentBytes(b, f.img)
 		agent := pss(b, f.host.Process.Pid)
 		perVM := func(n int64) float64 { return float64(n) / memoryVMs / (1 << 20) }
 		b.ReportMetric(perVM(ram+cache+agent), "host-MiB/VM"+suffix)
-		b.ReportMetric(perVM(ram), "vm-MiB/VM"+suffix)
+		b.ReportMetric(perVM(ram), "guest-ram-MiB/VM"+suffix)
 		b.ReportMetric(float64(cache)/(1<<20), "usr-host-cache-MiB"+suffix)
 		b.ReportMetric(float64(agent)/(1<<20), "agent-MiB"+suffix)
-		b.Logf("%s%s: host %.0f MiB per VM: the VMs %.0f MiB each, the host's page cache of /usr %.0f MiB, the agent %.0f MiB",
-			m.name, suffix, perVM(ram+cache+agent), perVM(ram), float64(cache)/(1<<20), float64(agent)/(1<<20))
+		b.ReportMetric(perVM(qemu), "qemu-other-MiB/VM"+suffix)
+		b.Logf("%s%s: host %.0f MiB per VM: its RAM %.0f MiB, the host's page cache of /usr %.0f MiB and the agent %.0f MiB shared by %d (QEMU besides: %.0f MiB per VM, TCG's code cache mostly)",
+			m.name, suffix, perVM(ram+cache+agent), perVM(ram), float64(cache)/(1<<20), float64(agent)/(1<<20), memoryVMs, perVM(qemu))
 	}
 	measure("")
 	b.ReportMetric(after.mib("Cached")/memoryVMs, "guest-cached-MiB/VM")
 	b.ReportMetric((after.mib("Cached")-before.mib("Cached"))/memoryVMs, "workload-cached-MiB/VM")
 	b.ReportMetric((after.mib("MemTotal")-after.mib("MemFree"))/memoryVMs, "guest-used-MiB/VM")
-	b.Logf("%s: in each guest, after the workload: %.0f MiB used, %.0f MiB cached (%.0f MiB of it by the workload), %.0f MiB anonymous, %.0f MiB mapped",
+	b.ReportMetric(after.mib("AgentVmRSS")/memoryVMs, "guest-agent-MiB/VM")
+	b.Logf("%s: in each guest, after the workload: %.0f MiB used, %.0f MiB cached (%.0f MiB of it by the workload), %.0f MiB anonymous, %.0f MiB mapped; the guest agent's RSS %.0f MiB (%.0f anonymous, %.0f its binary)",
 		m.name, (after.mib("MemTotal")-after.mib("MemFree"))/memoryVMs, after.mib("Cached")/memoryVMs,
-		(after.mib("Cached")-before.mib("Cached"))/memoryVMs, after.mib("AnonPages")/memoryVMs, after.mib("Mapped")/memoryVMs)
+		(after.mib("Cached")-before.mib("Cached"))/memoryVMs, after.mib("AnonPages")/memoryVMs, after.mib("Mapped")/memoryVMs,
+		after.mib("AgentVmRSS")/memoryVMs, after.mib("AgentRssAnon")/memoryVMs, after.mib("AgentRssFile")/memoryVMs)
 	if m.ksm {
 		saved := ksmScan(b, 3)
 		b.ReportMetric(float64(saved)/memoryVMs/(1<<20), "ksm-saved-MiB/VM")
@@ -244,6 +252,58 @@ func pss(t testing.TB, pid int) int64 {
 	}
 	t.Fatalf("no Pss for %d", pid)
 	return 0
+}
+
+// guestRAM is how much of a VM's RAM (QEMU's mapping of mib MiB) is
+// resident on the host, as its proportional share (KSM's merged pages
+// split among the VMs that have them; the memfd a vhost-user backend
+// maps too counted whole), and how much QEMU holds besides (under TCG,
+// mostly its cache of translated code).
+func guestRAM(t testing.TB, pid, mib int) (ram, other int64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size, rss, pss, total, ramPss int64
+	shared, found := false, false
+	flush := func() {
+		if size == int64(mib)<<10 && !found {
+			found, ramPss = true, pss<<10
+			ram = pss << 10
+			if shared {
+				ram = rss << 10
+			}
+		}
+	}
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if strings.Contains(f[0], "-") && len(f) >= 5 { // a mapping's header
+			flush()
+			size, rss, pss, shared = 0, 0, 0, len(f[1]) == 4 && f[1][3] == 's'
+			continue
+		}
+		if len(f) < 2 {
+			continue
+		}
+		n, _ := strconv.ParseInt(f[1], 10, 64)
+		switch f[0] {
+		case "Size:":
+			size = n
+		case "Rss:":
+			rss = n
+		case "Pss:":
+			pss = n
+			total += n
+		}
+	}
+	flush()
+	if !found {
+		t.Fatalf("no mapping of %d MiB in QEMU %d", mib, pid)
+	}
+	return ram, total<<10 - ramPss
 }
 
 // residentBytes is how much of a file is in the host's page cache.
