@@ -161,6 +161,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, mnt: mnt, onFrozen: cfg.OnFrozen}
 	if cfg.Inherit != nil {
 		if err := e.takeOver(cfg.Inherit); err != nil {
+			cfg.Inherit.CloseKept()
 			unix.Close(cfg.Inherit.MountFD)
 			if e.store != nil {
 				e.store.Close()
@@ -173,6 +174,15 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		return nil, err
 	}
 	fd := e.mountFD
+	if cfg.Inherit != nil {
+		// The keeper's files, until the keeper takes them: closed on the
+		// way out of a failure.
+		defer func() {
+			if e.keep == nil {
+				cfg.Inherit.CloseKept()
+			}
+		}()
+	}
 	if e.dev, err = directio.Open(cfg.Device); err != nil {
 		e.store.Close()
 		unix.Close(fd)
@@ -204,6 +214,10 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	e.probeKernel()
 	if cfg.KeepFiles >= 0 {
 		e.keep = newKeeper(fd, cmp.Or(cfg.KeepFiles, 262144))
+		if cfg.Inherit != nil {
+			e.keep.adopt(cfg.Inherit.Kept)
+			cfg.Inherit.Kept = nil
+		}
 		if cur := e.Current(); cur != nil { // taken over: its files, as they are now
 			if err := e.keep.publish(cur, 0, true); err != nil {
 				e.log.Error("keeping the generation's files", "error", err)

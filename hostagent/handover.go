@@ -32,6 +32,23 @@ type ExportState struct {
 	Free             map[int][]int64
 	End              int64
 	Gens             []GenState
+	Kept             []KeptState // the keeper's files
+}
+
+// CloseKept closes the keeper's descriptors of a state no export takes.
+func (st *ExportState) CloseKept() {
+	for _, k := range st.Kept {
+		unix.Close(k.FD)
+	}
+	st.Kept = nil
+}
+
+// KeptState is a file the keeper holds (keep.go).
+type KeptState struct {
+	Ino, IGen   uint32
+	FD          int
+	Size        int64
+	First, Last uint64
 }
 
 // SlotState is one stored block.
@@ -124,6 +141,9 @@ func (e *Export) handover() (*ExportState, func(), error) {
 		st.Gens = append(st.Gens, gs)
 	}
 	e.mu.Unlock()
+	if e.keep != nil {
+		st.Kept = e.keep.handover()
+	}
 	return st, e.pub.Unlock, nil
 }
 

@@ -193,6 +193,39 @@ func (k *keeper) release(kept []uint64) {
 	}
 }
 
+// handover lists the files held, for a successor (ExportState.Kept).
+func (k *keeper) handover() []KeptState {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	out := make([]KeptState, 0, len(k.held))
+	for h, f := range k.held {
+		out = append(out, KeptState{Ino: h.ino, IGen: h.igen, FD: f.fd, Size: f.size, First: f.first, Last: f.last})
+	}
+	return out
+}
+
+// adopt holds the files a predecessor held (its descriptors, kept open
+// across the exec), before the first publish.
+func (k *keeper) adopt(kept []KeptState) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, s := range kept {
+		unix.CloseOnExec(s.FD)
+		h := handle{s.Ino, s.IGen}
+		if k.held[h] != nil {
+			unix.Close(s.FD)
+			continue
+		}
+		f := &keptFile{fd: s.FD, size: s.Size, first: s.First, last: s.Last}
+		k.held[h] = f
+		k.byIno[h.ino] = append(k.byIno[h.ino], h.igen)
+		if f.last != 0 {
+			k.gone[h] = f
+			k.bytes += f.size
+		}
+	}
+}
+
 // close lets go of every file.
 func (k *keeper) close() {
 	k.mu.Lock()

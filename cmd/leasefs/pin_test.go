@@ -25,7 +25,7 @@ func TestPinnedGenerations(t *testing.T) {
 	control := "unix:" + filepath.Join(run, "control.sock")
 	sock := "unix:" + filepath.Join(run, "guest.sock")
 	newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", sock, "--control", control,
-		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "3", "--keep-replaced-files", "4")
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "3", "--keep-replaced-files", "5")
 	// put writes name as a sync tool does: a temporary file renamed over it.
 	put := func(name, body string) {
 		t.Helper()
@@ -56,8 +56,10 @@ func TestPinnedGenerations(t *testing.T) {
 	publish("r1")
 	first := hostStatus(t, control).Exports[0].Generation
 	put("v", "r2")
+	put("w", "w of r2")
 	publish("r2")
 	put("v", "r3")
+	put("w", "w of r3")
 	if err := os.Remove(filepath.Join(mnt, "old")); err != nil {
 		t.Fatal(err)
 	}
@@ -92,8 +94,19 @@ func TestPinnedGenerations(t *testing.T) {
 		t.Errorf("guest status:\n%s", out)
 	}
 
-	// Past --keep-generations, pinned generations stay: a replaced file
-	// of r2, opened only now, reads as r2 had it.
+	// An upgrade in place hands the kept files and the pins over: a file
+	// of r2 replaced since, opened only now, reads as r2 had it.
+	if out, err := leasefs(t, "host", "--upgrade", "--control", control); err != nil || !strings.Contains(out, "upgraded:") {
+		t.Fatalf("upgrade: %v\n%s", err, out)
+	}
+	if got := read(a, "w"); got != "w of r2" {
+		t.Errorf("after the upgrade, a file of the pinned r2 replaced before it: %q", got)
+	}
+	if out, _ := leasefs(t, "status", "--control", control); !strings.Contains(out, "(r2, pinned by 1)") {
+		t.Errorf("status after the upgrade:\n%s", out)
+	}
+
+	// Past --keep-generations, pinned generations stay.
 	put("v", "r5")
 	publish("r5")
 	put("v", "r6")
@@ -110,7 +123,7 @@ func TestPinnedGenerations(t *testing.T) {
 		t.Errorf("pinned to r3, after r6: %q", got)
 	}
 
-	// Six replaced or deleted files now, past the budget of four: the
+	// Six replaced or deleted files now, past the budget of five: the
 	// oldest pinned generation (r2) goes, and its guest is told first.
 	put("v", "r7")
 	publish("r7")
@@ -128,8 +141,8 @@ func TestPinnedGenerations(t *testing.T) {
 	for _, k := range st.KeptList {
 		kept[k.Label] = k.Pinned
 	}
-	if _, ok := kept["r2"]; ok || kept["r3"] != 1 || st.KeptReplaced > 4 {
-		t.Errorf("kept %d replaced files (budget 4) and generations %+v: want r3 pinned by one guest, r2 gone", st.KeptReplaced, st.KeptList)
+	if _, ok := kept["r2"]; ok || kept["r3"] != 1 || st.KeptReplaced > 5 {
+		t.Errorf("kept %d replaced files (budget 5) and generations %+v: want r3 pinned by one guest, r2 gone", st.KeptReplaced, st.KeptList)
 	}
 	if out, _ := leasefs(t, "status", "--control", control); !strings.Contains(out, "(r3, pinned by 1)") {
 		t.Errorf("status:\n%s", out)

@@ -138,6 +138,7 @@ func (h *handover) keepOnly(specs []exportSpec, store *fdStore) {
 // letGoExport closes what an export handed over, its held files' leases
 // dropped and, if systemd's store keeps them, removed from it.
 func letGoExport(name string, st *hostagent.ExportState, store *fdStore) {
+	st.CloseKept()
 	unix.Close(st.MountFD)
 	unix.Close(st.StoreFD)
 	var k lease.Keeper
@@ -326,6 +327,9 @@ func (a *hostAgent) execSuccessor() (err error) {
 		keep = append(keep, st.MountFD, st.StoreFD)
 		for _, fd := range st.Held {
 			keep = append(keep, fd)
+		}
+		for _, k := range st.Kept {
+			keep = append(keep, k.FD)
 		}
 	}
 	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
