@@ -134,7 +134,7 @@ for ((r = 0; r < runs_cold; r++)); do
       echo "rss-walk-$who $(rss_kib "$pid")" >> "$out"
       stop_guest "$live/g-$who" "$pid"
     fi
-    echo "  cold $who: $(tail -1 "$out")" >&2
+    echo "  cold $who: $(grep "^walk-cold-$who " "$out" | tail -1)" >&2
   done
 done
 

@@ -1,6 +1,8 @@
 package hostagent
 
 import (
+	"golang.org/x/sys/unix"
+
 	"context"
 	"fmt"
 	"os"
@@ -161,19 +163,30 @@ func BenchmarkReadMeta(b *testing.B) {
 // Kernel memory per held file is measured by bench/keep.sh.
 func BenchmarkKeep(b *testing.B) {
 	testenv.RequireLoop(b)
-	// LEASEFS_KEEP_FILES sets the tree's size (10,000 files; 100,000
-	// for the figures in docs/benchmarks.md): each publish after the
-	// first replaces 1,000 of them, then all of them.
-	files := 10000
+	// LEASEFS_KEEP_FILES sets the tree's size; by default a quarter of
+	// the descriptor limit (the keeper holds at most half, and replacing
+	// every file holds two of each). Each publish after the first
+	// replaces 1,000 of them, then all of them.
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		b.Fatal(err)
+	}
+	files := int(min(rl.Cur/4, 100000)) / 1000 * 1000
 	if n, err := strconv.Atoi(os.Getenv("LEASEFS_KEEP_FILES")); err == nil && n >= 1000 {
 		files = n / 1000 * 1000
 	}
+	b.Logf("a tree of %d files; the descriptor limit is %d", files, rl.Cur)
 	const per = 1000
 	dirs := files / per
 	x, wd := benchTree(b, dirs, per, 512)
 	mnt := x.mnt
 	for _, keep := range []int{-1, 0} {
 		name := map[int]string{-1: "without", 0: "keeping"}[keep]
+		if keep == 0 && uint64(files) > rl.Cur/4 {
+			// The keeper holds at most half the process's descriptors.
+			b.Logf("keeping %d files and their replacements needs a descriptor limit of %d; it is %d here: only without", files, 4*files, rl.Cur)
+			continue
+		}
 		open := func() *Export {
 			e, err := OpenExport(ExportConfig{Name: "bench", Device: x.dev, Mount: mnt, StateDir: x.state, Watchdog: wd,
 				FreezeBudget: time.Minute, Watch: true, FullScanEvery: -1, KeepFiles: keep})

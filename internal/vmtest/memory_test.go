@@ -193,7 +193,10 @@ func (g guestMem) mib(field string) float64 { return float64(g[field]) / 1024 }
 // workloadDone waits for the VM's workload and returns its memory
 // before and after it.
 func (v *vm) workloadDone(t testing.TB) (before, after guestMem) {
-	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+	// Long: with --page-cache host every read of /usr is a request to
+	// the guest agent and a read of the disk, and four VMs under TCG on
+	// two cores take minutes to boot that way.
+	for deadline := time.Now().Add(15 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
 		before, after = nil, nil
 		for line := range strings.Lines(v.console.String()) {
 			f := strings.Fields(line)
@@ -228,7 +231,7 @@ func (v *vm) workloadDone(t testing.TB) (before, after guestMem) {
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("VM %s: no workload after 5 minutes:\n%s", v.name, v.tailOf())
+			t.Fatalf("VM %s: no workload after 15 minutes:\n%s", v.name, v.tailOf())
 		}
 	}
 }
