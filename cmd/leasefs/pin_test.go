@@ -19,13 +19,7 @@ import (
 // it keeps; when the budget runs out the host says so before it drops
 // the oldest pinned generation, and its guest moves to the newest.
 func TestPinnedGenerations(t *testing.T) {
-	mnt, dev := hostExport(t)
-	run := t.TempDir()
-	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
-	control := "unix:" + filepath.Join(run, "control.sock")
-	sock := "unix:" + filepath.Join(run, "guest.sock")
-	newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", sock, "--control", control,
-		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "3", "--keep-replaced-files", "5")
+	mnt, dev, control, sock := keepingHost(t, "--keep-generations", "3", "--keep-replaced-files", "5")
 	// put writes name as a sync tool does: a temporary file renamed over it.
 	put := func(name, body string) {
 		t.Helper()
@@ -69,7 +63,7 @@ func TestPinnedGenerations(t *testing.T) {
 
 	// Generations 1 and 2 are beyond --keep-generations 3 but were kept
 	// for no one; the first pins are of what the host keeps now.
-	logA := filepath.Join(run, "a.log")
+	logA := filepath.Join(t.TempDir(), "a.log")
 	a := guestMount(t, "--connect", sock, "--export", "mirror", "--device", dev, "--label", "r2", "--log", logA)
 	b := guestMount(t, "--connect", sock, "--export", "mirror", "--generation", itoa(first+2))
 	follower := guestMount(t, "--connect", sock, "--export", "mirror", "--device", dev)
@@ -151,18 +145,26 @@ func TestPinnedGenerations(t *testing.T) {
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
 
+// keepingHost starts a host agent exporting a new filesystem as
+// "mirror", publishing only when told, with the flags keep, and returns
+// the export's mount and device and the agent's control and guest
+// addresses.
+func keepingHost(t *testing.T, keep ...string) (mnt, dev, control, sock string) {
+	mnt, dev = hostExport(t)
+	run := t.TempDir()
+	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
+	control, sock = "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
+	newAgent(t, mnt, append([]string{"host", "--export", "mirror=" + dev + ":" + mnt, "--listen", sock, "--control", control,
+		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}, keep...)...)
+	return mnt, dev, control, sock
+}
+
 // Every live mount has a .generations directory at its root, hidden from
 // the root's listing unless --show-generations: a directory per kept
 // generation, holding its tree as published, and a link per label. A
 // file opened there is that generation's, even after the host drops it.
 func TestGenerationsDirectory(t *testing.T) {
-	mnt, dev := hostExport(t)
-	run := t.TempDir()
-	t.Setenv("LEASEFS_RUN_DIR", filepath.Join(run, "guests"))
-	control := "unix:" + filepath.Join(run, "control.sock")
-	sock := "unix:" + filepath.Join(run, "guest.sock")
-	newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", sock, "--control", control,
-		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-generations", "2")
+	mnt, dev, control, sock := keepingHost(t, "--keep-generations", "2")
 	gens := map[string]uint64{}
 	publishV := func(label, body string) {
 		t.Helper()
