@@ -46,13 +46,31 @@ func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.M
 		}
 		return &vsockproto.Released{}, nil
 	case *vsockproto.ListGens:
-		if !g.conn.Features().Has(vsockproto.FeatureKept) {
-			break
+		if g.conn.Features().Has(vsockproto.FeatureKept) {
+			return g.listGens(ctx)
 		}
-		list := g.sv.exp.KeptList()
-		return &vsockproto.Generations{List: list[max(0, len(list)-vsockproto.MaxGenerations):]}, nil
 	}
 	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by the host", req.Type())
+}
+
+// listGens answers ListGens: the kept generations, the newest that fit
+// in a reply, within the guest's budget like any reply.
+func (g *guest) listGens(ctx context.Context) (vsockproto.Message, error) {
+	list := g.sv.exp.KeptList()
+	size, first := uint64(4), len(list)
+	for first > 0 && len(list)-first < vsockproto.MaxGenerations {
+		n := uint64(8 + 8 + 2 + len(list[first-1].Label))
+		if size+n > g.maxReply() {
+			break
+		}
+		size, first = size+n, first-1
+	}
+	release, done, err := g.budget(ctx, int64(size))
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	return vsockproto.WithRelease(&vsockproto.Generations{List: list[first:]}, release), nil
 }
 
 // maxReply is the most bytes one reply to this guest may carry.
