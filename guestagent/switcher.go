@@ -355,8 +355,8 @@ func (c *Client) announced(m *vsockproto.Announce) {
 func (c *Client) Refresh() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.latest == c.cur.gen {
-		return
+	if c.latest == c.cur.gen || c.pinned != 0 {
+		return // nothing newer, or pinned: it stays
 	}
 	c.force = true
 	c.wake()
