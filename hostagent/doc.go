@@ -87,9 +87,12 @@
 // acknowledge the leases; the break queue of a guest never blocks the
 // coordinator, so a stuck guest only loses its own leases at the
 // deadline. A publish is announced to every guest in its own goroutine;
-// generations older than every one a guest is on, or than
-// Limits.GenerationsBehind, are dropped (publish.go). protoErr is the one
-// place lease errors become protocol codes.
+// then the export keeps (Server.retain, publish.go) the newest
+// ExportConfig.KeepGenerations, those its following guests may move to
+// (no more than Limits.GenerationsBehind back) and each one a guest
+// pinned, the budget for kept files first: a pinned generation it drops
+// is announced to its guests (Unpin) before. protoErr is the one place
+// lease errors become protocol codes.
 //
 // # What a guest may make the agent hold
 //
