@@ -285,8 +285,8 @@ func (lf *leasedFile) readHost(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// maxRead is the most one Read asks for.
-const maxRead = 1 << 20
+// maxRead is the most one Read asks for: the most a host answers with.
+const maxRead = vsockproto.MaxReply
 
 // Close ends the last open of lf: its lease is kept idle for a while
 // (idle.go), for the next open of the same version.

@@ -230,7 +230,7 @@ func (v *genView) Prefetch(blocks []uint64) {
 			want = append(want, b)
 		}
 	}
-	per := int(min(maxPrefetch, hostMaxReply/v.bs))
+	per := int(min(vsockproto.MaxMetaBlocks, vsockproto.MaxReply/v.bs))
 	var wg sync.WaitGroup
 	for len(want) > 0 {
 		chunk := want[:min(per, len(want))]
@@ -239,10 +239,6 @@ func (v *genView) Prefetch(blocks []uint64) {
 	}
 	wg.Wait()
 }
-
-// maxPrefetch is the most blocks one prefetch request asks for (the
-// host's limit), and hostMaxReply the most bytes it answers with.
-const maxPrefetch, hostMaxReply = 256, 1 << 20
 
 // load fetches blocks (sorted) and caches them, marking them in flight
 // meanwhile. It returns their bytes, in order.

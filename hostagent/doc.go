@@ -102,7 +102,7 @@
 // guests' byte budgets, then for a turn from the guest's and all guests'
 // running budgets (quota.go: FIFO semaphores, bounded waits, `retry`
 // beyond), and give the bytes back once the reply is written. Replies are
-// at most MaxReply. The lease coordinators count leases, sessions and a
+// at most vsockproto.MaxReply. The lease coordinators count leases, sessions and a
 // share of files per guest across sessions; files and connections come
 // from one fd budget below the process's limit (lease.FDs), and an accept
 // that meets EMFILE backs off with a spare descriptor in hand.

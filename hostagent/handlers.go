@@ -74,7 +74,7 @@ func (g *guest) listGens(ctx context.Context) (vsockproto.Message, error) {
 }
 
 // maxReply is the most bytes one reply to this guest may carry.
-func (g *guest) maxReply() uint64 { return uint64(min(MaxReply, g.max)) }
+func (g *guest) maxReply() uint64 { return uint64(min(vsockproto.MaxReply, g.max)) }
 
 // budget waits for n bytes of reply from the budgets, then for a turn to
 // work (the bytes first: a request waiting for them holds no turn).
@@ -105,8 +105,8 @@ func (g *guest) readMeta(ctx context.Context, m *vsockproto.ReadMeta) (vsockprot
 	for _, r := range m.Blocks {
 		count += uint64(r.Count)
 	}
-	if count > MaxMetaBlocks {
-		return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "%d blocks in one request; the most is %d", count, MaxMetaBlocks)
+	if count > vsockproto.MaxMetaBlocks {
+		return nil, vsockproto.Errorf(vsockproto.CodeInvalid, "%d blocks in one request; the most is %d", count, vsockproto.MaxMetaBlocks)
 	}
 	rs := slices.Clone(m.Blocks)
 	slices.SortFunc(rs, func(a, b vsockproto.BlockRange) int { return cmpU64(a.Start, b.Start) })

@@ -41,13 +41,6 @@ type Limits struct {
 	FailuresPerGuest int
 }
 
-// MaxReply is the most bytes a reply carries (a Read's data, a
-// ReadMeta's blocks): larger reads are split by the guest.
-const MaxReply = 1 << 20
-
-// MaxMetaBlocks is the most blocks one ReadMeta may ask for.
-const MaxMetaBlocks = 256
-
 func (l Limits) withDefaults() Limits {
 	def := func(v *int64, d int64) {
 		if *v <= 0 {
@@ -77,8 +70,8 @@ func (l Limits) withDefaults() Limits {
 func (l Limits) Validate() error {
 	l = l.withDefaults()
 	switch {
-	case l.BytesPerGuest < MaxReply:
-		return fmt.Errorf("the bytes in flight per guest (%d) must hold one reply of %d", l.BytesPerGuest, MaxReply)
+	case l.BytesPerGuest < vsockproto.MaxReply:
+		return fmt.Errorf("the bytes in flight per guest (%d) must hold one reply of %d", l.BytesPerGuest, vsockproto.MaxReply)
 	case l.Bytes < l.BytesPerGuest:
 		return fmt.Errorf("the bytes in flight of all guests (%d) must hold one guest's (%d)", l.Bytes, l.BytesPerGuest)
 	case l.Running < l.RunningPerGuest:

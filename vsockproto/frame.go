@@ -17,6 +17,15 @@ const (
 	HandshakeFrame = 4096
 )
 
+// What one request may ask of a host (docs/protocol.md, "Limits a host
+// enforces"): a reply carries at most MaxReply bytes (a Read's data, a
+// ReadMeta's blocks; larger reads are split by the guest), and a
+// ReadMeta asks for at most MaxMetaBlocks blocks.
+const (
+	MaxReply      = 1 << 20
+	MaxMetaBlocks = 256
+)
+
 // Header is a frame header.
 type Header struct {
 	Length uint32 // payload bytes
