@@ -34,11 +34,11 @@ func ParseFollow(s string) (Follow, error) {
 	case strings.HasPrefix(s, "interval="):
 		d, err := time.ParseDuration(strings.TrimPrefix(s, "interval="))
 		if err != nil || d <= 0 {
-			return Follow{}, fmt.Errorf("--follow %q: want a positive duration", s)
+			return Follow{}, fmt.Errorf("%q: want a positive duration", s)
 		}
 		return Follow{Interval: d}, nil
 	}
-	return Follow{}, fmt.Errorf("--follow %q: want always, interval=DURATION or manual", s)
+	return Follow{}, fmt.Errorf("%q: want always, interval=DURATION or manual", s)
 }
 
 func (f Follow) String() string {
@@ -60,13 +60,13 @@ const (
 	PageCacheHost  PageCache = "host"
 )
 
-// ParsePageCache parses --page-cache.
+// ParsePageCache parses "guest" or "host".
 func ParsePageCache(s string) (PageCache, error) {
 	switch p := PageCache(s); p {
 	case PageCacheGuest, PageCacheHost:
 		return p, nil
 	}
-	return "", fmt.Errorf("--page-cache %q: want guest or host", s)
+	return "", fmt.Errorf("%q: want guest or host", s)
 }
 
 // DefaultCacheBytes bounds the metadata cache unless told otherwise:

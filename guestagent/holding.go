@@ -46,11 +46,11 @@ func ParseDownPolicy(s string) (DownPolicy, error) {
 	case strings.HasPrefix(s, "soft="):
 		d, err := time.ParseDuration(strings.TrimPrefix(s, "soft="))
 		if err != nil || d <= 0 {
-			return DownPolicy{}, fmt.Errorf("--down %q: want a positive duration after soft=", s)
+			return DownPolicy{}, fmt.Errorf("%q: want a positive duration after soft=", s)
 		}
 		return DownPolicy{Timeout: d}, nil
 	}
-	return DownPolicy{}, fmt.Errorf("--down %q: want hard, soft or soft=DURATION", s)
+	return DownPolicy{}, fmt.Errorf("%q: want hard, soft or soft=DURATION", s)
 }
 
 func (p DownPolicy) String() string {

@@ -46,21 +46,31 @@ type DeviceStatus struct {
 // ErrWrongDevice: the device does not hold the export's filesystem.
 var ErrWrongDevice = errors.New("the device does not hold the export's filesystem")
 
+// A DeviceError is a shared device (ClientConfig.Device) that cannot be
+// used, and why.
+type DeviceError struct {
+	Path string
+	Err  error
+}
+
+func (e *DeviceError) Error() string { return "device " + e.Path + ": " + e.Err.Error() }
+func (e *DeviceError) Unwrap() error { return e.Err }
+
 // openDevice opens the device and reads its first block with O_DIRECT:
 // a device that cannot be read past the page cache is no use (the
 // guest's own cache of it would go stale as the host writes).
 func openDevice(path string) (*directio.File, error) {
 	d, err := directio.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("--device %s: %w (the device is read with O_DIRECT, past this machine's page cache)", path, err)
+		return nil, &DeviceError{path, fmt.Errorf("%w (the device is read with O_DIRECT, past this machine's page cache)", err)}
 	}
 	buf := directio.AlignedBuf(directio.Align)
 	if _, err := d.ReadAt(buf, 0); err != nil {
 		d.Close()
 		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("--device %s: empty: it is not the export's disk", path)
+			return nil, &DeviceError{path, errors.New("empty: it is not the export's disk")}
 		}
-		return nil, fmt.Errorf("--device %s: reading with O_DIRECT: %w", path, err)
+		return nil, &DeviceError{path, fmt.Errorf("reading with O_DIRECT: %w", err)}
 	}
 	return d, nil
 }

@@ -24,7 +24,7 @@ func ParseAutoPublish(s string) (*AutoPublish, error) {
 		k, v, _ := strings.Cut(kv, "=")
 		d, err := time.ParseDuration(v)
 		if err != nil || d <= 0 {
-			return nil, fmt.Errorf("--auto-publish %q: %q is not a positive duration", s, v)
+			return nil, fmt.Errorf("%q: %q is not a positive duration", s, v)
 		}
 		switch k {
 		case "quiet":
@@ -32,11 +32,11 @@ func ParseAutoPublish(s string) (*AutoPublish, error) {
 		case "max":
 			ap.Max = d
 		default:
-			return nil, fmt.Errorf("--auto-publish %q: want quiet=DURATION,max=DURATION or off", s)
+			return nil, fmt.Errorf("%q: want quiet=DURATION,max=DURATION or off", s)
 		}
 	}
 	if ap.Max < ap.Quiet {
-		return nil, fmt.Errorf("--auto-publish %q: max is shorter than quiet", s)
+		return nil, fmt.Errorf("%q: max is shorter than quiet", s)
 	}
 	return ap, nil
 }

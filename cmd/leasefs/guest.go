@@ -109,16 +109,16 @@ docs/operations.md).
 		return nil, err
 	}
 	if o.follow, err = guestagent.ParseFollow(follow); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--follow %w", err)
 	}
 	if o.down, err = guestagent.ParseDownPolicy(down); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--down %w", err)
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)
 	}
 	if o.pageCache, err = guestagent.ParsePageCache(pageCache); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--page-cache %w", err)
 	}
 	if o.linger < 0 {
 		return nil, fmt.Errorf("--lease-linger %v: must be 0 or more", o.linger)
@@ -439,6 +439,9 @@ func connectGuest(ctx context.Context, cfg guestagent.ClientConfig, retry bool, 
 	wait := retryFirst
 	for {
 		c, err := guestagent.NewClient(ctx, cfg)
+		if de := (*guestagent.DeviceError)(nil); errors.As(err, &de) {
+			err = fmt.Errorf("--%w", de) // with the flag's name: --device PATH: why
+		}
 		if err == nil || !retry {
 			return c, err
 		}

@@ -185,7 +185,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 	}
 	var err error
 	if o.autoPublish, err = hostagent.ParseAutoPublish(v.autoPublish); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--auto-publish %w", err)
 	}
 	if o.control, err = vsockproto.ParseAddr(v.control); err != nil {
 		return nil, err
