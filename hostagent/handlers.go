@@ -46,7 +46,8 @@ func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.M
 		}
 		return &vsockproto.Released{}, nil
 	case *vsockproto.ListGens:
-		if g.conn.Features().Has(vsockproto.FeatureKept) {
+		// Not g.conn: a request may come before serveConn sets it.
+		if g.kept {
 			return g.listGens(ctx)
 		}
 	}

@@ -99,6 +99,7 @@ type guest struct {
 	// the session's secret the Welcome gave (lease.Session.Confirm).
 	confirmed atomic.Bool
 	labels    bool // the guest takes generations' labels (FeatureLabel)
+	kept      bool // the guest may ask which generations are kept (FeatureKept); set with labels, before any request
 
 	// One announcement in flight at a time (publish.go), and the newest
 	// of those that came meanwhile: a guest that does not answer costs
@@ -516,7 +517,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		}
 		g.att = 1
 	}
-	g.sv, g.max, g.labels = sv, h.MaxFrame, h.Features.Has(vsockproto.FeatureLabel)
+	g.sv, g.max, g.labels, g.kept = sv, h.MaxFrame, h.Features.Has(vsockproto.FeatureLabel), h.Features.Has(vsockproto.FeatureKept)
 	// The guest may stay on the generation it names if it is kept; one
 	// that pins it stays there, one that pins a label on the newest
 	// generation kept with it.
