@@ -303,9 +303,12 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		c.pending.all = true // from a pinned generation: what changed since is not known
 	}
 	c.mu.Unlock()
-	c.fs = NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost,
+	fs := NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost,
 		Generations: c, ShowGenerations: cfg.ShowGenerations, Logger: cfg.Logger})
-	c.fs.SetView(f, uint32(gen))
+	fs.SetView(f, uint32(gen))
+	c.mu.Lock() // an announcement may be handled meanwhile (announced reads it)
+	c.fs = fs
+	c.mu.Unlock()
 	go c.switcher()
 	return c, nil
 }
