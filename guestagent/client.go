@@ -132,6 +132,8 @@ type Client struct {
 	cfg      ClientConfig
 	log      hclog.Logger
 	dev      *directio.File // nil: data over the connection
+	meta     *os.File       // the device through this machine's page cache, for metadata (digests.go)
+	devMeta  atomic.Bool    // metadata is read from the device: it verified
 	data     io.ReaderAt    // what file data is read from: dev, or the image file through its page cache
 	fs       *FileSystem
 	cache    *metaCache
@@ -263,9 +265,14 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		}
 		c.dev, c.data = d, d
 		c.device = DeviceStatus{Path: cfg.Device, State: DeviceUnchecked}
+		if c.meta, err = os.Open(cfg.Device); err != nil {
+			d.Close()
+			return nil, &DeviceError{cfg.Device, err}
+		}
 		if cfg.PageCache == PageCacheHost {
 			if f, err := buffered(cfg.Device); err != nil {
 				d.Close()
+				c.meta.Close()
 				return nil, err
 			} else if f != nil {
 				c.data = f
@@ -358,6 +365,7 @@ func (c *Client) Close() {
 	}
 	if c.dev != nil {
 		c.dev.Close()
+		c.meta.Close()
 	}
 	if f, ok := c.data.(*os.File); ok {
 		f.Close()

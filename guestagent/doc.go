@@ -65,6 +65,12 @@
 // a block being fetched is waited for, not asked for again) and added to
 // it. A READDIRPLUS prefetches its entries' inode-table blocks in one
 // request, and then, aside, what listing its subdirectories will need.
+// With the shared device, a miss of the served generation reads the
+// blocks there and keeps each only if its SHA-256 is the one the host
+// has for it (ReadDigests: a window of 1,024 blocks' digests in one
+// request, kept by the cache as its blocks are); one that does not
+// check is read past the page cache, then fetched (digests.go). A walk
+// then costs a request per window instead of one per miss.
 //
 // The switcher (switcher.go), one goroutine, is the only code that moves
 // the served view to another generation and the only code that sends the
@@ -140,7 +146,8 @@
 // takes a lock to check it. Client.mu guards the session, switching and
 // open-file state; it is held only to read and change that state, never
 // during I/O, a call to the host or a notification (it is released while
-// waiting on Client.changed). The locks taken with it held are
+// waiting on Client.changed). A digest window being asked for is waited
+// for with no lock held. The locks taken with it held are
 // metaCache.mu and nodes.mu (through FileSystem methods), each a leaf
 // held for a map operation; nothing takes Client.mu while holding them.
 // FileSystem.mu (the handle table, and the open files by node) is a leaf

@@ -6,19 +6,20 @@ import (
 
 // clientMetrics are a guest's Prometheus metrics.
 type clientMetrics struct {
-	reg          *prometheus.Registry
-	metaFetches  prometheus.Counter
-	metaBytes    prometheus.Counter
-	cacheHits    prometheus.Counter
-	cacheMisses  prometheus.Counter
-	inval        *prometheus.CounterVec // kind: inode, entry
-	data         *prometheus.CounterVec // source: device, host, inline
-	switches     prometheus.Counter
-	reconnects   prometheus.Counter
-	breaks       prometheus.Counter
-	readsRedone  prometheus.Counter
-	openRefusals *prometheus.CounterVec // why
-	leasesReused prometheus.Counter
+	reg           *prometheus.Registry
+	metaFetches   prometheus.Counter
+	metaBytes     prometheus.Counter
+	digestFetches prometheus.Counter
+	cacheHits     prometheus.Counter
+	cacheMisses   prometheus.Counter
+	inval         *prometheus.CounterVec // kind: inode, entry
+	data          *prometheus.CounterVec // source: device, host, inline
+	switches      prometheus.Counter
+	reconnects    prometheus.Counter
+	breaks        prometheus.Counter
+	readsRedone   prometheus.Counter
+	openRefusals  *prometheus.CounterVec // why
+	leasesReused  prometheus.Counter
 }
 
 func newClientMetrics(c *Client) *clientMetrics {
@@ -29,6 +30,8 @@ func newClientMetrics(c *Client) *clientMetrics {
 		reg:         prometheus.NewRegistry(),
 		metaFetches: counter("metadata_fetches_total", "Metadata requests to the host (each for the blocks one read missed)."),
 		metaBytes:   counter("metadata_fetched_bytes_total", "Bytes of metadata blocks fetched from the host."),
+		digestFetches: counter("metadata_digest_fetches_total",
+			"Requests to the host for the digests of a window of metadata blocks, which are then read from the device."),
 		cacheHits:   counter("metadata_cache_hits_total", "Metadata blocks found in the guest's cache of its generation."),
 		cacheMisses: counter("metadata_cache_misses_total", "Metadata blocks that had to be fetched from the host."),
 		inval: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_invalidations_total",
@@ -62,7 +65,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 			}
 			return 0
 		})
-	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.cacheHits, m.cacheMisses, m.inval, m.data,
+	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.digestFetches, m.cacheHits, m.cacheMisses, m.inval, m.data,
 		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, gen, open, cached, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)

@@ -14,7 +14,7 @@ func (c *Client) features() vsockproto.Features {
 	// Data through the host even with a device: the fallback while the
 	// device does not verify.
 	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy |
-		vsockproto.FeatureLabel | vsockproto.FeatureLeaseTime | vsockproto.FeatureKept
+		vsockproto.FeatureLabel | vsockproto.FeatureLeaseTime | vsockproto.FeatureKept | vsockproto.FeatureDigests
 }
 
 // dial connects and runs the handshake, resuming the session if the host

@@ -42,6 +42,12 @@ type CacheStatus struct {
 	LimitBytes  int64  `json:"limit_bytes"`
 	Hits        uint64 `json:"hits"`
 	Misses      uint64 `json:"misses"`
+	// With the device: windows of digests kept, and the blocks read
+	// from the device that checked against them and that did not (and
+	// came from the host).
+	DigestWindows int    `json:"digest_windows"`
+	FromDevice    uint64 `json:"from_device"`
+	Unchecked     uint64 `json:"unchecked"`
 }
 
 // FencedFile is a file that was open when its lease ended: reads of it

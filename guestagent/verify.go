@@ -96,6 +96,7 @@ func (c *Client) verifyDevice(f *ext4ro.FS) error {
 	c.mu.Lock()
 	c.device = DeviceStatus{Path: c.cfg.Device, State: state, Detail: detail, Checked: time.Now()}
 	c.mu.Unlock()
+	c.devMeta.Store(state == DeviceVerified)
 	if state != DeviceVerified {
 		return fmt.Errorf("%w: --device %s, export %s at %v: %s", ErrWrongDevice, c.cfg.Device, c.cfg.Export, c.cfg.Addr, detail)
 	}

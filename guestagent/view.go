@@ -30,13 +30,66 @@ type metaCache struct {
 	lru    *simplelru.LRU[uint64, []byte] // guarded by mu
 	hits   uint64                         // guarded by mu
 	misses uint64                         // guarded by mu
+
+	// The generation's digests by window (digests.go), those being
+	// asked for, and how many blocks read from the device checked.
+	wins      *simplelru.LRU[uint64, *digests] // guarded by mu
+	asking    map[blockKey]*asking             // guarded by mu
+	fromDev   uint64                           // guarded by mu
+	unchecked uint64                           // guarded by mu
+}
+
+// asking is a window's digests being asked for: done closes when w is
+// set (nil: not to be had).
+type asking struct {
+	done chan struct{}
+	w    *digests
 }
 
 // newMetaCache caches up to bytes of blocks of size bs of generation gen.
 func newMetaCache(bytes, bs int64, gen uint64) *metaCache {
 	limit := int(max(bytes/bs, 16))
 	lru, _ := simplelru.NewLRU[uint64, []byte](limit, nil) // errors only for size <= 0
-	return &metaCache{bs: bs, limit: limit, gen: gen, lru: lru}
+	wins, _ := simplelru.NewLRU[uint64, *digests](digestWindows, nil)
+	return &metaCache{bs: bs, limit: limit, gen: gen, lru: lru, wins: wins, asking: map[blockKey]*asking{}}
+}
+
+// window returns window win's digests of gen if cached; else the ask in
+// flight for them; else (gen being the cached generation) a function the
+// caller, who asks for them, calls with the answer.
+func (c *metaCache) window(gen, win uint64) (*digests, *asking, func(*digests)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return nil, nil, nil
+	}
+	if w, ok := c.wins.Get(win); ok {
+		return w, nil, nil
+	}
+	k := blockKey{gen, win}
+	if a := c.asking[k]; a != nil {
+		return nil, a, nil
+	}
+	a := &asking{done: make(chan struct{})}
+	c.asking[k] = a
+	return nil, nil, func(w *digests) {
+		c.mu.Lock()
+		delete(c.asking, k)
+		if w != nil && gen == c.gen {
+			c.wins.Add(win, w)
+		}
+		c.mu.Unlock()
+		a.w = w
+		close(a.done)
+	}
+}
+
+// noteDevice counts blocks read from the device: good checked, bad not.
+func (c *metaCache) noteDevice(good, bad int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.fromDev += uint64(good)
+	c.unchecked += uint64(bad)
 }
 
 func (c *metaCache) get(gen, n uint64) ([]byte, bool) {
@@ -80,6 +133,7 @@ func (c *metaCache) forget() {
 	defer c.mu.Unlock()
 	c.gen = noGeneration
 	c.lru.Purge()
+	c.wins.Purge()
 }
 
 // noGeneration is no generation's number.
@@ -93,7 +147,22 @@ func (c *metaCache) advance(gen uint64, ch *changes) {
 	c.gen = gen
 	if ch.all {
 		c.lru.Purge()
+		c.wins.Purge()
 		return
+	}
+	for _, r := range ch.blocks {
+		first, last := r.Start/digestWindow, (r.Start+uint64(r.Count)-1)/digestWindow
+		if last-first >= uint64(c.wins.Len()) {
+			for _, w := range c.wins.Keys() {
+				if w >= first && w <= last {
+					c.wins.Remove(w)
+				}
+			}
+		} else {
+			for w := first; w <= last; w++ {
+				c.wins.Remove(w)
+			}
+		}
 	}
 	for _, r := range ch.blocks {
 		if int(r.Count) > c.lru.Len() {
@@ -116,7 +185,7 @@ func (c *metaCache) stats() CacheStatus {
 	defer c.mu.Unlock()
 	n := c.lru.Len()
 	return CacheStatus{Blocks: n, LimitBlocks: c.limit, Bytes: int64(n) * c.bs, LimitBytes: int64(c.limit) * c.bs,
-		Hits: c.hits, Misses: c.misses}
+		Hits: c.hits, Misses: c.misses, DigestWindows: c.wins.Len(), FromDevice: c.fromDev, Unchecked: c.unchecked}
 }
 
 // maxFetch is the most blocks one ReadMeta asks for.
@@ -245,7 +314,7 @@ func (v *genView) Prefetch(blocks []uint64) {
 func (v *genView) load(blocks []uint64) ([]byte, error) {
 	done := v.c.fetching.start(v.gen, blocks)
 	defer done()
-	data, err := v.fetch(blocks)
+	data, err := v.read(blocks)
 	if err != nil {
 		return nil, err
 	}

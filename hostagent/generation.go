@@ -101,6 +101,10 @@ func (g *Generation) Blocks() int { return g.nblocks }
 // Has reports whether block n is metadata of the generation.
 func (g *Generation) Has(n uint64) bool { _, ok := g.blocks[n]; return ok }
 
+// Digest returns the SHA-256 of block n, if it is metadata of the
+// generation: the store's name for it.
+func (g *Generation) Digest(n uint64) (Hash, bool) { h, ok := g.blocks[n]; return h, ok }
+
 // ReadAt reads the generation's metadata as an image would read: a block
 // that is not metadata of this generation is an error, so nothing but
 // metadata is ever served from it.

@@ -50,6 +50,10 @@ func (g *guest) serve(ctx context.Context, req vsockproto.Message) (vsockproto.M
 		if g.kept {
 			return g.listGens(ctx)
 		}
+	case *vsockproto.ReadDigests:
+		if g.digests {
+			return g.readDigests(ctx, m)
+		}
 	}
 	return nil, vsockproto.Errorf(vsockproto.CodeNotSupported, "%v is not served by the host", req.Type())
 }
@@ -150,6 +154,43 @@ func (g *guest) readMeta(ctx context.Context, m *vsockproto.ReadMeta) (vsockprot
 	}
 	g.sv.m.served.WithLabelValues(g.sv.exp.Name(), "meta").Add(float64(len(out)))
 	return vsockproto.WithRelease(&vsockproto.Meta{Data: out}, release), nil
+}
+
+// readDigests answers which of the blocks asked for are metadata of the
+// generation, and their SHA-256: what a guest checks the shared device's
+// copy of them against. It reads nothing but the generation's index.
+func (g *guest) readDigests(ctx context.Context, m *vsockproto.ReadDigests) (vsockproto.Message, error) {
+	gen, err := g.generation(m.Generation)
+	if err != nil {
+		return nil, err
+	}
+	defer gen.Release()
+	present := make([]byte, (m.Count+7)/8)
+	var n int
+	for i := range uint64(m.Count) {
+		if gen.Has(m.First + i) {
+			present[i/8] |= 1 << (i % 8)
+			n++
+		}
+	}
+	size := 4 + len(present) + n*vsockproto.DigestSize
+	if uint64(size) > g.maxReply() {
+		return nil, vsockproto.Errorf(vsockproto.CodeTooBig, "the digests of %d blocks exceed the reply limit of %d", n, g.maxReply())
+	}
+	release, done, err := g.budget(ctx, int64(size))
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	sums := make([]byte, 0, n*vsockproto.DigestSize)
+	for i := range uint64(m.Count) {
+		if present[i/8]&(1<<(i%8)) != 0 {
+			h, _ := gen.Digest(m.First + i)
+			sums = append(sums, h[:]...)
+		}
+	}
+	g.sv.m.served.WithLabelValues(g.sv.exp.Name(), "digests").Add(float64(size))
+	return vsockproto.WithRelease(&vsockproto.Digests{Present: present, Sums: sums}, release), nil
 }
 
 func cmpU64(a, b uint64) int {

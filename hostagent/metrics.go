@@ -46,7 +46,7 @@ func newMetrics(s *Server) *metrics {
 		quota: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_quota_rejections_total",
 			Help: "Requests refused by a limit: leases (per guest or host-wide files) or connections per guest."}, []string{"export", "limit"}),
 		served: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_served_bytes_total",
-			Help: "Bytes sent to guests: metadata blocks, or file data for guests without the device."}, []string{"export", "kind"}),
+			Help: "Bytes sent to guests: metadata blocks, digests of metadata blocks (for guests that read them from the device), or file data for guests without the device."}, []string{"export", "kind"}),
 	}
 	m.reg.MustRegister(m.published, m.failed, m.freeze, m.announceAck, m.breakAck, m.quota, m.served, stateCollector{s})
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "leasefs_build_info",
@@ -64,6 +64,7 @@ func (m *metrics) addExport(name string) {
 	m.quota.WithLabelValues(name, "leases")
 	m.served.WithLabelValues(name, "meta")
 	m.served.WithLabelValues(name, "data")
+	m.served.WithLabelValues(name, "digests")
 }
 
 // removeExport drops an export's series.

@@ -100,6 +100,7 @@ type guest struct {
 	confirmed atomic.Bool
 	labels    bool // the guest takes generations' labels (FeatureLabel)
 	kept      bool // the guest may ask which generations are kept (FeatureKept); set with labels, before any request
+	digests   bool // the guest may ask for blocks' digests (FeatureDigests); set with labels
 
 	// One announcement in flight at a time (publish.go), and the newest
 	// of those that came meanwhile: a guest that does not answer costs
@@ -518,6 +519,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		g.att = 1
 	}
 	g.sv, g.max, g.labels, g.kept = sv, h.MaxFrame, h.Features.Has(vsockproto.FeatureLabel), h.Features.Has(vsockproto.FeatureKept)
+	g.digests = h.Features.Has(vsockproto.FeatureDigests)
 	// The guest may stay on the generation it names if it is kept; one
 	// that pins it stays there, one that pins a label on the newest
 	// generation kept with it.
@@ -531,7 +533,7 @@ func (s *Server) welcome(g *guest, h *vsockproto.Hello) (*vsockproto.Welcome, vs
 		Resumed: resumed, Kept: kept, Token: vsockproto.Token(g.sess.Secret()), Generation: cur.Number,
 		BlockSize: uint32(cur.BlockSize),
 		Features: vsockproto.FeatureReadData | vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeaturePublishPolicy |
-			vsockproto.FeatureLeaseTime | vsockproto.FeatureKept | vsockproto.FeaturePin,
+			vsockproto.FeatureLeaseTime | vsockproto.FeatureKept | vsockproto.FeaturePin | vsockproto.FeatureDigests,
 		LeaseTime: sv.coord.Grace(),
 	}
 	if pin && kept {

@@ -1,7 +1,9 @@
 package hostagent
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -485,5 +487,63 @@ func TestAnnouncementsToASilentGuestDoNotPileUp(t *testing.T) {
 	}
 	if n := got.Load(); n != 1 {
 		t.Fatalf("the guest got %d announcements while it had not answered the first", n)
+	}
+}
+
+// ReadDigests names each metadata block of a window by the SHA-256 of
+// what ReadMeta serves for it, and no other block; only to a guest that
+// asked for the feature, and only for kept generations.
+func TestDigests(t *testing.T) {
+	_, e, g := publishedFile(t)
+	_, a := serve(t, e, ServerOptions{Lease: lease.Config{AckTimeout: time.Second}})
+	plain, _, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test"}, nil, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	if _, err := plain.Call(context.Background(), &vsockproto.ReadDigests{Generation: g.Number, Count: 8}); !errors.Is(err, vsockproto.ErrNotSupported) {
+		t.Errorf("digests without the feature: %v", err)
+	}
+	c, w, err := vsockproto.DialHello(context.Background(), a, vsockproto.Hello{Export: "test", Features: vsockproto.FeatureDigests}, nil, vsockproto.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !w.Features.Has(vsockproto.FeatureDigests) {
+		t.Fatal("the host does not offer digests")
+	}
+	if _, err := c.Call(context.Background(), &vsockproto.ReadDigests{Generation: g.Number + 5, Count: 8}); !errors.Is(err, vsockproto.ErrGone) {
+		t.Errorf("digests of a generation not kept: %v", err)
+	}
+	const n = vsockproto.MaxDigestBlocks
+	reply, err := c.Call(context.Background(), &vsockproto.ReadDigests{Generation: g.Number, Count: n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := reply.(*vsockproto.Digests)
+	if len(d.Present) != n/8 {
+		t.Fatalf("a bitmap of %d bytes for %d blocks", len(d.Present), n)
+	}
+	k, meta := 0, 0
+	for b := range uint64(n) {
+		has := d.Present[b/8]&(1<<(b%8)) != 0
+		if has != g.Has(b) {
+			t.Fatalf("block %d: present %v, metadata %v", b, has, g.Has(b))
+		}
+		if !has {
+			continue
+		}
+		m, err := c.Call(context.Background(), &vsockproto.ReadMeta{Generation: g.Number, Blocks: []vsockproto.BlockRange{{Start: b, Count: 1}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sum := sha256.Sum256(m.(*vsockproto.Meta).Data); !bytes.Equal(sum[:], d.Sums[k*vsockproto.DigestSize:(k+1)*vsockproto.DigestSize]) {
+			t.Errorf("block %d: the digest is not the SHA-256 of the block served", b)
+		}
+		k++
+		meta++
+	}
+	if meta < 3 {
+		t.Errorf("only %d metadata blocks among the first %d", meta, n)
 	}
 }

@@ -2,6 +2,7 @@ package vsockproto
 
 import (
 	"fmt"
+	"math/bits"
 	"time"
 )
 
@@ -36,6 +37,8 @@ const (
 	TypeGenerations Type = ReplyBit | TypeListGens
 	TypeUnpin       Type = 0x000B
 	TypeUnpinAck    Type = ReplyBit | TypeUnpin
+	TypeReadDigests Type = 0x000C
+	TypeDigests     Type = ReplyBit | TypeReadDigests
 	TypeError       Type = 0xFFFF
 )
 
@@ -104,6 +107,10 @@ func newMessage(t Type) Message {
 		return new(Unpin)
 	case TypeUnpinAck:
 		return new(UnpinAck)
+	case TypeReadDigests:
+		return new(ReadDigests)
+	case TypeDigests:
+		return new(Digests)
 	case TypeError:
 		return new(Error)
 	}
@@ -156,6 +163,10 @@ const (
 	// it got (Pinned; 0: none), and the host sends Unpin before it drops
 	// it. A guest asks for it only to pin: the Hello is longer with it.
 	FeaturePin Features = 1 << 7
+	// FeatureDigests: the host answers ReadDigests, the SHA-256 of a
+	// generation's metadata blocks, so that a guest with the shared
+	// device reads them there and checks them.
+	FeatureDigests Features = 1 << 8
 )
 
 // Has reports whether every feature in f is in s.
@@ -676,6 +687,78 @@ type UnpinAck struct{}
 func (*UnpinAck) Type() Type             { return TypeUnpinAck }
 func (*UnpinAck) Append(b []byte) []byte { return b }
 func (*UnpinAck) decode(*decoder)        {}
+
+// ReadDigests asks for the digests of the metadata blocks of a
+// generation among Count blocks from First (guest → host, with
+// FeatureDigests): a guest reads those blocks from the shared device and
+// keeps only the ones whose SHA-256 is the digest.
+type ReadDigests struct {
+	Generation uint64
+	First      uint64
+	Count      uint32
+}
+
+// MaxDigestBlocks bounds ReadDigests.Count: its reply then fits in
+// MaxReply whatever the block size.
+const MaxDigestBlocks = 4096
+
+// DigestSize is the size of one digest, a SHA-256.
+const DigestSize = 32
+
+func (*ReadDigests) Type() Type { return TypeReadDigests }
+
+func (m *ReadDigests) Append(b []byte) []byte {
+	return putU32(putU64(putU64(b, m.Generation), m.First), m.Count)
+}
+
+func (m *ReadDigests) decode(d *decoder) {
+	m.Generation, m.First, m.Count = d.u64(), d.u64(), d.u32()
+	switch {
+	case d.err != nil:
+	case m.Count == 0 || m.Count > MaxDigestBlocks:
+		d.fail("%d blocks; from 1 to %d", m.Count, MaxDigestBlocks)
+	case m.First+uint64(m.Count) < m.First:
+		d.fail("range wraps")
+	}
+}
+
+// Digests answers ReadDigests: which of the blocks asked for are
+// metadata of the generation (bit i of Present, least significant bit
+// first, for block First+i) and, for each of those in order, its
+// SHA-256.
+type Digests struct {
+	Present []byte // ceil(Count/8) bytes
+	Sums    []byte // DigestSize bytes per bit set in Present
+}
+
+func (*Digests) Type() Type { return TypeDigests }
+
+func (m *Digests) Append(b []byte) []byte {
+	b = putU32(b, uint32(len(m.Present)))
+	return append(append(b, m.Present...), m.Sums...)
+}
+
+func (m *Digests) decode(d *decoder) {
+	n := d.count("bitmap bytes", 1)
+	if d.err == nil && n > MaxDigestBlocks/8 {
+		d.fail("a bitmap of %d bytes, more than %d", n, MaxDigestBlocks/8)
+		return
+	}
+	m.Present = d.take(n)
+	m.Sums = d.rest()
+	if d.err == nil && len(m.Sums) != DigestSize*ones(m.Present) {
+		d.fail("%d bytes of digests for %d blocks", len(m.Sums), ones(m.Present))
+	}
+}
+
+// ones counts the bits set in b.
+func ones(b []byte) int {
+	n := 0
+	for _, x := range b {
+		n += bits.OnesCount8(x)
+	}
+	return n
+}
 
 // Empty messages.
 type (

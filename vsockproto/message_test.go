@@ -106,6 +106,11 @@ var golden = []struct {
 		 0900000000000000 d007000000000000 0000`},
 	{"Unpin", 10, &Unpin{Generation: 7, Why: "budget"}, `10000000 0b00 0000 0a00000000000000 | 0700000000000000 0600 627564676574`},
 	{"UnpinAck", 10, &UnpinAck{}, `00000000 0b80 0000 0a00000000000000`},
+	{"ReadDigests", 11, &ReadDigests{Generation: 7, First: 0x400, Count: 9},
+		`14000000 0c00 0000 0b00000000000000 | 0700000000000000 0004000000000000 09000000`},
+	{"Digests", 11, &Digests{Present: []byte{0x01, 0x00}, Sums: bytes.Repeat([]byte{0xab}, DigestSize)},
+		`26000000 0c80 0000 0b00000000000000 | 02000000 0100
+		 abababababababababababababababababababababababababababababababab`},
 	{"Ping", 8, &Ping{}, `00000000 0800 0000 0800000000000000`},
 	{"Pong", 8, &Pong{}, `00000000 0880 0000 0800000000000000`},
 	{"Error", 3, &Error{Code: CodeStale, Message: "gen 3"},
@@ -187,6 +192,11 @@ func TestDecodeRejects(t *testing.T) {
 		{"generation 0", TypeGenerations, `01000000 0000000000000000 0000000000000000 0000`, "out of order"},
 		{"generations count", TypeGenerations, `05000000 0700000000000000 0000000000000000 0000`, "do not fit"},
 		{"unpin why missing", TypeUnpin, `0700000000000000`, "too short"},
+		{"digests of nothing", TypeReadDigests, `0100000000000000 0000000000000000 00000000`, "from 1 to"},
+		{"digests of too many", TypeReadDigests, `0100000000000000 0000000000000000 01100000`, "from 1 to"},
+		{"digests wrapping", TypeReadDigests, `0100000000000000 ffffffffffffffff 02000000`, "wraps"},
+		{"digests missing", TypeDigests, `01000000 03 ab`, "digests for 2 blocks"},
+		{"digests bitmap", TypeDigests, `01020000`, "do not fit"},
 		{"ping payload", TypePing, `00`, "left over"},
 		{"error message too long", TypeError, `01000000 0104`, "at most 1024"},
 	} {
