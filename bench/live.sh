@@ -6,7 +6,8 @@
 #
 #   - cold walk of the bench tree (find DIR -printf '%s %m\n'), each run on
 #     a fresh guest mount after dropping the caches, interleaved with the
-#     same walk on the host's mount; the guest's RSS after it;
+#     same walk on the host's mount and on a static mount of the same
+#     device (leasefs mount: FUSE's own cost); the guest's RSS after it;
 #   - warm walk (the same mount, walked once before);
 #   - reading 1 GiB cold and warm, on the host and a guest in each
 #     --page-cache mode, and how the page cache grows when N guests read
@@ -18,7 +19,8 @@
 # default /var/tmp/leasefs-bench): a kernel-written copy of /usr (>= 100k
 # entries). It is mounted read-write here and exported by a host agent.
 #
-# Environment: RUNS_COLD (5), RUNS_WARM (5), GUESTS (16), LEASEFS (the
+# Environment: RUNS_COLD (5), RUNS_WARM (5), GUESTS (16), WALKS_ONLY=1
+# (the walks and nothing else), LEASEFS (the
 # binary to measure, bin/leasefs), LEASEFS_BEFORE (another build, e.g. of
 # an older commit, measured the same way in the same run, as "before"),
 # LEASEFS_BEFORE_HOST=1 (its guests of the bench tree served by a host
@@ -120,14 +122,21 @@ if [ -n "$before" ]; then builds=(before after); bin[before]=$before; fi
 entries=$(find "$live/host/tree" | wc -l)
 echo "bench-live: tree of $entries entries; $(nproc) cores; $(uname -r)" >&2
 
-# Cold walks, interleaved: kernel, then each build, rotating the order.
+# Cold walks, interleaved: kernel, the static mount of the same device
+# (leasefs mount: the same FUSE server and reader, no host: what FUSE
+# itself costs), then each build, rotating the order.
 for ((r = 0; r < runs_cold; r++)); do
-  order=(kernel "${builds[@]}")
+  order=(kernel static "${builds[@]}")
   for ((i = 0; i < ${#order[@]}; i++)); do
     who=${order[(i + r) % ${#order[@]}]}
     sync; echo 3 > /proc/sys/vm/drop_caches
     if [ "$who" = kernel ]; then
       timed walk-cold-kernel walk "$live/host/tree"
+    elif [ "$who" = static ]; then
+      mkdir -p "$live/g-static"
+      "$leasefs" mount --allow-dirty-journal --image "$dev" "$live/g-static"
+      timed walk-cold-static walk "$live/g-static/tree"
+      umount "$live/g-static"
     else
       pid=$(guest "${bin[$who]}" bench "$dev" "$live/g-$who")
       timed "walk-cold-$who" walk "$live/g-$who/tree"
@@ -157,6 +166,9 @@ for ((r = 0; r < runs_warm; r++)); do
   done
 done
 for who in "${builds[@]}"; do stop_guest "$live/g-$who" "${wpid[$who]}"; done
+
+# WALKS_ONLY=1: the walks are all this run measures.
+if [ "${WALKS_ONLY:-0}" != 1 ]; then
 
 # Reading 1 GiB (big.bin): cold (fresh mounts, caches dropped) and warm
 # (read again), on the host's mount and on a guest in each page-cache
@@ -232,6 +244,7 @@ for n in 16 64; do
   echo "  publish to visible in $n guests: $(grep "^visible-$n " "$out" | awk '{ print $2 / 1000 }' | tr '\n' ' ')ms" >&2
 done
 for i in "${!vd[@]}"; do stop_guest "${vd[$i]}" "${vp[$i]}"; done
+fi
 
 python3 - "$out" "$entries" "$guests" "${builds[@]}" <<'EOF' | tee "$work/live-results.md"
 import statistics, sys
@@ -255,8 +268,15 @@ for kind in ("cold", "warm"):
         ratios = sorted(x / y for x, y in zip(v[f"walk-{kind}-{b}"], v[f"walk-{kind}-kernel"]))
         cells.append(f"{g / 1e6:.2f} s; {statistics.median(ratios):.2f}× the kernel (rounds {ratios[0]:.2f}–{ratios[-1]:.2f}×)")
     print(f"| {kind} walk, median of {len(v[f'walk-{kind}-kernel'])} | " + " | ".join(cells) + " |")
+if "walk-cold-static" in v:
+    ratios = sorted(x / y for x, y in zip(v["walk-cold-static"], v["walk-cold-kernel"]))
+    print(f"| cold walk of the static mount (`leasefs mount`, no host), median | – | " +
+          f"{med('walk-cold-static') / 1e6:.2f} s; {statistics.median(ratios):.2f}× the kernel (rounds {ratios[0]:.2f}–{ratios[-1]:.2f}×) |" +
+          " |" * (len(builds) - 1))
 print("| guest RSS after a cold walk | – | " + " | ".join(f"{med(f'rss-walk-{b}') / 1024:.0f} MiB" for b in builds) + " |")
 print("| host agent RSS after the cold walks | – | " + " | ".join(f"{med(f'rss-host-{b}') / 1024:.0f} MiB" if f"rss-host-{b}" in v else "(the same agent)" for b in builds) + " |")
+if "read-cold-kernel" not in v:
+    sys.exit(0)  # WALKS_ONLY
 print(f"| RSS of each of {guests} guests idle on 2,000 files | – | " +
       " | ".join(f"{med(f'rss-idle-small-{b}') / 1024:.1f} MiB (max {max(v[f'rss-idle-small-{b}']) / 1024:.1f})" for b in builds) + " |")
 print()

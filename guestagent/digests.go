@@ -28,13 +28,16 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-// Digest windows: how many blocks one ReadDigests covers (a reply of at
-// most 32 KiB), and how many windows the cache keeps (at most 8 MiB,
-// however dense; a 4 GiB stretch of a disk of 4 KiB blocks).
-const (
-	digestWindow  = 1024
-	digestWindows = 256
-)
+// digestWindow is how many blocks one ReadDigests covers: a reply of at
+// most 32 KiB. The cache keeps as many windows as would take its own
+// bytes if every block in them were metadata (256 for the default 8 MiB:
+// a 1 GiB stretch of a disk of 4 KiB blocks, but most windows are
+// sparse), and at least 16.
+const digestWindow = 1024
+
+func digestWindows(cacheBytes int64) int {
+	return int(max(16, cacheBytes/(digestWindow*vsockproto.DigestSize)))
+}
 
 // digests is one window's answer: which blocks are metadata of the
 // generation, and their SHA-256.

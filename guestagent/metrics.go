@@ -54,6 +54,12 @@ func newClientMetrics(c *Client) *clientMetrics {
 	cached := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_metadata_cache_bytes",
 		Help: "Bytes of metadata blocks cached (bounded by --cache-mb)."},
 		func() float64 { return float64(c.cache.stats().Bytes) })
+	fromDev := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "leasefs_guest_metadata_device_blocks_total",
+		Help: "Metadata blocks read from the shared device that checked against the host's digests."},
+		func() float64 { return float64(c.cache.stats().FromDevice) })
+	unchecked := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "leasefs_guest_metadata_device_unchecked_total",
+		Help: "Metadata blocks wanted from the device that did not check (written since the generation) or had no digest: fetched from the host."},
+		func() float64 { return float64(c.cache.stats().Unchecked) })
 	nodes := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_kernel_nodes",
 		Help: "Inodes the kernel holds of the mount (what the guest keeps a node for)."},
 		func() float64 { return float64(c.fs.Nodes()) })
@@ -66,7 +72,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 			return 0
 		})
 	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.digestFetches, m.cacheHits, m.cacheMisses, m.inval, m.data,
-		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, gen, open, cached, nodes, device)
+		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, gen, open, cached, fromDev, unchecked, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)
 	}

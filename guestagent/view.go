@@ -50,7 +50,7 @@ type asking struct {
 func newMetaCache(bytes, bs int64, gen uint64) *metaCache {
 	limit := int(max(bytes/bs, 16))
 	lru, _ := simplelru.NewLRU[uint64, []byte](limit, nil) // errors only for size <= 0
-	wins, _ := simplelru.NewLRU[uint64, *digests](digestWindows, nil)
+	wins, _ := simplelru.NewLRU[uint64, *digests](digestWindows(bytes), nil)
 	return &metaCache{bs: bs, limit: limit, gen: gen, lru: lru, wins: wins, asking: map[blockKey]*asking{}}
 }
 
