@@ -13,7 +13,8 @@ import (
 // static image mount against the kernel's read-only mount of the image;
 // the live guest, with the shared device and without it, against a
 // read-only bind of the host's own mount of the export, which shows the
-// generation published (nothing changes after it).
+// generation published (nothing changes after it); then the coherence
+// step on the three kinds of live mount at once.
 func TestConformance(t *testing.T) {
 	testenv.RequireFUSE(t)
 	testenv.RequireLoop(t)
@@ -39,6 +40,17 @@ func TestConformance(t *testing.T) {
 		})
 		t.Run("no device", func(t *testing.T) {
 			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror"), oracle)
+		})
+		t.Run("coherence", func(t *testing.T) {
+			publish := func(t *testing.T) {
+				if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+					t.Fatalf("publish: %v\n%s", err, out)
+				}
+			}
+			conformance.Coherence(t, conformance.Live{Writer: mnt, Oracle: oracle, Publish: publish},
+				guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev),
+				guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev, "--page-cache", "host"),
+				guestMount(t, "--connect", h.guest, "--export", "mirror"))
 		})
 	})
 }

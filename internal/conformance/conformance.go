@@ -7,7 +7,9 @@
 // each error a reader can meet has the kernel's errno, the whole tree
 // looks the same (names, types, modes, owners, times, sizes, links,
 // symlink targets, xattrs, contents), and reads at odd offsets and
-// across the end give the same bytes.
+// across the end give the same bytes. On live mounts, Coherence adds the
+// promise itself: after a publish every mount shows the new tree, and
+// files open across it keep their bytes.
 package conformance
 
 import (

@@ -249,7 +249,8 @@ func demo(t *testing.T, h *host) {
 
 // The read-only conformance suite in both page-cache modes, against a
 // read-only bind of the VM kernel's own mount of the export, which shows
-// the generation just published.
+// the generation just published; then the coherence step on a mount of
+// each kind, the device's in both modes and one without it.
 func conformanceSuite(t *testing.T, h *host) {
 	h.publish(t)
 	oracle := t.TempDir()
@@ -264,6 +265,10 @@ func conformanceSuite(t *testing.T, h *host) {
 	})
 	t.Run("host_cache", func(t *testing.T) {
 		conformance.Run(t, h.mount(t, "--device", sharedDev, "--page-cache", "host").dir, oracle)
+	})
+	t.Run("coherence", func(t *testing.T) {
+		conformance.Coherence(t, conformance.Live{Writer: exportDir, Oracle: oracle, Publish: func(t *testing.T) { h.publish(t) }},
+			h.mount(t, "--device", sharedDev).dir, h.mount(t, "--device", sharedDev, "--page-cache", "host").dir, h.mount(t).dir)
 	})
 }
 
