@@ -17,9 +17,12 @@ deps:
 	@scripts/deps.sh test
 
 # All tests. Privileged ones (FUSE, loop mounts) need root; under CI=true a
-# test that cannot run its privileged part fails instead of skipping.
+# test that cannot run its privileged part fails instead of skipping. Then
+# the host agent's tests again with the lock-rank checker
+# (internal/lockrank), which panics at a lock taken out of its order.
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -tags lockrank -count=1 -timeout 10m ./internal/lockrank ./lease ./hostagent
 
 # The end-to-end scenarios in QEMU VMs on the guest kernels 5.10, 6.1 and
 # 6.12 (also part of 'make test'): host agent and guest inside each VM

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -13,7 +14,7 @@ import (
 // control socket's accept loop stops taking connections. Those wait in
 // the socket's backlog, and the socket goes to the successor with them.
 type ctlGate struct {
-	mu      sync.Mutex
+	mu      lockrank.Mutex[lockrank.CtlGate]
 	changed sync.Cond // on mu
 	l       *vsockproto.Listener
 	busy    int  // requests being answered

@@ -154,6 +154,11 @@
 // removal takes it again only after letting go), served.mu the
 // generation each session is on,
 // quotas.mu the per-guest budgets, ctlGate.mu the control requests
-// being answered (Quiesce); each is a leaf, held for a map
-// operation, never while waiting on a budget or doing I/O.
+// being answered (Quiesce), and the keeper's mutex (its held files; the
+// coordinator calls it with its own lock held); each is a leaf, held for
+// a map operation, never while waiting on a budget or doing I/O. So the
+// order is Export.pub, then Coordinator.mu, then one leaf. The ranks are
+// written once, in internal/lockrank (ranks.go), as the mutexes' types:
+// built with the lockrank tag (make test runs this package so), a lock
+// taken out of that order panics where it is taken.
 package hostagent

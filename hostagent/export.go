@@ -19,6 +19,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/internal/mountinfo"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
@@ -117,13 +118,13 @@ type Export struct {
 	closeOnce    sync.Once
 	label        string // the last label published; guarded by pub
 
-	pub       sync.Mutex   // one publish at a time
-	onFrozen  func()       // tests: runs while frozen
-	watch     *treeWatcher // nil without Watch
-	sinceFull int          // publishes since the last full scan; guarded by pub
-	needFull  bool         // the next publish must be full; guarded by pub
+	pub       lockrank.Mutex[lockrank.ExportPublish] // one publish at a time
+	onFrozen  func()                                 // tests: runs while frozen
+	watch     *treeWatcher                           // nil without Watch
+	sinceFull int                                    // publishes since the last full scan; guarded by pub
+	needFull  bool                                   // the next publish must be full; guarded by pub
 
-	mu   sync.Mutex
+	mu   lockrank.Mutex[lockrank.ExportGenerations]
 	gens map[uint64]*Generation // kept generations; guarded by mu
 	cur  *Generation            // guarded by mu
 	next uint64                 // guarded by mu

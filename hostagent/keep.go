@@ -5,11 +5,11 @@ import (
 	"errors"
 	"maps"
 	"slices"
-	"sync"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/ext4ro"
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/lease"
 )
 
@@ -31,7 +31,7 @@ type keeper struct {
 	fds     *lease.FDs // the host's budget of descriptors, shared with leases: the keeper takes at most half
 	charged int        // of the descriptors held, those taken from fds; guarded by mu
 
-	mu    sync.Mutex
+	mu    lockrank.Mutex[lockrank.Keeper]
 	held  map[handle]*keptFile // guarded by mu
 	byIno map[uint32][]uint32  // the i_generations held of each inode number; guarded by mu
 	gone  map[handle]*keptFile // those held that the current generation no longer has; guarded by mu

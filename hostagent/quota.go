@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sync/semaphore"
 	"golang.org/x/time/rate"
 
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -86,7 +87,7 @@ type quotas struct {
 	bytes, running *semaphore.Weighted // all guests'
 	m              *metrics
 
-	mu     sync.Mutex
+	mu     lockrank.Mutex[lockrank.Quotas]
 	guests map[string]*guestQuota // by guest; guarded by mu
 }
 

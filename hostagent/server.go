@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -67,7 +68,7 @@ type Server struct {
 	glog    *guestLog     // log lines about each guest, limited per guest
 	started time.Time
 
-	mu     sync.Mutex
+	mu     lockrank.Mutex[lockrank.Server]
 	conns  map[*guest]struct{}   // guarded by mu
 	closed bool                  // guarded by mu
 	lost   map[string]LostExport // exports whose filesystem went away (LoseExport); guarded by mu
@@ -79,7 +80,7 @@ type served struct {
 	coord *lease.Coordinator
 	m     *metrics
 
-	mu   sync.Mutex
+	mu   lockrank.Mutex[lockrank.Served]
 	on   map[lease.Token]uint64 // the generation each session is on; guarded by mu
 	pins map[lease.Token]bool   // the sessions that pinned theirs (vsockproto.FeaturePin); guarded by mu
 }
@@ -162,24 +163,31 @@ func (s *Server) AddExport(e *Export) error {
 	cfg := e.leaseConfig(s.opt.Lease)
 	cfg.FDs = s.opt.FDs
 	cfg.Logger = s.opt.Logger.Named("lease").With("export", e.Name())
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	old := s.all()
-	if old[e.Name()] != nil {
+	if s.export(e.Name()) != nil {
 		return fmt.Errorf("export %s is named twice", e.Name())
 	}
-	delete(s.lost, e.Name())
+	// The coordinator (which may take over the lease journal) and the
+	// keeper's budget are made without Server.mu, a leaf.
 	c, err := lease.New(cfg)
 	if err != nil {
 		return fmt.Errorf("export %s: %w", e.Name(), err)
 	}
+	e.SetFDs(s.fds)
+	on, pins := e.handedOn()
+	s.mu.Lock()
+	old := s.all()
+	if old[e.Name()] != nil {
+		s.mu.Unlock()
+		c.Close()
+		return fmt.Errorf("export %s is named twice", e.Name())
+	}
+	delete(s.lost, e.Name())
 	next := make(map[string]*served, len(old)+1)
 	maps.Copy(next, old)
-	on, pins := e.handedOn()
 	next[e.Name()] = &served{exp: e, coord: c, m: s.m, on: on, pins: pins}
-	e.SetFDs(s.fds)
 	s.m.addExport(e.Name())
 	s.exports.Store(&next)
+	s.mu.Unlock()
 	return nil
 }
 

@@ -5,10 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sync"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/internal/lockrank"
 )
 
 // Hash names a block's content in the store.
@@ -27,7 +28,7 @@ type Hash [sha256.Size]byte
 type Store struct {
 	file *os.File
 
-	mu           sync.Mutex
+	mu           lockrank.Mutex[lockrank.Store]
 	blocks       map[Hash]*slot               // guarded by mu
 	pending      []*slot                      // added and not written yet; guarded by mu
 	pendingBytes int64                        // guarded by mu

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
+	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/layout"
 )
 
@@ -105,7 +105,7 @@ type Coordinator struct {
 	ended    *rate.Limiter
 	unlogged atomic.Int64
 
-	mu       sync.Mutex
+	mu       lockrank.Mutex[lockrank.Coordinator]
 	files    map[uint32]*file    // by inode; guarded by mu
 	byFD     map[int]*file       // open fds only; guarded by mu
 	byWD     map[int]*file       // guarded by mu

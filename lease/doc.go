@@ -95,5 +95,7 @@
 // Syscalls that can take time (opening, leasing, reading) run outside it;
 // a file being opened is in state opening, and other Acquires of the
 // same inode wait for it. A ReadAt marks the file in use, so its fd is not closed under
-// it. BreakFuncs are called after mu is released.
+// it. BreakFuncs are called after mu is released. Coordinator.mu's rank
+// among the host agent's locks (after Export.pub, before every leaf) is
+// its type (internal/lockrank), checked in builds with the lockrank tag.
 package lease
