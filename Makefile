@@ -19,10 +19,12 @@ deps:
 # All tests. Privileged ones (FUSE, loop mounts) need root; under CI=true a
 # test that cannot run its privileged part fails instead of skipping. Then
 # the host agent's tests again with the lock-rank checker
-# (internal/lockrank), which panics at a lock taken out of its order.
+# (internal/lockrank), which panics at a lock taken out of its order, and
+# the invariant checks: the lease coordinator's maps and counters at every
+# unlock, the block store's references after every publish.
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
-	$(GO) test -tags lockrank -count=1 -timeout 10m ./internal/lockrank ./lease ./hostagent
+	$(GO) test -tags lockrank,invariants -count=1 -timeout 10m ./internal/lockrank ./lease ./hostagent
 
 # The end-to-end scenarios in QEMU VMs on the guest kernels 5.10, 6.1 and
 # 6.12 (also part of 'make test'): host agent and guest inside each VM

@@ -508,6 +508,7 @@ func (d *delta) generation() (*Generation, error) {
 	if !g.All {
 		g.ChangedInodes = d.changed
 	}
+	d.store.born(g)
 	return g, nil
 }
 

@@ -160,5 +160,7 @@
 // order is Export.pub, then Coordinator.mu, then one leaf. The ranks are
 // written once, in internal/lockrank (ranks.go), as the mutexes' types:
 // built with the lockrank tag (make test runs this package so), a lock
-// taken out of that order panics where it is taken.
+// taken out of that order panics where it is taken. Built with the
+// invariants tag (make test does), each publish ends by checking the
+// store's reference counts against the live generations (invariants.go).
 package hostagent

@@ -441,6 +441,13 @@ func (e *Export) PublishIfChanged() (*Generation, error) { return e.publish("", 
 func (e *Export) publish(label string, force, ifChanged bool) (*Generation, error) {
 	e.pub.Lock()
 	defer e.pub.Unlock()
+	if checkInvariants {
+		defer func() { // after the capture has let go of what it held
+			if err := e.store.checkRefs(); err != nil {
+				panic(fmt.Sprintf("export %s: %v", e.cfg.Name, err))
+			}
+		}()
+	}
 	if err := checkLabel(label); err != nil {
 		return nil, err
 	}
@@ -469,6 +476,7 @@ func (e *Export) publish(label string, force, ifChanged bool) (*Generation, erro
 	// counters).
 	if ifChanged && !g.All && len(g.ChangedInodes) == 0 {
 		e.log.Debug("no inode changed; no generation made", "changed_blocks", len(g.Changed))
+		g.release() // never published: its references go now
 		return nil, nil
 	}
 	e.makeCurrent(g, label, ph)

@@ -124,10 +124,12 @@ func (g *Generation) ReadAt(p []byte, off int64) (int, error) {
 
 // release drops the generation's references to its blocks.
 func (g *Generation) release() {
-	for _, h := range g.blocks {
-		g.store.unref(h)
-	}
-	g.blocks = nil
+	g.store.dying(g, func() {
+		for _, h := range g.blocks {
+			g.store.unref(h)
+		}
+		g.blocks = nil
+	})
 }
 
 // checkLabel refuses a label that would not print on one line.

@@ -190,6 +190,7 @@ func (e *Export) takeOver(st *ExportState) error {
 			}
 		}
 		g.refs.Store(1)
+		s.born(g)
 		e.gens[g.Number] = g
 	}
 	e.cur = e.gens[st.Cur]

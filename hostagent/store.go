@@ -36,6 +36,8 @@ type Store struct {
 	end          int64                        // the file's used length; guarded by mu
 	hot          *simplelru.LRU[Hash, []byte] // guarded by mu
 	bytes        int64                        // guarded by mu
+
+	live liveGens // with the invariants tag only
 }
 
 // slot is where a block is in the file, and its bytes until written.

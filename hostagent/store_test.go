@@ -224,3 +224,31 @@ func TestCompareVersions(t *testing.T) {
 		}
 	}
 }
+
+// An automatic publish that finds nothing changed makes no generation,
+// and keeps no reference to the blocks it read (it kept one to every
+// block of the export, each time: none could ever be freed).
+func TestEmptyPublishKeepsNoReferences(t *testing.T) {
+	_, e, g := publishedFile(t)
+	refs := func() map[Hash]int {
+		e.store.mu.Lock()
+		defer e.store.mu.Unlock()
+		m := map[Hash]int{}
+		for _, h := range g.blocks {
+			m[h] = e.store.blocks[h].refs
+		}
+		return m
+	}
+	before := refs()
+	for range 3 {
+		if ng, err := e.PublishIfChanged(); err != nil || ng != nil {
+			t.Fatalf("nothing changed: %v, %v", ng, err)
+		}
+	}
+	after := refs()
+	for h, n := range before {
+		if after[h] != n {
+			t.Fatalf("block %x: %d references before three empty publishes, %d after", h[:6], n, after[h])
+		}
+	}
+}

@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
-	"github.com/leasefs/leasefs/internal/lockrank"
 	"github.com/leasefs/leasefs/layout"
 )
 
@@ -105,7 +104,7 @@ type Coordinator struct {
 	ended    *rate.Limiter
 	unlogged atomic.Int64
 
-	mu       lockrank.Mutex[lockrank.Coordinator]
+	mu       coordMu
 	files    map[uint32]*file    // by inode; guarded by mu
 	byFD     map[int]*file       // open fds only; guarded by mu
 	byWD     map[int]*file       // guarded by mu
@@ -246,6 +245,7 @@ func New(cfg Config) (*Coordinator, error) {
 		grants: map[ID]*grant{}, sessions: map[Token]*Session{}, secrets: map[Token]*Session{}, accounts: map[string]*account{},
 		rng: mrand.NewChaCha8(seed), fds: cfg.FDs,
 	}
+	c.mu.c = c
 	c.closer = newCloser(func() { c.held.Add(-1); c.fds.Give() })
 	if c.watch, err = newWatcher(c.onModify, c.onWatchOverflow); err != nil {
 		c.closer.stop()

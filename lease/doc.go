@@ -98,4 +98,7 @@
 // it. BreakFuncs are called after mu is released. Coordinator.mu's rank
 // among the host agent's locks (after Export.pub, before every leaf) is
 // its type (internal/lockrank), checked in builds with the lockrank tag.
+// Built with the invariants tag, its Unlock first checks the grants,
+// sessions, files and per-guest counts against each other
+// (invariants.go), so every operation is checked as it ends.
 package lease

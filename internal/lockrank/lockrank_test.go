@@ -16,11 +16,6 @@ func (leaf) Rank() (int, string) { return 2, "leaf" }
 func TestOrder(t *testing.T) {
 	var o Mutex[outer]
 	var a, b Mutex[leaf]
-	o.Lock()
-	a.Lock() // in order
-	a.Unlock()
-	o.Unlock()
-
 	inversion := func(first, second interface{ Lock() }) (msg string) {
 		defer func() {
 			if r := recover(); r != nil {
@@ -31,6 +26,11 @@ func TestOrder(t *testing.T) {
 		second.Lock()
 		return ""
 	}
+	if msg := inversion(&o, &a); msg != "" {
+		t.Errorf("a leaf after outer: %q", msg)
+	}
+	a.Unlock()
+	o.Unlock()
 	msg := inversion(&a, &o)
 	if Enabled != strings.Contains(msg, "outer (rank 1) taken while holding leaf (rank 2)") {
 		t.Errorf("outer after a leaf, lockrank %v: %q", Enabled, msg)
@@ -53,6 +53,10 @@ func TestOrder(t *testing.T) {
 	done := make(chan struct{})
 	go func() { o.Unlock(); close(done) }()
 	<-done
-	o.Lock() // a record left of the first would make this an inversion
+	// A record left of the first would make this an inversion.
+	if msg := inversion(&o, &a); msg != "" {
+		t.Errorf("after another goroutine let it go: %q", msg)
+	}
+	a.Unlock()
 	o.Unlock()
 }

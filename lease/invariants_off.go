@@ -1,0 +1,5 @@
+//go:build !invariants
+
+package lease
+
+const checkInvariants = false
