@@ -81,9 +81,12 @@ type liveSession struct {
 func leaseMargin(lease time.Duration) time.Duration { return lease/10 + 50*time.Millisecond }
 
 // holds reports whether s still guarantees its leases: its connection
-// is up, and its host answered recently enough.
+// is up — as the kernel knows it now, not only as the reader has seen:
+// a VM resumed after a pause longer than the lease time may not have
+// counted the pause on its clocks, and the reset its host sent
+// meanwhile is the first sign — and its host answered recently enough.
 func (s *liveSession) holds() bool {
-	if s == nil || s.conn.Err() != nil {
+	if s == nil || !s.conn.Alive() {
 		return false
 	}
 	return s.lease == 0 || time.Since(s.conn.Confirmed()) < s.lease-leaseMargin(s.lease)

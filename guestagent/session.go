@@ -13,8 +13,12 @@ import (
 func (c *Client) features() vsockproto.Features {
 	// Data through the host even with a device: the fallback while the
 	// device does not verify.
-	return vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy |
-		vsockproto.FeatureLabel | vsockproto.FeatureLeaseTime | vsockproto.FeatureKept | vsockproto.FeatureDigests
+	f := vsockproto.FeatureLayout | vsockproto.FeatureResume | vsockproto.FeatureReadData | vsockproto.FeaturePublishPolicy |
+		vsockproto.FeatureLabel | vsockproto.FeatureLeaseTime | vsockproto.FeatureKept
+	if c.dev != nil {
+		f |= vsockproto.FeatureDigests // metadata from the device, checked (digests.go)
+	}
+	return f
 }
 
 // dial connects and runs the handshake, resuming the session if the host

@@ -9,9 +9,11 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // Options tune a connection. Zero fields take the defaults.
@@ -174,6 +176,33 @@ func (c *Conn) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err
+}
+
+// Alive reports whether the connection is up as far as this machine's
+// kernel knows now: it has not ended, and its socket is not hung up. The
+// kernel can know of a reset or a close before the reader has run: a VM
+// that resumes finds what its host did meanwhile queued for it, and a
+// request it handles first must not go on as if nothing had happened.
+func (c *Conn) Alive() bool {
+	if c.Err() != nil {
+		return false
+	}
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	up := true
+	_ = rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(p, 0); err == nil && n > 0 && p[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
+			up = false
+		}
+	})
+	return up
 }
 
 // Confirmed is when the latest of our requests that the peer answered

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -538,5 +540,39 @@ func TestPeerGuest(t *testing.T) {
 	nc.Close()
 	if p.Guest() != "vm vm7" || p.UID != 0 {
 		t.Fatalf("a connection on a per-VM socket is %q (%+v)", p.Guest(), p)
+	}
+}
+
+// deafConn is a connection whose reads never return: its reader never
+// learns of a hang-up, as a guest's has not yet when a resumed VM
+// handles a request before its reader goroutine has run.
+type deafConn struct {
+	*net.UnixConn
+	stop chan struct{}
+}
+
+func (d deafConn) Read([]byte) (int, error) { <-d.stop; return 0, net.ErrClosed }
+
+// Alive asks the kernel: the peer's close is seen before the reader
+// sees it.
+func TestAliveAsksTheKernel(t *testing.T) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, err := net.FileConn(os.NewFile(uintptr(fds[0]), "mine"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := os.NewFile(uintptr(fds[1]), "peer")
+	d := deafConn{mine.(*net.UnixConn), make(chan struct{})}
+	c := newConn(d, Options{}.withDefaults(), DefaultFrame, 0, nil)
+	defer func() { close(d.stop); c.Close() }()
+	if !c.Alive() {
+		t.Fatal("a fresh connection is not alive")
+	}
+	peer.Close()
+	if c.Alive() || c.Err() != nil {
+		t.Fatalf("after the peer's close: alive %v, the reader's error %v; want not alive, and no error yet", c.Alive(), c.Err())
 	}
 }
