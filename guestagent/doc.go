@@ -123,7 +123,10 @@
 // read, and the acknowledgement can go at once. A Revoke (the host lets
 // go of every file: it stops, or the export goes) fences them all. The
 // device is read only while a session holds the leases (holding.go): its
-// connection up and answered within the lease time the host announced;
+// connection up (as the kernel knows it, polled: a VM resumed from a long
+// pause may not have counted it on its clocks, but has the reset its
+// host queued meanwhile) and answered within the lease time the host
+// announced;
 // a device read the session's loss overlapped is made again once a
 // session is back, or fails. Without a session, reads and everything
 // else that needs the host wait as ClientConfig.Down says, and fail at
