@@ -610,22 +610,18 @@ func TestVanishedGuestLeasesExpire(t *testing.T) {
 	}
 }
 
-// For several generations, what a guest shows equals the kernel's
-// read-only mount of a copy of the device taken during that
-// generation's freeze: names, attributes, xattrs, bytes.
-func TestGuestViewEqualsFrozenCopy(t *testing.T) {
-	h := startHost(t, 3*time.Second)
-	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 21, BlockSize: 4096, ManyEntries: 800, NanoTimes: true})
-	var snap string
+// copyAtFreeze has each publish from now on copy the device while it is
+// frozen, to a file whose name it sets *snap to.
+func (h *host) copyAtFreeze(t *testing.T, snap *string) {
 	h.onFrozen = func() {
-		snap = filepath.Join(t.TempDir(), "frozen.img")
+		*snap = filepath.Join(t.TempDir(), "frozen.img")
 		dev, err := directio.Open(h.dev)
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		defer dev.Close()
-		f, err := os.Create(snap)
+		f, err := os.Create(*snap)
 		if err != nil {
 			t.Error(err)
 			return
@@ -635,6 +631,16 @@ func TestGuestViewEqualsFrozenCopy(t *testing.T) {
 			t.Error(err)
 		}
 	}
+}
+
+// For several generations, what a guest shows equals the kernel's
+// read-only mount of a copy of the device taken during that
+// generation's freeze: names, attributes, xattrs, bytes.
+func TestGuestViewEqualsFrozenCopy(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 21, BlockSize: 4096, ManyEntries: 800, NanoTimes: true})
+	var snap string
+	h.copyAtFreeze(t, &snap)
 	gen := h.publish(t)
 	// The third reads through a metadata cache of 16 blocks: most of what
 	// it reads, it has to fetch again.
@@ -852,12 +858,7 @@ func TestMetadataFromTheDeviceIsChecked(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 600, NanoTimes: true})
 	var snap string
-	h.onFrozen = func() {
-		snap = filepath.Join(t.TempDir(), "frozen.img")
-		if out, err := exec.Command("dd", "if="+h.dev, "of="+snap, "bs=1M", "iflag=direct", "status=none").CombinedOutput(); err != nil {
-			t.Errorf("copying the frozen device: %v %s", err, out)
-		}
-	}
+	h.copyAtFreeze(t, &snap)
 	gen := h.publish(t)
 	h.onFrozen = nil
 	// Not published: on the device only. (New names only: a file the
