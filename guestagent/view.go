@@ -151,31 +151,25 @@ func (c *metaCache) advance(gen uint64, ch *changes) {
 		return
 	}
 	for _, r := range ch.blocks {
-		first, last := r.Start/digestWindow, (r.Start+uint64(r.Count)-1)/digestWindow
-		if last-first >= uint64(c.wins.Len()) {
-			for _, w := range c.wins.Keys() {
-				if w >= first && w <= last {
-					c.wins.Remove(w)
-				}
-			}
-		} else {
-			for w := first; w <= last; w++ {
-				c.wins.Remove(w)
-			}
-		}
+		last := r.Start + uint64(r.Count) - 1
+		removeRange(c.lru, r.Start, last)
+		removeRange(c.wins, r.Start/digestWindow, last/digestWindow)
 	}
-	for _, r := range ch.blocks {
-		if int(r.Count) > c.lru.Len() {
-			for _, n := range c.lru.Keys() {
-				if n >= r.Start && n-r.Start < uint64(r.Count) {
-					c.lru.Remove(n)
-				}
+}
+
+// removeRange removes the keys from first to last: one by one, or by a
+// look at every key when there are fewer of them than in the range.
+func removeRange[V any](lru *simplelru.LRU[uint64, V], first, last uint64) {
+	if last-first >= uint64(lru.Len()) {
+		for _, k := range lru.Keys() {
+			if k >= first && k <= last {
+				lru.Remove(k)
 			}
-			continue
 		}
-		for n := r.Start; n < r.Start+uint64(r.Count); n++ {
-			c.lru.Remove(n)
-		}
+		return
+	}
+	for k := first; k <= last; k++ {
+		lru.Remove(k)
 	}
 }
 

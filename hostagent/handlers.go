@@ -165,6 +165,8 @@ func (g *guest) readDigests(ctx context.Context, m *vsockproto.ReadDigests) (vso
 		return nil, err
 	}
 	defer gen.Release()
+	// Counted first, filled after: the reply's bytes come from the
+	// budgets before they are allocated.
 	present := make([]byte, (m.Count+7)/8)
 	var n int
 	for i := range uint64(m.Count) {

@@ -120,6 +120,7 @@ type call struct {
 // the peer's requests go to the Handler, each in its own goroutine.
 type Conn struct {
 	nc       net.Conn
+	raw      syscall.RawConn // nc's socket, for Alive; nil if it has none
 	opt      Options
 	peerMax  uint32
 	features Features
@@ -155,6 +156,9 @@ func newConn(nc net.Conn, opt Options, peerMax uint32, features Features, h Hand
 		log: opt.Logger, ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		slots: make(chan struct{}, MaxOutstanding), freed: make(chan struct{}, 1), nextID: 1, pending: map[uint64]call{}, inflight: map[uint64]struct{}{},
 	}
+	if sc, ok := nc.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn()
+	}
 	c.lastSend.Store(time.Now().UnixNano())
 	c.confirmed.Store(time.Now().UnixNano())
 	go c.readLoop()
@@ -187,16 +191,11 @@ func (c *Conn) Alive() bool {
 	if c.Err() != nil {
 		return false
 	}
-	sc, ok := c.nc.(syscall.Conn)
-	if !ok {
-		return true
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
+	if c.raw == nil {
 		return true
 	}
 	up := true
-	_ = rc.Control(func(fd uintptr) {
+	_ = c.raw.Control(func(fd uintptr) {
 		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
 		if n, err := unix.Poll(p, 0); err == nil && n > 0 && p[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
 			up = false
