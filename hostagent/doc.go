@@ -122,13 +122,15 @@
 // # Upgrades
 //
 // Server.Handover stops every publish and lease change and returns each
-// export's state (handover.go): its locked root and store file, the
-// store's index, the kept generations, and the lease coordinator's held
-// files. An export opened with ExportConfig.Inherit takes it over as it
-// was (its next publish scans everything); its lease coordinator takes
-// over the sessions and leases from the lease journal in the state
-// directory (lease.Config.Journal). ExportConfig.Keeper and Held do the
-// same for a restart whose held files systemd's fd store kept.
+// export's state (handover.go): its locked root, its store (Store.state)
+// and kept generations (Generation.state), the keeper's files and the
+// lease coordinator's held files. An export opened with
+// ExportConfig.Inherit takes it over as it was (its next publish scans
+// everything); its lease coordinator takes over the sessions and leases
+// from the lease journal in the state directory (lease.Config.Journal).
+// ExportConfig.Keeper and Held do the same for a restart whose held
+// files systemd's fd store kept. Package upgrade hands these states from
+// one run to the next.
 //
 // An export is checked by its filesystem's own flags (mountinfo's super
 // options: a service's namespace may mount it read-only, as systemd's

@@ -167,7 +167,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 			if e.store != nil {
 				e.store.Close()
 			} else {
-				unix.Close(cfg.Inherit.StoreFD)
+				unix.Close(cfg.Inherit.Store.FD)
 			}
 			return nil, fmt.Errorf("export %s: taking over from the last run: %w", cfg.Name, err)
 		}

@@ -132,6 +132,49 @@ func (g *Generation) release() {
 	})
 }
 
+// GenState is a kept generation as handed to a successor: the blocks it
+// names are in the store handed over with it.
+type GenState struct {
+	Number    uint64
+	BlockSize int
+	Captured  time.Time
+	Frozen    time.Duration
+	Label     string
+	Full      bool
+	Blocks    map[uint64]Hash
+	Deps      map[uint32][]uint64
+	Tables    [][2]uint64 // start, used
+}
+
+// state is g as handed over. A published generation does not change,
+// so it shares g's maps.
+func (g *Generation) state() GenState {
+	gs := GenState{Number: g.Number, BlockSize: g.BlockSize, Captured: g.Captured, Frozen: g.Frozen, Label: g.Label, Full: g.Full,
+		Blocks: g.blocks, Deps: g.deps}
+	for _, t := range g.tables {
+		gs.Tables = append(gs.Tables, [2]uint64{t.start, t.used})
+	}
+	return gs
+}
+
+// generationFromState is a generation a predecessor handed over, over
+// the store handed over with it, holding the export's one reference.
+func generationFromState(gs GenState, s *Store) (*Generation, error) {
+	g := &Generation{Number: gs.Number, BlockSize: gs.BlockSize, Captured: gs.Captured, Frozen: gs.Frozen, Label: gs.Label, Full: gs.Full,
+		store: s, blocks: gs.Blocks, nblocks: len(gs.Blocks), deps: gs.Deps}
+	for _, t := range gs.Tables {
+		g.tables = append(g.tables, tableRange{start: t[0], used: t[1]})
+	}
+	for _, h := range g.blocks {
+		if !s.has(h) {
+			return nil, fmt.Errorf("generation %d names a block the store does not have", g.Number)
+		}
+	}
+	g.refs.Store(1)
+	s.born(g)
+	return g, nil
+}
+
 // checkLabel refuses a label that would not print on one line.
 func checkLabel(label string) error {
 	if len(label) > vsockproto.MaxLabel {

@@ -34,7 +34,7 @@ func TestExportHandover(t *testing.T) {
 		t.Fatal(err)
 	}
 	// As the exec keeps them: the old export's files are its own.
-	for _, fd := range []*int{&st.MountFD, &st.StoreFD} {
+	for _, fd := range []*int{&st.MountFD, &st.Store.FD} {
 		if *fd, err = unix.Dup(*fd); err != nil {
 			t.Fatal(err)
 		}
@@ -113,7 +113,7 @@ func TestServerHandoverKeepsWhatGuestsAreOn(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := states["test"]
-	for _, fd := range []*int{&st.MountFD, &st.StoreFD} {
+	for _, fd := range []*int{&st.MountFD, &st.Store.FD} {
 		if *fd, err = unix.Dup(*fd); err != nil {
 			t.Fatal(err)
 		}

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
@@ -71,6 +72,53 @@ func NewStore(dir string) (*Store, error) {
 
 // Close closes the store's file.
 func (s *Store) Close() error { return s.file.Close() }
+
+// StoreState is a store as handed to a successor (ExportState.Store):
+// its file by descriptor, and its index.
+type StoreState struct {
+	FD    int
+	Slots []SlotState
+	Free  map[int][]int64
+	End   int64
+}
+
+// SlotState is one stored block.
+type SlotState struct {
+	Hash      Hash
+	Off       int64
+	Size, Ref int
+}
+
+// state writes out the blocks not yet written and returns the store's
+// state. Nothing may add blocks meanwhile (the export's pub is held).
+func (s *Store) state() (StoreState, error) {
+	if err := s.flush(); err != nil {
+		return StoreState{}, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := StoreState{FD: int(s.file.Fd()), Free: maps.Clone(s.free), End: s.end}
+	for h, b := range s.blocks {
+		st.Slots = append(st.Slots, SlotState{Hash: h, Off: b.off, Size: b.size, Ref: b.refs})
+	}
+	return st, nil
+}
+
+// storeFromState is the store a predecessor handed over; it owns st.FD.
+func storeFromState(st StoreState) *Store {
+	unix.CloseOnExec(st.FD)
+	hot, _ := simplelru.NewLRU[Hash, []byte](hotBlocks, nil)
+	s := &Store{file: os.NewFile(uintptr(st.FD), "leasefs-store"), blocks: make(map[Hash]*slot, len(st.Slots)),
+		free: st.Free, end: st.End, hot: hot}
+	if s.free == nil {
+		s.free = map[int][]int64{}
+	}
+	for _, sl := range st.Slots {
+		s.blocks[sl.Hash] = &slot{off: sl.Off, size: sl.Size, refs: sl.Ref}
+		s.bytes += int64(sl.Size)
+	}
+	return s
+}
 
 // put adds a reference to data's block, copying data if it is new.
 func (s *Store) put(data []byte) Hash { return s.putHashed(Hash(sha256.Sum256(data)), data) }

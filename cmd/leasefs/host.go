@@ -25,9 +25,9 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/hostagent/upgrade"
 	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -312,7 +312,7 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 }
 
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) > 0 && args[0] == checkUpgradeArg {
+	if len(args) > 0 && args[0] == upgrade.CheckArg {
 		return runCheckUpgrade(args[1:], stdout, stderr)
 	}
 	if cmd := hostRequest(args); cmd != nil {
@@ -338,21 +338,11 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	handed, err := takeHandover()
+	store, err := upgrade.OpenFDStore(o.fdStore, log)
 	if err != nil {
-		log.Error("an upgrade handed over state that cannot be read; starting afresh", "error", err)
+		return fmt.Errorf("--fd-store: %w", err)
 	}
-	if handed != nil {
-		log.Info("taking over from the agent before the upgrade", "from", handed.From)
-	}
-	store, err := openFDStore(o.fdStore, log)
-	if err != nil {
-		return err
-	}
-	var stored map[string]map[uint32]int
-	if store != nil {
-		stored = storedFiles(log)
-	}
+	inherited := upgrade.Take(store, log)
 	if err := checkStateDir(o); err != nil {
 		return err
 	}
@@ -364,28 +354,12 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		// writes its records.
 		return fmt.Errorf("--state-dir %s: %w: the agent keeps its freeze records and lease journals there", o.stateDir, err)
 	}
-	var lock *os.File
-	if handed != nil {
-		lock, err = hostagent.AdoptStateLock(handed.StateLock, o.stateDir)
-	} else {
-		lock, err = hostagent.LockStateDir(o.stateDir)
-	}
+	lock, err := inherited.StateLock(o.stateDir)
 	if err != nil {
 		return err
 	}
 	defer lock.Close()
-	ctlOpt := vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)}
-	var ctl *vsockproto.Listener
-	if handed != nil && handed.Control >= 0 && handed.ControlAddr == o.control.String() {
-		f := os.NewFile(uintptr(handed.Control), handed.ControlAddr)
-		ctl, err = vsockproto.FileListener(o.control, f, ctlOpt)
-		f.Close()
-	} else {
-		if handed != nil && handed.Control >= 0 {
-			unix.Close(handed.Control)
-		}
-		ctl, err = vsockproto.Listen(o.control, ctlOpt)
-	}
+	ctl, err := inherited.Control(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)})
 	if err != nil {
 		return fmt.Errorf("--control %s: %w", o.control, err)
 	}
@@ -399,7 +373,7 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	grp, ctx := errgroup.WithContext(ctx)
 	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
-		self: self, lock: lock, ctl: ctl, handed: handed, store: store, stored: stored, hup: hup, usr2: usr2,
+		self: self, lock: lock, ctl: ctl, inherited: inherited, store: store, hup: hup, usr2: usr2,
 		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{},
 		lost: map[string]exportSpec{}, stateDir: o.stateDir}
 	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
@@ -436,15 +410,10 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// frozen.
 	stopExtending := extendStartup("publishing the first generations")
 	a.mu.Lock()
-	a.handed.keepOnly(o.exports, store)
+	inherited.KeepOnly(func(name, dev, mnt string) bool { return slices.Contains(o.exports, exportSpec{name, dev, mnt}) })
 	a.loadExtra()
 	err = a.apply(o)
-	a.handed.rest(store)
-	for export, held := range a.stored {
-		log.Warn("the fd store holds files of an export no longer served; letting them go", "export", export, "files", len(held))
-		lease.LetGo(held, store.keeper(export))
-	}
-	a.stored = nil
+	inherited.Rest()
 	a.mu.Unlock()
 	stopExtending()
 	if err != nil {
@@ -577,18 +546,17 @@ type hostAgent struct {
 	self           string               // the binary an upgrade execs
 	lock           *os.File             // the state directory's
 	ctl            *vsockproto.Listener // the control socket
-	store          *fdStore             // systemd's fd store, if the unit has one
+	store          *upgrade.FDStore     // systemd's fd store, if the unit has one
 	hup, usr2      chan os.Signal       // SIGHUP's and SIGUSR2's, set up again if an upgrade fails
 
-	mu       sync.Mutex                 // one change at a time; guards what follows
-	o        *hostOptions               // the settings applied
-	listens  map[string]*running        // by address
-	extra    map[string]vsockproto.Addr // added through the control socket: kept across reloads, upgrades and restarts (extraFile)
-	stateDir string
-	exports  map[string]*runningExport
-	lost     map[string]exportSpec     // exports whose filesystem went away (watchMounts), until a reload brings them back
-	handed   *handover                 // what an upgrade handed over, until apply takes it
-	stored   map[string]map[uint32]int // held files systemd's fd store gave back, until apply takes them
+	mu        sync.Mutex                 // one change at a time; guards what follows
+	o         *hostOptions               // the settings applied
+	listens   map[string]*running        // by address
+	extra     map[string]vsockproto.Addr // added through the control socket: kept across reloads, upgrades and restarts (extraFile)
+	stateDir  string
+	exports   map[string]*runningExport
+	lost      map[string]exportSpec // exports whose filesystem went away (watchMounts), until a reload brings them back
+	inherited *upgrade.Inherited    // what the run before left (an upgrade's state, the fd store's files); the first apply takes it, and then it opens afresh
 }
 
 // running is something served until its cancel; done when it has ended.
@@ -690,14 +658,11 @@ func (a *hostAgent) apply(o *hostOptions) (err error) {
 		}
 		ec := hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
 			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			AutoPublish: o.autoPublish, Inherit: a.handed.export(sp),
-			KeepFiles: cmp.Or(o.keep.files, -1), KeepReplaced: o.keep.replaced, KeepBytes: int64(o.keep.replacedMB) << 20,
+			AutoPublish: o.autoPublish,
+			KeepFiles:   cmp.Or(o.keep.files, -1), KeepReplaced: o.keep.replaced, KeepBytes: int64(o.keep.replacedMB) << 20,
 			KeepGenerations: o.keep.generations,
 			Progress:        progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
-		if a.store != nil {
-			ec.Keeper, ec.Held = a.store.keeper(sp.name), a.stored[sp.name]
-			delete(a.stored, sp.name)
-		}
+		a.inherited.Export(&ec)
 		e, err := hostagent.OpenExport(ec)
 		if err != nil {
 			wd.Close()
@@ -768,10 +733,7 @@ func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, *vs
 		}, nil, nil
 	}
 	opt := vsockproto.ListenOptions{Stale: staleLogger(a.log)}
-	l, handed, err := a.handed.listener(addr, opt)
-	if !handed {
-		l, err = vsockproto.Listen(addr, opt)
-	}
+	l, err := a.inherited.Listener(addr, opt)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
 	}

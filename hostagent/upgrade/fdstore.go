@@ -1,4 +1,4 @@
-package main
+package upgrade
 
 import (
 	"errors"
@@ -13,23 +13,23 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// fdStore keeps the files guests hold in systemd's file-descriptor store
+// FDStore keeps the files guests hold in systemd's file-descriptor store
 // (FileDescriptorStoreMax= in the unit), so that they, and their kernel
 // leases, outlive a crash or a restart of the agent: the next run gets
 // them back (LISTEN_FDS), takes over the sessions and leases its lease
 // journal names, and revokes those whose files were written meanwhile.
 // Each file is stored as "lease.EXPORT.INODE"; it is removed from the
 // store when let go.
-type fdStore struct {
+type FDStore struct {
 	sock int
 	addr *unix.SockaddrUnix
 	log  hclog.Logger
 	warn *rate.Limiter
 }
 
-// openFDStore returns the store if asked for (--fd-store) or if systemd
-// says the service has one ($FDSTORE, systemd 254), else nil.
-func openFDStore(asked bool, log hclog.Logger) (*fdStore, error) {
+// OpenFDStore returns the store if asked for or if systemd says the
+// service has one ($FDSTORE, systemd 254), else nil.
+func OpenFDStore(asked bool, log hclog.Logger) (*FDStore, error) {
 	path := os.Getenv("NOTIFY_SOCKET")
 	if n, _ := strconv.Atoi(os.Getenv("FDSTORE")); n <= 0 && !asked {
 		return nil, nil
@@ -38,7 +38,7 @@ func openFDStore(asked bool, log hclog.Logger) (*fdStore, error) {
 		if !asked {
 			return nil, nil
 		}
-		return nil, errors.New("--fd-store: systemd's notify socket ($NOTIFY_SOCKET) is not set: the agent is not run by systemd (Type=notify) with FileDescriptorStoreMax=")
+		return nil, errors.New("systemd's notify socket ($NOTIFY_SOCKET) is not set: the agent is not run by systemd (Type=notify) with FileDescriptorStoreMax=")
 	}
 	if path[0] == '@' {
 		path = "\x00" + path[1:]
@@ -47,7 +47,7 @@ func openFDStore(asked bool, log hclog.Logger) (*fdStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("the fd store's socket: %w", err)
 	}
-	return &fdStore{sock: fd, addr: &unix.SockaddrUnix{Name: path}, log: log, warn: rate.NewLimiter(rate.Every(10e9), 3)}, nil
+	return &FDStore{sock: fd, addr: &unix.SockaddrUnix{Name: path}, log: log, warn: rate.NewLimiter(rate.Every(10e9), 3)}, nil
 }
 
 func storeName(export string, ino uint32) string { return fmt.Sprintf("lease.%s.%d", export, ino) }
@@ -55,7 +55,7 @@ func storeName(export string, ino uint32) string { return fmt.Sprintf("lease.%s.
 // send sends one notification, with fd if >= 0. It never blocks: a
 // store that cannot take it now does not keep the file, whose leases a
 // restart then revokes (never serves wrongly).
-func (s *fdStore) send(msg string, fd int) {
+func (s *FDStore) send(msg string, fd int) {
 	var oob []byte
 	if fd >= 0 {
 		oob = unix.UnixRights(fd)
@@ -66,10 +66,10 @@ func (s *fdStore) send(msg string, fd int) {
 }
 
 // keeper is the store's lease.Keeper for one export.
-func (s *fdStore) keeper(export string) *storeKeeper { return &storeKeeper{s, export} }
+func (s *FDStore) keeper(export string) *storeKeeper { return &storeKeeper{s, export} }
 
 type storeKeeper struct {
-	s      *fdStore
+	s      *FDStore
 	export string
 }
 

@@ -1,0 +1,168 @@
+package upgrade
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/vsockproto"
+)
+
+// handOver makes what an upgrade leaves a successor: d in a memfd
+// named by Env.
+func handOver(t *testing.T, d *Document) {
+	t.Helper()
+	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(mfd), "leasefs-handover")
+	if err := Encode(f, d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(Env, strconv.Itoa(mfd))
+}
+
+func open(t *testing.T) int {
+	t.Helper()
+	fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) }) // harmless if closed and not reused: the test checks before
+	return fd
+}
+
+func isOpen(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil
+}
+
+// TestInheritedTakesWhatIsAskedAndLetsGoTheRest: a successor takes the
+// listener and export it asks for, by their own names; Rest closes the
+// others' descriptors and removes the socket file nobody serves.
+func TestInheritedTakesWhatIsAskedAndLetsGoTheRest(t *testing.T) {
+	dir := t.TempDir()
+	keep, gone := filepath.Join(dir, "keep.sock"), filepath.Join(dir, "gone.sock")
+	listen := func(path string) (*vsockproto.Listener, vsockproto.Addr) {
+		addr, err := vsockproto.ParseAddr("unix:" + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := vsockproto.Listen(addr, vsockproto.ListenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l, addr
+	}
+	lk, keepAddr := listen(keep)
+	lg, _ := listen(gone)
+	fdOfListener := func(l *vsockproto.Listener) int {
+		f, err := l.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fdOf(f)
+	}
+	d := &Document{From: "test", StateLock: -1, Control: -1,
+		Listeners: map[string]int{keepAddr.String(): fdOfListener(lk), "unix:" + gone: fdOfListener(lg)},
+		Exports: map[string]*hostagent.ExportState{
+			"taken":   {Device: "/dev/a", Mount: "/a", MountFD: open(t), Store: hostagent.StoreState{FD: open(t)}},
+			"renamed": {Device: "/dev/b", Mount: "/b", MountFD: open(t), Store: hostagent.StoreState{FD: open(t)}},
+			"moved":   {Device: "/dev/c", Mount: "/c", MountFD: open(t), Store: hostagent.StoreState{FD: open(t)}, Held: map[uint32]int{7: open(t)}},
+		}}
+	letGo := []int{d.Exports["moved"].MountFD, d.Exports["moved"].Store.FD, d.Exports["moved"].Held[7], d.Listeners["unix:"+gone]}
+	// The predecessor's listeners stay open (closing one would remove
+	// its socket file); the copies are what is handed over.
+	t.Cleanup(func() { lk.Close(); lg.Close() })
+	handOver(t, d)
+
+	var logged bytes.Buffer
+	in := Take(nil, hclog.New(&hclog.LoggerOptions{Output: &logged}))
+	if !in.Upgraded() {
+		t.Fatalf("not taken: %s", logged.String())
+	}
+	if _, ok := os.LookupEnv(Env); ok {
+		t.Errorf("%s is left for the children", Env)
+	}
+	in.KeepOnly(func(name, dev, mnt string) bool { return name == "taken" || (name == "moved" && mnt == "/c") })
+	if isOpen(d.Exports["renamed"].MountFD) {
+		t.Error("KeepOnly: the export the settings no longer have is still open")
+	}
+	ec := hostagent.ExportConfig{Name: "taken", Device: "/dev/a", Mount: "/a"}
+	in.Export(&ec)
+	if ec.Inherit == nil || ec.Inherit.MountFD != d.Exports["taken"].MountFD {
+		t.Fatalf("the export of the same name, device and mount is not taken: %+v", ec.Inherit)
+	}
+	ec = hostagent.ExportConfig{Name: "moved", Device: "/dev/other", Mount: "/c"}
+	in.Export(&ec)
+	if ec.Inherit != nil {
+		t.Error("an export on another device took over the state of the one before")
+	}
+	l, err := in.Listener(keepAddr, vsockproto.ListenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	// It is the same socket: a client connecting to the path reaches it.
+	c, err := net.Dial("unix", keep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if c, _, err := l.Accept(); err != nil {
+		t.Fatalf("the listener handed over does not accept: %v", err)
+	} else {
+		c.Close()
+	}
+
+	in.Rest()
+	for i, fd := range letGo {
+		if isOpen(fd) {
+			t.Errorf("descriptor %d (%d of %v) not let go by Rest", fd, i, letGo)
+		}
+	}
+	if _, err := os.Lstat(gone); !os.IsNotExist(err) {
+		t.Errorf("the socket file nobody serves is still there: %v", err)
+	}
+	if _, err := os.Lstat(keep); err != nil {
+		t.Errorf("the socket served again is gone: %v", err)
+	}
+	// Asked again after Rest, it opens afresh.
+	if l2, err := in.Listener(keepAddr, vsockproto.ListenOptions{}); err == nil {
+		l2.Close()
+		t.Error("a second listener on the same path: the first must have been taken, not opened again")
+	}
+}
+
+// TestUnreadableHandoverStartsAfresh: a document of another form is
+// logged, and the run starts as if nothing were handed over.
+func TestUnreadableHandoverStartsAfresh(t *testing.T) {
+	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Write(mfd, []byte(magic+"1\n"))
+	unix.Seek(mfd, 0, 0)
+	t.Setenv(Env, strconv.Itoa(mfd))
+	var logged bytes.Buffer
+	in := Take(nil, hclog.New(&hclog.LoggerOptions{Output: &logged}))
+	if in.Upgraded() {
+		t.Fatal("a document of form 1 was taken")
+	}
+	if !strings.Contains(logged.String(), "of form 1; this binary takes form") {
+		t.Errorf("the log does not say why: %s", logged.String())
+	}
+	in.Rest() // nothing to let go
+}
