@@ -309,6 +309,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if gen != w.Generation {
 		c.pending.all = true // from a pinned generation: what changed since is not known
 	}
+	c.checkSwitcher()
 	c.mu.Unlock()
 	fs := NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost,
 		Generations: c, ShowGenerations: cfg.ShowGenerations, Logger: cfg.Logger})

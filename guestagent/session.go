@@ -55,7 +55,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	}
 	if c.dev == nil && !conn.Features().Has(vsockproto.FeatureReadData) {
 		conn.Close()
-		return nil, fmt.Errorf("the host does not serve file data, and no --device was given")
+		return nil, ErrNeedsDevice
 	}
 	c.mu.Lock()
 	cur := c.cur
@@ -111,6 +111,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 		}
 	}
 	c.noteLabel(w.Generation, w.Label)
+	c.checkSwitcher()
 	c.changed.Broadcast()
 	c.mu.Unlock()
 	for _, lf := range lost {

@@ -79,6 +79,7 @@ func (c *Client) step() error {
 		c.mu.Lock()
 		c.pending.all = true // what was taken is lost: start over
 		c.force = c.force || ch.all
+		c.checkSwitcher()
 		c.mu.Unlock()
 		return err
 	}
@@ -143,6 +144,7 @@ func (c *Client) switchTo(old *genView, target uint64, label string, ch *changes
 			delete(c.views, fs)
 		}
 	}
+	c.checkSwitcher()
 	c.changed.Broadcast()
 	c.mu.Unlock()
 	c.m.switches.Inc()
@@ -343,6 +345,7 @@ func (c *Client) announced(m *vsockproto.Announce) {
 	}
 	c.latest = m.Generation
 	c.noteLabel(m.Generation, m.Label)
+	c.checkSwitcher()
 	c.changed.Broadcast()
 	c.wake()
 	if c.dueLocked() {

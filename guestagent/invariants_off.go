@@ -1,0 +1,5 @@
+//go:build !invariants
+
+package guestagent
+
+const checkInvariants = false
