@@ -21,10 +21,11 @@ deps:
 # the host agent's tests again with the lock-rank checker
 # (internal/lockrank), which panics at a lock taken out of its order, and
 # the invariant checks: the lease coordinator's maps and counters at every
-# unlock, the block store's references after every publish.
+# unlock, the block store's references after every publish, the guest
+# switcher's state after every change to it.
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
-	$(GO) test -tags lockrank,invariants -count=1 -timeout 10m ./internal/lockrank ./lease ./hostagent
+	$(GO) test -tags lockrank,invariants -count=1 -timeout 10m ./internal/lockrank ./lease ./hostagent/... ./guestagent
 
 # The end-to-end scenarios in QEMU VMs on the guest kernels 5.10, 6.1 and
 # 6.12 (also part of 'make test'): host agent and guest inside each VM
@@ -42,7 +43,7 @@ lint:
 	"$$($(GO) env GOPATH)/bin/staticcheck" ./...
 
 # Each fuzz target for FUZZTIME (go test allows one target per run).
-FUZZPKGS := ./ext4ro ./vsockproto ./lease
+FUZZPKGS := ./ext4ro ./vsockproto ./lease ./hostagent/upgrade
 fuzz:
 	@for p in $(FUZZPKGS); do for t in $$($(GO) test -list '^Fuzz' $$p | grep ^Fuzz); do \
 		echo "== $$p $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$p || exit 1; done; done

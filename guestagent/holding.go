@@ -161,5 +161,5 @@ func (c *Client) timedOut() error {
 	c.mu.Lock()
 	c.downAfterWait = true
 	c.mu.Unlock()
-	return fmt.Errorf("%w: no session with %v (--down %v)", errDown, c.cfg.Addr, c.cfg.Down)
+	return fmt.Errorf("%w: no session with %v (down policy %v)", errDown, c.cfg.Addr, c.cfg.Down)
 }

@@ -28,23 +28,18 @@ import (
 )
 
 // TestMain doubles as the freeze watchdog of the live tests' host
-// (GUESTAGENT_TEST_WATCHDOG=mount) and as a host writer that opens a
-// file for writing and writes it (GUESTAGENT_TEST_WRITE=path:content).
+// (testenv.Helper "watchdog" MOUNT) and as a host writer that opens a
+// file for writing and writes it ("write" PATH:CONTENT).
 func TestMain(m *testing.M) {
-	if mount := os.Getenv("GUESTAGENT_TEST_WATCHDOG"); mount != "" {
-		if err := hostagent.WatchdogMain(os.Stdin, mount, hclog.NewNullLogger()); err != nil {
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
-	if spec := os.Getenv("GUESTAGENT_TEST_WRITE"); spec != "" {
-		path, content, _ := strings.Cut(spec, ":")
-		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	testenv.RunHelper(map[string]testenv.Role{
+		"watchdog": func(mount string) int {
+			return testenv.Exit(hostagent.WatchdogMain(os.Stdin, mount, hclog.NewNullLogger()))
+		},
+		"write": func(spec string) int {
+			path, content, _ := strings.Cut(spec, ":")
+			return testenv.Exit(os.WriteFile(path, []byte(content), 0o644))
+		},
+	})
 	os.Exit(m.Run())
 }
 
@@ -92,10 +87,8 @@ func startHostLike(t testing.TB, h *host) *host {
 	if h.addr.Path == "" {
 		h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
 	}
-	wcmd := exec.Command(os.Args[0])
-	wcmd.Env = append(os.Environ(), "GUESTAGENT_TEST_WATCHDOG="+h.mnt)
 	var err error
-	if h.wd, err = hostagent.StartWatchdog(wcmd); err != nil {
+	if h.wd, err = hostagent.StartWatchdog(testenv.Helper("watchdog", h.mnt)); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.wd.Close() })
@@ -181,8 +174,8 @@ func (h *host) write(t testing.TB, name, content string) {
 // on the host does (its open waits for the lease breaks), and writes.
 func (h *host) writeInPlace(t testing.TB, name, content string) {
 	t.Helper()
-	w := exec.Command(os.Args[0])
-	w.Env = append(os.Environ(), "GUESTAGENT_TEST_WRITE="+filepath.Join(h.mnt, name)+":"+content)
+	w := testenv.Helper("write", filepath.Join(h.mnt, name)+":"+content)
+	w.Stderr = nil
 	if out, err := w.CombinedOutput(); err != nil {
 		t.Fatalf("writer: %v %s", err, out)
 	}

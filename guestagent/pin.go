@@ -8,6 +8,16 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
+// A NotKeptError is a pin (ClientConfig.Pin, PinLabel) to a generation
+// the host does not keep.
+type NotKeptError struct {
+	Export, Want, Kept string // the generation asked for, and those kept, as said to a person
+}
+
+func (e *NotKeptError) Error() string {
+	return fmt.Sprintf("export %s: the host does not keep %s; it keeps %s", e.Export, e.Want, e.Kept)
+}
+
 // pinnedFrom is the generation (and its label) the first Welcome pinned
 // for ClientConfig.Pin or PinLabel, or an error that says what the host
 // keeps instead.
@@ -27,7 +37,7 @@ func (c *Client) pinnedFrom(w *vsockproto.Welcome) (uint64, string, error) {
 		return 0, "", fmt.Errorf("export %s: listing the generations the host keeps: %w", c.cfg.Export, err)
 	}
 	if w.Pinned == 0 {
-		return 0, "", fmt.Errorf("export %s: the host does not keep %s; it keeps %s (more with host --keep-generations)", c.cfg.Export, want, describeKept(list))
+		return 0, "", &NotKeptError{c.cfg.Export, want, describeKept(list)}
 	}
 	label := ""
 	for _, g := range list {

@@ -46,6 +46,10 @@ type DeviceStatus struct {
 // ErrWrongDevice: the device does not hold the export's filesystem.
 var ErrWrongDevice = errors.New("the device does not hold the export's filesystem")
 
+// ErrNeedsDevice: the host serves no file data, and no device was given
+// (ClientConfig.Device) to read it from.
+var ErrNeedsDevice = errors.New("the host does not serve file data, and no device was given to read it from")
+
 // A DeviceError is a shared device (ClientConfig.Device) that cannot be
 // used, and why.
 type DeviceError struct {
@@ -98,7 +102,7 @@ func (c *Client) verifyDevice(f *ext4ro.FS) error {
 	c.mu.Unlock()
 	c.devMeta.Store(state == DeviceVerified)
 	if state != DeviceVerified {
-		return fmt.Errorf("%w: --device %s, export %s at %v: %s", ErrWrongDevice, c.cfg.Device, c.cfg.Export, c.cfg.Addr, detail)
+		return &DeviceError{c.cfg.Device, fmt.Errorf("%w: export %s at %v: %s", ErrWrongDevice, c.cfg.Export, c.cfg.Addr, detail)}
 	}
 	c.log.Info("device verified", "device", c.cfg.Device, "detail", detail)
 	return nil

@@ -69,6 +69,27 @@ type Status struct {
 	Lost    []LostExport   `json:"lost,omitempty"`
 }
 
+// Summary says in one line what the host agent serves: each export's
+// generation and guests, and what was lost (systemd's STATUS=).
+func (st *Status) Summary() string {
+	var parts []string
+	for _, e := range st.Exports {
+		guests := len(e.Guests)
+		s := fmt.Sprintf("%s generation %d, %d guests, %d files held", e.Name, e.Generation, guests, e.Files)
+		if e.Label != "" {
+			s = fmt.Sprintf("%s generation %d (%s), %d guests, %d files held", e.Name, e.Generation, e.Label, guests, e.Files)
+		}
+		parts = append(parts, s)
+	}
+	for _, l := range st.Lost {
+		parts = append(parts, fmt.Sprintf("%s LOST: %s", l.Name, l.Reason))
+	}
+	if len(parts) == 0 {
+		return "serving no exports"
+	}
+	return "serving " + strings.Join(parts, "; ")
+}
+
 // LostExport is an export no longer served because its filesystem went
 // away (Server.LoseExport).
 type LostExport struct {
@@ -341,10 +362,21 @@ func ControlListen(ctx context.Context, addr vsockproto.Addr, add, remove string
 	return reply.Listen, nil
 }
 
+// A ControlError is a control socket that did not answer.
+type ControlError struct {
+	Addr vsockproto.Addr
+	Err  error
+}
+
+func (e *ControlError) Error() string {
+	return fmt.Sprintf("the host agent's control socket %s: %v", e.Addr, e.Err)
+}
+func (e *ControlError) Unwrap() error { return e.Err }
+
 func control(ctx context.Context, addr vsockproto.Addr, req ControlRequest) (*controlReply, error) {
 	var reply controlReply
 	if err := ctlsock.Call(ctx, addr, req, &reply, 16<<20); err != nil {
-		return nil, fmt.Errorf("the host agent's control socket %s: %w (is 'leasefs host --control %s' running, and are you root?)", addr, err, addr)
+		return nil, &ControlError{addr, err}
 	}
 	if reply.Error != "" {
 		return nil, errors.New(reply.Error)

@@ -16,29 +16,20 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// TestMain doubles as two helper processes: the watchdog
-// (HOSTAGENT_TEST_WATCHDOG=mount), and an agent that publishes and hangs
-// while frozen (HOSTAGENT_TEST_AGENT=device:mount:statedir).
+// TestMain doubles as two helper processes (testenv.Helper): the
+// watchdog ("watchdog" MOUNT), and an agent that publishes and hangs
+// while frozen ("agent" DEVICE:MOUNT:STATEDIR).
 func TestMain(m *testing.M) {
-	if mount := os.Getenv("HOSTAGENT_TEST_WATCHDOG"); mount != "" {
-		if err := WatchdogMain(os.Stdin, mount, hclog.New(&hclog.LoggerOptions{Output: os.Stderr})); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
-	if spec := os.Getenv("HOSTAGENT_TEST_AGENT"); spec != "" {
-		os.Exit(hangingAgent(spec))
-	}
+	testenv.RunHelper(map[string]testenv.Role{
+		"watchdog": func(mount string) int {
+			return testenv.Exit(WatchdogMain(os.Stdin, mount, hclog.New(&hclog.LoggerOptions{Output: os.Stderr})))
+		},
+		"agent": hangingAgent,
+	})
 	os.Exit(m.Run())
 }
 
-func watchdogCmd(mount string) *exec.Cmd {
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "HOSTAGENT_TEST_WATCHDOG="+mount)
-	cmd.Stderr = os.Stderr
-	return cmd
-}
+func watchdogCmd(mount string) *exec.Cmd { return testenv.Helper("watchdog", mount) }
 
 func hangingAgent(spec string) int {
 	f := strings.SplitN(spec, ":", 3)
@@ -121,10 +112,8 @@ func (x export) writable(d time.Duration) bool {
 // hangs; it returns once the export is frozen.
 func startHangingAgent(t *testing.T, x export) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "HOSTAGENT_TEST_AGENT="+x.dev+":"+x.mnt+":"+x.state)
+	cmd := testenv.Helper("agent", x.dev+":"+x.mnt+":"+x.state)
 	out, _ := cmd.StdoutPipe()
-	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

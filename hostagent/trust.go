@@ -1,9 +1,13 @@
 package hostagent
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	iofs "io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -45,4 +49,42 @@ func TrustedPath(path string, exe bool) error {
 			return nil
 		}
 	}
+}
+
+// ReadTrusted reads a file the agent acts on as root, as sshd and systemd
+// read theirs: a regular file (never a FIFO, a device or a directory;
+// opened without blocking and without following a symlink at its end),
+// owned by root or the agent's user, writable by its owner only, of at
+// most max bytes. What fails is an error naming the path and the rule.
+func ReadTrusted(path string, max int64) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_NOCTTY, 0)
+	if err != nil {
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, fmt.Errorf("%s is a symlink: name the file itself", path)
+		}
+		return nil, err
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, &iofs.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	switch {
+	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+		return nil, fmt.Errorf("%s is not a regular file (mode %#o)", path, st.Mode)
+	case st.Uid != 0 && st.Uid != uint32(os.Geteuid()):
+		return nil, fmt.Errorf("%s is owned by uid %d, not by root or the agent's user: whoever owns it could make the agent do anything", path, st.Uid)
+	case st.Mode&0o022 != 0:
+		return nil, fmt.Errorf("%s (mode %#o) is writable by group or others: make it writable by its owner only (chmod go-w)", path, st.Mode&0o7777)
+	case st.Size > max:
+		return nil, fmt.Errorf("%s is %d bytes, more than the %d a settings file may have", path, st.Size, max)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", path, err)
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("%s grew past %d bytes while it was read", path, max)
+	}
+	return b, nil
 }

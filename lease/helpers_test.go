@@ -18,14 +18,12 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// TestMain doubles as the host writer of the tests: with
-// LEASE_TEST_WRITER=MODE the binary opens every path named on stdin for
-// writing, all at once ("open"), or truncates them ("truncate"), and
-// prints how long the slowest waited.
+// TestMain doubles as the host writer of the tests (testenv.Helper
+// "writer" MODE): it opens every path named on stdin for writing, all at
+// once ("open"), or truncates them ("truncate"), and prints how long the
+// slowest waited.
 func TestMain(m *testing.M) {
-	if mode := os.Getenv("LEASE_TEST_WRITER"); mode != "" {
-		os.Exit(writer(mode))
-	}
+	testenv.RunHelper(map[string]testenv.Role{"writer": writer})
 	os.Exit(m.Run())
 }
 
@@ -80,11 +78,9 @@ type hostWriter struct {
 
 func startWriter(t *testing.T, mode string, paths ...string) *hostWriter {
 	t.Helper()
-	w := &hostWriter{cmd: exec.Command(os.Args[0]), done: make(chan error, 1)}
-	w.cmd.Env = append(os.Environ(), "LEASE_TEST_WRITER="+mode)
+	w := &hostWriter{cmd: testenv.Helper("writer", mode), done: make(chan error, 1)}
 	w.cmd.Stdin = strings.NewReader(strings.Join(paths, "\n") + "\n")
 	w.cmd.Stdout = &w.out
-	w.cmd.Stderr = os.Stderr
 	w.start = time.Now()
 	if err := w.cmd.Start(); err != nil {
 		t.Fatal(err)

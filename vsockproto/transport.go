@@ -428,7 +428,7 @@ func Dial(ctx context.Context, a Addr) (net.Conn, error) {
 		return nc, nil
 	}
 	if a.Kind == KindVMDir {
-		return nil, fmt.Errorf("dial %v: a directory of VM sockets is for a host agent's --listen; dial one VM's socket", a)
+		return nil, fmt.Errorf("dial %v: a directory of VM sockets is for a host agent to listen on; dial one VM's socket", a)
 	}
 	return nil, fmt.Errorf("dial: invalid address %+v", a)
 }

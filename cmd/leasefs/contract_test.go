@@ -41,7 +41,7 @@ func randomBytes(t *testing.T, n int) []byte {
 // contractHost is a host agent from a settings file, on a fresh export
 // "mirror", publishing only when told.
 type contractHost struct {
-	*agent
+	*supervised
 	conf, control, guest string
 	lines                []string // the settings without the export
 	export               []string
@@ -68,7 +68,7 @@ func newContractHost(t *testing.T, withSpare bool) (h *contractHost, mnt, dev st
 		h.lines = append(h.lines, "[export.spare]", fmt.Sprintf("device = %q", sdev), fmt.Sprintf("mount = %q", smnt))
 	}
 	hostConfig(t, h.conf, append(h.lines, h.export...)...)
-	h.agent = newAgent(t, mnt, "host", "--config", h.conf)
+	h.supervised = newAgent(t, mnt, "host", "--config", h.conf)
 	return h, mnt, dev
 }
 

@@ -139,8 +139,8 @@ func TestExampleConfigsAreAccepted(t *testing.T) {
 		t.Fatalf("host.toml with host.conf: %v", err)
 	}
 	// A reload waits for the agent's answer, so that a refusal fails it.
-	if r := execArgs(t, host["ExecReload"], "", nil); len(r) < 2 || r[0] != "host" || r[1] != "--reload" {
-		t.Errorf("ExecReload %q: want leasefs host --reload", host["ExecReload"])
+	if r := execArgs(t, host["ExecReload"], "", nil); len(r) < 1 || r[0] != "reload" {
+		t.Errorf("ExecReload %q: want leasefs reload", host["ExecReload"])
 	}
 	if args := execArgs(t, host["ExecStopPost"], "", nil); args[0] != "thaw" || args[2] != vsockHost.stateDir {
 		t.Errorf("ExecStopPost %q does not thaw the agent's state directory %s", args, vsockHost.stateDir)

@@ -441,6 +441,10 @@ func connectGuest(ctx context.Context, cfg guestagent.ClientConfig, retry bool, 
 		c, err := guestagent.NewClient(ctx, cfg)
 		if de := (*guestagent.DeviceError)(nil); errors.As(err, &de) {
 			err = fmt.Errorf("--%w", de) // with the flag's name: --device PATH: why
+		} else if nk := (*guestagent.NotKeptError)(nil); errors.As(err, &nk) {
+			err = fmt.Errorf("%w (more with the host's --keep-generations)", err)
+		} else if errors.Is(err, guestagent.ErrNeedsDevice) {
+			err = fmt.Errorf("%w: give --device (the export's disk, attached read-only)", err)
 		}
 		if err == nil || !retry {
 			return c, err

@@ -28,9 +28,9 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// agent is a 'leasefs host' this test starts, kills and starts again,
+// supervised is a 'leasefs host' this test starts, kills and starts again,
 // as a supervisor would.
-type agent struct {
+type supervised struct {
 	t      *testing.T
 	prog   string // leasefsBin unless set
 	args   []string
@@ -42,13 +42,13 @@ type agent struct {
 	exited chan error
 }
 
-func newAgent(t *testing.T, mnt string, args ...string) *agent {
+func newAgent(t *testing.T, mnt string, args ...string) *supervised {
 	return newAgentOf(t, "", mnt, args...)
 }
 
 // newAgentOf is newAgent running prog (leasefsBin if "") with args.
-func newAgentOf(t *testing.T, prog, mnt string, args ...string) *agent {
-	a := &agent{t: t, prog: prog, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
+func newAgentOf(t *testing.T, prog, mnt string, args ...string) *supervised {
+	a := &supervised{t: t, prog: prog, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
 	a.start()
 	t.Cleanup(func() {
 		if a.cmd != nil {
@@ -60,7 +60,7 @@ func newAgentOf(t *testing.T, prog, mnt string, args ...string) *agent {
 }
 
 // start runs the agent and waits until it is ready.
-func (a *agent) start() {
+func (a *supervised) start() {
 	a.t.Helper()
 	prog := a.prog
 	if prog == "" {
@@ -111,7 +111,7 @@ func (a *agent) start() {
 }
 
 // stop signals the agent and waits for it to exit.
-func (a *agent) stop(sig syscall.Signal) {
+func (a *supervised) stop(sig syscall.Signal) {
 	a.t.Helper()
 	_ = a.cmd.Process.Signal(sig)
 	select {

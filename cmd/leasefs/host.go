@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -17,18 +16,16 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
-	"unicode"
 
 	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/hostagent/agent"
 	"github.com/leasefs/leasefs/hostagent/upgrade"
-	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
@@ -105,8 +102,8 @@ The settings can also come from a TOML file (--config, by default
 export as a table, [export.NAME] with device and mount. Exports and
 listen addresses from the file and the command line are served together;
 any other setting is given in one place or the other, and in both is an
-error. 'leasefs host --check-config' checks the file and says what a
-reload would change; 'leasefs host --reload' (or SIGHUP) re-reads it:
+error. 'leasefs check-config' checks the file and says what a
+reload would change; 'leasefs reload' (or SIGHUP) re-reads it:
 exports and listen addresses are added and removed without touching the
 others; a file with any error is refused whole and the running settings
 kept.
@@ -247,7 +244,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 // given in both is an error naming both. Any key that is no flag, or a
 // value of the wrong kind, is an error.
 func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]string, error) {
-	text, err := readTrusted(path, maxSettings)
+	text, err := hostagent.ReadTrusted(path, maxSettings)
 	if err != nil {
 		return nil, err
 	}
@@ -311,15 +308,16 @@ func readHostConfig(path string, fs *flag.FlagSet, set map[string]bool) ([]strin
 	return args, nil
 }
 
+// hostSpellings are the host agent's requests as 'leasefs host' took
+// them before they were commands of their own (reload, check-config,
+// upgrade, check-upgrade): the first argument only.
+var hostSpellings = map[string]func(context.Context, []string, io.Writer, io.Writer) error{
+	"--reload": runReload, "--check-config": runCheckConfig, "--upgrade": runUpgrade, "--check-upgrade": runCheckUpgrade,
+}
+
 func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) > 0 && args[0] == upgrade.CheckArg {
-		return runCheckUpgrade(args[1:], stdout, stderr)
-	}
-	if cmd := hostRequest(args); cmd != nil {
-		return cmd(ctx, args, stdout, stderr)
-	}
-	if isUpgrade(args) {
-		return runUpgrade(ctx, args, stdout, stderr)
+	if len(args) > 0 && hostSpellings[args[0]] != nil {
+		return hostSpellings[args[0]](ctx, args[1:], stdout, stderr)
 	}
 	// SIGUSR2 and SIGHUP would end the agent until they are handled:
 	// taken now, they wait until it is ready (a first scan can be long).
@@ -338,32 +336,9 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	store, err := upgrade.OpenFDStore(o.fdStore, log)
-	if err != nil {
-		return fmt.Errorf("--fd-store: %w", err)
-	}
-	inherited := upgrade.Take(store, log)
 	if err := checkStateDir(o); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
-		return err
-	}
-	if err := hostagent.TrustedPath(o.stateDir, false); err != nil {
-		// Whoever can write it could plant symlinks where the agent
-		// writes its records.
-		return fmt.Errorf("--state-dir %s: %w: the agent keeps its freeze records and lease journals there", o.stateDir, err)
-	}
-	lock, err := inherited.StateLock(o.stateDir)
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
-	ctl, err := inherited.Control(o.control, vsockproto.ListenOptions{Mode: 0o600, Stale: staleLogger(log)})
-	if err != nil {
-		return fmt.Errorf("--control %s: %w", o.control, err)
-	}
-	defer ctl.Close()
 	var ml net.Listener
 	if o.metrics != "control" {
 		if ml, err = metricsListener(o.metrics); err != nil {
@@ -372,56 +347,24 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer ml.Close()
 	}
 	grp, ctx := errgroup.WithContext(ctx)
-	a := &hostAgent{args: args, stdout: stdout, stderr: stderr, log: log, ctx: ctx, grp: grp,
-		self: self, lock: lock, ctl: ctl, inherited: inherited, store: store, hup: hup, usr2: usr2,
-		listens: map[string]*running{}, extra: map[string]vsockproto.Addr{}, exports: map[string]*runningExport{},
-		lost: map[string]exportSpec{}, stateDir: o.stateDir}
-	srv, err := hostagent.NewServer(nil, hostagent.ServerOptions{
-		Lease:     lease.Config{AckTimeout: o.ackTimeout, Grace: o.grace, MaxPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions},
-		Limits:    o.limits,
-		Logger:    log,
-		Version:   versionString(),
-		Listeners: a,
-		Reload:    a.reloadRequest,
-		Upgrade:   a.upgrade,
+	a, err := agent.New(ctx, o.settings(), agent.Options{
+		Logger: log, Version: versionString(), Binary: self, Argv: os.Args, Args: args,
+		Load:     func(config string) (*agent.Settings, error) { return reloadHost(args, config, o) },
+		Watchdog: startWatchdog,
+		Notify:   notifySystemd,
+		Starting: extendStartup,
+		Out:      stdout,
+		Progress: func(name string) func(done, total int64) {
+			return progressTo(stderr, "export "+name+": reading the inode tables")
+		},
+		Signals: map[os.Signal]chan<- os.Signal{syscall.SIGHUP: hup, syscall.SIGUSR2: usr2},
 	})
 	if err != nil {
-		return err
+		return withFlagNames(err)
 	}
-	a.srv = srv
-	defer func() {
-		// The guests first, then what they were served. With an fd
-		// store, the held files stay leased there for the next run.
-		how := "its guests' leases revoked"
-		if store != nil {
-			how = "the files its guests hold kept in systemd's fd store for the next run"
-		}
-		notifyStopping("stopping: " + how)
-		log.Info("stopping", "held", how)
-		if store != nil {
-			srv.Leave()
-		} else {
-			srv.Close()
-		}
-		a.stopAll()
-		log.Info("stopped")
-	}()
-	// Every address and export is checked and taken before anything is
-	// frozen.
-	stopExtending := extendStartup("publishing the first generations")
-	a.mu.Lock()
-	inherited.KeepOnly(func(name, dev, mnt string) bool { return slices.Contains(o.exports, exportSpec{name, dev, mnt}) })
-	a.loadExtra()
-	err = a.apply(o)
-	inherited.Rest()
-	a.mu.Unlock()
-	stopExtending()
-	if err != nil {
-		return err
-	}
-	grp.Go(func() error { return srv.ServeControl(ctx, ctl) })
+	defer a.Close()
 	if ml != nil {
-		grp.Go(func() error { return serveMetrics(ctx, ml, srv.Gatherer(), log) })
+		grp.Go(func() error { return serveMetrics(ctx, ml, a.Server().Gatherer(), log) })
 	}
 	grp.Go(func() error {
 		for {
@@ -430,81 +373,108 @@ func runHost(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				return nil
 			case <-usr2:
 				log.Info("SIGUSR2: upgrading in place")
-				if exec, err := a.upgrade(); err != nil {
+				if exec, err := a.Upgrade(); err != nil {
 					log.Error("upgrade refused", "error", err)
 				} else {
 					exec()
 				}
 			case <-hup:
 				log.Info("SIGHUP: reading the settings again", "config", o.config)
-				_, _ = a.reloadRequest(false, "")
+				_, _ = a.Reload(false, "")
 			}
 		}
 	})
-	grp.Go(func() error { a.watchMounts(ctx); return nil })
-	grp.Go(func() error { a.reportStatus(ctx); return nil })
 	fmt.Fprintln(stdout, "ready")
-	log.Info("ready", "exports", slices.Sorted(maps.Keys(a.exports)), "listen", slices.Sorted(maps.Keys(a.listens)))
-	notifyReady(statusLine(srv.Status()))
+	grp.Go(a.Run)
 	return grp.Wait()
 }
 
-// hostRequest returns what runs 'leasefs host --check-config' or
-// 'leasefs host --reload' when args asks for one of them.
-func hostRequest(args []string) func(context.Context, []string, io.Writer, io.Writer) error {
-	for _, a := range args {
-		switch a {
-		case "--check-config", "-check-config":
-			return runCheckConfig
-		case "--reload", "-reload":
-			return runReload
-		case "--":
-			return nil
-		}
+// settings are the agent's settings o gives.
+func (o *hostOptions) settings() *agent.Settings {
+	s := &agent.Settings{Listen: o.listen, StateDir: o.stateDir, Control: o.control, FDStore: o.fdStore,
+		AckTimeout: o.ackTimeout, Grace: o.grace, MaxLeasesPerGuest: o.maxLeases, MaxSessionsPerGuest: o.maxSessions,
+		Limits: o.limits, AutoPublish: o.autoPublish, FreezeBudget: o.budget, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
+		Keep: agent.Keep{Files: o.keep.files, Replaced: o.keep.replaced, ReplacedBytes: int64(o.keep.replacedMB) << 20, Generations: o.keep.generations}}
+	for _, sp := range o.exports {
+		s.Exports = append(s.Exports, agent.Export{Name: sp.name, Device: sp.dev, Mount: sp.mnt})
 	}
-	return nil
+	return s
+}
+
+// fixedFlags names the flags of each setting fixed while the agent runs
+// (agent.FixedError's fields); metrics and log-level are the command's.
+var fixedFlags = map[string]string{
+	"StateDir": "state-dir", "Control": "control", "FDStore": "fd-store", "AckTimeout": "ack-timeout", "Grace": "grace",
+	"MaxLeasesPerGuest": "max-leases-per-guest", "MaxSessionsPerGuest": "max-sessions-per-guest",
+	"Limits":      "max-conns-per-guest, max-inflight-mb(-per-guest), max-running(-per-guest), max-generations-behind",
+	"AutoPublish": "auto-publish", "FreezeBudget": "freeze-budget", "FullScanEvery": "full-scan-every", "ExpediteRCU": "expedite-rcu",
+	"Keep": "keep-files, keep-replaced-files, keep-replaced-mb, keep-generations",
+}
+
+// reloadHost reads the command line args again, with its settings file
+// or, for a dry run, config: agent.Options.Load. A setting fixed while
+// the agent runs that differs from running's refuses it, by its flag.
+func reloadHost(args []string, config string, running *hostOptions) (*agent.Settings, error) {
+	if config != "" {
+		args = append(slices.Clone(args), "--config", config)
+	}
+	var msg strings.Builder // what the command would print: the first line says why
+	o, err := parseHost(args, &msg)
+	if errors.Is(err, errUsage) {
+		why, _, _ := strings.Cut(msg.String(), "\n")
+		return nil, errors.New(why)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var diff []string
+	if o.metrics != running.metrics {
+		diff = append(diff, "metrics")
+	}
+	if o.logLevel != running.logLevel {
+		diff = append(diff, "log-level")
+	}
+	for _, f := range agent.FixedChanges(running.settings(), o.settings()) {
+		diff = append(diff, fixedFlags[f])
+	}
+	if len(diff) > 0 {
+		return nil, fmt.Errorf("%s changed, which needs a restart", strings.Join(diff, ", "))
+	}
+	return o.settings(), nil
+}
+
+// withFlagNames says which flag an agent's error is about.
+func withFlagNames(err error) error {
+	var le *agent.ListenError
+	var ce *agent.ControlError
+	var se *agent.StateDirError
+	switch {
+	case errors.As(err, &le), errors.As(err, &ce):
+		return fmt.Errorf("--%w", err) // --listen ADDR: why
+	case errors.As(err, &se):
+		return fmt.Errorf("--state-dir %s: %s", se.Dir, se.Why())
+	case errors.Is(err, upgrade.ErrNoNotifySocket):
+		return fmt.Errorf("--fd-store: %w", err)
+	}
+	return err
+}
+
+// notifySystemd tells systemd what the agent does (agent.Options.Notify).
+func notifySystemd(ev agent.Event, status string) {
+	switch ev {
+	case agent.Ready:
+		notifyReady(status)
+	case agent.Reloading:
+		notifyReloading(status)
+	case agent.Stopping:
+		notifyStopping(status)
+	default:
+		notify("STATUS=" + status)
+	}
 }
 
 // maxSettings bounds a settings file.
 const maxSettings = 1 << 20
-
-// readTrusted reads a file the agent acts on as root, as sshd and systemd
-// read theirs: a regular file (never a FIFO, a device or a directory;
-// opened without blocking and without following a symlink at its end),
-// owned by root or the agent's user, writable by its owner only, of at
-// most max bytes. What fails is an error naming the path and the rule.
-func readTrusted(path string, max int64) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_NOCTTY, 0)
-	if err != nil {
-		if errors.Is(err, syscall.ELOOP) {
-			return nil, fmt.Errorf("%s is a symlink: name the file itself", path)
-		}
-		return nil, err
-	}
-	defer f.Close()
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
-		return nil, &iofs.PathError{Op: "fstat", Path: path, Err: err}
-	}
-	switch {
-	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
-		return nil, fmt.Errorf("%s is not a regular file (mode %#o)", path, st.Mode)
-	case st.Uid != 0 && st.Uid != uint32(os.Geteuid()):
-		return nil, fmt.Errorf("%s is owned by uid %d, not by root or the agent's user: whoever owns it could make the agent do anything", path, st.Uid)
-	case st.Mode&0o022 != 0:
-		return nil, fmt.Errorf("%s (mode %#o) is writable by group or others: make it writable by its owner only (chmod go-w)", path, st.Mode&0o7777)
-	case st.Size > max:
-		return nil, fmt.Errorf("%s is %d bytes, more than the %d a settings file may have", path, st.Size, max)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, max+1))
-	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", path, err)
-	}
-	if int64(len(b)) > max {
-		return nil, fmt.Errorf("%s grew past %d bytes while it was read", path, max)
-	}
-	return b, nil
-}
 
 // validExportName: an export's name names its files in the state
 // directory and its held files in systemd's fd store.
@@ -521,391 +491,7 @@ func validExportName(name string) bool {
 }
 
 // checkStateDir refuses a state directory on an export.
-func checkStateDir(o *hostOptions) error {
-	for _, sp := range o.exports {
-		if sameFS(o.stateDir, sp.mnt) {
-			return fmt.Errorf("--state-dir %s is on the export at %s itself; the agent would wait on its own freeze: choose a directory on another filesystem", o.stateDir, sp.mnt)
-		}
-	}
-	return nil
-}
-
-func staleLogger(log hclog.Logger) func(string) {
-	return func(path string) { log.Warn("replaced a stale socket nobody served", "path", path) }
-}
-
-// hostAgent is a running host agent's exports and guest listeners, which
-// a reload (SIGHUP) and 'leasefs listen' (the control socket) change.
-type hostAgent struct {
-	args           []string // the command line, read again with the file at each reload
-	stdout, stderr io.Writer
-	log            hclog.Logger
-	srv            *hostagent.Server
-	ctx            context.Context
-	grp            *errgroup.Group
-	self           string               // the binary an upgrade execs
-	lock           *os.File             // the state directory's
-	ctl            *vsockproto.Listener // the control socket
-	store          *upgrade.FDStore     // systemd's fd store, if the unit has one
-	hup, usr2      chan os.Signal       // SIGHUP's and SIGUSR2's, set up again if an upgrade fails
-
-	mu        sync.Mutex                 // one change at a time; guards what follows
-	o         *hostOptions               // the settings applied
-	listens   map[string]*running        // by address
-	extra     map[string]vsockproto.Addr // added through the control socket: kept across reloads, upgrades and restarts (extraFile)
-	stateDir  string
-	exports   map[string]*runningExport
-	lost      map[string]exportSpec // exports whose filesystem went away (watchMounts), until a reload brings them back
-	inherited *upgrade.Inherited    // what the run before left (an upgrade's state, the fd store's files); the first apply takes it, and then it opens afresh
-}
-
-// running is something served until its cancel; done when it has ended.
-type running struct {
-	cancel context.CancelFunc
-	done   chan struct{}
-	l      *vsockproto.Listener // a guest listener's socket (not a VM directory's)
-}
-
-func (r *running) stop() {
-	r.cancel()
-	<-r.done
-}
-
-type runningExport struct {
-	spec exportSpec
-	e    *hostagent.Export
-	wd   *hostagent.Watchdog
-	auto *running // nil when publishing only when told
-}
-
-func (r *runningExport) close() {
-	if r.auto != nil {
-		r.auto.stop()
-	}
-	r.e.Close()
-	r.wd.Close()
-}
-
-// apply makes the agent serve o's exports on o's addresses. It takes the
-// new addresses and opens the new exports first, and if any fails, gives
-// back what it took and changes nothing; then it serves the new,
-// publishes the new exports' first generations, and stops what o no
-// longer has.
-func (a *hostAgent) apply(o *hostOptions) (err error) {
-	if err := checkStateDir(o); err != nil {
-		return err
-	}
-	want := maps.Clone(a.extra)
-	fromSettings := map[string]bool{}
-	for _, l := range o.listen {
-		want[l.String()] = l
-		fromSettings[l.String()] = true
-	}
-	type bound struct {
-		serve func(context.Context) error
-		l     *vsockproto.Listener
-	}
-	newListens := map[string]bound{}
-	var taken []io.Closer
-	opened := map[string]*runningExport{}
-	defer func() {
-		if err != nil {
-			for _, c := range taken {
-				c.Close()
-			}
-			for _, r := range opened {
-				r.close()
-			}
-		}
-	}()
-	for key, addr := range want {
-		if a.listens[key] != nil {
-			continue
-		}
-		serve, l, err := a.bind(addr)
-		if err != nil && !fromSettings[key] {
-			// One added through the control socket, no longer to be
-			// had (its directory went, say): it goes.
-			a.log.Warn("a listen address added through the control socket cannot be taken again; dropping it", "addr", key, "error", err)
-			delete(a.extra, key)
-			a.saveExtra()
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if l != nil {
-			taken = append(taken, l)
-		}
-		newListens[key] = bound{serve, l}
-	}
-	keep := map[string]bool{}
-	for _, sp := range o.exports {
-		if r := a.exports[sp.name]; r != nil && r.spec == sp {
-			keep[sp.name] = true
-			continue
-		}
-		if lost, ok := a.lost[sp.name]; ok && lost == sp {
-			if err := hostagent.CheckExport(sp.dev, sp.mnt); err != nil {
-				// Still gone: it stays lost, and the rest applies.
-				a.log.Warn("a lost export is still not mounted; not served", "export", sp.name, "error", err)
-				continue
-			}
-		}
-		wd, err := startWatchdog(sp.mnt)
-		if err != nil {
-			return err
-		}
-		ec := hostagent.ExportConfig{Name: sp.name, Device: sp.dev, Mount: sp.mnt, StateDir: o.stateDir,
-			FreezeBudget: o.budget, Watchdog: wd, Logger: a.log, Watch: true, FullScanEvery: o.fullEvery, ExpediteRCU: o.expedite,
-			AutoPublish: o.autoPublish,
-			KeepFiles:   cmp.Or(o.keep.files, -1), KeepReplaced: o.keep.replaced, KeepBytes: int64(o.keep.replacedMB) << 20,
-			KeepGenerations: o.keep.generations,
-			Progress:        progressTo(a.stderr, "export "+sp.name+": reading the inode tables")}
-		a.inherited.Export(&ec)
-		e, err := hostagent.OpenExport(ec)
-		if err != nil {
-			wd.Close()
-			return err
-		}
-		opened[sp.name] = &runningExport{spec: sp, e: e, wd: wd}
-	}
-
-	// Committed: nothing below refuses the change.
-	first := a.o == nil
-	a.o = o
-	for key, r := range a.listens {
-		if _, ok := want[key]; !ok {
-			r.stop()
-			delete(a.listens, key)
-			a.log.Info("stopped listening", "addr", key)
-		}
-	}
-	for name := range a.lost {
-		if !slices.ContainsFunc(o.exports, func(sp exportSpec) bool { return sp.name == name }) || opened[name] != nil {
-			delete(a.lost, name)
-			_ = a.srv.RemoveExport(name) // out of status
-		}
-	}
-	for name, r := range a.exports {
-		if !keep[name] {
-			if err := a.srv.RemoveExport(name); err != nil {
-				a.log.Error("removing an export", "export", name, "error", err)
-			}
-			r.close()
-			delete(a.exports, name)
-			a.log.Info("export removed", "export", name)
-		}
-	}
-	for _, sp := range o.exports { // in the order given
-		r := opened[sp.name]
-		if r == nil {
-			continue
-		}
-		delete(opened, sp.name)
-		if err := a.addExport(r); err != nil {
-			if first {
-				return err
-			}
-			a.log.Error("an export could not be added", "export", sp.name, "error", err)
-		}
-	}
-	for key, b := range newListens {
-		a.listens[key] = a.start(b.serve)
-		a.listens[key].l = b.l
-		a.log.Info("listening", "addr", key)
-	}
-	return nil
-}
-
-// bind takes addr for guests (or, for a directory of VM sockets, checks
-// it) and returns how to serve it, and what to close if it is not.
-func (a *hostAgent) bind(addr vsockproto.Addr) (func(context.Context) error, *vsockproto.Listener, error) {
-	if addr.Kind == vsockproto.KindVMDir {
-		if st, err := os.Stat(addr.Path); err != nil || !st.IsDir() {
-			return nil, nil, fmt.Errorf("--listen %s: want a directory of VM sockets: %v", addr, orNotDir(err))
-		}
-		if err := hostagent.CheckVMDir(addr.Path); err != nil {
-			return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
-		}
-		return func(ctx context.Context) error {
-			return a.srv.ServeVMDir(ctx, addr.Path, addr.Port, vsockproto.ListenOptions{Stale: staleLogger(a.log)})
-		}, nil, nil
-	}
-	opt := vsockproto.ListenOptions{Stale: staleLogger(a.log)}
-	l, err := a.inherited.Listener(addr, opt)
-	if err != nil {
-		return nil, nil, fmt.Errorf("--listen %s: %w", addr, err)
-	}
-	return func(ctx context.Context) error { return a.srv.Serve(ctx, l) }, l, nil
-}
-
-// AddListener serves guests on addr from now on, across reloads too,
-// until RemoveListener (hostagent.Listeners, for 'leasefs listen').
-func (a *hostAgent) AddListener(s string) error {
-	return a.withListener(s, func(key string, addr vsockproto.Addr) error {
-		switch {
-		case addr.Path != "" && !filepath.IsAbs(addr.Path):
-			// The agent's working directory is not the caller's.
-			return fmt.Errorf("%s: a socket path must be absolute", s)
-		case strings.ContainsFunc(key, unicode.IsControl):
-			return fmt.Errorf("%q: no control characters (a newline, say) in an address", s)
-		case a.listens[key] != nil:
-			return fmt.Errorf("already listening on %s", key)
-		}
-		serve, l, err := a.bind(addr)
-		if err != nil {
-			return err
-		}
-		a.listens[key], a.extra[key] = a.start(serve), addr
-		a.listens[key].l = l
-		a.saveExtra()
-		a.log.Info("listening (added through the control socket)", "addr", key)
-		return nil
-	})
-}
-
-// RemoveListener stops serving addr, however it was added; the guests
-// connected through it stay connected. One from the settings comes back
-// at the next reload.
-func (a *hostAgent) RemoveListener(s string) error {
-	return a.withListener(s, func(key string, _ vsockproto.Addr) error {
-		r := a.listens[key]
-		if r == nil {
-			return fmt.Errorf("not listening on %s", key)
-		}
-		r.stop()
-		delete(a.listens, key)
-		if _, ok := a.extra[key]; ok {
-			delete(a.extra, key)
-			a.saveExtra()
-		}
-		a.log.Info("stopped listening (through the control socket)", "addr", key)
-		return nil
-	})
-}
-
-// extraFile keeps, in the state directory, the listen addresses added
-// through the control socket, so that upgrades and restarts serve them
-// too, as they serve the settings' own.
-func (a *hostAgent) extraFile() string { return filepath.Join(a.stateDir, "listen.added") }
-
-// saveExtra writes a.extra to extraFile; a.mu held.
-func (a *hostAgent) saveExtra() {
-	var b strings.Builder
-	for _, key := range slices.Sorted(maps.Keys(a.extra)) {
-		b.WriteString(key + "\n")
-	}
-	if err := hostagent.WriteFileSync(a.extraFile(), b.String()); err != nil {
-		a.log.Error("cannot record the listen addresses added through the control socket: an upgrade or restart will not serve them", "error", err)
-	}
-}
-
-// loadExtra reads what saveExtra wrote (nothing if there is none).
-func (a *hostAgent) loadExtra() {
-	b, err := readTrusted(a.extraFile(), 1<<20)
-	if errors.Is(err, iofs.ErrNotExist) {
-		return
-	}
-	if err != nil {
-		a.log.Warn("cannot read the listen addresses added through the control socket", "error", err)
-		return
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if line == "" {
-			continue
-		}
-		addr, err := vsockproto.ParseAddr(line)
-		if err != nil {
-			a.log.Warn("ignoring a recorded listen address", "addr", line, "error", err)
-			continue
-		}
-		a.extra[addr.String()] = addr
-	}
-}
-
-// withListener runs fn on the parsed address s and its key, a.mu held.
-func (a *hostAgent) withListener(s string, fn func(key string, addr vsockproto.Addr) error) error {
-	addr, err := vsockproto.ParseAddr(s)
-	if err != nil {
-		return err
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return fn(addr.String(), addr)
-}
-
-// ListenAddrs lists the addresses served.
-func (a *hostAgent) ListenAddrs() []string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return slices.Sorted(maps.Keys(a.listens))
-}
-
-// addExport serves r and publishes its first generation.
-func (a *hostAgent) addExport(r *runningExport) error {
-	name := r.spec.name
-	if err := a.srv.AddExport(r.e); err != nil {
-		r.close()
-		return err
-	}
-	if g := r.e.Current(); g != nil { // handed over by an upgrade
-		fmt.Fprintf(a.stdout, "export %s: generation %d (taken over, %d kept)\n", name, g.Number, r.e.Kept())
-		a.exports[name] = r
-		a.startAuto(r)
-		return nil
-	}
-	g, err := a.srv.Publish(name)
-	if err != nil {
-		_ = a.srv.RemoveExport(name)
-		r.close()
-		return fmt.Errorf("export %s: the first generation: %w", name, err)
-	}
-	fmt.Fprintf(a.stdout, "export %s: generation %d (freeze %.1f ms, %d metadata blocks)\n", name, g.Number, float64(g.Frozen.Microseconds())/1000, g.Blocks())
-	a.exports[name] = r
-	a.startAuto(r)
-	return nil
-}
-
-// startAuto starts r's publishing on its own, if the settings say so.
-func (a *hostAgent) startAuto(r *runningExport) {
-	if a.o.autoPublish != nil {
-		r.auto = a.start(func(ctx context.Context) error { return a.srv.AutoPublish(ctx, r.spec.name) })
-	}
-}
-
-// start runs serve in the agent's group until it ends or is stopped. A
-// listener or an export's auto-publishing that fails (a VM directory
-// removed, say) is logged and ends alone: it does not take the agent and
-// every other guest with it.
-func (a *hostAgent) start(serve func(context.Context) error) *running {
-	ctx, cancel := context.WithCancel(a.ctx)
-	r := &running{cancel: cancel, done: make(chan struct{})}
-	a.grp.Go(func() error {
-		defer close(r.done)
-		if err := serve(ctx); err != nil && ctx.Err() == nil {
-			a.log.Error("stopped serving", "error", err)
-		}
-		return nil
-	})
-	return r
-}
-
-func (a *hostAgent) stopAll() {
-	for _, r := range a.listens {
-		r.cancel()
-	}
-	for _, r := range a.exports {
-		r.close()
-	}
-}
-
-func orNotDir(err error) error {
-	if err == nil {
-		return errors.New("not a directory")
-	}
-	return err
-}
+func checkStateDir(o *hostOptions) error { return withFlagNames(agent.CheckStateDir(o.settings())) }
 
 // startWatchdog starts 'leasefs watchdog' for the export at mount, in its
 // own process group, so that a Ctrl-C to the agent does not reach it.
@@ -932,23 +518,6 @@ func runWatchdog(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	// Only the agent's pipe closing ends the watchdog.
 	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	return hostagent.WatchdogMain(os.Stdin, *mount, hclog.New(&hclog.LoggerOptions{Name: "leasefs-watchdog", Output: stderr}))
-}
-
-// sameFS reports whether path (or, if it does not exist yet, its nearest
-// existing parent) is on the filesystem mounted at mnt.
-func sameFS(path, mnt string) bool {
-	var a, b syscall.Stat_t
-	if syscall.Stat(mnt, &b) != nil {
-		return false
-	}
-	for p := filepath.Clean(path); ; p = filepath.Dir(p) {
-		if syscall.Stat(p, &a) == nil {
-			return a.Dev == b.Dev
-		}
-		if p == filepath.Dir(p) {
-			return false
-		}
-	}
 }
 
 func runThaw(_ context.Context, args []string, stdout, stderr io.Writer) error {

@@ -75,7 +75,7 @@ func TestHostileGuest(t *testing.T) {
 	if other := os.Getenv("LEASEFS_HOSTILE_AGENT"); other != "" {
 		bin, limits = other, nil
 	}
-	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
+	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
 		cg.procs(), bin, "host", "--export", "mirror=" + dev + ":" + mnt,
 		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--listen", "hvsock-dir:" + vms + ":5000", "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--ack-timeout", "2s", "--grace", "2s",
@@ -732,7 +732,7 @@ func fdCount(pid int) int {
 
 // agentPid is the pid of the agent a started (through sh and prlimit,
 // both of which exec it).
-func agentPid(t *testing.T, a *agent) int {
+func agentPid(t *testing.T, a *supervised) int {
 	return a.cmd.Process.Pid
 }
 
@@ -742,8 +742,8 @@ func forkedConnections(t *testing.T, addr string, n int) int {
 	var cmds []*exec.Cmd
 	var outs []*bytes.Buffer
 	for range n {
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), "LEASEFS_TEST_HELLO="+addr)
+		cmd := testenv.Helper("hello", addr)
+		cmd.Stderr = nil
 		var out bytes.Buffer
 		cmd.Stdout = &out
 		if err := cmd.Start(); err != nil {
@@ -761,7 +761,7 @@ func forkedConnections(t *testing.T, addr string, n int) int {
 	return ok
 }
 
-// helloMain is a forked guest (LEASEFS_TEST_HELLO=ADDR): it connects,
+// helloMain is a forked guest (testenv.Helper "hello" ADDR): it connects,
 // says hello, prints whether it was welcomed, and holds the connection a
 // moment so that its siblings find it open.
 func helloMain(addr string) {

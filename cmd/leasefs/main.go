@@ -1,5 +1,13 @@
 // Command leasefs is the one binary of leasefs: the host agent, the guest
 // agent and the tools that talk to them, as subcommands.
+//
+// For the host agent it keeps only what is a command's: flags and the
+// settings file turned into agent.Settings (host.go), the signals, what
+// systemd is told (sdnotify.go), the metrics listener, and the flag
+// names in errors. The agent itself is package hostagent/agent; what one
+// run leaves the next, package hostagent/upgrade. The requests to a
+// running agent (publish, status, metrics, listen, reload, check-config,
+// upgrade) are commands of their own that talk to its control socket.
 package main
 
 import (
@@ -18,6 +26,9 @@ import (
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/hostagent/upgrade"
 )
 
 // version is set at build time with -ldflags "-X main.version=…" (make
@@ -64,11 +75,15 @@ var commands = []command{
 	{"status", "show a host agent's exports, guests and leases", runStatus},
 	{"metrics", "print a host agent's Prometheus metrics", runMetrics},
 	{"listen", "add or remove a host agent's guest listen addresses", runListen},
+	{"reload", "make a host agent read its settings again", runReload},
+	{"check-config", "check a host agent's settings, and say what a reload would change", runCheckConfig},
+	{"upgrade", "upgrade a host agent in place, its guests and open files kept", runUpgrade},
 	{"thaw", "thaw exports a dead host agent left frozen", runThaw},
 	{"mount", "mount an ext4 image read-only through FUSE", runMount},
 	{"version", "print the version", runVersion},
-	{"watchdog", "", runWatchdog},        // started by the host agent
-	{"mount-helper", "", runMountHelper}, // mount.fuse.leasefs
+	{"watchdog", "", runWatchdog},               // started by the host agent
+	{upgrade.CheckCommand, "", runCheckUpgrade}, // run by an agent before it upgrades
+	{"mount-helper", "", runMountHelper},        // mount.fuse.leasefs
 }
 
 func usage(w io.Writer) {
@@ -82,7 +97,7 @@ Commands:
 `)
 	for _, c := range commands {
 		if c.summary != "" {
-			fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+			fmt.Fprintf(w, "  %-13s %s\n", c.name, c.summary)
 		}
 	}
 	fmt.Fprintf(w, `
@@ -113,6 +128,9 @@ func main() {
 	case errors.Is(err, errUsage):
 		os.Exit(2)
 	default:
+		if ce := (*hostagent.ControlError)(nil); errors.As(err, &ce) {
+			err = fmt.Errorf("%w (is 'leasefs host --control %s' running, and are you root?)", err, ce.Addr)
+		}
 		prefix := ""
 		if isJournalStream(os.Stderr) {
 			prefix = fmt.Sprintf("<%d>", journalPriority(hclog.Error))

@@ -21,10 +21,7 @@ import (
 var leasefsBin, leasefsBinNoRace string
 
 func TestMain(m *testing.M) {
-	if addr := os.Getenv("LEASEFS_TEST_HELLO"); addr != "" {
-		helloMain(addr)
-		os.Exit(0)
-	}
+	testenv.RunHelper(map[string]testenv.Role{"hello": func(addr string) int { helloMain(addr); return 0 }})
 	dir, err := os.MkdirTemp("", "leasefs-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

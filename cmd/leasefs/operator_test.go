@@ -204,6 +204,33 @@ func TestVersion(t *testing.T) {
 	}
 }
 
+// The host agent's requests are commands of their own, and their older
+// spellings as 'host' flags do the same.
+func TestHostRequestCommands(t *testing.T) {
+	none := "unix:" + filepath.Join(t.TempDir(), "none.sock")
+	for _, c := range []struct {
+		cmd, old []string
+		want     string
+	}{
+		{[]string{"reload", "--control", none}, []string{"host", "--reload", "--control", none}, "reload refused"},
+		{[]string{"upgrade", "--control", none}, []string{"host", "--upgrade", "--control", none}, "control socket"},
+		{[]string{"check-config", "--config", "/nonexistent.toml"}, []string{"host", "--check-config", "--config", "/nonexistent.toml"}, "/nonexistent.toml"},
+		{[]string{"check-upgrade", "--config", "/nonexistent.toml"}, []string{"host", "--check-upgrade", "--config", "/nonexistent.toml"}, "/nonexistent.toml"},
+	} {
+		out, err := leasefs(t, c.cmd...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("leasefs %s: %v\n%s", strings.Join(c.cmd, " "), err, out)
+		}
+		old, oldErr := leasefs(t, c.old...)
+		if (oldErr == nil) != (err == nil) || old != out {
+			t.Errorf("leasefs %s does not do what leasefs %s does:\n%s\n%s", strings.Join(c.old, " "), strings.Join(c.cmd, " "), old, out)
+		}
+	}
+	if out, _ := leasefs(t, "--help"); !strings.Contains(out, "check-config") || strings.Contains(out, "check-upgrade") {
+		t.Errorf("the usage lists the commands an operator runs, not the one between binaries:\n%s", out)
+	}
+}
+
 // vmSocket plays a VMM creating its VM's hybrid-vsock socket at path:
 // a listening Unix socket, removed (the VM gone) by the returned func.
 func vmSocket(t *testing.T, path string) (gone func()) {

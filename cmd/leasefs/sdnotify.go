@@ -5,13 +5,10 @@ import (
 	"io"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
-
-	"github.com/leasefs/leasefs/hostagent"
 )
 
 // What systemd is told (sd_notify(3)), when it started us as
@@ -48,30 +45,6 @@ func monotonicUsec() int64 {
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 	return ts.Nano() / 1000
 }
-
-// statusLine says in one line what the host agent serves: each export's
-// generation and guests, and what was lost.
-func statusLine(st *hostagent.Status) string {
-	var parts []string
-	for _, e := range st.Exports {
-		guests := len(e.Guests)
-		s := fmt.Sprintf("%s generation %d, %d guests, %d files held", e.Name, e.Generation, guests, e.Files)
-		if e.Label != "" {
-			s = fmt.Sprintf("%s generation %d (%s), %d guests, %d files held", e.Name, e.Generation, e.Label, guests, e.Files)
-		}
-		parts = append(parts, s)
-	}
-	for _, l := range st.Lost {
-		parts = append(parts, fmt.Sprintf("%s LOST: %s", l.Name, l.Reason))
-	}
-	if len(parts) == 0 {
-		return "serving no exports"
-	}
-	return "serving " + strings.Join(parts, "; ")
-}
-
-// statusEvery is how often systemd's STATUS= is brought up to date.
-const statusEvery = 5 * time.Second
 
 // journalStream returns w, unless w is the journal's stream (systemd
 // names it in $JOURNAL_STREAM): then a writer that gives each of

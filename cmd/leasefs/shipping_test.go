@@ -160,7 +160,7 @@ func TestExportVanishes(t *testing.T) {
 	hostConfig(t, conf, fmt.Sprintf("state_dir = %q", filepath.Join(run, "state")), fmt.Sprintf("control = %q", control),
 		`auto_publish = "quiet=500ms,max=1s"`, `listen = ["unix:`+filepath.Join(run, "guest.sock")+`"]`,
 		"[export.mirror]", fmt.Sprintf("device = %q", dev), fmt.Sprintf("mount = %q", mnt))
-	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
 	prog, argv, env, extra := sd.Start(leasefsBin, []string{"host", "--config", conf}, true)
 	a.prog, a.args, a.env, a.extra = prog, argv, env, extra
 	a.start()
@@ -269,7 +269,7 @@ func TestSystemdNotificationsAndJournal(t *testing.T) {
 	run := t.TempDir()
 	sd := newFakeSystemd(t)
 	control := "unix:" + filepath.Join(run, "control.sock")
-	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
 	stream, err := os.Create(filepath.Join(run, "journal-stream"))
 	if err != nil {
 		t.Fatal(err)

@@ -132,7 +132,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 	install(leasefsBin)
 	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
-	a := &agent{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
+	a := &supervised{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
 		"--listen", guest, "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
 	a.start()
 	t.Cleanup(func() {
@@ -311,7 +311,7 @@ func TestUpgradeInPlace(t *testing.T) {
 }
 
 // prepare sets up a's next start as systemd would (testenv.FakeSystemd).
-func (s *fakeSystemd) prepare(a *agent, bin string, args []string, v254 bool) {
+func (s *fakeSystemd) prepare(a *supervised, bin string, args []string, v254 bool) {
 	a.prog, a.args, a.env, a.extra = s.Start(bin, args, v254)
 }
 
@@ -346,7 +346,7 @@ func TestRestartWithFDStore(t *testing.T) {
 	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
 	args := []string{"host", "--export", "mirror=" + dev + ":" + mnt, "--listen", guest, "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--grace", "60s"}
-	a := &agent{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
 	sd.prepare(a, leasefsBin, args, true)
 	a.start()
 	t.Cleanup(func() {
@@ -522,7 +522,7 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 	exportA := fmt.Sprintf("[export.a]\ndevice = %q\nmount = %q", devA, mntA)
 	exportB := fmt.Sprintf("[export.b]\ndevice = %q\nmount = %q", devB, mntB)
 	write(fmt.Sprintf("%q, %q", "unix:"+guest1, "unix:"+guest2), exportA, exportB)
-	a := &agent{t: t, mnt: mntA, log: &testenv.SyncBuffer{}, args: []string{"host", "--config", conf}}
+	a := &supervised{t: t, mnt: mntA, log: &testenv.SyncBuffer{}, args: []string{"host", "--config", conf}}
 	a.start()
 	t.Cleanup(func() {
 		if a.cmd != nil {

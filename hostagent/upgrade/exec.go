@@ -20,10 +20,11 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-// CheckArg, first after 'host', makes a binary only read and check the
-// settings the other arguments give, and then print what 'version
-// --handover' prints: "handover FORM" and its version, a line each.
-const CheckArg = "--check-upgrade"
+// CheckCommand is the command that makes a binary only read and check
+// the host agent's settings its arguments give, and then print what
+// 'version --handover' prints: "handover FORM" and its version, a line
+// each.
+const CheckCommand = "check-upgrade"
 
 // ErrRefused wraps every reason Check gives not to upgrade.
 var ErrRefused = errors.New("not upgrading")
@@ -47,7 +48,7 @@ func Check(binary string, args []string) (string, error) {
 	// One run in the usual case (a binary built with -race takes a
 	// second to start); a refusal runs it again, to say why.
 	form := fmt.Sprintf("handover %d\n", Format)
-	out, refusal, err := run(append([]string{"host", CheckArg}, args...)...)
+	out, refusal, err := run(append([]string{CheckCommand}, args...)...)
 	if v, ok := strings.CutPrefix(out, form); err == nil && ok {
 		return strings.TrimSpace(v), nil
 	}

@@ -27,6 +27,10 @@ type FDStore struct {
 	warn *rate.Limiter
 }
 
+// ErrNoNotifySocket: a store was asked for, and systemd did not start the
+// agent.
+var ErrNoNotifySocket = errors.New("systemd's notify socket ($NOTIFY_SOCKET) is not set: the agent is not run by systemd (Type=notify) with FileDescriptorStoreMax=")
+
 // OpenFDStore returns the store if asked for or if systemd says the
 // service has one ($FDSTORE, systemd 254), else nil.
 func OpenFDStore(asked bool, log hclog.Logger) (*FDStore, error) {
@@ -38,7 +42,7 @@ func OpenFDStore(asked bool, log hclog.Logger) (*FDStore, error) {
 		if !asked {
 			return nil, nil
 		}
-		return nil, errors.New("systemd's notify socket ($NOTIFY_SOCKET) is not set: the agent is not run by systemd (Type=notify) with FileDescriptorStoreMax=")
+		return nil, ErrNoNotifySocket
 	}
 	if path[0] == '@' {
 		path = "\x00" + path[1:]
