@@ -247,7 +247,7 @@ func (c *Client) Kept() ([]vsockproto.KeptGeneration, error) {
 	c.mu.Unlock()
 	var list []vsockproto.KeptGeneration
 	if conn == nil || conn.Features().Has(vsockproto.FeatureKept) {
-		reply, err := c.call(&vsockproto.ListGens{})
+		reply, err := c.call(nil, &vsockproto.ListGens{})
 		if err != nil {
 			return nil, err
 		}

@@ -134,6 +134,7 @@ type Client struct {
 	dev      *directio.File // nil: data over the connection
 	meta     *os.File       // the device through this machine's page cache, for metadata (digests.go)
 	devMeta  atomic.Bool    // metadata is read from the device: it verified
+	devData  atomic.Bool    // file data is read from the device: it verified, or is not checked yet (deviceOK)
 	data     io.ReaderAt    // what file data is read from: dev, or the image file through its page cache
 	fs       *FileSystem
 	cache    *metaCache
@@ -265,6 +266,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		}
 		c.dev, c.data = d, d
 		c.device = DeviceStatus{Path: cfg.Device, State: DeviceUnchecked}
+		c.devData.Store(true)
 		if c.meta, err = os.Open(cfg.Device); err != nil {
 			d.Close()
 			return nil, &DeviceError{cfg.Device, err}

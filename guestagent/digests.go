@@ -109,7 +109,7 @@ func (v *genView) fetchDigests(win uint64) *digests {
 		return nil
 	}
 	v.c.m.digestFetches.Inc()
-	reply, err := v.c.call(&vsockproto.ReadDigests{Generation: v.gen, First: win * digestWindow, Count: digestWindow})
+	reply, err := v.c.call(nil, &vsockproto.ReadDigests{Generation: v.gen, First: win * digestWindow, Count: digestWindow})
 	if err == nil && v.dead.Load() {
 		err = v.deadErr() // the request may have gone to another lineage's host
 	}

@@ -50,8 +50,9 @@
 // what the reader does not implement), then one table for every answer
 // the host can give (ESTALE when a file or generation is not what the
 // guest's view says, EBUSY, EMFILE for quota, EAGAIN for a limit that
-// did not pass, EIO for failures), and EIO for a failed transport or
-// device. Failures are logged: a burst of ten lines, then one a second.
+// did not pass, EIO for failures), EIO for a failed transport or
+// device, and EINTR for a request the application was interrupted in
+// while it waited for the host (interrupt.go). Failures are logged: a burst of ten lines, then one a second.
 // Every write operation is EROFS, and the mount itself is read-only. A
 // handler that panics answers EIO and logs the panic; the mount stays.
 //
@@ -145,8 +146,9 @@
 //
 // # Locking
 //
-// Client.live (the session, for device reads) is atomic: a read never
-// takes a lock to check it. Client.mu guards the session, switching and
+// Client.live (the session, for device reads) and whether the device
+// may be read (devData, devMeta) are atomic: a read never takes a lock
+// to check them. Client.mu guards the session, switching and
 // open-file state; it is held only to read and change that state, never
 // during I/O, a call to the host or a notification (it is released while
 // waiting on Client.changed). A digest window being asked for is waited

@@ -43,6 +43,8 @@ func errnoOf(err error) (errno syscall.Errno, log bool) {
 		return syscall.ESTALE, false
 	case errors.Is(err, ErrBusy):
 		return syscall.EBUSY, false
+	case errors.Is(err, errInterrupted):
+		return syscall.EINTR, false
 	case errors.Is(err, ext4ro.ErrEncrypted):
 		return syscall.EACCES, true
 	case errors.Is(err, ext4ro.ErrCorrupt):

@@ -21,7 +21,7 @@ import (
 // host publishes on its own, after waiting for one (OpenWait); when it
 // publishes only when told, it fails at once. The error then says which
 // generation and why.
-func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error) {
+func (c *Client) Open(cancel <-chan struct{}, v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error) {
 	var waitUntil time.Time // for a newer generation; set on the first refusal
 	for {
 		gv := c.viewOf(v)
@@ -41,11 +41,11 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, err
 		if lf != nil {
 			return lf, nil
 		}
-		lf, err := c.lease(gv, v, in)
+		lf, err := c.lease(cancel, gv, v, in)
 		if errors.Is(err, vsockproto.ErrQuota) && c.dropIdle() > 0 {
 			// The leases kept idle count against this guest's share
 			// of the host's files: they go first.
-			lf, err = c.lease(gv, v, in)
+			lf, err = c.lease(cancel, gv, v, in)
 		}
 		if err == nil {
 			return lf, nil
@@ -69,7 +69,7 @@ func (c *Client) Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, err
 			waitUntil = time.Now().Add(c.openWaitLocked())
 			c.mu.Unlock()
 		}
-		if why := c.awaitNewer(gv, waitUntil); why != "" {
+		if why := c.awaitNewer(cancel, gv, waitUntil); why != "" {
 			label := "stale"
 			if cause == ErrBusy {
 				label = "busy"
@@ -95,7 +95,9 @@ func (c *Client) openWaitLocked() time.Duration {
 // awaitNewer moves the client off gv (forcing the switch), waiting until
 // the deadline for a newer generation to be announced. It returns why it
 // could not, or "".
-func (c *Client) awaitNewer(gv *genView, deadline time.Time) string {
+func (c *Client) awaitNewer(cancel <-chan struct{}, gv *genView, deadline time.Time) string {
+	stop := c.wakeOn(cancel)
+	defer stop()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.cur != gv {
@@ -108,7 +110,10 @@ func (c *Client) awaitNewer(gv *genView, deadline time.Time) string {
 		if c.policy.known && c.policy.max == 0 {
 			return "the host publishes only when told (leasefs publish), and has not since"
 		}
-		c.waitLocked(func() bool { return c.latest != gv.gen }, deadline)
+		c.waitLocked(func() bool { return c.latest != gv.gen || interrupted(cancel) }, deadline)
+		if interrupted(cancel) {
+			return "interrupted"
+		}
 		if c.latest == gv.gen {
 			return fmt.Sprintf("no newer generation came within %v", c.openWaitLocked())
 		}
@@ -143,12 +148,12 @@ func (c *Client) sameFileNow(in *ext4ro.Inode) (*ext4ro.FS, *ext4ro.Inode, error
 }
 
 // lease asks the host for a lease on in as generation gv has it.
-func (c *Client) lease(gv *genView, v *ext4ro.FS, in *ext4ro.Inode) (*leasedFile, error) {
+func (c *Client) lease(cancel <-chan struct{}, gv *genView, v *ext4ro.FS, in *ext4ro.Inode) (*leasedFile, error) {
 	file, err := v.OpenFile(in)
 	if err != nil {
 		return nil, err
 	}
-	reply, err := c.call(&vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
+	reply, err := c.call(cancel, &vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
 		Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}, Layout: layout.Hash(file.Extents())})
 	if err != nil {
 		c.log.Debug("open refused", "inode", in.Ino, "generation", gv.gen, "error", err)
@@ -214,7 +219,11 @@ func (lf *leasedFile) Stale() error {
 	return nil
 }
 
-func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
+func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) { return lf.ReadAtOrCancel(nil, p, off) }
+
+// ReadAtOrCancel is ReadAt, ending with errInterrupted if cancel closes
+// while it waits for the host (Interruptible).
+func (lf *leasedFile) ReadAtOrCancel(cancel <-chan struct{}, p []byte, off int64) (int, error) {
 	if lf.file.Inline() || !lf.c.deviceOK() {
 		if err := lf.Stale(); err != nil {
 			return 0, err
@@ -224,7 +233,7 @@ func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
 		if lf.file.Inline() { // the bytes are the generation's metadata
 			n, err = lf.file.ReadAt(p, off)
 		} else {
-			n, err = lf.readHost(p, off)
+			n, err = lf.readHost(cancel, p, off)
 		}
 		if serr := lf.Stale(); serr != nil {
 			return 0, serr // the lease may have ended while we read
@@ -238,7 +247,7 @@ func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
 		if err := lf.Stale(); err != nil {
 			return 0, err
 		}
-		s, err := lf.c.holding()
+		s, err := lf.c.holding(cancel)
 		if err != nil {
 			return 0, fmt.Errorf("inode %d: %w", lf.ino, err)
 		}
@@ -260,7 +269,7 @@ func (lf *leasedFile) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // readHost reads through the host, a frame at most per request.
-func (lf *leasedFile) readHost(p []byte, off int64) (int, error) {
+func (lf *leasedFile) readHost(cancel <-chan struct{}, p []byte, off int64) (int, error) {
 	c := lf.c
 	if off >= 0 && uint64(off) >= lf.file.Size() {
 		return 0, io.EOF
@@ -268,7 +277,7 @@ func (lf *leasedFile) readHost(p []byte, off int64) (int, error) {
 	n := 0
 	for n < len(p) {
 		want := min(len(p)-n, maxRead)
-		reply, err := c.call(&vsockproto.Read{Lease: lf.id, Offset: uint64(off) + uint64(n), Length: uint32(want)})
+		reply, err := c.call(cancel, &vsockproto.Read{Lease: lf.id, Offset: uint64(off) + uint64(n), Length: uint32(want)})
 		if err != nil {
 			return n, err
 		}

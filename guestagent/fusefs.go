@@ -79,13 +79,20 @@ type Staler interface {
 // fixed says v is a kept generation browsed in .generations: the open is
 // of that generation's file or fails, never moved to another.
 type Files interface {
-	Open(v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error)
+	Open(cancel <-chan struct{}, v *ext4ro.FS, in *ext4ro.Inode, fixed bool) (OpenFile, error)
 }
 
 // OpenFile reads one open file.
 type OpenFile interface {
 	ReadAt(p []byte, off int64) (int, error)
 	Close() error
+}
+
+// Interruptible is an OpenFile whose reads may wait (for the host), and
+// end when the kernel says the application was interrupted: cancel is
+// the FUSE request's, closed then (Files.Open takes it too).
+type Interruptible interface {
+	ReadAtOrCancel(cancel <-chan struct{}, p []byte, off int64) (int, error)
 }
 
 // Config configures a FileSystem.
@@ -507,7 +514,7 @@ func (fs *FileSystem) dropHandle(fh uint64) {
 	}
 }
 
-func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+func (fs *FileSystem) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
 		return fuse.EROFS
 	}
@@ -531,7 +538,7 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 		// share its reader, as the kernel shares its pages.
 		h = shared
 	} else if fs.files != nil && ino.IsRegular() {
-		f, err := fs.files.Open(v, ino, in.NodeId&browseBit != 0)
+		f, err := fs.files.Open(cancel, v, ino, in.NodeId&browseBit != 0)
 		if err != nil {
 			if errors.Is(err, ErrStale) || errors.Is(err, ErrBusy) {
 				// Not a failure, but an application sees an error it
@@ -552,12 +559,16 @@ func (fs *FileSystem) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	return fuse.OK
 }
 
-func (fs *FileSystem) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+func (fs *FileSystem) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
 	var n int
 	var err error
 	p := buf[:min(len(buf), int(in.Size))]
 	if h := fs.handle(in.Fh); h != nil && h.f != nil {
-		n, err = h.f.ReadAt(p, int64(in.Offset))
+		if i, ok := h.f.OpenFile.(Interruptible); ok {
+			n, err = i.ReadAtOrCancel(cancel, p, int64(in.Offset))
+		} else {
+			n, err = h.f.ReadAt(p, int64(in.Offset))
+		}
 	} else {
 		v, ino, st := fs.opened(in.NodeId, in.Fh)
 		if !st.Ok() {

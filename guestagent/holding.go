@@ -102,8 +102,10 @@ var errDown = errors.New("the host is down")
 // holding returns a session that holds the leases, waiting for one as
 // the policy says: the current one, renewed with a ping if it went quiet;
 // or the next one. It fails at once if the export is gone.
-func (c *Client) holding() (*liveSession, error) {
+func (c *Client) holding(cancel <-chan struct{}) (*liveSession, error) {
 	var deadline time.Time // zero: not waited yet, or waiting for ever
+	stop := func() {}
+	defer func() { stop() }()
 	for waited := false; ; waited = true {
 		s := c.live.Load()
 		if s.holds() {
@@ -111,15 +113,18 @@ func (c *Client) holding() (*liveSession, error) {
 		}
 		if s != nil && s.conn.Err() == nil {
 			// Up but quiet: an answer renews the lease time.
-			ctx, cancel := context.WithTimeout(context.Background(), max(s.lease/4, time.Second))
+			ctx, end := context.WithTimeout(context.Background(), max(s.lease/4, time.Second))
+			ctx, endWait := withInterrupt(ctx, cancel)
 			_, err := s.conn.Call(ctx, &vsockproto.Ping{})
-			cancel()
+			endWait()
+			end()
 			if err == nil && s.holds() {
 				return s, nil
 			}
 		}
 		if !waited {
 			deadline = c.downDeadline()
+			stop = c.wakeOn(cancel) // only a request that waits pays for it
 		}
 		until := deadline
 		if s != nil && s.conn.Err() == nil {
@@ -129,10 +134,13 @@ func (c *Client) holding() (*liveSession, error) {
 			}
 		}
 		c.mu.Lock()
-		c.waitLocked(func() bool { return c.live.Load() != s || c.gone != "" }, until)
+		c.waitLocked(func() bool { return c.live.Load() != s || c.gone != "" || interrupted(cancel) }, until)
 		gone, closed := c.gone, c.closed
 		c.mu.Unlock()
 		switch {
+		case interrupted(cancel) && !c.live.Load().holds():
+			c.m.interrupted.Inc()
+			return nil, errInterrupted
 		case closed:
 			return nil, fmt.Errorf("%w: the mount is going away", errNotConnected)
 		case gone != "" && !c.live.Load().holds():

@@ -143,7 +143,7 @@ func (c *Client) release(lfs []*leasedFile) {
 		delete(c.files, lf.id)
 		c.mu.Unlock()
 		if held {
-			if _, err := c.call(&vsockproto.Release{Lease: lf.id}); err != nil {
+			if _, err := c.call(nil, &vsockproto.Release{Lease: lf.id}); err != nil {
 				c.log.Debug("releasing a lease", "inode", lf.ino, "error", err)
 			}
 		}

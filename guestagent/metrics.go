@@ -20,6 +20,7 @@ type clientMetrics struct {
 	readsRedone   prometheus.Counter
 	openRefusals  *prometheus.CounterVec // why
 	leasesReused  prometheus.Counter
+	interrupted   prometheus.Counter
 }
 
 func newClientMetrics(c *Client) *clientMetrics {
@@ -44,6 +45,8 @@ func newClientMetrics(c *Client) *clientMetrics {
 		readsRedone: counter("device_reads_redone_total",
 			"Device reads thrown away because the session that held the lease was lost (or went quiet) while they read."),
 		leasesReused: counter("leases_reused_total", "Opens served by a lease kept after the file's last close, without asking the host."),
+		interrupted: counter("requests_interrupted_total",
+			"Applications' requests that ended EINTR because the application was interrupted (a signal) while they waited for the host."),
 		openRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "leasefs_guest_open_refusals_total",
 			Help: "Opens the host refused, by the answer given to the application."}, []string{"error"}),
 	}
@@ -72,7 +75,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 			return 0
 		})
 	m.reg.MustRegister(m.metaFetches, m.metaBytes, m.digestFetches, m.cacheHits, m.cacheMisses, m.inval, m.data,
-		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, gen, open, cached, fromDev, unchecked, nodes, device)
+		m.switches, m.reconnects, m.breaks, m.readsRedone, m.openRefusals, m.leasesReused, m.interrupted, gen, open, cached, fromDev, unchecked, nodes, device)
 	for _, k := range []string{"inode", "entry"} {
 		m.inval.WithLabelValues(k)
 	}

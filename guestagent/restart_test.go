@@ -1,17 +1,22 @@
 package guestagent
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/leasefs/leasefs/internal/imgtest"
 )
 
 // A read through the host that is waiting for a connection when the host
@@ -175,4 +180,107 @@ func TestReadsAcrossHostRestarts(t *testing.T) {
 			t.Fatalf("guest %d does not read the last version", i)
 		}
 	}
+}
+
+// An application waiting for a host that is down (--down hard: for ever)
+// can still be killed: the kernel's INTERRUPT ends the wait with EINTR.
+// Before, the kernel waited out the request the guest already had, and a
+// process reading a file, or opening one, could not even be killed. A
+// python3 reader plays the application, on both data paths.
+func TestInterruptedWhileTheHostIsDown(t *testing.T) {
+	imgtest.RequireTools(t, "python3")
+	for _, device := range []bool{false, true} {
+		t.Run(fmt.Sprintf("device=%v", device), func(t *testing.T) {
+			h := startHost(t, 3*time.Second)
+			h.write(t, "f", strings.Repeat("the bytes ", 800000)) // 8 MB
+			h.write(t, "g", "opened only while the host is down")
+			h.publish(t)
+			dev := ""
+			if device {
+				dev = h.img
+			}
+			// With the page cache on the host, a read is the application's
+			// own request (the kernel's read-ahead is not: a process
+			// waiting for it can be killed anyway).
+			g := startGuestWith(t, h, ClientConfig{Device: dev, Down: DownPolicy{Hard: true}, OpenWait: 3 * time.Second, PageCache: PageCacheHost})
+			if _, err := os.Stat(filepath.Join(g.dir, "g")); err != nil { // its name known: only the open asks the host
+				t.Fatal(err)
+			}
+			// One reader opens f now and reads far into it once told;
+			// the other opens g once told.
+			read := python(t, "f=open(sys.argv[1],'rb'); print('open', flush=True); sys.stdin.readline(); f.seek(7<<20); f.read(4)", filepath.Join(g.dir, "f"))
+			open := python(t, "sys.stdin.readline(); open(sys.argv[1],'rb')", filepath.Join(g.dir, "g"))
+			if line, err := read.out.ReadString('\n'); err != nil || line != "open\n" {
+				t.Fatalf("the reader: %q %v", line, err)
+			}
+			h.vanish()
+			before := counterValue(g.c.m.interrupted)
+			for _, p := range []*pyProc{read, open} {
+				io.WriteString(p.in, "go\n")
+			}
+			time.Sleep(500 * time.Millisecond) // both wait for the host now
+			for _, p := range []*pyProc{read, open} {
+				select {
+				case <-p.done:
+					t.Fatalf("%s ended while the host is down: %v", p.what, p.err)
+				default:
+				}
+				p.cmd.Process.Kill() // our own child, by pid
+				select {
+				case <-p.done:
+				case <-time.After(5 * time.Second):
+					t.Fatalf("%s cannot be killed while it waits for the host", p.what)
+				}
+			}
+			if got := counterValue(g.c.m.interrupted) - before; got < 2 {
+				t.Errorf("%v requests counted as interrupted, want 2", got)
+			}
+		})
+	}
+}
+
+// vanish ends the host agent without a word to its guests, as a crash
+// (or a partition) does: their leases are not revoked.
+func (h *host) vanish() {
+	h.stop()
+	h.srv.Leave()
+	h.exp.Close()
+	h.srv, h.exp = nil, nil
+}
+
+type pyProc struct {
+	what string
+	cmd  *exec.Cmd
+	in   io.WriteCloser
+	out  *bufio.Reader
+	done chan struct{} // closed when it has ended, with err
+	err  error
+}
+
+// python runs a python3 program with sys imported and arg as sys.argv[1].
+func python(t *testing.T, prog, arg string) *pyProc {
+	t.Helper()
+	p := &pyProc{what: prog, cmd: exec.Command("python3", "-c", "import sys\n"+prog, arg), done: make(chan struct{})}
+	var err error
+	if p.in, err = p.cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.out = bufio.NewReader(out)
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			t.Errorf("%s: not ended", prog)
+		}
+	})
+	return p
 }

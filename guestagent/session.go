@@ -204,17 +204,28 @@ const callDeadline = 30 * time.Second
 // again after a short wait, within callDeadline. Every request may be
 // sent twice: an Open whose reply was lost leaves a lease the guest does
 // not know of on a resumed session, until the session ends.
-func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
+//
+// An application's request that is interrupted (cancel, closed by the
+// FUSE server; nil for none) ends its wait for a connection with
+// errInterrupted, and its wait for the reply too, but for an Open: its
+// lease would be left on the host, unknown, until the session ends (the
+// host answers within callDeadline).
+func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.Message, error) {
 	deadline := time.Now().Add(callDeadline)
 	down := c.downDeadline()   // for a connection
 	var ended *vsockproto.Conn // the last connection that ended under the request
 	backoff := 5 * time.Millisecond
+	stop := c.wakeOn(cancel)
+	defer stop()
 	for {
 		c.mu.Lock()
-		c.waitLocked(func() bool { return c.conn != nil || c.gone != "" }, down)
+		c.waitLocked(func() bool { return c.conn != nil || c.gone != "" || interrupted(cancel) }, down)
 		conn, closed, gone := c.conn, c.closed, c.gone
 		c.mu.Unlock()
 		switch {
+		case interrupted(cancel):
+			c.m.interrupted.Inc()
+			return nil, errInterrupted
 		case closed:
 			return nil, fmt.Errorf("%w: the mount is going away", errNotConnected)
 		case conn == nil && gone != "":
@@ -222,12 +233,21 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 		case conn == nil:
 			return nil, c.timedOut()
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), callDeadline)
+		abandon := cancel
+		if _, ok := m.(*vsockproto.Open); ok {
+			abandon = nil
+		}
+		ctx, end := context.WithTimeout(context.Background(), callDeadline)
+		ctx, endWait := withInterrupt(ctx, abandon)
 		reply, err := conn.Call(ctx, m)
-		cancel()
+		endWait()
+		end()
 		switch {
 		case err == nil:
 			return reply, nil
+		case interrupted(abandon):
+			c.m.interrupted.Inc()
+			return nil, errInterrupted
 		case errors.Is(err, vsockproto.ErrRetry) && time.Now().Add(backoff).Before(deadline):
 			time.Sleep(backoff)
 			backoff = min(2*backoff, 500*time.Millisecond)
@@ -240,7 +260,7 @@ func (c *Client) call(m vsockproto.Message) (vsockproto.Message, error) {
 			fallthrough
 		case conn.Err() != nil && (down.IsZero() || time.Now().Before(down)):
 			c.mu.Lock()
-			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" }, down)
+			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" || interrupted(cancel) }, down)
 			c.mu.Unlock()
 			continue
 		}

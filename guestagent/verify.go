@@ -80,15 +80,7 @@ func openDevice(path string) (*directio.File, error) {
 }
 
 // deviceOK reports whether file data may be read from the device.
-func (c *Client) deviceOK() bool {
-	if c.dev == nil {
-		return false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	s := c.device.State
-	return s == DeviceVerified || s == DeviceUnchecked
-}
+func (c *Client) deviceOK() bool { return c.dev != nil && c.devData.Load() }
 
 // verifyDevice checks the device against generation view f (of gv) and
 // records the outcome; an error means the device must not be used.
@@ -97,10 +89,12 @@ func (c *Client) verifyDevice(f *ext4ro.FS) error {
 	gv := c.views[f]
 	c.mu.Unlock()
 	state, detail := c.checkDevice(gv, f)
+	// What reads go by first (no lock on the read path), then status.
+	c.devMeta.Store(state == DeviceVerified)
+	c.devData.Store(state == DeviceVerified || state == DeviceUnchecked)
 	c.mu.Lock()
 	c.device = DeviceStatus{Path: c.cfg.Device, State: state, Detail: detail, Checked: time.Now()}
 	c.mu.Unlock()
-	c.devMeta.Store(state == DeviceVerified)
 	if state != DeviceVerified {
 		return &DeviceError{c.cfg.Device, fmt.Errorf("%w: export %s at %v: %s", ErrWrongDevice, c.cfg.Export, c.cfg.Addr, detail)}
 	}

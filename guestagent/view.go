@@ -381,7 +381,7 @@ func (f *inFlight) wait(gen, block uint64) bool {
 // fetch reads blocks (sorted) of the view's generation from the host.
 func (v *genView) fetch(blocks []uint64) ([]byte, error) {
 	v.c.m.metaFetches.Inc()
-	reply, err := v.c.call(&vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(blocks)})
+	reply, err := v.c.call(nil, &vsockproto.ReadMeta{Generation: v.gen, Blocks: vsockproto.Ranges(blocks)})
 	if err != nil {
 		if errors.Is(err, vsockproto.ErrGone) {
 			v.c.generationGone(v)

@@ -306,8 +306,8 @@ func TestOpenExportChecks(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.Close()
-	if e.noCheckpoint || log.Len() != 0 {
-		t.Errorf("on %s: no checkpoint: %v; log:\n%s", kernelRelease(t), e.noCheckpoint, log.String())
+	if e.fr.noCheckpoint || log.Len() != 0 {
+		t.Errorf("on %s: no checkpoint: %v; log:\n%s", kernelRelease(t), e.fr.noCheckpoint, log.String())
 	}
 }
 

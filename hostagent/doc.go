@@ -50,12 +50,14 @@
 // directory, the kernel's to cache, and only its index, a capture's new
 // blocks until after the thaw, and a cache of hot blocks in memory.
 //
-// A publish reads as its steps (Export.PublishLabeled): prepare (syncfs
-// and the checkpoint, a full or narrowed scan chosen, names resolved, a
-// full scan's early capture — writers run), captureFrozen (the freeze,
-// through the one helper frozen: record, arm the watchdog, expedite,
-// FIFREEZE, capture, FITHAW, undo), complete (the full generation, after
-// the thaw) and makeCurrent (numbered, current, recorded).
+// A publish reads as its steps (Export.PublishLabeled, publishing.go):
+// prepare (syncfs and the checkpoint, a full or narrowed scan chosen,
+// names resolved (watch.go), a full scan's early capture — writers run),
+// captureFrozen (the freeze, through the export's freezer (freeze.go):
+// record, arm the watchdog, expedite, FIFREEZE, capture, FITHAW, undo),
+// complete (the full generation, after the thaw) and makeCurrent
+// (numbered, current, recorded). export.go keeps the export's lifecycle
+// (open, take over, close) and its kept generations.
 //
 // # Freezes and the watchdog
 //

@@ -4,10 +4,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/internal/inotify"
 )
 
@@ -151,4 +153,43 @@ func (w *treeWatcher) take() (names []string, full bool) {
 func (w *treeWatcher) close() {
 	w.f.Close()
 	<-w.done
+}
+
+// resolve adds to cand the inodes that changed names (absolute paths
+// under the export's root) may concern: the inode each names now on the
+// export's device dev and named in pv, the previous generation, and
+// their directories.
+func resolve(cand map[uint32]bool, names []string, pv *ext4ro.FS, root string, dev uint64) {
+	dirs := map[string]uint32{".": ext4ro.RootIno}
+	var lookup func(rel string) (uint32, bool)
+	lookup = func(rel string) (uint32, bool) {
+		if ino, ok := dirs[rel]; ok {
+			return ino, ino != 0
+		}
+		parent, ok := lookup(filepath.Dir(rel))
+		var ino uint32
+		if ok {
+			if d, err := pv.Inode(parent); err == nil {
+				if ent, err := pv.Lookup(d, filepath.Base(rel)); err == nil {
+					ino = ent.Ino
+				}
+			}
+		}
+		dirs[rel] = ino
+		return ino, ino != 0
+	}
+	root = filepath.Clean(root)
+	for _, p := range names {
+		for _, q := range []string{p, filepath.Dir(p)} {
+			var st unix.Stat_t
+			if unix.Lstat(q, &st) == nil && st.Dev == dev {
+				cand[uint32(st.Ino)] = true
+			}
+			if rel, err := filepath.Rel(root, q); err == nil && !strings.HasPrefix(rel, "..") {
+				if ino, ok := lookup(rel); ok {
+					cand[ino] = true
+				}
+			}
+		}
+	}
 }

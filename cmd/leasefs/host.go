@@ -81,8 +81,8 @@ type hostVals struct {
 	perGuestMB, allMB    int
 }
 
-func newHostFlagSet(o *hostOptions, v *hostVals) *flag.FlagSet {
-	fs := newFlagSet("host", `Usage: leasefs host [--config FILE] [--export NAME=DEVICE:MOUNTPOINT --listen ADDR] [flags]
+// hostUsage is 'leasefs host -h's text before the flags.
+const hostUsage = `Usage: leasefs host [--config FILE] [--export NAME=DEVICE:MOUNTPOINT --listen ADDR] [flags]
 
 Runs the host agent in the foreground. Each export is an ext4 filesystem on
 DEVICE, mounted read-write at MOUNTPOINT, that a writer on this host keeps
@@ -98,7 +98,7 @@ the guest. 'leasefs publish', 'status' and 'metrics' talk to it on
 --control.
 
 The settings can also come from a TOML file (--config, by default
-`+defaultHostConfig+` if it exists): each flag by its name, and each
+` + defaultHostConfig + ` if it exists): each flag by its name, and each
 export as a table, [export.NAME] with device and mount. Exports and
 listen addresses from the file and the command line are served together;
 any other setting is given in one place or the other, and in both is an
@@ -110,7 +110,12 @@ kept.
 SIGTERM or SIGINT stops the agent; 'leasefs thaw' after a crash (see
 docs/operations.md).
 
-`)
+`
+
+// newHostFlagSet is the flag set of 'leasefs host', or of a command that
+// reads the same settings (check-config), named name with usage.
+func newHostFlagSet(o *hostOptions, v *hostVals, name, usage string) *flag.FlagSet {
+	fs := newFlagSet(name, usage)
 	fs.StringVar(&o.config, "config", defaultHostConfig, "the settings file (TOML), merged with the flags")
 	fs.Var(&v.exports, "export", "an export, NAME=DEVICE:MOUNTPOINT (repeatable)")
 	fs.Var(&v.listens, "listen", "an address to serve guests on (repeatable)")
@@ -148,10 +153,15 @@ docs/operations.md).
 }
 
 func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
+	return parseHostAs("host", hostUsage, args, stderr)
+}
+
+// parseHostAs is parseHost for command name, whose usage it is.
+func parseHostAs(name, usage string, args []string, stderr io.Writer) (*hostOptions, error) {
 	// The command line alone first: where the file is, and which flags
 	// it sets (they win over the file's).
 	probe := &hostOptions{}
-	pfs := newHostFlagSet(probe, &hostVals{})
+	pfs := newHostFlagSet(probe, &hostVals{}, name, usage)
 	if err := parseFlags(pfs, args, stderr); err != nil {
 		return nil, err
 	}
@@ -168,7 +178,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 		}
 	}
 	o, v := &hostOptions{}, &hostVals{}
-	fs := newHostFlagSet(o, v)
+	fs := newHostFlagSet(o, v, name, usage)
 	if err := parseFlags(fs, append(fileArgs, args...), stderr); err != nil {
 		return nil, err
 	}
@@ -176,7 +186,7 @@ func parseHost(args []string, stderr io.Writer) (*hostOptions, error) {
 		return nil, fmt.Errorf("--keep-files %d: must be 0 or more", o.keep.files)
 	}
 	if len(v.exports) == 0 || len(v.listens) == 0 || fs.NArg() != 0 {
-		fmt.Fprintln(stderr, "leasefs host: need --export and --listen (on the command line or in "+probe.config+")")
+		fmt.Fprintln(stderr, "leasefs "+name+": need --export and --listen (on the command line or in "+probe.config+")")
 		fs.Usage()
 		return nil, errUsage
 	}

@@ -17,7 +17,16 @@ import (
 // as the agent would, checks each export's device and mount, and asks a
 // running agent what a reload with this file would change.
 func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	o, err := parseHost(args, stderr)
+	o, err := parseHostAs("check-config", `Usage: leasefs check-config [--config FILE] [flags of leasefs host]
+
+Reads the host agent's settings as 'leasefs host' would, from the same
+flags and settings file, and checks them: the state directory, and each
+export's device and mount. Then it asks the agent running on --control
+what a reload with them would change, without changing anything; with no
+agent there, it says what one would start serving. It exits 1 when
+anything would be refused.
+
+`, args, stderr)
 	if err != nil {
 		return err
 	}
