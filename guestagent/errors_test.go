@@ -74,7 +74,9 @@ func TestErrnoOfEveryProtocolCode(t *testing.T) {
 // panicFiles panics on every open.
 type panicFiles struct{}
 
-func (panicFiles) Open(<-chan struct{}, *ext4ro.FS, *ext4ro.Inode, bool) (OpenFile, error) { panic("a bug") }
+func (panicFiles) Open(<-chan struct{}, *ext4ro.FS, *ext4ro.Inode, bool) (OpenFile, error) {
+	panic("a bug")
+}
 
 // A panic in a request handler answers that request with EIO and a log
 // line; the mount goes on serving.
