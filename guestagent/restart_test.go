@@ -27,14 +27,7 @@ import (
 func TestReadWaitingForTheHostAcrossARestart(t *testing.T) {
 	for _, device := range []bool{false, true} {
 		t.Run(fmt.Sprintf("device=%v", device), func(t *testing.T) {
-			h := startHost(t, 3*time.Second)
-			h.write(t, "f", strings.Repeat("the bytes ", 800000)) // 8 MB
-			h.write(t, "other", "still readable")
-			h.publish(t)
-			dev := ""
-			if device {
-				dev = h.img
-			}
+			h, dev := hostWithBigFile(t, device, "other", "still readable")
 			g := startGuest(t, h, dev)
 			f := openInGuests(t, []*guestMount{g}, "f")[0]
 			if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
@@ -191,14 +184,7 @@ func TestInterruptedWhileTheHostIsDown(t *testing.T) {
 	imgtest.RequireTools(t, "python3")
 	for _, device := range []bool{false, true} {
 		t.Run(fmt.Sprintf("device=%v", device), func(t *testing.T) {
-			h := startHost(t, 3*time.Second)
-			h.write(t, "f", strings.Repeat("the bytes ", 800000)) // 8 MB
-			h.write(t, "g", "opened only while the host is down")
-			h.publish(t)
-			dev := ""
-			if device {
-				dev = h.img
-			}
+			h, dev := hostWithBigFile(t, device, "g", "opened only while the host is down")
 			// With the page cache on the host, a read is the application's
 			// own request (the kernel's read-ahead is not: a process
 			// waiting for it can be killed anyway).
@@ -237,6 +223,19 @@ func TestInterruptedWhileTheHostIsDown(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hostWithBigFile is a host that published f (8 MB) and name, and the
+// device its guests read, if device.
+func hostWithBigFile(t *testing.T, device bool, name, content string) (h *host, dev string) {
+	h = startHost(t, 3*time.Second)
+	h.write(t, "f", strings.Repeat("the bytes ", 800000))
+	h.write(t, name, content)
+	h.publish(t)
+	if device {
+		dev = h.img
+	}
+	return h, dev
 }
 
 // vanish ends the host agent without a word to its guests, as a crash
