@@ -215,10 +215,20 @@ func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.
 	down := c.downDeadline()   // for a connection
 	var ended *vsockproto.Conn // the last connection that ended under the request
 	backoff := 5 * time.Millisecond
-	stop := c.wakeOn(cancel)
-	defer stop()
+	// Only a request that waits for a connection pays for being woken by
+	// its interruption.
+	stop, armed := func() {}, false
+	arm := func() {
+		if !armed {
+			armed, stop = true, c.wakeOn(cancel)
+		}
+	}
+	defer func() { stop() }()
 	for {
 		c.mu.Lock()
+		if c.conn == nil && c.gone == "" {
+			arm()
+		}
 		c.waitLocked(func() bool { return c.conn != nil || c.gone != "" || interrupted(cancel) }, down)
 		conn, closed, gone := c.conn, c.closed, c.gone
 		c.mu.Unlock()
@@ -260,6 +270,7 @@ func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.
 			fallthrough
 		case conn.Err() != nil && (down.IsZero() || time.Now().Before(down)):
 			c.mu.Lock()
+			arm()
 			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" || interrupted(cancel) }, down)
 			c.mu.Unlock()
 			continue

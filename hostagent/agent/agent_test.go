@@ -235,7 +235,9 @@ func TestAgentRefusesAStateDirOnTheExport(t *testing.T) {
 		t.Fatalf("a state directory on the export: %v", err)
 	}
 	s = w.settings(t)
-	start(t, s, nil)
+	if _, err := start(t, s, nil).Reload(false, ""); err == nil {
+		t.Error("a reload with no way to read the settings again succeeded")
+	}
 	second := w.settings(t)
 	second.Control, second.Listen = w.addr(t, "control2.sock"), []vsockproto.Addr{w.addr(t, "guest2.sock")}
 	if _, err := New(context.Background(), second, Options{Logger: hclog.NewNullLogger(), Watchdog: watchdog}); err == nil || !strings.Contains(err.Error(), "held by another leasefs host agent") {

@@ -46,6 +46,9 @@ func (a *Agent) Reload(dry bool, config string) ([]string, error) {
 			return nil, fmt.Errorf("%s: the settings file's path must be absolute (the agent's working directory is not yours)", config)
 		}
 	}
+	if a.opt.Load == nil {
+		return nil, errors.New("this agent has no settings to read again")
+	}
 	s, err := a.opt.Load(config)
 	if err != nil {
 		if !dry {
