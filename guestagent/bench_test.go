@@ -19,19 +19,19 @@ import (
 // the p50 and worst in ms.
 func BenchmarkPublishToVisible(b *testing.B) {
 	h := startHost(b, 5*time.Second)
-	h.write(b, "seed", "x")
-	if _, err := h.srv.Publish("test"); err != nil {
+	h.Write(b, "seed", "x")
+	if _, err := h.Srv.Publish("test"); err != nil {
 		b.Fatal(err)
 	}
-	g := startGuest(b, h, h.img)
+	g := startGuest(b, h, h.Img)
 	var lat []time.Duration
 	for i := range b.N {
 		name := fmt.Sprint("new", i)
-		os.WriteFile(filepath.Join(h.mnt, name), []byte("v"), 0o644)
+		os.WriteFile(filepath.Join(h.Mnt, name), []byte("v"), 0o644)
 		if _, err := os.Stat(filepath.Join(g.dir, name)); err == nil {
 			b.Fatal("visible before the publish")
 		}
-		if _, err := h.srv.Publish("test"); err != nil {
+		if _, err := h.Srv.Publish("test"); err != nil {
 			b.Fatal(err)
 		}
 		start := time.Now()
@@ -56,8 +56,8 @@ func BenchmarkPublishToVisible(b *testing.B) {
 // filesystem, each time from a fresh mount (no metadata cached).
 func BenchmarkWalk(b *testing.B) {
 	h := startHost(b, 5*time.Second)
-	imgtest.Populate(b, h.mnt, imgtest.TreeSpec{Seed: 7, BlockSize: 4096, ManyEntries: 20000})
-	if _, err := h.srv.Publish("test"); err != nil {
+	imgtest.Populate(b, h.Mnt, imgtest.TreeSpec{Seed: 7, BlockSize: 4096, ManyEntries: 20000})
+	if _, err := h.Srv.Publish("test"); err != nil {
 		b.Fatal(err)
 	}
 	walk := func(b *testing.B, dir string) int {
@@ -80,7 +80,7 @@ func BenchmarkWalk(b *testing.B) {
 	b.Run("guest", func(b *testing.B) {
 		for range b.N {
 			b.StopTimer()
-			g := startGuest(b, h, h.img)
+			g := startGuest(b, h, h.Img)
 			b.StartTimer()
 			walk(b, g.dir)
 			b.StopTimer()
@@ -91,7 +91,7 @@ func BenchmarkWalk(b *testing.B) {
 	b.Run("image", func(b *testing.B) {
 		for range b.N {
 			b.StopTimer()
-			f, err := os.Open(h.img)
+			f, err := os.Open(h.Img)
 			if err != nil {
 				b.Fatal(err)
 			}

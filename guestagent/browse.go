@@ -238,12 +238,12 @@ const keptFor = time.Second
 // without FeatureKept keeps none for guests.
 func (c *Client) Kept() ([]vsockproto.KeptGeneration, error) {
 	c.mu.Lock()
-	if time.Since(c.keptAt) < keptFor {
-		list := c.keptList
+	if time.Since(c.sw.keptAt) < keptFor {
+		list := c.sw.keptList
 		c.mu.Unlock()
 		return list, nil
 	}
-	conn := c.conn
+	conn := c.sess.conn
 	c.mu.Unlock()
 	var list []vsockproto.KeptGeneration
 	if conn == nil || conn.Features().Has(vsockproto.FeatureKept) {
@@ -259,12 +259,11 @@ func (c *Client) Kept() ([]vsockproto.KeptGeneration, error) {
 	}
 	var gone []*ext4ro.FS
 	c.mu.Lock()
-	c.keptList, c.keptAt = list, time.Now()
-	for gen, f := range c.browse {
+	c.sw.keptList, c.sw.keptAt = list, time.Now()
+	for gen, v := range c.sw.browse {
 		if !kept[gen] {
-			gone = append(gone, f)
-			delete(c.browse, gen)
-			delete(c.views, f)
+			gone = append(gone, v.fs)
+			delete(c.sw.browse, gen)
 		}
 	}
 	c.mu.Unlock()
@@ -278,22 +277,22 @@ func (c *Client) Kept() ([]vsockproto.KeptGeneration, error) {
 // per generation, kept while the host keeps it.
 func (c *Client) Browse(gen uint64) (*ext4ro.FS, error) {
 	c.mu.Lock()
-	if f, ok := c.browse[gen]; ok {
+	if v, ok := c.sw.browse[gen]; ok {
 		c.mu.Unlock()
-		return f, nil
+		return v.fs, nil
 	}
-	bs := c.cur.bs
+	bs := c.sw.cur.bs
 	c.mu.Unlock()
-	f, err := c.open(&genView{c: c, gen: gen, bs: bs, browse: true})
+	gv := &genView{c: c, gen: gen, bs: bs}
+	f, err := c.open(gv)
 	if err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if o, ok := c.browse[gen]; ok { // opened meanwhile
-		delete(c.views, f)
-		return o, nil
+	if o, ok := c.sw.browse[gen]; ok { // opened meanwhile
+		return o.fs, nil
 	}
-	c.browse[gen] = f
+	c.sw.browse[gen] = servedView{fs: f, gen: gv}
 	return f, nil
 }

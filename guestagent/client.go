@@ -140,57 +140,32 @@ type Client struct {
 	cache    *metaCache
 	m        *clientMetrics
 	fetching *inFlight     // metadata blocks being fetched
-	notify   Notifier      // set by Attach, then the switcher's alone
+	kernel   *kernel       // set by Attach, then the switcher's alone (kernel.go)
 	attached chan struct{} // closed by Attach: the switcher starts then
 	kick     chan struct{} // wakes the switcher
 	done     chan struct{} // closed by Close
 	started  time.Time
 
+	// mu guards the session, the switching state and the open files,
+	// and the fields below it. They are one lock's because a reconnect
+	// changes the three at once: a session the host did not resume takes
+	// every lease with it, and a host that lost the generation served
+	// every view. Each is a type of its own, whose methods are called
+	// with mu held.
 	mu      sync.Mutex
-	changed *sync.Cond // broadcast when conn, latest, cur or closed change
+	changed *sync.Cond // broadcast when the session, latest, cur or closed change
 
 	// live is the session while it is up, for reads of the device
-	// (holding.go); set and cleared with conn.
+	// (holding.go); set and cleared with sess.conn.
 	live atomic.Pointer[liveSession]
 
-	// The session (session.go), guarded by mu.
-	conn *vsockproto.Conn // nil while disconnected
-	lost time.Time        // when the last connection ended
-	gone string           // why the host no longer serves the export, if it said so
-	// downAfterWait: a wait for the host timed out since the last
-	// connection (DownPolicy): requests fail at once until the next.
-	downAfterWait bool
-	token         vsockproto.Token
-	policy        publishPolicy
-	connected     time.Time
-	reconnects    int
-	resumes       int
-	device        DeviceStatus // verify.go
-	lastErr       string
-	lastErrAt     time.Time
-
-	// Switching (switcher.go), guarded by mu.
-	cur         *genView                // the generation served
-	views       map[*ext4ro.FS]*genView // the readers of recent generations
-	latest      uint64                  // the newest generation the host announced
-	latestLabel string                  // latest's label, as the host published it
-	pinned      uint64                  // the generation the mount stays on (ClientConfig.Pin); 0 once it follows
-	browse      map[uint64]*ext4ro.FS   // readers of kept generations, for .generations (browse.go)
-	keptList    []vsockproto.KeptGeneration
-	keptAt      time.Time   // when keptList was asked for
-	pending     changes     // from cur to latest
-	force       bool        // switch to latest whatever Follow says
-	switched    time.Time   // the last switch
-	timer       *time.Timer // a deferred switch (Follow.Interval)
-	inval       []uint64    // nodes whose pages and attributes to drop
-
-	// Open files (files.go), guarded by mu.
-	files     map[uint64]*leasedFile // by lease id
-	fenced    []FencedFile           // the latest, newest last
-	idle      map[uint64]idleFile    // leases kept after their last close, by node (idle.go)
-	idleTimer *time.Timer            // releases them
-
-	closed bool // guarded by mu
+	sess      session      // the connection and what the host said (session.go)
+	sw        switching    // the generations served, announced and browsed (switcher.go)
+	files     openFiles    // the leases held, idle and fenced (files.go, idle.go)
+	device    DeviceStatus // verify.go
+	lastErr   string
+	lastErrAt time.Time
+	closed    bool // guarded by mu
 }
 
 // publishPolicy is how the host said it publishes.
@@ -255,7 +230,7 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if !cfg.Down.Hard && cfg.Down.Timeout <= 0 {
 		cfg.Down = DefaultDown
 	}
-	c := &Client{cfg: cfg, log: cfg.Logger, views: map[*ext4ro.FS]*genView{}, browse: map[uint64]*ext4ro.FS{}, files: map[uint64]*leasedFile{}, idle: map[uint64]idleFile{},
+	c := &Client{cfg: cfg, log: cfg.Logger, sw: switching{browse: map[uint64]servedView{}}, files: newOpenFiles(),
 		kick: make(chan struct{}, 1), done: make(chan struct{}), attached: make(chan struct{}), started: time.Now(), fetching: newInFlight()}
 	c.changed = sync.NewCond(&c.mu)
 	c.m = newClientMetrics(c)
@@ -301,23 +276,20 @@ func NewClient(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("export %s, generation %d: %w", cfg.Export, gen, err)
 	}
 	if c.dev != nil {
-		if err := c.verifyDevice(f); err != nil {
+		if err := c.verifyDevice(v, f); err != nil {
 			c.Close()
 			return nil, err
 		}
 	}
 	c.mu.Lock()
-	c.cur, c.latest, c.switched = v, w.Generation, time.Now()
-	if gen != w.Generation {
-		c.pending.all = true // from a pinned generation: what changed since is not known
-	}
-	c.checkSwitcher()
+	c.sw.start(v, w.Generation)
 	c.mu.Unlock()
 	fs := NewFileSystem(f, Config{Timeout: cfg.Timeout, Files: c, NoOpenDir: true, DirectIO: cfg.PageCache == PageCacheHost,
 		Generations: c, ShowGenerations: cfg.ShowGenerations, Logger: cfg.Logger})
-	fs.SetView(f, uint32(gen))
+	fs.serve(f, uint32(gen), v)
 	c.mu.Lock() // an announcement may be handled meanwhile (announced reads it)
 	c.fs = fs
+	c.checkSwitcher()
 	c.mu.Unlock()
 	go c.switcher()
 	return c, nil
@@ -332,7 +304,7 @@ func (c *Client) FileSystem() *FileSystem { return c.fs }
 // anything to tell it through: until Attach, the switcher keeps both
 // waiting (a fence stops reads at once all the same).
 func (c *Client) Attach(n Notifier) {
-	c.notify = n
+	c.kernel = &kernel{n: n, nodes: c.fs.nodes, count: c.m.inval, log: c.log, refused: c.noteError}
 	close(c.attached)
 }
 
@@ -340,7 +312,7 @@ func (c *Client) Attach(n Notifier) {
 func (c *Client) Generation() uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.cur.gen
+	return c.sw.cur.gen
 }
 
 // Close disconnects for good.
@@ -353,15 +325,11 @@ func (c *Client) Close() {
 	c.closed = true
 	close(c.done)
 	c.changed.Broadcast() // no one waits for a connection or a generation any more
-	conn := c.conn
-	c.conn = nil
+	conn := c.sess.conn
+	c.sess.conn = nil
 	c.live.Store(nil)
-	if c.timer != nil {
-		c.timer.Stop()
-	}
-	if c.idleTimer != nil {
-		c.idleTimer.Stop()
-	}
+	c.sw.stop()
+	c.files.stop()
 	c.mu.Unlock()
 	if conn != nil {
 		conn.Close()
@@ -390,8 +358,7 @@ func buffered(path string) (*os.File, error) {
 	return f, nil
 }
 
-// open opens an ext4ro reader over v and remembers which generation it
-// reads, for opens of its files.
+// open opens an ext4ro reader over v.
 func (c *Client) open(v *genView) (*ext4ro.FS, error) {
 	v.sb = make([]byte, superblockSize)
 	if _, err := v.ReadAt(v.sb, superblockAt); err != nil {
@@ -401,22 +368,23 @@ func (c *Client) open(v *genView) (*ext4ro.FS, error) {
 	if c.data != nil {
 		opts.Data = c.data
 	}
-	f, err := ext4ro.Open(v, opts)
-	if err != nil {
-		return nil, err
-	}
-	c.mu.Lock()
-	c.views[f] = v
-	c.mu.Unlock()
-	return f, nil
+	return ext4ro.Open(v, opts)
 }
 
-// viewOf returns the view a reader of c.open reads, or nil if it is too
-// old to be remembered.
+// viewOf returns the generation a reader the mount served reads (a
+// recent one, or one of .generations), or nil if it is too old to be
+// remembered, or its generation is gone from the host.
 func (c *Client) viewOf(f *ext4ro.FS) *genView {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.views[f]
+	gv := c.fs.views.generationOf(f)
+	if gv == nil {
+		c.mu.Lock()
+		gv = c.sw.browsed(f)
+		c.mu.Unlock()
+	}
+	if gv != nil && gv.dead.Load() {
+		return nil
+	}
+	return gv
 }
 
 // waitLocked waits, with c.mu held, until done, the client closes or the

@@ -75,7 +75,10 @@
 //
 // The switcher (switcher.go), one goroutine, is the only code that moves
 // the served view to another generation and the only code that sends the
-// kernel notifications. A switch reads the changed directories as the
+// kernel notifications (through its kernel, kernel.go). The views it
+// served lately are one registry (views.go): a directory listing goes on
+// in the one its cookies name, and an open through a handle of one
+// leases in its generation. A switch reads the changed directories as the
 // old view has them, moves the cache to the new generation (dropping the
 // blocks the announcements listed, at a cost that grows with the change),
 // swaps the view into the FileSystem, then tells the kernel what changed:
@@ -148,10 +151,18 @@
 //
 // Client.live (the session, for device reads) and whether the device
 // may be read (devData, devMeta) are atomic: a read never takes a lock
-// to check them. Client.mu guards the session, switching and
-// open-file state; it is held only to read and change that state, never
-// during I/O, a call to the host or a notification (it is released while
-// waiting on Client.changed). A digest window being asked for is waited
+// to check them; nor does the registry of recent views (views.go),
+// which lookups, listings and opens read and the switcher alone
+// replaces. Client.mu guards the client's state, which is three types,
+// each with its own methods (called with it held): the session
+// (session.go), the switching state (switcher.go) and the open files
+// (files.go, idle.go). They share the lock because a reconnect changes
+// the three at once: a session the host did not resume takes every
+// lease with it (a lease granted by an older session than the one that
+// is up when it is counted is not kept: session.epoch), and a host that
+// lost the generation served every view. Client.mu is held only to read
+// and change that state, never during I/O, a call to the host or a
+// notification (it is released while waiting on Client.changed). A digest window being asked for is waited
 // for with no lock held. The locks taken with it held are
 // metaCache.mu and nodes.mu (through FileSystem methods), each a leaf
 // held for a map operation; nothing takes Client.mu while holding them.

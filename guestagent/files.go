@@ -29,6 +29,13 @@ func (c *Client) Open(cancel <-chan struct{}, v *ext4ro.FS, in *ext4ro.Inode, fi
 			return nil, fmt.Errorf("%w: inode %d: the host no longer keeps its generation", ErrStale, in.Ino)
 		}
 		if gv == nil { // a reader too old to remember: the view served now
+			if v == c.fs.View() {
+				// The one served is dead (the host lost its
+				// generation): the switcher is moving away from it.
+				if why := c.awaitSwitchFrom(cancel, v); why != "" {
+					return nil, fmt.Errorf("%w: inode %d: the host no longer has the generation served, and %s", ErrStale, in.Ino, why)
+				}
+			}
 			var err error
 			if v, in, err = c.sameFileNow(in); err != nil {
 				return nil, err
@@ -36,12 +43,16 @@ func (c *Client) Open(cancel <-chan struct{}, v *ext4ro.FS, in *ext4ro.Inode, fi
 			continue
 		}
 		c.mu.Lock()
-		lf := c.reuseLocked(NodeID(in))
+		lf := c.files.reuse(NodeID(in))
 		c.mu.Unlock()
 		if lf != nil {
+			c.m.leasesReused.Inc()
 			return lf, nil
 		}
 		lf, err := c.lease(cancel, gv, v, in)
+		if errors.Is(err, errLeaseLost) {
+			continue // granted by a session that is gone: ask the next one
+		}
 		if errors.Is(err, vsockproto.ErrQuota) && c.dropIdle() > 0 {
 			// The leases kept idle count against this guest's share
 			// of the host's files: they go first.
@@ -89,7 +100,7 @@ func (c *Client) openWaitLocked() time.Duration {
 	if c.cfg.OpenWait > 0 {
 		return c.cfg.OpenWait
 	}
-	return c.policy.max + 5*time.Second
+	return c.sess.policy.max + 5*time.Second
 }
 
 // awaitNewer moves the client off gv (forcing the switch), waiting until
@@ -100,35 +111,52 @@ func (c *Client) awaitNewer(cancel <-chan struct{}, gv *genView, deadline time.T
 	defer stop()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.cur != gv {
+	if c.sw.cur != gv {
 		return "" // moved meanwhile
 	}
-	if c.pinned != 0 {
-		return fmt.Sprintf("the mount is pinned to generation %d", c.pinned)
+	if c.sw.pinned != 0 {
+		return fmt.Sprintf("the mount is pinned to generation %d", c.sw.pinned)
 	}
-	if c.latest == gv.gen {
-		if c.policy.known && c.policy.max == 0 {
+	if c.sw.latest == gv.gen {
+		if c.sess.policy.known && c.sess.policy.max == 0 {
 			return "the host publishes only when told (leasefs publish), and has not since"
 		}
-		c.waitLocked(func() bool { return c.latest != gv.gen || interrupted(cancel) }, deadline)
+		c.waitLocked(func() bool { return c.sw.latest != gv.gen || interrupted(cancel) }, deadline)
 		if interrupted(cancel) {
 			return "interrupted"
 		}
-		if c.latest == gv.gen {
+		if c.sw.latest == gv.gen {
 			return fmt.Sprintf("no newer generation came within %v", c.openWaitLocked())
 		}
 	}
-	c.force = true
+	c.sw.force = true
 	c.wake()
 	switchBy := time.Now().Add(10 * time.Second)
 	if deadline.After(switchBy) {
 		switchBy = deadline
 	}
-	c.waitLocked(func() bool { return c.cur != gv }, switchBy)
-	if c.cur == gv {
+	c.waitLocked(func() bool { return c.sw.cur != gv }, switchBy)
+	if c.sw.cur == gv {
 		return "the switch to a newer generation did not finish in time"
 	}
 	return ""
+}
+
+// awaitSwitchFrom waits a while for the switcher to serve another view
+// than f, and returns why it did not, or "".
+func (c *Client) awaitSwitchFrom(cancel <-chan struct{}, f *ext4ro.FS) string {
+	stop := c.wakeOn(cancel)
+	defer stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.waitLocked(func() bool { return c.fs.View() != f || interrupted(cancel) }, time.Now().Add(10*time.Second))
+	switch {
+	case c.fs.View() != f:
+		return ""
+	case interrupted(cancel):
+		return "the open was interrupted"
+	}
+	return "the switch to its newest did not finish in time"
 }
 
 // sameFileNow finds in (the same version of the same file: its node) in
@@ -153,7 +181,7 @@ func (c *Client) lease(cancel <-chan struct{}, gv *genView, v *ext4ro.FS, in *ex
 	if err != nil {
 		return nil, err
 	}
-	reply, err := c.call(cancel, &vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
+	reply, epoch, err := c.callIn(cancel, &vsockproto.Open{Generation: gv.gen, Inode: in.Ino, IGen: in.Generation, Size: in.Size,
 		Ctime: vsockproto.Timespec{Sec: in.Ctime.Sec, Nsec: in.Ctime.Nsec}, Layout: layout.Hash(file.Extents())})
 	if err != nil {
 		c.log.Debug("open refused", "inode", in.Ino, "generation", gv.gen, "error", err)
@@ -167,9 +195,83 @@ func (c *Client) lease(cancel <-chan struct{}, gv *genView, v *ext4ro.FS, in *ex
 		lf.data = c.m.data.WithLabelValues("device")
 	}
 	c.mu.Lock()
-	c.files[lf.id] = lf
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	if c.sess.epoch != epoch {
+		// The session the lease was granted in ended, and the next did
+		// not resume it, before the file was counted among those held
+		// (which the lost session's fence goes through): it is not held.
+		return nil, errLeaseLost
+	}
+	c.files.add(lf)
 	return lf, nil
+}
+
+// errLeaseLost: a lease was granted by a session that is gone.
+var errLeaseLost = errors.New("the lease was granted by a session that is gone")
+
+// openFiles is the leases a guest holds, guarded by Client.mu: those of
+// open files and those kept idle after their last close (idle.go), and
+// the files fenced last, for status.
+type openFiles struct {
+	leases    map[uint64]*leasedFile // by lease id, idle ones too
+	idle      map[uint64]idleFile    // by node (idle.go)
+	idleTimer *time.Timer            // releases them
+	fenced    []FencedFile           // the latest, newest last
+}
+
+func newOpenFiles() openFiles {
+	return openFiles{leases: map[uint64]*leasedFile{}, idle: map[uint64]idleFile{}}
+}
+
+func (o *openFiles) add(lf *leasedFile) { o.leases[lf.id] = lf }
+
+// holds says whether lf's lease is still held.
+func (o *openFiles) holds(lf *leasedFile) bool { return o.leases[lf.id] == lf }
+
+// remove forgets lf, and says whether its lease was held.
+func (o *openFiles) remove(lf *leasedFile) bool {
+	held := o.holds(lf)
+	if held {
+		delete(o.leases, lf.id)
+	}
+	return held
+}
+
+// take forgets the leases of ids (a break) and returns those held.
+func (o *openFiles) take(ids []uint64) []*leasedFile {
+	var out []*leasedFile
+	for _, id := range ids {
+		if lf := o.leases[id]; lf != nil {
+			out = append(out, lf)
+			delete(o.leases, id)
+		}
+	}
+	return out
+}
+
+// takeAll forgets every lease (a revoke, a session lost) and returns
+// them.
+func (o *openFiles) takeAll() []*leasedFile {
+	out := make([]*leasedFile, 0, len(o.leases))
+	for id, lf := range o.leases {
+		out = append(out, lf)
+		delete(o.leases, id)
+	}
+	return out
+}
+
+// noteFenced remembers a fenced file, for status: the last maxFenced.
+func (o *openFiles) noteFenced(f FencedFile) {
+	o.fenced = append(o.fenced, f)
+	if n := len(o.fenced); n > maxFenced {
+		o.fenced = append(o.fenced[:0], o.fenced[n-maxFenced:]...)
+	}
+}
+
+func (o *openFiles) stop() {
+	if o.idleTimer != nil {
+		o.idleTimer.Stop()
+	}
 }
 
 // leasedFile is a file open under a lease. It reads its data from the
@@ -199,11 +301,8 @@ func (c *Client) fence(lf *leasedFile, why string) {
 	path := c.fs.nodes.path(lf.node)
 	c.log.Warn("an open file was fenced: its reads are ESTALE from now on", "path", path, "inode", lf.ino, "generation", lf.gen, "why", why)
 	c.mu.Lock()
-	c.inval = append(c.inval, lf.node)
-	c.fenced = append(c.fenced, FencedFile{Inode: lf.ino, Path: path, Generation: lf.gen, Why: why, At: time.Now()})
-	if n := len(c.fenced); n > maxFenced {
-		c.fenced = append(c.fenced[:0], c.fenced[n-maxFenced:]...)
-	}
+	c.sw.inval = append(c.sw.inval, lf.node)
+	c.files.noteFenced(FencedFile{Inode: lf.ino, Path: path, Generation: lf.gen, Why: why, At: time.Now()})
 	c.mu.Unlock()
 	c.wake()
 }
@@ -302,7 +401,7 @@ const maxRead = vsockproto.MaxReply
 func (lf *leasedFile) Close() error {
 	c := lf.c
 	c.mu.Lock()
-	if _, held := c.files[lf.id]; !held {
+	if !c.files.holds(lf) {
 		c.mu.Unlock()
 		return nil // broken, revoked or lost: nothing to release
 	}

@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,8 +25,7 @@ import (
 type FileSystem struct {
 	fuse.RawFileSystem // ENOSYS for whatever is not implemented below
 
-	view      atomic.Pointer[ext4ro.FS]
-	recent    atomic.Pointer[[]taggedView] // the views served lately, newest first
+	views     *recentViews // the view served, and those served lately (views.go)
 	timeout   time.Duration
 	noOpen    bool
 	noOpenDir bool
@@ -123,12 +121,6 @@ type Config struct {
 	Logger          hclog.Logger
 }
 
-// taggedView is a view and the tag its directory cookies carry.
-type taggedView struct {
-	tag uint32
-	v   *ext4ro.FS
-}
-
 // NewFileSystem serves view.
 func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 	if cfg.Logger == nil {
@@ -153,26 +145,26 @@ func NewFileSystem(view *ext4ro.FS, cfg Config) *FileSystem {
 	if cfg.Files != nil {
 		fs.nodes = newNodes()
 	}
-	fs.view.Store(view)
-	fs.recent.Store(&[]taggedView{{0, view}})
+	fs.views = newRecentViews(servedView{fs: view})
 	return fs
 }
 
 // View returns the view being served.
-func (fs *FileSystem) View() *ext4ro.FS { return fs.view.Load() }
+func (fs *FileSystem) View() *ext4ro.FS { return fs.views.current().fs }
 
 // SetView serves v from now on, tagged tag (a number that names it among
 // the recent views), and returns the view it replaces. Open files and
 // directories keep the view they were opened in, and a directory listing
 // begun in an earlier view goes on in it while it is among the last few.
 // The caller then invalidates what the kernel may have cached of the old
-// view.
+// view. (A live mount's switcher serves its generations with serve.)
 func (fs *FileSystem) SetView(v *ext4ro.FS, tag uint32) *ext4ro.FS {
-	tag %= maxTag
-	old := *fs.recent.Load()
-	recent := append([]taggedView{{tag, v}}, old[:min(len(old), keptViews-1)]...)
-	fs.recent.Store(&recent)
-	return fs.view.Swap(v)
+	return fs.serve(v, tag, nil)
+}
+
+// serve is SetView of the reader of generation gv.
+func (fs *FileSystem) serve(v *ext4ro.FS, tag uint32, gv *genView) *ext4ro.FS {
+	return fs.views.serve(servedView{tag: tag % maxTag, fs: v, gen: gv}).fs
 }
 
 // Directory cookies carry the tag of the view a listing began in, above
@@ -181,7 +173,6 @@ func (fs *FileSystem) SetView(v *ext4ro.FS, tag uint32) *ext4ro.FS {
 const (
 	cookieBits = 40
 	maxTag     = 1<<(63-cookieBits) - 1
-	keptViews  = 8 // recent views a listing may go on in
 )
 
 func tagCookie(tag uint32, pos uint64) uint64 { return uint64(tag)<<cookieBits | pos }
@@ -193,15 +184,8 @@ func splitCookie(c uint64) (tag uint32, pos uint64) {
 // viewTagged returns the recent view tagged tag, or (for tag 0, a new
 // listing, or a view no longer recent) the current one.
 func (fs *FileSystem) viewTagged(tag uint32) (uint32, *ext4ro.FS) {
-	recent := *fs.recent.Load()
-	if tag != 0 {
-		for _, r := range recent {
-			if r.tag == tag {
-				return r.tag, r.v
-			}
-		}
-	}
-	return recent[0].tag, recent[0].v
+	v := fs.views.tagged(tag)
+	return v.tag, v.fs
 }
 
 // Nodes returns how many nodes the kernel holds, besides the root (0 for
@@ -270,7 +254,7 @@ func (fs *FileSystem) status(op string, err error) fuse.Status {
 // a file held open can be reached again (/proc/PID/fd/N, /proc/PID/exe)
 // for as long as it is held.
 func (fs *FileSystem) inode(nodeID uint64) (*ext4ro.FS, *ext4ro.Inode, fuse.Status) {
-	v, in, st := fs.inodeIn(fs.view.Load(), nodeID)
+	v, in, st := fs.inodeIn(fs.View(), nodeID)
 	if st == fuse.Status(syscall.ESTALE) {
 		if h := fs.heldNode(nodeID); h != nil {
 			return h.v, h.in, fuse.OK
@@ -787,7 +771,7 @@ func (fs *FileSystem) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte
 }
 
 func (fs *FileSystem) StatFs(_ <-chan struct{}, _ *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
-	s := fs.view.Load().Statfs()
+	s := fs.View().Statfs()
 	*out = fuse.StatfsOut{
 		Blocks:  s.Blocks,
 		Bfree:   s.FreeBlocks,

@@ -134,8 +134,8 @@ func (c *Client) holding(cancel <-chan struct{}) (*liveSession, error) {
 			}
 		}
 		c.mu.Lock()
-		c.waitLocked(func() bool { return c.live.Load() != s || c.gone != "" || interrupted(cancel) }, until)
-		gone, closed := c.gone, c.closed
+		c.waitLocked(func() bool { return c.live.Load() != s || c.sess.gone != "" || interrupted(cancel) }, until)
+		gone, closed := c.sess.gone, c.closed
 		c.mu.Unlock()
 		switch {
 		case interrupted(cancel) && !c.live.Load().holds():
@@ -158,7 +158,7 @@ func (c *Client) holding(cancel <-chan struct{}) (*liveSession, error) {
 func (c *Client) downDeadline() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.downAfterWait && c.conn == nil {
+	if c.sess.downAfterWait && c.sess.conn == nil {
 		return time.Now()
 	}
 	return c.cfg.Down.deadline()
@@ -167,7 +167,7 @@ func (c *Client) downDeadline() time.Time {
 // timedOut records that a wait for the host timed out, and says so.
 func (c *Client) timedOut() error {
 	c.mu.Lock()
-	c.downAfterWait = true
+	c.sess.downAfterWait = true
 	c.mu.Unlock()
 	return fmt.Errorf("%w: no session with %v (down policy %v)", errDown, c.cfg.Addr, c.cfg.Down)
 }

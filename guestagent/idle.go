@@ -10,13 +10,13 @@ import (
 // A file's lease outlives its last close for a while (as an NFSv4 client
 // keeps a delegation): a program that opens the same files again — every
 // start of a program opens its binary and libraries, an interpreter its
-// modules — opens them without asking the host. The lease stays in
-// c.files while idle, so a break or a revoke fences and drops it as any
-// other; an idle lease found fenced or gone is not reused. Idle leases
-// are let go after ClientConfig.Linger (30 s; negative: at once), the
-// oldest first past maxIdle, and at a
-// switch those of files the new generation changed: they would keep the
-// space of a replaced file only for opens that can no longer come.
+// modules — opens them without asking the host. The lease stays among
+// the open files (openFiles.leases) while idle, so a break or a revoke
+// fences and drops it as any other; an idle lease found fenced or gone
+// is not reused. Idle leases are let go after ClientConfig.Linger (30 s;
+// negative: at once), the oldest first past maxIdle, and at a switch
+// those of files the new generation changed: they would keep the space
+// of a replaced file only for opens that can no longer come.
 const (
 	defaultLinger = 30 * time.Second
 	maxIdle       = 4096
@@ -28,67 +28,85 @@ type idleFile struct {
 	since time.Time
 }
 
-// park keeps lf's lease after its last close, instead of releasing it.
-// It returns what must be released now (lf itself if it cannot be kept,
-// or the oldest idle leases past maxIdle). Called with c.mu held.
-func (c *Client) parkLocked(lf *leasedFile) []*leasedFile {
-	if c.closed || c.cfg.Linger < 0 || lf.Stale() != nil {
-		return []*leasedFile{lf}
-	}
+// park keeps lf's lease after its last close, as the node's idle one,
+// and returns what must be released now: the node's lease it replaces,
+// or the oldest idle leases past maxIdle. The first lease parked arms the
+// timer that runs expire.
+func (o *openFiles) park(lf *leasedFile, linger time.Duration, expire func()) []*leasedFile {
 	var out []*leasedFile
-	if old, ok := c.idle[lf.node]; ok && old.lf != lf {
+	if old, ok := o.idle[lf.node]; ok && old.lf != lf {
 		out = append(out, old.lf) // one lease per version is enough
 	}
-	c.idle[lf.node] = idleFile{lf, time.Now()}
-	for len(c.idle) > maxIdle {
+	o.idle[lf.node] = idleFile{lf, time.Now()}
+	for len(o.idle) > maxIdle {
 		var oldest uint64
 		var at time.Time
-		for node, f := range c.idle {
+		for node, f := range o.idle {
 			if at.IsZero() || f.since.Before(at) {
 				oldest, at = node, f.since
 			}
 		}
-		out = append(out, c.idle[oldest].lf)
-		delete(c.idle, oldest)
+		out = append(out, o.idle[oldest].lf)
+		delete(o.idle, oldest)
 	}
-	if c.idleTimer == nil {
-		c.idleTimer = time.AfterFunc(c.cfg.Linger, c.expireIdle)
+	if o.idleTimer == nil {
+		o.idleTimer = time.AfterFunc(linger, expire)
 	}
 	return out
 }
 
 // reuse returns the idle lease of node (a version of a file: its
-// content), taking it out of the idle ones, or nil. Called with c.mu held.
-func (c *Client) reuseLocked(node uint64) *leasedFile {
-	f, ok := c.idle[node]
+// content), taking it out of the idle ones, or nil.
+func (o *openFiles) reuse(node uint64) *leasedFile {
+	f, ok := o.idle[node]
 	if !ok {
 		return nil
 	}
-	delete(c.idle, node)
-	if c.files[f.lf.id] != f.lf || f.lf.Stale() != nil {
+	delete(o.idle, node)
+	if !o.holds(f.lf) || f.lf.Stale() != nil {
 		return nil // broken, revoked or lost while idle: nothing to release
 	}
-	c.m.leasesReused.Inc()
 	return f.lf
+}
+
+// expired takes out the leases idle for linger (all of them, if all),
+// and says when the next one will be (0: none left).
+func (o *openFiles) expired(linger time.Duration, all bool) (out []*leasedFile, next time.Duration) {
+	for node, f := range o.idle {
+		if age := time.Since(f.since); age >= linger || all {
+			out = append(out, f.lf)
+			delete(o.idle, node)
+		} else if next == 0 || linger-age < next {
+			next = linger - age
+		}
+	}
+	return out, next
+}
+
+// takeIdle takes node's idle lease out, if it has one.
+func (o *openFiles) takeIdle(node uint64) (*leasedFile, bool) {
+	f, ok := o.idle[node]
+	delete(o.idle, node)
+	return f.lf, ok
+}
+
+// parkLocked is openFiles.park for the client: with c.mu held, it keeps
+// lf idle unless the client closes, lingers for no time or lf is fenced.
+func (c *Client) parkLocked(lf *leasedFile) []*leasedFile {
+	if c.closed || c.cfg.Linger < 0 || lf.Stale() != nil {
+		return []*leasedFile{lf}
+	}
+	return c.files.park(lf, c.cfg.Linger, c.expireIdle)
 }
 
 // expireIdle releases the leases idle for the Linger, and runs again
 // while some remain.
 func (c *Client) expireIdle() {
 	c.mu.Lock()
-	var out []*leasedFile
-	next := time.Duration(0)
-	for node, f := range c.idle {
-		if age := time.Since(f.since); age >= c.cfg.Linger || c.closed {
-			out = append(out, f.lf)
-			delete(c.idle, node)
-		} else if next == 0 || c.cfg.Linger-age < next {
-			next = c.cfg.Linger - age
-		}
-	}
-	c.idleTimer = nil
-	if len(c.idle) > 0 && !c.closed {
-		c.idleTimer = time.AfterFunc(next, c.expireIdle)
+	out, next := c.files.expired(c.cfg.Linger, c.closed)
+	c.files.idleTimer = nil
+	if next > 0 && !c.closed {
+		c.files.idleTimer = time.AfterFunc(next, c.expireIdle)
 	}
 	c.mu.Unlock()
 	c.release(out)
@@ -97,11 +115,7 @@ func (c *Client) expireIdle() {
 // dropIdle releases every idle lease, and says how many there were.
 func (c *Client) dropIdle() int {
 	c.mu.Lock()
-	out := make([]*leasedFile, 0, len(c.idle))
-	for node, f := range c.idle {
-		out = append(out, f.lf)
-		delete(c.idle, node)
-	}
+	out, _ := c.files.expired(0, true)
 	c.mu.Unlock()
 	c.release(out)
 	return len(out)
@@ -113,7 +127,7 @@ func (c *Client) dropIdle() int {
 func (c *Client) pruneIdle(f *ext4ro.FS, ch *changes) {
 	c.mu.Lock()
 	var check []uint64
-	for node := range c.idle {
+	for node := range c.files.idle {
 		if _, changed := ch.inodes[nodeIno(node)]; ch.all || changed {
 			check = append(check, node)
 		}
@@ -125,9 +139,8 @@ func (c *Client) pruneIdle(f *ext4ro.FS, ch *changes) {
 			continue
 		}
 		c.mu.Lock()
-		if idle, ok := c.idle[node]; ok {
-			out = append(out, idle.lf)
-			delete(c.idle, node)
+		if lf, ok := c.files.takeIdle(node); ok {
+			out = append(out, lf)
 		}
 		c.mu.Unlock()
 	}
@@ -139,8 +152,7 @@ func (c *Client) pruneIdle(f *ext4ro.FS, ch *changes) {
 func (c *Client) release(lfs []*leasedFile) {
 	for _, lf := range lfs {
 		c.mu.Lock()
-		_, held := c.files[lf.id]
-		delete(c.files, lf.id)
+		held := c.files.remove(lf)
 		c.mu.Unlock()
 		if held {
 			if _, err := c.call(nil, &vsockproto.Release{Lease: lf.id}); err != nil {

@@ -16,33 +16,34 @@ import (
 //   - Once the served generation is the newest announced, nothing is
 //     pending for a switch.
 //   - A mount pinned to a generation serves it.
-//   - The kernel is served the reader of the generation served
-//     (FileSystem.View is cur's, in the one registry c.views), and the
-//     FileSystem's recent views carry the numbers c.views has for them
-//     (but the first, tagged 0).
+//   - The kernel is served the reader of the generation served (the
+//     newest of the one registry of recent views, views.go, is cur's,
+//     or the one a switch is moving to),
+//     and each recent view's tag is its generation's number (but a
+//     static view's, tagged 0).
 func (c *Client) switcherInvariants() error {
-	cur := c.cur
+	cur := c.sw.cur
 	if cur == nil {
 		return nil // not started
 	}
 	var errs []error
 	live := !cur.dead.Load()
-	if live && cur.gen > c.latest {
-		errs = append(errs, fmt.Errorf("serves generation %d, newer than the newest announced %d", cur.gen, c.latest))
+	if live && cur.gen > c.sw.latest {
+		errs = append(errs, fmt.Errorf("serves generation %d, newer than the newest announced %d", cur.gen, c.sw.latest))
 	}
-	if p := c.pending; live && cur.gen == c.latest && (p.all || len(p.blocks) > 0 || len(p.inodes) > 0) {
+	if p := c.sw.pending; live && cur.gen == c.sw.latest && (p.all || len(p.blocks) > 0 || len(p.inodes) > 0) {
 		errs = append(errs, fmt.Errorf("serves the newest generation %d with changes still pending (all %v, %d ranges, %d inodes)", cur.gen, p.all, len(p.blocks), len(p.inodes)))
 	}
-	if live && c.pinned != 0 && cur.gen != c.pinned {
-		errs = append(errs, fmt.Errorf("pinned to generation %d, serves %d", c.pinned, cur.gen))
+	if live && c.sw.pinned != 0 && cur.gen != c.sw.pinned {
+		errs = append(errs, fmt.Errorf("pinned to generation %d, serves %d", c.sw.pinned, cur.gen))
 	}
 	if c.fs != nil {
-		if v := c.views[c.fs.View()]; live && v != cur {
+		if v := c.fs.views.current().gen; live && v != cur && v != c.sw.moving {
 			errs = append(errs, fmt.Errorf("the kernel is served a reader that is not generation %d's (%v)", cur.gen, v))
 		}
-		for _, tv := range *c.fs.recent.Load() {
-			if v := c.views[tv.v]; v != nil && tv.tag != 0 && uint32(v.gen) != tv.tag { // 0: the view served at the start
-				errs = append(errs, fmt.Errorf("a recent view is tagged %d, its reader is generation %d's", tv.tag, v.gen))
+		for _, v := range c.fs.views.all() {
+			if v.gen != nil && v.tag != uint32(v.gen.gen)%maxTag {
+				errs = append(errs, fmt.Errorf("a recent view is tagged %d, its reader is generation %d's", v.tag, v.gen.gen))
 			}
 		}
 	}

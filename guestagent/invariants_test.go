@@ -13,14 +13,11 @@ import (
 // to the switching state, in every test.)
 func TestSwitcherInvariantsCatchBrokenStates(t *testing.T) {
 	sound := func() *Client {
-		c := &Client{views: map[*ext4ro.FS]*genView{}}
+		c := &Client{}
 		old, cur := &genView{c: c, gen: 4}, &genView{c: c, gen: 5}
-		fOld, fCur := new(ext4ro.FS), new(ext4ro.FS)
-		c.views[fOld], c.views[fCur] = old, cur
-		c.cur, c.latest = cur, 5
-		c.fs = &FileSystem{}
-		c.fs.view.Store(fCur)
-		c.fs.recent.Store(&[]taggedView{{5, fCur}, {4, fOld}})
+		c.sw.cur, c.sw.latest = cur, 5
+		c.fs = &FileSystem{views: newRecentViews(servedView{tag: 4, fs: new(ext4ro.FS), gen: old})}
+		c.fs.views.serve(servedView{tag: 5, fs: new(ext4ro.FS), gen: cur})
 		return c
 	}
 	if err := sound().switcherInvariants(); err != nil {
@@ -30,11 +27,11 @@ func TestSwitcherInvariantsCatchBrokenStates(t *testing.T) {
 		name, want string
 		breakIt    func(*Client)
 	}{
-		{"newer than announced", "newer than the newest announced", func(c *Client) { c.latest = 4 }},
-		{"pending once current", "changes still pending", func(c *Client) { c.pending.all = true }},
-		{"pinned elsewhere", "pinned to generation 4", func(c *Client) { c.pinned = 4 }},
-		{"kernel served another reader", "not generation 5's", func(c *Client) { c.fs.view.Store((*c.fs.recent.Load())[1].v) }},
-		{"recent view mistagged", "tagged 3", func(c *Client) { (*c.fs.recent.Load())[1].tag = 3 }},
+		{"newer than announced", "newer than the newest announced", func(c *Client) { c.sw.latest = 4 }},
+		{"pending once current", "changes still pending", func(c *Client) { c.sw.pending.all = true }},
+		{"pinned elsewhere", "pinned to generation 4", func(c *Client) { c.sw.pinned = 4 }},
+		{"kernel served another reader", "not generation 5's", func(c *Client) { c.fs.views.serve(c.fs.views.all()[1]) }},
+		{"recent view mistagged", "tagged 3", func(c *Client) { c.fs.views.all()[1].tag = 3 }},
 	} {
 		cl := sound()
 		c.breakIt(cl)
@@ -43,12 +40,20 @@ func TestSwitcherInvariantsCatchBrokenStates(t *testing.T) {
 			t.Errorf("%s: %v, want %q", c.name, err, c.want)
 		}
 	}
+	// Mid-switch, the kernel is served the view the switch moves to.
+	c := sound()
+	next := &genView{c: c, gen: 6}
+	c.sw.latest, c.sw.pending.all, c.sw.moving = 6, true, next
+	c.fs.views.serve(servedView{tag: 6, fs: new(ext4ro.FS), gen: next})
+	if err := c.switcherInvariants(); err != nil {
+		t.Errorf("mid-switch: %v", err)
+	}
 	// A view the host no longer has may be newer than what it announces
 	// (a restarted host numbers afresh): not broken while the switch to
 	// come is pending.
-	c := sound()
-	c.cur.dead.Store(true)
-	c.latest, c.pending.all = 2, true
+	c = sound()
+	c.sw.cur.dead.Store(true)
+	c.sw.latest, c.sw.pending.all = 2, true
 	if err := c.switcherInvariants(); err != nil {
 		t.Errorf("a dead view awaiting its switch: %v", err)
 	}

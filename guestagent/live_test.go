@@ -21,129 +21,30 @@ import (
 
 	"github.com/leasefs/leasefs/hostagent"
 	"github.com/leasefs/leasefs/internal/directio"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
-	"github.com/leasefs/leasefs/lease"
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
-// TestMain doubles as the freeze watchdog of the live tests' host
-// (testenv.Helper "watchdog" MOUNT) and as a host writer that opens a
-// file for writing and writes it ("write" PATH:CONTENT).
+// TestMain doubles as the in-process host's helper processes
+// (hosttest.Roles): its freeze's watchdog, and a writer on the host.
 func TestMain(m *testing.M) {
-	testenv.RunHelper(map[string]testenv.Role{
-		"watchdog": func(mount string) int {
-			return testenv.Exit(hostagent.WatchdogMain(os.Stdin, mount, hclog.NewNullLogger()))
-		},
-		"write": func(spec string) int {
-			path, content, _ := strings.Cut(spec, ":")
-			return testenv.Exit(os.WriteFile(path, []byte(content), 0o644))
-		},
-	})
+	testenv.RunHelper(hosttest.Roles)
 	os.Exit(m.Run())
 }
 
-// host is a host agent in this process: a loop-mounted export, its server
-// on a Unix socket.
-type host struct {
-	img, dev, mnt, state string
-	ackTimeout, grace    time.Duration
-	auto                 *hostagent.AutoPublish // publishes on its own, if set (before start)
-	onFrozen             func()
-	wd                   *hostagent.Watchdog
-	exp                  *hostagent.Export
-	srv                  *hostagent.Server
-	stop                 context.CancelFunc
-	addr                 vsockproto.Addr
-}
+// host is a host agent in this process (hosttest.InProcess).
+type host = hosttest.InProcess
 
 func startHost(t testing.TB, ackTimeout time.Duration) *host {
 	t.Helper()
-	return startHostGrace(t, ackTimeout, time.Minute)
+	return hosttest.StartInProcess(t, &host{AckTimeout: ackTimeout})
 }
 
 func startHostGrace(t testing.TB, ackTimeout, grace time.Duration) *host {
 	t.Helper()
-	return startHostLike(t, &host{ackTimeout: ackTimeout, grace: grace})
-}
-
-// startHostLike starts h on a fresh export: its ackTimeout (3 s if
-// unset), grace (a minute) and auto as set.
-func startHostLike(t testing.TB, h *host) *host {
-	t.Helper()
-	testenv.RequireLoop(t)
-	testenv.RequireFUSE(t)
-	if h.ackTimeout == 0 {
-		h.ackTimeout = 3 * time.Second
-	}
-	if h.grace == 0 {
-		h.grace = time.Minute
-	}
-	h.state = t.TempDir()
-	h.img = imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
-	h.mnt = imgtest.KernelMount(t, h.img, "rw")
-	h.dev = imgtest.LoopDevice(t, h.mnt)
-	if h.addr.Path == "" {
-		h.addr, _ = vsockproto.ParseAddr("unix:" + filepath.Join(t.TempDir(), "host.sock"))
-	}
-	var err error
-	if h.wd, err = hostagent.StartWatchdog(testenv.Helper("watchdog", h.mnt)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.wd.Close() })
-	h.start(t)
-	t.Cleanup(h.shutdown)
-	return h
-}
-
-// start opens the export and serves it, with no generation yet.
-func (h *host) start(t testing.TB) { h.startServing(t, false) }
-
-// startServing starts the agent; with publish, as 'leasefs host' does:
-// it publishes before it serves, and returns the generation.
-
-func (h *host) startServing(t testing.TB, publish bool) (gen uint64) {
-	t.Helper()
-	var err error
-	h.exp, err = hostagent.OpenExport(hostagent.ExportConfig{Name: "test", Device: h.dev, Mount: h.mnt, StateDir: h.state,
-		Watchdog: h.wd, FreezeBudget: 10 * time.Second, Watch: true, AutoPublish: h.auto, OnFrozen: func() {
-			if h.onFrozen != nil {
-				h.onFrozen()
-			}
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.srv, err = hostagent.NewServer([]*hostagent.Export{h.exp}, hostagent.ServerOptions{Lease: lease.Config{AckTimeout: h.ackTimeout, Grace: h.grace}, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if publish {
-		gen = h.publish(t)
-	}
-	l, err := vsockproto.Listen(h.addr, vsockproto.ListenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	h.stop = cancel
-	go h.srv.Serve(ctx, l)
-	if h.auto != nil {
-		go h.srv.AutoPublish(ctx, "test")
-	}
-	return gen
-}
-
-// shutdown stops serving and closes the export, as an agent exiting does.
-func (h *host) shutdown() {
-	if h.srv == nil {
-		return
-	}
-	h.stop()
-	h.srv.Close()
-	h.exp.Close()
-	h.srv, h.exp = nil, nil
+	return hosttest.StartInProcess(t, &host{AckTimeout: ackTimeout, Grace: grace})
 }
 
 // testLogger logs to the test's output when run with -v.
@@ -152,42 +53,6 @@ func testLogger(t testing.TB) hclog.Logger {
 		return hclog.NewNullLogger()
 	}
 	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug, Output: os.Stderr})
-}
-
-func (h *host) publish(t testing.TB) uint64 {
-	t.Helper()
-	g, err := h.srv.Publish("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return g.Number
-}
-
-func (h *host) write(t testing.TB, name, content string) {
-	t.Helper()
-	if err := os.WriteFile(filepath.Join(h.mnt, name), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// writeInPlace opens name for writing in another process, as a writer
-// on the host does (its open waits for the lease breaks), and writes.
-func (h *host) writeInPlace(t testing.TB, name, content string) {
-	t.Helper()
-	w := testenv.Helper("write", filepath.Join(h.mnt, name)+":"+content)
-	w.Stderr = nil
-	if out, err := w.CombinedOutput(); err != nil {
-		t.Fatalf("writer: %v %s", err, out)
-	}
-}
-
-// replace swaps in new content atomically, as a mirror sync does.
-func (h *host) replace(t testing.TB, name, content string) {
-	t.Helper()
-	h.write(t, name+".tmp", content)
-	if err := os.Rename(filepath.Join(h.mnt, name+".tmp"), filepath.Join(h.mnt, name)); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // guestMount is a guest agent in this process with its FUSE mount.
@@ -233,7 +98,7 @@ func startGuestNotifying(t testing.TB, h *host, cfg ClientConfig, wrap func(Noti
 func mountGuest(t testing.TB, h *host, cfg ClientConfig) (g *guestMount, srv *fuse.Server, attach func(n Notifier)) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	cfg.Addr, cfg.Export = h.addr, "test"
+	cfg.Addr, cfg.Export = h.Addr, "test"
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
 	}
@@ -306,12 +171,12 @@ func (g *guestMount) read(t *testing.T, name string) string {
 // kernel's caches.
 func TestGuestsFollowGenerations(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "stay", "unchanged")
-	h.write(t, "swap", "version 1")
-	h.write(t, "gone", "doomed")
-	os.Mkdir(filepath.Join(h.mnt, "dir"), 0o755)
-	g1 := h.publish(t)
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	h.Write(t, "stay", "unchanged")
+	h.Write(t, "swap", "version 1")
+	h.Write(t, "gone", "doomed")
+	os.Mkdir(filepath.Join(h.Mnt, "dir"), 0o755)
+	g1 := h.Publish(t)
+	guests := []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, "")}
 	for _, g := range guests {
 		if g.read(t, "swap") != "version 1" || g.read(t, "stay") != "unchanged" {
 			t.Fatal("first generation not served")
@@ -323,17 +188,17 @@ func TestGuestsFollowGenerations(t *testing.T) {
 		os.ReadDir(filepath.Join(g.dir, "dir"))
 	}
 
-	h.replace(t, "swap", "version 2, longer")
-	h.write(t, "new", "fresh")
-	h.write(t, "dir/inner", "in dir")
-	os.Remove(filepath.Join(h.mnt, "gone"))
+	h.Replace(t, "swap", "version 2, longer")
+	h.Write(t, "new", "fresh")
+	h.Write(t, "dir/inner", "in dir")
+	os.Remove(filepath.Join(h.Mnt, "gone"))
 	// Not yet published: the guests still see generation 1.
 	for _, g := range guests {
 		if _, err := os.Stat(filepath.Join(g.dir, "new")); !os.IsNotExist(err) || g.read(t, "stay") != "unchanged" {
 			t.Fatalf("a guest saw an unpublished change: %v", err)
 		}
 	}
-	g2 := h.publish(t)
+	g2 := h.Publish(t)
 	if g2 != g1+1 {
 		t.Fatalf("generation %d after %d", g2, g1)
 	}
@@ -363,21 +228,21 @@ func TestGuestsFollowGenerations(t *testing.T) {
 func TestOpenFileSurvivesDeletion(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	want := bytes.Repeat([]byte("original bytes "), 200000) // 3 MB
-	if err := os.WriteFile(filepath.Join(h.mnt, "big"), want, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(h.Mnt, "big"), want, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	h.publish(t)
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	h.Publish(t)
+	guests := []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, "")}
 	fs := openInGuests(t, guests, "big")
-	os.Remove(filepath.Join(h.mnt, "big"))
+	os.Remove(filepath.Join(h.Mnt, "big"))
 	junk := bytes.Repeat([]byte{0xEE}, 1<<20)
 	for i := 0; ; i++ {
-		if err := os.WriteFile(filepath.Join(h.mnt, fmt.Sprint("junk", i)), junk, 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(h.Mnt, fmt.Sprint("junk", i)), junk, 0o644); err != nil {
 			break
 		}
 	}
 	syscall.Sync()
-	gen := h.publish(t)
+	gen := h.Publish(t)
 	for i, g := range guests {
 		g.waitFor(t, gen)
 		got := make([]byte, len(want)+10)
@@ -396,12 +261,12 @@ func TestOpenFileSurvivesDeletion(t *testing.T) {
 // read the new content.
 func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 	h := startHost(t, 20*time.Second)
-	h.write(t, "f", "old content")
-	h.publish(t)
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	h.Write(t, "f", "old content")
+	h.Publish(t)
+	guests := []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, "")}
 	fs := openInGuests(t, guests, "f")
 	start := time.Now()
-	h.writeInPlace(t, "f", "new content")
+	h.WriteInPlace(t, "f", "new content")
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("the writer waited %v: the guests did not acknowledge", d)
 	}
@@ -410,7 +275,7 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 			t.Fatalf("guest %d: read after the break: %v, want ESTALE", i, err)
 		}
 	}
-	gen := h.publish(t)
+	gen := h.Publish(t)
 	for i, g := range guests {
 		g.waitFor(t, gen)
 		if got := g.read(t, "f"); got != "new content" {
@@ -423,14 +288,14 @@ func TestInPlaceWriterWaitsForGuests(t *testing.T) {
 // may go on serving the pages it cached of the fenced file.
 func TestRefusedInvalidationIsReported(t *testing.T) {
 	h := startHost(t, 20*time.Second)
-	h.write(t, "f", "old content")
-	h.publish(t)
-	g := startGuestNotifying(t, h, ClientConfig{Device: h.img}, func(n Notifier) Notifier { return refusing{n} })
+	h.Write(t, "f", "old content")
+	h.Publish(t)
+	g := startGuestNotifying(t, h, ClientConfig{Device: h.Img}, func(n Notifier) Notifier { return refusing{n} })
 	f := openInGuests(t, []*guestMount{g}, "f")[0]
 	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
 		t.Fatal(err)
 	}
-	h.writeInPlace(t, "f", "new content")
+	h.WriteInPlace(t, "f", "new content")
 	for i := 0; !strings.Contains(g.c.Status().LastError, "invalidation of inode"); i++ {
 		if i == 500 {
 			t.Fatalf("no error reported; last: %q", g.c.Status().LastError)
@@ -444,14 +309,14 @@ func TestRefusedInvalidationIsReported(t *testing.T) {
 // file's cached pages are dropped once the client can tell the kernel.
 func TestBreakBeforeAttachIsNotLost(t *testing.T) {
 	h := startHost(t, 20*time.Second)
-	h.write(t, "f", "old content")
-	h.publish(t)
-	g, srv, attach := mountGuest(t, h, ClientConfig{Device: h.img})
+	h.Write(t, "f", "old content")
+	h.Publish(t)
+	g, srv, attach := mountGuest(t, h, ClientConfig{Device: h.Img})
 	f := openInGuests(t, []*guestMount{g}, "f")[0]
 	if _, err := f.ReadAt(make([]byte, 4), 0); err != nil {
 		t.Fatal(err)
 	}
-	h.writeInPlace(t, "f", "new content")
+	h.WriteInPlace(t, "f", "new content")
 	attach(srv)
 	var rerr error
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
@@ -475,16 +340,16 @@ func (refusing) InodeNotify(uint64, int64, int64) fuse.Status { return fuse.EIO 
 func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
 	// Quiet long enough that the writer (another process, which waits
 	// for the lease break) is done well before the publish.
-	h := &host{auto: &hostagent.AutoPublish{Quiet: 2 * time.Second, Max: 4 * time.Second}}
-	h = startHostLike(t, h)
-	h.write(t, "f", "before")
-	h.publish(t)
-	g := startGuestWith(t, h, ClientConfig{Device: h.img}) // OpenWait from the host's policy
+	h := &host{Auto: &hostagent.AutoPublish{Quiet: 2 * time.Second, Max: 4 * time.Second}}
+	h = hosttest.StartInProcess(t, h)
+	h.Write(t, "f", "before")
+	h.Publish(t)
+	g := startGuestWith(t, h, ClientConfig{Device: h.Img}) // OpenWait from the host's policy
 	if g.read(t, "f") != "before" {
 		t.Fatal("first generation")
 	}
 	gen := g.c.Generation()
-	h.writeInPlace(t, "f", "after")
+	h.WriteInPlace(t, "f", "after")
 	start := time.Now()
 	got := g.read(t, "f")
 	if got != "after" || time.Since(start) < 200*time.Millisecond || g.c.Generation() == gen {
@@ -497,15 +362,15 @@ func TestOpenOfReplacedFileWaitsForNextGeneration(t *testing.T) {
 // line names the path, the generation and why.
 func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "f", "before")
-	gen := h.publish(t)
+	h.Write(t, "f", "before")
+	gen := h.Publish(t)
 	var log testenv.SyncBuffer
-	g := startGuestWith(t, h, ClientConfig{Device: h.img, OpenWait: time.Minute,
+	g := startGuestWith(t, h, ClientConfig{Device: h.Img, OpenWait: time.Minute,
 		Logger: hclog.New(&hclog.LoggerOptions{Output: &log, Level: hclog.Info})})
 	if g.read(t, "f") != "before" {
 		t.Fatal("first generation")
 	}
-	h.writeInPlace(t, "f", "after")
+	h.WriteInPlace(t, "f", "after")
 	start := time.Now()
 	_, err := os.ReadFile(filepath.Join(g.dir, "f"))
 	if !errors.Is(err, syscall.ESTALE) || time.Since(start) > time.Second {
@@ -517,7 +382,7 @@ func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 			t.Fatalf("the log does not say %q:\n%s", want, line)
 		}
 	}
-	h.publish(t)
+	h.Publish(t)
 	g.waitFor(t, gen+1)
 	if got := g.read(t, "f"); got != "after" {
 		t.Fatalf("after the publish: %q", got)
@@ -529,10 +394,10 @@ func TestOpenOfChangedFileFailsAtOnceWithExplicitPublishing(t *testing.T) {
 // are ESTALE (their blocks may have been freed), never different bytes.
 func TestHostRestart(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "a", "one")
-	h.write(t, "b", "two")
-	h.publish(t)
-	g := startGuest(t, h, h.img)
+	h.Write(t, "a", "one")
+	h.Write(t, "b", "two")
+	h.Publish(t)
+	g := startGuest(t, h, h.Img)
 	f, err := os.Open(filepath.Join(g.dir, "a"))
 	if err != nil {
 		t.Fatal(err)
@@ -541,10 +406,10 @@ func TestHostRestart(t *testing.T) {
 	if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
 		t.Fatal(err)
 	}
-	h.shutdown()
-	h.write(t, "c", "three")
-	h.start(t)
-	gen := h.publish(t)
+	h.Shutdown()
+	h.Write(t, "c", "three")
+	h.Serve(t, false)
+	gen := h.Publish(t)
 	g.waitFor(t, gen)
 	if _, err := f.ReadAt(make([]byte, 3), 0); !errors.Is(err, syscall.ESTALE) {
 		t.Fatalf("a file open across the restart: %v, want ESTALE", err)
@@ -558,13 +423,13 @@ func TestHostRestart(t *testing.T) {
 // most once per interval, to the newest.
 func TestFollowPolicies(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "v", "1")
-	g1 := h.publish(t)
-	manual := startGuestFollowing(t, h, h.img, Follow{Manual: true})
-	interval := startGuestFollowing(t, h, h.img, Follow{Interval: 700 * time.Millisecond})
-	always := startGuest(t, h, h.img)
-	h.write(t, "w", "new")
-	g2 := h.publish(t)
+	h.Write(t, "v", "1")
+	g1 := h.Publish(t)
+	manual := startGuestFollowing(t, h, h.Img, Follow{Manual: true})
+	interval := startGuestFollowing(t, h, h.Img, Follow{Interval: 700 * time.Millisecond})
+	always := startGuest(t, h, h.Img)
+	h.Write(t, "w", "new")
+	g2 := h.Publish(t)
 	always.waitFor(t, g2)
 	time.Sleep(100 * time.Millisecond)
 	if manual.c.Generation() != g1 {
@@ -573,8 +438,8 @@ func TestFollowPolicies(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(manual.dir, "w")); !os.IsNotExist(err) {
 		t.Fatalf("manual guest sees the new file: %v", err)
 	}
-	h.write(t, "x", "newer")
-	g3 := h.publish(t)
+	h.Write(t, "x", "newer")
+	g3 := h.Publish(t)
 	interval.waitFor(t, g3) // within its interval, straight to the newest
 	manual.c.Refresh()
 	if manual.c.Generation() != g3 || manual.read(t, "x") != "newer" {
@@ -586,11 +451,11 @@ func TestFollowPolicies(t *testing.T) {
 // the grace period.
 func TestVanishedGuestLeasesExpire(t *testing.T) {
 	h := startHostGrace(t, 3*time.Second, 300*time.Millisecond)
-	h.write(t, "f", "held")
-	h.publish(t)
+	h.Write(t, "f", "held")
+	h.Publish(t)
 	g := startGuest(t, h, "")
 	openInGuests(t, []*guestMount{g}, "f")
-	leases := func() int { return h.srv.Status().Exports[0].Leases }
+	leases := func() int { return h.Srv.Status().Exports[0].Leases }
 	if leases() != 1 {
 		t.Fatalf("%d leases held", leases())
 	}
@@ -605,10 +470,10 @@ func TestVanishedGuestLeasesExpire(t *testing.T) {
 
 // copyAtFreeze has each publish from now on copy the device while it is
 // frozen, to a file whose name it sets *snap to.
-func (h *host) copyAtFreeze(t *testing.T, snap *string) {
-	h.onFrozen = func() {
+func copyAtFreeze(t *testing.T, h *host, snap *string) {
+	h.OnFrozen = func() {
 		*snap = filepath.Join(t.TempDir(), "frozen.img")
-		dev, err := directio.Open(h.dev)
+		dev, err := directio.Open(h.Dev)
 		if err != nil {
 			t.Error(err)
 			return
@@ -631,20 +496,20 @@ func (h *host) copyAtFreeze(t *testing.T, snap *string) {
 // generation's freeze: names, attributes, xattrs, bytes.
 func TestGuestViewEqualsFrozenCopy(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 21, BlockSize: 4096, ManyEntries: 800, NanoTimes: true})
+	imgtest.Populate(t, h.Mnt, imgtest.TreeSpec{Seed: 21, BlockSize: 4096, ManyEntries: 800, NanoTimes: true})
 	var snap string
-	h.copyAtFreeze(t, &snap)
-	gen := h.publish(t)
+	copyAtFreeze(t, h, &snap)
+	gen := h.Publish(t)
 	// The third reads through a metadata cache of 16 blocks: most of what
 	// it reads, it has to fetch again.
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, ""), startGuestWith(t, h, ClientConfig{Device: h.img, CacheBytes: 1})}
+	guests := []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, ""), startGuestWith(t, h, ClientConfig{Device: h.Img, CacheBytes: 1})}
 	for round := range 3 {
 		if round > 0 {
-			h.write(t, fmt.Sprint("round", round), strings.Repeat("r", 5000*round))
-			os.Remove(filepath.Join(h.mnt, "many", fmt.Sprint("entry-", round)))
-			os.Mkdir(filepath.Join(h.mnt, fmt.Sprint("dir", round)), 0o750)
-			syscall.Setxattr(filepath.Join(h.mnt, fmt.Sprint("round", round)), "user.round", []byte{byte(round)}, 0)
-			gen = h.publish(t)
+			h.Write(t, fmt.Sprint("round", round), strings.Repeat("r", 5000*round))
+			os.Remove(filepath.Join(h.Mnt, "many", fmt.Sprint("entry-", round)))
+			os.Mkdir(filepath.Join(h.Mnt, fmt.Sprint("dir", round)), 0o750)
+			syscall.Setxattr(filepath.Join(h.Mnt, fmt.Sprint("round", round)), "user.round", []byte{byte(round)}, 0)
+			gen = h.Publish(t)
 		}
 		kernel := imgtest.KernelMount(t, snap, "ro,noload")
 		want := imgtest.Snapshot(t, kernel)
@@ -663,17 +528,17 @@ func TestGuestViewEqualsFrozenCopy(t *testing.T) {
 // open across the reconnect keep their leases and keep reading.
 func TestReconnectResumesSession(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "f", "still here")
-	h.publish(t)
+	h.Write(t, "f", "still here")
+	h.Publish(t)
 	g := startGuest(t, h, "")
 	f := openInGuests(t, []*guestMount{g}, "f")[0]
 	g.c.mu.Lock()
-	conn := g.c.conn
+	conn := g.c.sess.conn
 	g.c.mu.Unlock()
 	conn.Close() // as if the transport reset
 	for i := 0; i < 500; i++ {
 		g.c.mu.Lock()
-		again := g.c.conn != nil && g.c.conn != conn
+		again := g.c.sess.conn != nil && g.c.sess.conn != conn
 		g.c.mu.Unlock()
 		if again {
 			break
@@ -684,7 +549,7 @@ func TestReconnectResumesSession(t *testing.T) {
 	if n, err := f.ReadAt(buf, 0); n != 10 || string(buf) != "still here" {
 		t.Fatalf("after the reconnect: %q, %v", buf[:n], err)
 	}
-	if n := h.srv.Status().Exports[0].Leases; n != 1 {
+	if n := h.Srv.Status().Exports[0].Leases; n != 1 {
 		t.Fatalf("%d leases on the host, want the resumed one", n)
 	}
 }
@@ -694,9 +559,9 @@ func TestReconnectResumesSession(t *testing.T) {
 // 2,000 new inodes, so the announcements to it soon fill its buffers.
 func TestStuckGuestDelaysNoOne(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "a", "1")
-	h.publish(t)
-	stuck, err := vsockproto.Dial(context.Background(), h.addr)
+	h.Write(t, "a", "1")
+	h.Publish(t)
+	stuck, err := vsockproto.Dial(context.Background(), h.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -705,13 +570,13 @@ func TestStuckGuestDelaysNoOne(t *testing.T) {
 	// ... and never reads again, not even the Welcome.
 	g := startGuest(t, h, "")
 	for round := range 40 {
-		dir := filepath.Join(h.mnt, fmt.Sprint("d", round))
+		dir := filepath.Join(h.Mnt, fmt.Sprint("d", round))
 		os.Mkdir(dir, 0o755)
 		for i := range 2000 {
 			os.WriteFile(filepath.Join(dir, fmt.Sprint(i)), nil, 0o644)
 		}
 		start := time.Now()
-		gen := h.publish(t)
+		gen := h.Publish(t)
 		if d := time.Since(start); d > 2*time.Second {
 			t.Fatalf("publish %d took %v", gen, d)
 		}
@@ -728,7 +593,7 @@ func TestStuckGuestDelaysNoOne(t *testing.T) {
 // directories, so the listing's cookies carry its generation).
 func TestListingStaysInItsGeneration(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	dir := filepath.Join(h.mnt, "many")
+	dir := filepath.Join(h.Mnt, "many")
 	os.Mkdir(dir, 0o755)
 	want := map[string]bool{}
 	for i := range 3000 {
@@ -736,7 +601,7 @@ func TestListingStaysInItsGeneration(t *testing.T) {
 		os.WriteFile(filepath.Join(dir, name), nil, 0o644)
 		want[name] = true
 	}
-	gen := h.publish(t)
+	gen := h.Publish(t)
 	g := startGuest(t, h, "")
 	fd, err := syscall.Open(filepath.Join(g.dir, "many"), syscall.O_RDONLY|syscall.O_DIRECTORY, 0)
 	if err != nil {
@@ -763,7 +628,7 @@ func TestListingStaysInItsGeneration(t *testing.T) {
 		os.Remove(filepath.Join(dir, fmt.Sprintf("old-%04d-%s", 2*i, strings.Repeat("x", (2*i)%40))))
 		os.WriteFile(filepath.Join(dir, fmt.Sprint("new-", i)), nil, 0o644)
 	}
-	g.waitFor(t, h.publish(t))
+	g.waitFor(t, h.Publish(t))
 	if g.c.Generation() <= gen {
 		t.Fatal("the guest did not move")
 	}
@@ -799,14 +664,14 @@ func TestListingStaysInItsGeneration(t *testing.T) {
 // ESTALE.
 func TestListingGoesOnAfterItsGenerationIsGone(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	if err := os.Mkdir(filepath.Join(h.mnt, "d"), 0o755); err != nil {
+	if err := os.Mkdir(filepath.Join(h.Mnt, "d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	const n = 300
 	for i := range n {
-		h.write(t, fmt.Sprintf("d/f%03d", i), "x")
+		h.Write(t, fmt.Sprintf("d/f%03d", i), "x")
 	}
-	gen := h.publish(t)
+	gen := h.Publish(t)
 	g := startGuest(t, h, "")
 	g.waitFor(t, gen)
 	f, err := os.Open(filepath.Join(g.dir, "d"))
@@ -830,8 +695,8 @@ func TestListingGoesOnAfterItsGenerationIsGone(t *testing.T) {
 	}
 	getdents()
 	for i := range 3 { // the host drops the generation the listing began in
-		h.write(t, fmt.Sprintf("d/new%d", i), "x")
-		g.waitFor(t, h.publish(t))
+		h.Write(t, fmt.Sprintf("d/new%d", i), "x")
+		g.waitFor(t, h.Publish(t))
 	}
 	for getdents() > 0 {
 	}
@@ -849,26 +714,26 @@ func TestListingGoesOnAfterItsGenerationIsGone(t *testing.T) {
 // did not check and came from the host.
 func TestMetadataFromTheDeviceIsChecked(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	imgtest.Populate(t, h.mnt, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 600, NanoTimes: true})
+	imgtest.Populate(t, h.Mnt, imgtest.TreeSpec{Seed: 5, BlockSize: 4096, ManyEntries: 600, NanoTimes: true})
 	var snap string
-	h.copyAtFreeze(t, &snap)
-	gen := h.publish(t)
-	h.onFrozen = nil
+	copyAtFreeze(t, h, &snap)
+	gen := h.Publish(t)
+	h.OnFrozen = nil
 	// Not published: on the device only. (New names only: a file the
 	// generation has that changed could not be opened, by the lease
 	// contract, and the comparison reads every file.)
 	for i := range 600 {
-		if err := os.WriteFile(filepath.Join(h.mnt, "many", fmt.Sprint("later-with-a-longer-name-", i)), nil, 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(h.Mnt, "many", fmt.Sprint("later-with-a-longer-name-", i)), nil, 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for i := range 50 {
-		os.Mkdir(filepath.Join(h.mnt, fmt.Sprint("new-", i)), 0o755)
+		os.Mkdir(filepath.Join(h.Mnt, fmt.Sprint("new-", i)), 0o755)
 	}
-	if err := exec.Command("sync", "-f", h.mnt).Run(); err != nil {
+	if err := exec.Command("sync", "-f", h.Mnt).Run(); err != nil {
 		t.Fatal(err)
 	}
-	g := startGuest(t, h, h.img)
+	g := startGuest(t, h, h.Img)
 	g.waitFor(t, gen)
 	kernel := imgtest.KernelMount(t, snap, "ro,noload")
 	want := imgtest.Snapshot(t, kernel)

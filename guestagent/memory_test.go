@@ -14,14 +14,14 @@ import (
 func TestMemoryFollowsTheKernel(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	for d := range 10 {
-		dir := filepath.Join(h.mnt, fmt.Sprint("d", d))
+		dir := filepath.Join(h.Mnt, fmt.Sprint("d", d))
 		os.Mkdir(dir, 0o755)
 		for i := range 300 {
 			os.WriteFile(filepath.Join(dir, fmt.Sprint("f", i)), []byte("x"), 0o644)
 		}
 	}
-	h.publish(t)
-	g := startGuestWith(t, h, ClientConfig{Device: h.img, CacheBytes: 256 << 10})
+	h.Publish(t)
+	g := startGuestWith(t, h, ClientConfig{Device: h.Img, CacheBytes: 256 << 10})
 	walk := func() int {
 		n := 0
 		filepath.WalkDir(g.dir, func(p string, d os.DirEntry, err error) error {
@@ -56,8 +56,8 @@ func TestMemoryFollowsTheKernel(t *testing.T) {
 	}
 	// What the guest forgot, it serves again, and a publish that changes
 	// everything finds what the kernel holds.
-	h.write(t, "d3/f7", "changed")
-	gen := h.publish(t)
+	h.Write(t, "d3/f7", "changed")
+	gen := h.Publish(t)
 	g.waitFor(t, gen)
 	if got := g.read(t, "d3/f7"); got != "changed" {
 		t.Fatalf("read %q", got)

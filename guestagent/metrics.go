@@ -53,7 +53,7 @@ func newClientMetrics(c *Client) *clientMetrics {
 	gen := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_generation", Help: "The generation served."},
 		func() float64 { return float64(c.Generation()) })
 	open := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_open_files", Help: "Files open under a lease."},
-		func() float64 { c.mu.Lock(); defer c.mu.Unlock(); return float64(len(c.files)) })
+		func() float64 { c.mu.Lock(); defer c.mu.Unlock(); return float64(len(c.files.leases)) })
 	cached := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "leasefs_guest_metadata_cache_bytes",
 		Help: "Bytes of metadata blocks cached (bounded by --cache-mb)."},
 		func() float64 { return float64(c.cache.stats().Bytes) })

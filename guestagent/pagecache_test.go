@@ -22,12 +22,12 @@ import (
 func TestPageCacheModes(t *testing.T) {
 	h := startHost(t, 3e9)
 	data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
-	if err := os.WriteFile(filepath.Join(h.mnt, "f"), data, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(h.Mnt, "f"), data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	h.publish(t)
+	h.Publish(t)
 	// Where the file's bytes are in the image.
-	hf, err := os.Open(filepath.Join(h.mnt, "f"))
+	hf, err := os.Open(filepath.Join(h.Mnt, "f"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +36,7 @@ func TestPageCacheModes(t *testing.T) {
 	if err != nil || len(runs) == 0 {
 		t.Fatalf("fiemap: %v %v", runs, err)
 	}
-	img, err := os.Open(h.img)
+	img, err := os.Open(h.Img)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +61,7 @@ func TestPageCacheModes(t *testing.T) {
 	for _, mode := range []PageCache{PageCacheGuest, PageCacheHost} {
 		t.Run(string(mode), func(t *testing.T) {
 			unix.Fadvise(int(img.Fd()), 0, 0, unix.FADV_DONTNEED)
-			g := startGuestWith(t, h, ClientConfig{Device: h.img, PageCache: mode})
+			g := startGuestWith(t, h, ClientConfig{Device: h.Img, PageCache: mode})
 			for range 2 {
 				if got := g.read(t, "f"); got != string(data) {
 					t.Fatal("read other bytes")

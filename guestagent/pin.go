@@ -27,7 +27,7 @@ func (c *Client) pinnedFrom(w *vsockproto.Welcome) (uint64, string, error) {
 		want = fmt.Sprintf("a generation labelled %q", c.cfg.PinLabel)
 	}
 	c.mu.Lock()
-	conn := c.conn
+	conn := c.sess.conn
 	c.mu.Unlock()
 	if conn == nil || !conn.Features().Has(vsockproto.FeaturePin) || !conn.Features().Has(vsockproto.FeatureKept) {
 		return 0, "", fmt.Errorf("export %s: cannot pin %s: the host agent is too old to keep generations for guests", c.cfg.Export, want)
@@ -46,7 +46,7 @@ func (c *Client) pinnedFrom(w *vsockproto.Welcome) (uint64, string, error) {
 		}
 	}
 	c.mu.Lock()
-	c.pinned = w.Pinned
+	c.sw.pinned = w.Pinned
 	c.mu.Unlock()
 	c.log.Info("pinned", "generation", w.Pinned, "label", label, "current", w.Generation)
 	return w.Pinned, label, nil
@@ -85,9 +85,9 @@ func describeKept(list []vsockproto.KeptGeneration) string {
 // to. The mount moves on to the newest, and says so.
 func (c *Client) unpin(m *vsockproto.Unpin) {
 	c.mu.Lock()
-	was := c.pinned
+	was := c.sw.pinned
 	if was == m.Generation {
-		c.pinned, c.force = 0, true
+		c.sw.pinned, c.sw.force = 0, true
 	}
 	c.mu.Unlock()
 	if was != m.Generation {

@@ -33,14 +33,14 @@ func TestReadWaitingForTheHostAcrossARestart(t *testing.T) {
 			if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
 				t.Fatal(err)
 			}
-			h.shutdown()
+			h.Shutdown()
 			read := make(chan error, 1)
 			go func() {
 				_, err := f.ReadAt(make([]byte, 4), 7<<20) // far past what the kernel read ahead
 				read <- err
 			}()
 			time.Sleep(300 * time.Millisecond) // the read is waiting for a connection
-			gen := h.startServing(t, true)
+			gen := h.Serve(t, true)
 			select {
 			case err := <-read:
 				if err != nil && !errors.Is(err, syscall.ESTALE) {
@@ -68,11 +68,11 @@ func TestReadsAcrossHostRestarts(t *testing.T) {
 	h := startHost(t, 3*time.Second)
 	const size = 2 << 20
 	version := func(v int) []byte { return bytes.Repeat([]byte{byte('A' + v)}, size) }
-	if err := os.WriteFile(filepath.Join(h.mnt, "big"), version(0), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(h.Mnt, "big"), version(0), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	h.publish(t)
-	guests := []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")}
+	h.Publish(t)
+	guests := []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, "")}
 
 	var mu sync.Mutex
 	written := map[byte]bool{'A': true}
@@ -140,12 +140,12 @@ func TestReadsAcrossHostRestarts(t *testing.T) {
 		mu.Lock()
 		written[byte('A'+round)] = true
 		mu.Unlock()
-		h.replace(t, "big", string(version(round)))
-		h.publish(t)
+		h.Replace(t, "big", string(version(round)))
+		h.Publish(t)
 		time.Sleep(150 * time.Millisecond)
-		h.shutdown()
+		h.Shutdown()
 		time.Sleep(time.Duration(round%3) * 200 * time.Millisecond)
-		gen := h.startServing(t, true)
+		gen := h.Serve(t, true)
 		for _, g := range guests {
 			g.waitFor(t, gen)
 			start := time.Now()
@@ -199,7 +199,7 @@ func TestInterruptedWhileTheHostIsDown(t *testing.T) {
 			if line, err := read.out.ReadString('\n'); err != nil || line != "open\n" {
 				t.Fatalf("the reader: %q %v", line, err)
 			}
-			h.vanish()
+			h.Vanish()
 			before := counterValue(g.c.m.interrupted)
 			for _, p := range []*pyProc{read, open} {
 				io.WriteString(p.in, "go\n")
@@ -229,22 +229,13 @@ func TestInterruptedWhileTheHostIsDown(t *testing.T) {
 // device its guests read, if device.
 func hostWithBigFile(t *testing.T, device bool, name, content string) (h *host, dev string) {
 	h = startHost(t, 3*time.Second)
-	h.write(t, "f", strings.Repeat("the bytes ", 800000))
-	h.write(t, name, content)
-	h.publish(t)
+	h.Write(t, "f", strings.Repeat("the bytes ", 800000))
+	h.Write(t, name, content)
+	h.Publish(t)
 	if device {
-		dev = h.img
+		dev = h.Img
 	}
 	return h, dev
-}
-
-// vanish ends the host agent without a word to its guests, as a crash
-// (or a partition) does: their leases are not revoked.
-func (h *host) vanish() {
-	h.stop()
-	h.srv.Leave()
-	h.exp.Close()
-	h.srv, h.exp = nil, nil
 }
 
 type pyProc struct {

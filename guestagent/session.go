@@ -10,6 +10,43 @@ import (
 	"github.com/leasefs/leasefs/vsockproto"
 )
 
+// session is the guest's connection to the host and what the host said
+// of it, guarded by Client.mu.
+type session struct {
+	conn *vsockproto.Conn // nil while disconnected
+	lost time.Time        // when the last connection ended
+	gone string           // why the host no longer serves the export, if it said so
+	// downAfterWait: a wait for the host timed out since the last
+	// connection (DownPolicy): requests fail at once until the next.
+	downAfterWait bool
+	token         vsockproto.Token
+	policy        publishPolicy
+	connected     time.Time
+	reconnects    int
+	resumes       int
+	// epoch counts the sessions the host did not resume: a lease is
+	// the epoch's it was granted in, and goes with it.
+	epoch uint64
+}
+
+// begin records a new connection and its Welcome.
+func (s *session) begin(conn *vsockproto.Conn, w *vsockproto.Welcome) {
+	s.conn, s.token, s.connected, s.gone, s.downAfterWait = conn, w.Token, time.Now(), "", false
+	s.policy = publishPolicy{known: conn.Features().Has(vsockproto.FeaturePublishPolicy), quiet: w.PublishQuiet, max: w.PublishMax}
+	if w.Resumed {
+		s.resumes++
+	} else {
+		s.epoch++
+	}
+}
+
+// end records that conn ended, if it is the session's.
+func (s *session) end(conn *vsockproto.Conn) {
+	if s.conn == conn {
+		s.conn, s.lost = nil, time.Now()
+	}
+}
+
 func (c *Client) features() vsockproto.Features {
 	// Data through the host even with a device: the fallback while the
 	// device does not verify.
@@ -26,20 +63,20 @@ func (c *Client) features() vsockproto.Features {
 // fenced: the host may have freed what they were.
 func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	c.mu.Lock()
-	hello := vsockproto.Hello{Export: c.cfg.Export, Token: c.token, Features: c.features()}
-	if c.cur != nil {
-		hello.Generation = c.cur.gen
+	hello := vsockproto.Hello{Export: c.cfg.Export, Token: c.sess.token, Features: c.features()}
+	if c.sw.cur != nil {
+		hello.Generation = c.sw.cur.gen
 	}
 	switch {
-	case c.cur == nil && (c.cfg.Pin != 0 || c.cfg.PinLabel != ""):
+	case c.sw.cur == nil && (c.cfg.Pin != 0 || c.cfg.PinLabel != ""):
 		// Only a guest that pins says so: a host that does not know
 		// the feature refuses the Hello.
 		hello.Features |= vsockproto.FeaturePin
 		hello.Generation, hello.Label = c.cfg.Pin, c.cfg.PinLabel
-	case c.pinned != 0:
+	case c.sw.pinned != 0:
 		hello.Features |= vsockproto.FeaturePin
 	}
-	pinned := c.pinned
+	pinned := c.sw.pinned
 	c.mu.Unlock()
 	conn, w, err := vsockproto.DialHello(ctx, c.cfg.Addr, hello, c.handle, c.cfg.Conn)
 	if err != nil {
@@ -47,7 +84,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 		if errors.As(err, &pe) && pe.Code == vsockproto.CodeNoExport {
 			// Said plainly: what waits for the host fails at once.
 			c.mu.Lock()
-			c.gone = pe.Message
+			c.sess.gone = pe.Message
 			c.changed.Broadcast()
 			c.mu.Unlock()
 		}
@@ -58,7 +95,7 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 		return nil, ErrNeedsDevice
 	}
 	c.mu.Lock()
-	cur := c.cur
+	cur := c.sw.cur
 	c.mu.Unlock()
 	if w.Kept && cur != nil && !sameGeneration(ctx, conn, cur) {
 		// Another lineage of generations (another export under the same
@@ -75,45 +112,29 @@ func (c *Client) dial(ctx context.Context) (*vsockproto.Welcome, error) {
 	}
 	var lost []*leasedFile
 	c.mu.Lock()
-	c.conn, c.token, c.connected, c.gone, c.downAfterWait = conn, w.Token, time.Now(), "", false
+	c.sess.begin(conn, w)
 	c.live.Store(&liveSession{conn: conn, lease: w.LeaseTime})
-	c.policy = publishPolicy{known: conn.Features().Has(vsockproto.FeaturePublishPolicy), quiet: w.PublishQuiet, max: w.PublishMax}
-	if w.Resumed {
-		c.resumes++
-	} else {
-		for id, lf := range c.files {
-			lost = append(lost, lf)
-			delete(c.files, id)
-		}
+	if !w.Resumed {
+		lost = c.files.takeAll()
 	}
 	if pinned != 0 && w.Pinned != pinned {
 		c.log.Error("the host no longer keeps the generation this mount is pinned to; moving to its newest", "generation", pinned)
-		c.pinned = 0
+		c.sw.pinned = 0
 	}
-	if c.cur != nil {
-		switch {
-		case !w.Kept:
-			// Our generation is gone (the host agent restarted, or
-			// dropped it): move to the host's, whatever Follow says,
-			// without knowing what changed. Until then nothing may be
-			// read for the old views: their numbers may now name
-			// another lineage's generations.
-			for f, v := range c.views {
-				v.dead.Store(true)
-				delete(c.views, f)
-			}
-			c.cache.forget()
-			c.latest, c.force = w.Generation, true
-			c.pending = changes{all: true}
-		case w.Generation > c.latest:
-			c.latest = w.Generation
-			c.pending.all = true // announcements were missed
-		}
+	var recent []servedView
+	if c.fs != nil {
+		recent = c.fs.views.all()
 	}
-	c.noteLabel(w.Generation, w.Label)
+	if c.sw.cur != nil && !w.Kept {
+		c.cache.forget()
+	}
+	forget := c.sw.welcomed(w, w.Kept, recent)
 	c.checkSwitcher()
 	c.changed.Broadcast()
 	c.mu.Unlock()
+	for _, f := range forget {
+		c.fs.forgetBrowsed(f)
+	}
 	for _, lf := range lost {
 		c.fence(lf, "the host agent's session is gone (restarted?)")
 	}
@@ -129,7 +150,7 @@ func (c *Client) Run(ctx context.Context) error {
 	var lastSaid time.Time
 	for {
 		c.mu.Lock()
-		conn := c.conn
+		conn := c.sess.conn
 		c.mu.Unlock()
 		if conn != nil {
 			select {
@@ -143,10 +164,10 @@ func (c *Client) Run(ctx context.Context) error {
 			c.log.Warn("lost the host: reads of open files wait for it to come back", "error", conn.Err(), "down", c.cfg.Down)
 			c.noteError(fmt.Errorf("lost the host: %w", conn.Err()))
 			c.mu.Lock()
-			if c.conn == conn {
-				c.conn, c.lost = nil, time.Now()
+			if c.sess.conn == conn {
 				c.live.Store(nil)
 			}
+			c.sess.end(conn)
 			c.changed.Broadcast()
 			c.mu.Unlock()
 		}
@@ -165,7 +186,7 @@ func (c *Client) Run(ctx context.Context) error {
 			// and reads wait for it), then less.
 			c.mu.Lock()
 			limit := time.Second
-			if !c.lost.IsZero() && time.Since(c.lost) > time.Minute {
+			if !c.sess.lost.IsZero() && time.Since(c.sess.lost) > time.Minute {
 				limit = 5 * time.Second
 			}
 			c.mu.Unlock()
@@ -183,7 +204,7 @@ func (c *Client) Run(ctx context.Context) error {
 		backoff = 100 * time.Millisecond
 		c.m.reconnects.Inc()
 		c.mu.Lock()
-		c.reconnects++
+		c.sess.reconnects++
 		c.mu.Unlock()
 		c.log.Info("reconnected to the host", "resumed", w.Resumed, "generation", w.Generation)
 		if c.dev != nil {
@@ -211,6 +232,12 @@ const callDeadline = 30 * time.Second
 // lease would be left on the host, unknown, until the session ends (the
 // host answers within callDeadline).
 func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.Message, error) {
+	reply, _, err := c.callIn(cancel, m)
+	return reply, err
+}
+
+// callIn is call, saying which session's epoch answered.
+func (c *Client) callIn(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.Message, uint64, error) {
 	deadline := time.Now().Add(callDeadline)
 	down := c.downDeadline()   // for a connection
 	var ended *vsockproto.Conn // the last connection that ended under the request
@@ -226,22 +253,22 @@ func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.
 	defer func() { stop() }()
 	for {
 		c.mu.Lock()
-		if c.conn == nil && c.gone == "" {
+		if c.sess.conn == nil && c.sess.gone == "" {
 			arm()
 		}
-		c.waitLocked(func() bool { return c.conn != nil || c.gone != "" || interrupted(cancel) }, down)
-		conn, closed, gone := c.conn, c.closed, c.gone
+		c.waitLocked(func() bool { return c.sess.conn != nil || c.sess.gone != "" || interrupted(cancel) }, down)
+		conn, closed, gone, epoch := c.sess.conn, c.closed, c.sess.gone, c.sess.epoch
 		c.mu.Unlock()
 		switch {
 		case interrupted(cancel):
 			c.m.interrupted.Inc()
-			return nil, errInterrupted
+			return nil, 0, errInterrupted
 		case closed:
-			return nil, fmt.Errorf("%w: the mount is going away", errNotConnected)
+			return nil, 0, fmt.Errorf("%w: the mount is going away", errNotConnected)
 		case conn == nil && gone != "":
-			return nil, fmt.Errorf("%w: %s", ErrExportGone, gone)
+			return nil, 0, fmt.Errorf("%w: %s", ErrExportGone, gone)
 		case conn == nil:
-			return nil, c.timedOut()
+			return nil, 0, c.timedOut()
 		}
 		abandon := cancel
 		if _, ok := m.(*vsockproto.Open); ok {
@@ -254,10 +281,10 @@ func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.
 		end()
 		switch {
 		case err == nil:
-			return reply, nil
+			return reply, epoch, nil
 		case interrupted(abandon):
 			c.m.interrupted.Inc()
-			return nil, errInterrupted
+			return nil, 0, errInterrupted
 		case errors.Is(err, vsockproto.ErrRetry) && time.Now().Add(backoff).Before(deadline):
 			time.Sleep(backoff)
 			backoff = min(2*backoff, 500*time.Millisecond)
@@ -271,11 +298,11 @@ func (c *Client) call(cancel <-chan struct{}, m vsockproto.Message) (vsockproto.
 		case conn.Err() != nil && (down.IsZero() || time.Now().Before(down)):
 			c.mu.Lock()
 			arm()
-			c.waitLocked(func() bool { return c.conn != conn || c.gone != "" || interrupted(cancel) }, down)
+			c.waitLocked(func() bool { return c.sess.conn != conn || c.sess.gone != "" || interrupted(cancel) }, down)
 			c.mu.Unlock()
 			continue
 		}
-		return nil, err
+		return nil, 0, err
 	}
 }
 
@@ -286,14 +313,8 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 		c.announced(m)
 		return &vsockproto.AnnounceAck{Generation: c.Generation()}, nil
 	case *vsockproto.Break:
-		var broken []*leasedFile
 		c.mu.Lock()
-		for _, id := range m.Leases {
-			if lf := c.files[id]; lf != nil {
-				broken = append(broken, lf)
-				delete(c.files, id)
-			}
-		}
+		broken := c.files.take(m.Leases)
 		c.mu.Unlock()
 		for _, lf := range broken {
 			c.m.breaks.Inc()
@@ -304,11 +325,7 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 		// The host lets go of every file: none may be read from the
 		// device any more.
 		c.mu.Lock()
-		var revoked []*leasedFile
-		for id, lf := range c.files {
-			revoked = append(revoked, lf)
-			delete(c.files, id)
-		}
+		revoked := c.files.takeAll()
 		c.mu.Unlock()
 		c.log.Warn("the host revoked every lease", "why", m.Why, "files", len(revoked))
 		c.noteError(fmt.Errorf("the host revoked every lease: %s", m.Why))
@@ -328,11 +345,11 @@ func (c *Client) handle(ctx context.Context, req vsockproto.Message) (vsockproto
 // be read any more.
 func (c *Client) generationGone(v *genView) {
 	c.mu.Lock()
-	if c.cur == v {
-		c.force = true
-		if c.pinned != 0 {
-			c.log.Error("the host no longer keeps the generation this mount is pinned to; moving to its newest", "generation", c.pinned)
-			c.pinned = 0
+	if c.sw.cur == v {
+		c.sw.force = true
+		if c.sw.pinned != 0 {
+			c.log.Error("the host no longer keeps the generation this mount is pinned to; moving to its newest", "generation", c.sw.pinned)
+			c.sw.pinned = 0
 		}
 	}
 	c.mu.Unlock()

@@ -64,21 +64,21 @@ type FencedFile struct {
 func (c *Client) Status() *Status {
 	c.mu.Lock()
 	st := &Status{
-		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.conn != nil, Since: c.started,
-		Reconnects: c.reconnects, Resumes: c.resumes, Generation: c.cur.gen, Label: c.cur.label, Latest: c.latest,
-		Switched: c.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.policy.String(),
-		OpenFiles: len(c.files), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
-		Fenced: append([]FencedFile(nil), c.fenced...), Pinned: c.pinned != 0,
+		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.sess.conn != nil, Since: c.started,
+		Reconnects: c.sess.reconnects, Resumes: c.sess.resumes, Generation: c.sw.cur.gen, Label: c.sw.cur.label, Latest: c.sw.latest,
+		Switched: c.sw.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.sess.policy.String(),
+		OpenFiles: len(c.files.leases), LastError: c.lastErr, LastErrorAt: c.lastErrAt,
+		Fenced: append([]FencedFile(nil), c.files.fenced...), Pinned: c.sw.pinned != 0,
 	}
 	switch {
-	case c.conn != nil:
-		st.Since = c.connected
-	case !c.lost.IsZero():
-		st.Since = c.lost
+	case c.sess.conn != nil:
+		st.Since = c.sess.connected
+	case !c.sess.lost.IsZero():
+		st.Since = c.sess.lost
 	}
-	st.Gone, st.Down = c.gone, c.cfg.Down.String()
+	st.Gone, st.Down = c.sess.gone, c.cfg.Down.String()
 	// The token is a secret (it resumes the session): show a digest.
-	sum := sha256.Sum256(c.token[:])
+	sum := sha256.Sum256(c.sess.token[:])
 	st.Session = hex.EncodeToString(sum[:4])
 	if c.dev != nil {
 		d := c.device

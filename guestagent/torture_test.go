@@ -20,12 +20,12 @@ func TestTortureNoTornReads(t *testing.T) {
 		}
 	}
 	h := startHost(t, 3*time.Second)
-	tt := testenv.Torture{Dir: h.mnt, Files: 1000, For: d, Pause: time.Millisecond,
-		Publish: func() error { _, err := h.srv.Publish("test"); return err },
+	tt := testenv.Torture{Dir: h.Mnt, Files: 1000, For: d, Pause: time.Millisecond,
+		Publish: func() error { _, err := h.Srv.Publish("test"); return err },
 		Min:     testenv.TortureResults{Reads: 100, Generations: int64(d/time.Second) / 2}}
 	tt.Populate(t)
-	h.publish(t)
-	for _, g := range []*guestMount{startGuest(t, h, h.img), startGuest(t, h, "")} {
+	h.Publish(t)
+	for _, g := range []*guestMount{startGuest(t, h, h.Img), startGuest(t, h, "")} {
 		tt.Readers = append(tt.Readers, g.dir)
 	}
 	tt.Run(t)

@@ -82,12 +82,9 @@ func openDevice(path string) (*directio.File, error) {
 // deviceOK reports whether file data may be read from the device.
 func (c *Client) deviceOK() bool { return c.dev != nil && c.devData.Load() }
 
-// verifyDevice checks the device against generation view f (of gv) and
+// verifyDevice checks the device against generation gv's reader f and
 // records the outcome; an error means the device must not be used.
-func (c *Client) verifyDevice(f *ext4ro.FS) error {
-	c.mu.Lock()
-	gv := c.views[f]
-	c.mu.Unlock()
+func (c *Client) verifyDevice(gv *genView, f *ext4ro.FS) error {
 	state, detail := c.checkDevice(gv, f)
 	// What reads go by first (no lock on the read path), then status.
 	c.devMeta.Store(state == DeviceVerified)
@@ -105,9 +102,10 @@ func (c *Client) verifyDevice(f *ext4ro.FS) error {
 // reverifyDevice checks the device again after a reconnect, against the
 // generation the host welcomed us with.
 func (c *Client) reverifyDevice(w *vsockproto.Welcome) {
-	f, err := c.open(&genView{c: c, gen: w.Generation, bs: int64(w.BlockSize)})
+	gv := &genView{c: c, gen: w.Generation, bs: int64(w.BlockSize)}
+	f, err := c.open(gv)
 	if err == nil {
-		err = c.verifyDevice(f)
+		err = c.verifyDevice(gv, f)
 	}
 	if err != nil {
 		c.log.Error("the device does not verify after a reconnect; reading file data through the host until it does", "error", err)

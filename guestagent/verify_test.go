@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 )
 
@@ -19,8 +20,8 @@ import (
 // one that has fallen behind, an empty file.
 func TestWrongDeviceIsRefused(t *testing.T) {
 	h := startHost(t, 3*time.Second)
-	h.write(t, "f", "the real bytes")
-	h.publish(t)
+	h.Write(t, "f", "the real bytes")
+	h.Publish(t)
 
 	other := imgtest.Mkfs(t, "ext4", "", 128, "-b", "4096", "-O", "has_journal,extent,flex_bg,metadata_csum,64bit")
 	empty := filepath.Join(t.TempDir(), "empty.img")
@@ -29,17 +30,17 @@ func TestWrongDeviceIsRefused(t *testing.T) {
 	}
 	// A copy of the disk taken now, then the export changes every inode.
 	stale := filepath.Join(t.TempDir(), "stale.img")
-	copyFile(t, h.img, stale)
+	copyFile(t, h.Img, stale)
 	for i := range 300 {
-		h.write(t, fmt.Sprintf("later-%d", i), "x")
+		h.Write(t, fmt.Sprintf("later-%d", i), "x")
 	}
-	filepath.WalkDir(h.mnt, func(p string, d os.DirEntry, err error) error {
+	filepath.WalkDir(h.Mnt, func(p string, d os.DirEntry, err error) error {
 		if err == nil {
 			os.Chmod(p, 0o751)
 		}
 		return nil
 	})
-	h.publish(t)
+	h.Publish(t)
 
 	for _, c := range []struct{ name, device, want string }{
 		{"another filesystem", other, "it holds filesystem"},
@@ -47,7 +48,7 @@ func TestWrongDeviceIsRefused(t *testing.T) {
 		{"an empty file", empty, "empty"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, err := NewClient(context.Background(), ClientConfig{Addr: h.addr, Export: "test", Device: c.device})
+			_, err := NewClient(context.Background(), ClientConfig{Addr: h.Addr, Export: "test", Device: c.device})
 			if err == nil {
 				t.Fatalf("a guest with %s as its device connected", c.name)
 			}
@@ -59,7 +60,7 @@ func TestWrongDeviceIsRefused(t *testing.T) {
 			}
 		})
 	}
-	g := startGuest(t, h, h.img)
+	g := startGuest(t, h, h.Img)
 	if st := g.c.Status().Device; st == nil || st.State != DeviceVerified {
 		t.Fatalf("the right device: %+v", st)
 	}
@@ -91,19 +92,19 @@ func copyFile(t *testing.T, from, to string) {
 // the agent serves the device's filesystem again.
 func TestDeviceMismatchAfterReconnect(t *testing.T) {
 	a := startHost(t, 3*time.Second)
-	a.write(t, "f", "from disk A")
-	a.publish(t)
-	g := startGuest(t, a, a.img)
+	a.Write(t, "f", "from disk A")
+	a.Publish(t)
+	g := startGuest(t, a, a.Img)
 	if got := g.read(t, "f"); got != "from disk A" {
 		t.Fatalf("read %q", got)
 	}
-	a.shutdown()
+	a.Shutdown()
 
-	b := &host{addr: a.addr}
-	b = startHostLike(t, b)
-	b.write(t, "f", "from disk B, longer")
-	b.shutdown()
-	b.startServing(t, true)
+	b := &host{Addr: a.Addr}
+	b = hosttest.StartInProcess(t, b)
+	b.Write(t, "f", "from disk B, longer")
+	b.Shutdown()
+	b.Serve(t, true)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st := g.c.Status()
@@ -133,8 +134,8 @@ func TestDeviceMismatchAfterReconnect(t *testing.T) {
 		t.Fatalf("last error %q", st.LastError)
 	}
 
-	b.shutdown()
-	a.startServing(t, true)
+	b.Shutdown()
+	a.Serve(t, true)
 	for deadline := time.Now().Add(10 * time.Second); g.c.Status().Device.State != DeviceVerified; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the device did not verify again: %+v", g.c.Status().Device)

@@ -196,9 +196,6 @@ type genView struct {
 	// dead: the host no longer has this generation, and what it serves
 	// under its number (another lineage's) must not be read for it.
 	dead atomic.Bool
-	// browse: a reader for .generations, kept while the host keeps its
-	// generation (Client.Kept), whatever the mount serves.
-	browse bool
 
 	// A generation not cached any more (a listing begun before a switch
 	// still reads it) keeps the few blocks it fetches since.

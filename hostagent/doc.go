@@ -56,8 +56,12 @@
 // captureFrozen (the freeze, through the export's freezer (freeze.go):
 // record, arm the watchdog, expedite, FIFREEZE, capture, FITHAW, undo),
 // complete (the full generation, after the thaw) and makeCurrent
-// (numbered, current, recorded). export.go keeps the export's lifecycle
-// (open, take over, close) and its kept generations.
+// (numbered and made current by the registry, recorded). export.go is
+// the export's lifecycle: what it opens (its locked root, the device,
+// the store, the watcher, the freezer, the keeper), takes over from a
+// predecessor (handover.go) and closes. Its kept generations are a
+// registry of their own (registry.go): the current one, the older ones
+// guests still read or pin, the next number.
 //
 // # Freezes and the watchdog
 //
@@ -144,11 +148,11 @@
 //
 // # Locking
 //
-// Server.Handover takes, per export, Export.pub, then Store.mu and
-// Export.mu one after the other, then the coordinator's lock, and holds
-// pub and the coordinator's lock until it is released (or the process
-// execs). Export.pub serialises publishes; Export.mu guards the kept generations
-// and is never held during I/O. A Generation is immutable once published
+// Server.Handover takes, per export, Export.pub, then Store.mu and the
+// registry's lock one after the other, then the coordinator's lock, and
+// holds pub and the coordinator's lock until it is released (or the
+// process execs). Export.pub serialises publishes; registry.mu guards
+// the kept generations and is never held during I/O. A Generation is immutable once published
 // and read without locks; a request holds a reference to it
 // (Export.Generation to Generation.Release), so a drop frees its blocks
 // only after the last reader. Store.mu is a leaf, never held during

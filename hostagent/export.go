@@ -4,10 +4,8 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"maps"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -113,10 +111,7 @@ type Export struct {
 	sinceFull int                                    // publishes since the last full scan; guarded by pub
 	needFull  bool                                   // the next publish must be full; guarded by pub
 
-	mu   lockrank.Mutex[lockrank.ExportGenerations]
-	gens map[uint64]*Generation // kept generations; guarded by mu
-	cur  *Generation            // guarded by mu
-	next uint64                 // guarded by mu
+	gens *registry // the kept generations (registry.go)
 }
 
 // OpenExport checks the export and takes over a freeze that a previous
@@ -148,7 +143,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if mst.Dev == sst.Dev {
 		return nil, fmt.Errorf("export %s: the state directory %s is on the export itself; the agent would wait on its own freeze", cfg.Name, cfg.StateDir)
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: map[uint64]*Generation{}, next: 1, dev0: mst.Dev, mnt: mnt, onFrozen: cfg.OnFrozen}
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: newRegistry(), dev0: mst.Dev, mnt: mnt, onFrozen: cfg.OnFrozen}
 	if cfg.Inherit != nil {
 		if err := e.takeOver(cfg.Inherit); err != nil {
 			cfg.Inherit.CloseKept()
@@ -189,7 +184,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	}
 	if b, err := os.ReadFile(e.path("generation")); err == nil && cfg.Inherit == nil {
 		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
-			e.next = n + 1
+			e.gens.setNext(n + 1)
 		}
 	}
 	if cfg.Watch {
@@ -276,74 +271,31 @@ func (e *Export) Close() error {
 }
 
 // Current returns the newest generation, or nil before the first.
-func (e *Export) Current() *Generation {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.cur
-}
+func (e *Export) Current() *Generation { return e.gens.current() }
 
 // Generation returns kept generation n, referenced: the caller reads it
 // and then releases it (Generation.Release). Nil if it is not kept.
-func (e *Export) Generation(n uint64) *Generation {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if g := e.gens[n]; g != nil && g.acquire() {
-		return g
-	}
-	return nil
-}
+func (e *Export) Generation(n uint64) *Generation { return e.gens.acquire(n) }
 
 // Kept is how many generations are kept.
-func (e *Export) Kept() int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return len(e.gens)
-}
+func (e *Export) Kept() int { return e.gens.count() }
 
 // Has reports whether generation n is kept.
-func (e *Export) Has(n uint64) bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.gens[n] != nil
-}
+func (e *Export) Has(n uint64) bool { return e.gens.has(n) }
 
 // KeptList lists the generations the export keeps, oldest first.
-func (e *Export) KeptList() []vsockproto.KeptGeneration {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	var list []vsockproto.KeptGeneration
-	for _, n := range slices.Sorted(maps.Keys(e.gens)) {
-		g := e.gens[n]
-		list = append(list, vsockproto.KeptGeneration{Number: n, Published: g.Captured, Label: g.Label})
-	}
-	return list
-}
+func (e *Export) KeptList() []vsockproto.KeptGeneration { return e.gens.list() }
 
 // labeled is the newest kept generation published with label; 0 if none.
-func (e *Export) labeled(label string) uint64 {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	var n uint64
-	for k, g := range e.gens {
-		if g.Label == label {
-			n = max(n, k)
-		}
-	}
-	return n
-}
+func (e *Export) labeled(label string) uint64 { return e.gens.labeled(label) }
 
 // Drop forgets generation n (never the current one); its blocks that no
 // kept generation shares are freed once no request reads it.
 func (e *Export) Drop(n uint64) {
-	e.mu.Lock()
-	g := e.gens[n]
-	if g == nil || g == e.cur {
-		e.mu.Unlock()
+	g, kept := e.gens.remove(n)
+	if g == nil {
 		return
 	}
-	delete(e.gens, n)
-	kept := slices.Sorted(maps.Keys(e.gens))
-	e.mu.Unlock()
 	if e.keep != nil {
 		e.keep.release(kept)
 	}
@@ -359,15 +311,7 @@ func (e *Export) DropBefore(n uint64) {
 // dropUnless drops every kept generation but those keep says to keep
 // (and the current one).
 func (e *Export) dropUnless(keep func(n uint64) bool) {
-	e.mu.Lock()
-	var old []uint64
-	for k := range e.gens {
-		if !keep(k) {
-			old = append(old, k)
-		}
-	}
-	e.mu.Unlock()
-	for _, k := range old {
+	for _, k := range e.gens.numbersBut(keep) {
 		e.Drop(k)
 	}
 }

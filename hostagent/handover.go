@@ -111,15 +111,7 @@ func (e *Export) handover() (*ExportState, func(), error) {
 		return nil, nil, err
 	}
 	st := &ExportState{Device: e.cfg.Device, Mount: e.cfg.Mount, MountFD: e.mountFD, Store: store, Label: e.label}
-	e.mu.Lock()
-	st.Next = e.next
-	if e.cur != nil {
-		st.Cur = e.cur.Number
-	}
-	for _, g := range e.gens {
-		st.Gens = append(st.Gens, g.state())
-	}
-	e.mu.Unlock()
+	e.gens.state(st)
 	if e.keep != nil {
 		st.Kept = e.keep.handover()
 	}
@@ -144,15 +136,10 @@ func (e *Export) takeOver(st *ExportState) error {
 	}
 	e.mountFD = st.MountFD
 	e.store = storeFromState(st.Store)
-	e.next, e.label = st.Next, st.Label
-	for _, gs := range st.Gens {
-		g, err := generationFromState(gs, e.store)
-		if err != nil {
-			return err
-		}
-		e.gens[g.Number] = g
+	e.label = st.Label
+	if err := e.gens.fromState(st, e.store); err != nil {
+		return err
 	}
-	e.cur = e.gens[st.Cur]
 	// What changed while nobody watched is not known: the next publish
 	// scans everything.
 	e.needFull = true

@@ -47,7 +47,8 @@ func TestExportHandover(t *testing.T) {
 		t.Fatalf("took over %d generations, current %d %q; the old had %d, current %d",
 			e.Kept(), e.Current().Number, e.Current().Label, old.Kept(), old.Current().Number)
 	}
-	for n := range old.gens {
+	for _, k := range old.KeptList() {
+		n := k.Number
 		og, ng := old.Generation(n), e.Generation(n)
 		if ng == nil || ng.Blocks() != og.Blocks() {
 			t.Fatalf("generation %d not taken over whole", n)

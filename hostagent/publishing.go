@@ -250,16 +250,7 @@ func (e *Export) complete(ph *Phases, p *plannedCapture, d *delta) (*Generation,
 func (e *Export) makeCurrent(g *Generation, label string, ph Phases) {
 	g.refs.Store(1) // the export's
 	g.Label = label
-	e.mu.Lock()
-	var prev uint64
-	if e.cur != nil {
-		prev = e.cur.Number
-	}
-	g.Number, g.Frozen, g.Captured = e.next, ph.Frozen, time.Now()
-	e.next++
-	e.gens[g.Number] = g
-	e.cur = g
-	e.mu.Unlock()
+	prev := e.gens.add(g, ph.Frozen)
 	if e.keep != nil {
 		if err := e.keep.publish(g, prev, g.All); err != nil {
 			e.log.Error("keeping the generation's files: some replaced or deleted before guests leave it will answer ESTALE", "error", err)

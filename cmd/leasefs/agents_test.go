@@ -1,26 +1,65 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// hostProc is a running 'leasefs host'.
+// hostProc is a 'leasefs host' a test runs, stops and starts again, as
+// a supervisor would (hosttest.Agent), on the export mounted at mnt.
+// When the test ends it is stopped with SIGTERM, and must exit cleanly
+// and take its watchdog with it (before the export is unmounted).
 type hostProc struct {
-	cmd            *exec.Cmd
-	control, guest string
-	log            *testenv.SyncBuffer
+	*hosttest.Agent
+	t              *testing.T
+	mnt            string
+	control, guest string   // its sockets, if the test named them
 	wrap           []string // a program leasefs runs under (setpriv), or none
+}
+
+// start runs the agent, leasefsBin unless Prog is set, and waits until
+// it is ready.
+func (h *hostProc) start() {
+	h.t.Helper()
+	h.Prog = cmp.Or(h.Prog, leasefsBin)
+	h.Agent.Start(h.t)
+}
+
+// stop signals the agent and waits for it to exit: cleanly, on SIGTERM.
+func (h *hostProc) stop(sig syscall.Signal) {
+	h.t.Helper()
+	if err := h.Agent.Stop(h.t, sig); sig == syscall.SIGTERM && err != nil {
+		h.t.Errorf("leasefs host on SIGTERM: %v\n%s", err, h.Log)
+	}
+}
+
+// supervise starts h, as set, on the export mounted at mnt, stopping it
+// when t ends.
+func supervise(t *testing.T, h *hostProc, mnt string) *hostProc {
+	t.Helper()
+	if h.Agent == nil {
+		h.Agent = &hosttest.Agent{}
+	}
+	h.t, h.mnt = t, mnt
+	t.Cleanup(func() {
+		h.stop(syscall.SIGTERM)
+		waitGone(t, mnt) // its watchdog too
+	})
+	h.start()
+	return h
 }
 
 // hostExport is a fresh loop-mounted export holding "hello".
@@ -28,9 +67,7 @@ func hostExport(t *testing.T) (mnt, dev string) {
 	t.Helper()
 	testenv.RequireLoop(t)
 	testenv.RequireFUSE(t)
-	img := imgtest.Mkfs(t, "ext4", "", 64, "-b", "4096", "-O", "has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
-	mnt = imgtest.KernelMount(t, img, "rw")
-	dev = imgtest.LoopDevice(t, mnt)
+	_, mnt, dev = hosttest.Export(t, 64)
 	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("generation one\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -57,19 +94,15 @@ func startHostOn(t *testing.T, mnt, dev string) (h *hostProc, run string) {
 	return h, run
 }
 
-// runHostCmd runs leasefs with args, a host agent of the export at mnt,
-// and waits until it is ready. It is stopped with SIGTERM, and must exit
-// cleanly and take its watchdog with it, when t ends (before the export
-// is unmounted).
+// runHostCmd runs leasefs with args (under h.wrap, if set), a host agent
+// of the export at mnt, until t ends (supervise).
 func runHostCmd(t *testing.T, h *hostProc, mnt string, args ...string) {
 	t.Helper()
-	h.log = &testenv.SyncBuffer{}
-	h.cmd = exec.Command(leasefsBin, args...)
+	h.Agent = &hosttest.Agent{Prog: leasefsBin, Args: args}
 	if len(h.wrap) > 0 {
-		h.cmd = exec.Command(h.wrap[0], append(append(h.wrap[1:], leasefsBin), args...)...)
+		h.Prog, h.Args = h.wrap[0], append(append(h.wrap[1:], leasefsBin), args...)
 	}
-	t.Cleanup(func() { waitGone(t, mnt) }) // after the agent's stop: its watchdog too
-	testenv.StartReady(t, h.cmd, h.log, 20*time.Second, 10*time.Second)
+	supervise(t, h, mnt)
 }
 
 func leasefs(t *testing.T, args ...string) (string, error) {

@@ -25,13 +25,13 @@ func hostConfig(t *testing.T, path string, lines ...string) {
 // which it returns ("reloaded" or the refusal).
 func reloadAndWait(t *testing.T, h *hostProc) string {
 	t.Helper()
-	before := strings.Count(h.log.String(), "SIGHUP: reading the settings again")
-	if err := h.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	before := strings.Count(h.Log.String(), "SIGHUP: reading the settings again")
+	if err := h.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	var line string
 	waitFor(t, "the reload's outcome in the log", func() bool {
-		log := h.log.String()
+		log := h.Log.String()
 		if strings.Count(log, "SIGHUP: reading the settings again") <= before {
 			return false
 		}
@@ -114,7 +114,7 @@ func TestConfigFileAndReload(t *testing.T) {
 	// Add export b and a second address.
 	write(base, []string{listen(guest1, guest2)}, export("a", devA, mntA), export("b", devB, mntB))
 	if got := reloadAndWait(t, h); !strings.Contains(got, "reloaded") {
-		t.Fatalf("reload: %s\n%s", got, h.log)
+		t.Fatalf("reload: %s\n%s", got, h.Log)
 	}
 	gb := guestMount(t, "--connect", "unix:"+guest2, "--export", "b", "--device", devB)
 	if b, err := os.ReadFile(filepath.Join(gb, "hello")); err != nil || string(b) != "generation one\n" {
@@ -159,7 +159,7 @@ func TestConfigFileAndReload(t *testing.T) {
 	// Take b and the second address away again.
 	write(base, []string{listen(guest1)}, export("a", devA, mntA))
 	if got := reloadAndWait(t, h); !strings.Contains(got, "reloaded") {
-		t.Fatalf("reload: %s\n%s", got, h.log)
+		t.Fatalf("reload: %s\n%s", got, h.Log)
 	}
 	waitFor(t, "guest2.sock removed", func() bool { return !exists(guest2) })
 	if s := status(); strings.Contains(s, mntB) {

@@ -1,10 +1,10 @@
 package main
 
 import (
-	"os/exec"
 	"testing"
 
 	"github.com/leasefs/leasefs/internal/conformance"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
@@ -31,7 +31,7 @@ func TestConformance(t *testing.T) {
 		imgtest.Populate(t, mnt, spec)
 		conformance.Populate(t, mnt)
 		h, _ := startHostOn(t, mnt, dev) // publishes what is there
-		oracle := bindReadOnly(t, mnt)
+		oracle := hosttest.ReadOnly(t, mnt)
 		t.Run("device", func(t *testing.T) {
 			conformance.Run(t, guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev), oracle)
 		})
@@ -53,18 +53,4 @@ func TestConformance(t *testing.T) {
 				guestMount(t, "--connect", h.guest, "--export", "mirror"))
 		})
 	})
-}
-
-// bindReadOnly binds dir read-only at a new directory, until t ends.
-func bindReadOnly(t *testing.T, dir string) string {
-	t.Helper()
-	ro := t.TempDir()
-	if out, err := exec.Command("mount", "--bind", dir, ro).CombinedOutput(); err != nil {
-		t.Fatalf("bind: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { imgtest.Unmount(t, ro) })
-	if out, err := exec.Command("mount", "-o", "remount,bind,ro", ro).CombinedOutput(); err != nil {
-		t.Fatalf("remount read-only: %v\n%s", err, out)
-	}
-	return ro
 }

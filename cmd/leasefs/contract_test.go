@@ -41,7 +41,7 @@ func randomBytes(t *testing.T, n int) []byte {
 // contractHost is a host agent from a settings file, on a fresh export
 // "mirror", publishing only when told.
 type contractHost struct {
-	*supervised
+	*hostProc
 	conf, control, guest string
 	lines                []string // the settings without the export
 	export               []string
@@ -68,7 +68,7 @@ func newContractHost(t *testing.T, withSpare bool) (h *contractHost, mnt, dev st
 		h.lines = append(h.lines, "[export.spare]", fmt.Sprintf("device = %q", sdev), fmt.Sprintf("mount = %q", smnt))
 	}
 	hostConfig(t, h.conf, append(h.lines, h.export...)...)
-	h.supervised = newAgent(t, mnt, "host", "--config", h.conf)
+	h.hostProc = newAgent(t, mnt, "host", "--config", h.conf)
 	return h, mnt, dev
 }
 
@@ -81,9 +81,8 @@ func (h *contractHost) reload(t *testing.T, withExport bool) {
 		lines = append(append([]string(nil), h.lines...), h.export...)
 	}
 	hostConfig(t, h.conf, lines...)
-	p := &hostProc{cmd: h.cmd, log: h.log}
-	if got := reloadAndWait(t, p); !strings.Contains(got, "reloaded") {
-		t.Fatalf("reload: %s\n%s", got, h.log)
+	if got := reloadAndWait(t, h.hostProc); !strings.Contains(got, "reloaded") {
+		t.Fatalf("reload: %s\n%s", got, h.Log)
 	}
 }
 
@@ -515,7 +514,7 @@ func TestDeviceVerifiesAfterAReconnect(t *testing.T) {
 		}
 	}
 	before := guestStatus(t, dir)
-	if err := h.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+	if err := h.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
 	var st *guestagent.Status
@@ -572,13 +571,13 @@ func TestLeaseTimeBoundsDeviceReads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := a.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	stopped := true
 	defer func() {
 		if stopped {
-			_ = a.cmd.Process.Signal(syscall.SIGCONT)
+			_ = a.Signal(syscall.SIGCONT)
 		}
 	}()
 	time.Sleep(2500 * time.Millisecond) // past the lease time, less its margin
@@ -592,7 +591,7 @@ func TestLeaseTimeBoundsDeviceReads(t *testing.T) {
 		t.Fatalf("hard: a read past the lease time with the host stalled returned: %v", err)
 	case <-time.After(1500 * time.Millisecond):
 	}
-	if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := a.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	stopped = false

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -24,107 +23,19 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leasefs/leasefs/guestagent"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// supervised is a 'leasefs host' this test starts, kills and starts again,
-// as a supervisor would.
-type supervised struct {
-	t      *testing.T
-	prog   string // leasefsBin unless set
-	args   []string
-	env    []string   // added to the environment, if set
-	extra  []*os.File // descriptors 3… of the next start, if set; closed by it
-	mnt    string
-	cmd    *exec.Cmd
-	log    *testenv.SyncBuffer
-	exited chan error
-}
-
-func newAgent(t *testing.T, mnt string, args ...string) *supervised {
+func newAgent(t *testing.T, mnt string, args ...string) *hostProc {
 	return newAgentOf(t, "", mnt, args...)
 }
 
-// newAgentOf is newAgent running prog (leasefsBin if "") with args.
-func newAgentOf(t *testing.T, prog, mnt string, args ...string) *supervised {
-	a := &supervised{t: t, prog: prog, args: args, mnt: mnt, log: &testenv.SyncBuffer{}}
-	a.start()
-	t.Cleanup(func() {
-		if a.cmd != nil {
-			a.stop(syscall.SIGTERM)
-		}
-		waitGone(t, mnt) // its watchdog too
-	})
-	return a
-}
-
-// start runs the agent and waits until it is ready.
-func (a *supervised) start() {
-	a.t.Helper()
-	prog := a.prog
-	if prog == "" {
-		prog = leasefsBin
-	}
-	a.cmd = exec.Command(prog, a.args...)
-	a.cmd.Stderr = a.log
-	if a.env != nil {
-		a.cmd.Env = append(os.Environ(), a.env...)
-	}
-	a.cmd.ExtraFiles = a.extra
-	out, err := a.cmd.StdoutPipe()
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	err = a.cmd.Start()
-	for _, f := range a.extra { // the child has them now
-		f.Close()
-	}
-	a.extra = nil
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	a.exited = make(chan error, 1)
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		ok := false
-		for sc.Scan() {
-			if sc.Text() == "ready" && !ok {
-				ok = true
-				ready <- true
-			}
-		}
-		if !ok {
-			ready <- false
-		}
-		a.exited <- a.cmd.Wait()
-	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			a.t.Fatalf("leasefs host exited before it was ready:\n%s", a.log)
-		}
-	case <-time.After(20 * time.Second):
-		a.t.Fatalf("leasefs host not ready after 20s:\n%s", a.log)
-	}
-}
-
-// stop signals the agent and waits for it to exit.
-func (a *supervised) stop(sig syscall.Signal) {
-	a.t.Helper()
-	_ = a.cmd.Process.Signal(sig)
-	select {
-	case err := <-a.exited:
-		if sig == syscall.SIGTERM && err != nil {
-			a.t.Errorf("leasefs host on SIGTERM: %v\n%s", err, a.log)
-		}
-	case <-time.After(10 * time.Second):
-		a.t.Errorf("leasefs host did not exit on %v; killing it", sig)
-		_ = a.cmd.Process.Kill()
-		<-a.exited
-	}
-	a.cmd = nil
+// newAgentOf runs prog (leasefsBin if "") with args, a host agent of the
+// export at mnt, until t ends.
+func newAgentOf(t *testing.T, prog, mnt string, args ...string) *hostProc {
+	return supervise(t, &hostProc{Agent: &hosttest.Agent{Prog: prog, Args: args}}, mnt)
 }
 
 // guestMount runs 'leasefs guest' in the background on a new directory

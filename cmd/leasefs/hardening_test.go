@@ -47,14 +47,14 @@ func TestNonUTF8VMName(t *testing.T) {
 	for range 3 {
 		out, err := leasefs(t, "metrics", "--control", h.control)
 		if err != nil || !strings.Contains(out, "leasefs_guest_generation_lag") || !strings.Contains(out, "vm\uFFFD.sock") {
-			t.Fatalf("metrics: %v\n%s\nagent:\n%s", err, out, h.log)
+			t.Fatalf("metrics: %v\n%s\nagent:\n%s", err, out, h.Log)
 		}
 		if out, err := leasefs(t, "status", "--control", h.control); err != nil {
 			t.Fatalf("status: %v\n%s", err, out)
 		}
 	}
-	if h.cmd.ProcessState != nil {
-		t.Fatalf("the agent exited:\n%s", h.log)
+	if h.Exited() {
+		t.Fatalf("the agent exited:\n%s", h.Log)
 	}
 }
 
@@ -272,7 +272,7 @@ func TestAddedListenersSurviveUpgradeAndRestart(t *testing.T) {
 		t.Helper()
 		out, err := leasefs(t, "listen", "--control", h.control)
 		if err != nil || !strings.Contains(out, addr) || !exists(vm+"_5000") {
-			t.Fatalf("%s: the added address is not served: %v\n%s\nagent:\n%s", what, err, out, h.log)
+			t.Fatalf("%s: the added address is not served: %v\n%s\nagent:\n%s", what, err, out, h.Log)
 		}
 		waitFor(t, what+": the guest reconnects", func() bool {
 			st := guestStatus(t, g)
@@ -331,7 +331,7 @@ func TestVMsWaitForDescriptors(t *testing.T) {
 	a := newAgentOf(t, "prlimit", mnt, fmt.Sprintf("--nofile=%d:%d", limit, limit),
 		leasefsBinNoRace, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--listen", "hvsock-dir:"+vms+":5000",
 		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--keep-files", "0")
-	pid := a.cmd.Process.Pid
+	pid := a.Pid()
 	base := fdCount(pid)
 	g := guestMount(t, "--connect", guest, "--export", "mirror", "--lease-linger", "0") // closing frees at once
 	var open []*os.File
@@ -380,7 +380,7 @@ func TestSessionChurnDoesNotFloodTheLog(t *testing.T) {
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
 	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "unix:"+guest,
 		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--max-sessions-per-guest", "4")
-	before := strings.Count(h.log.String(), "\n")
+	before := strings.Count(h.Log.String(), "\n")
 	addr := vsockproto.Addr{Kind: vsockproto.KindUnix, Path: guest}
 	sessions := 0
 	for deadline := time.Now().Add(4 * time.Second); time.Now().Before(deadline); sessions++ {
@@ -394,16 +394,16 @@ func TestSessionChurnDoesNotFloodTheLog(t *testing.T) {
 		c.Close()
 	}
 	time.Sleep(200 * time.Millisecond)
-	lines := strings.Count(h.log.String(), "\n") - before
+	lines := strings.Count(h.Log.String(), "\n") - before
 	t.Logf("%d sessions, %d log lines", sessions, lines)
 	if sessions < 500 {
 		t.Fatalf("only %d sessions in 4 s", sessions)
 	}
 	if lines > 100 {
-		t.Fatalf("%d sessions wrote %d log lines:\n%s", sessions, lines, h.log.String()[len(h.log.String())-2000:])
+		t.Fatalf("%d sessions wrote %d log lines:\n%s", sessions, lines, h.Log.String()[len(h.Log.String())-2000:])
 	}
-	if !strings.Contains(h.log.String(), "lines_left_out") && !strings.Contains(h.log.String(), "most are left out") {
-		t.Fatalf("no word of the lines left out:\n%s", h.log)
+	if !strings.Contains(h.Log.String(), "lines_left_out") && !strings.Contains(h.Log.String(), "most are left out") {
+		t.Fatalf("no word of the lines left out:\n%s", h.Log)
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/testenv"
 	"github.com/leasefs/leasefs/vsockproto"
 )
@@ -75,14 +76,14 @@ func TestHostileGuest(t *testing.T) {
 	if other := os.Getenv("LEASEFS_HOSTILE_AGENT"); other != "" {
 		bin, limits = other, nil
 	}
-	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}, prog: "sh", args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
+	a := &hostProc{t: t, mnt: mnt, Agent: &hosttest.Agent{Prog: "sh", Args: append([]string{"-c", `echo $$ > "$0" && exec prlimit --nofile=800:800 "$@"`,
 		cg.procs(), bin, "host", "--export", "mirror=" + dev + ":" + mnt,
 		"--listen", honestAddr, "--listen", "hvsock:" + evilVM + ":5000", "--listen", "hvsock-dir:" + vms + ":5000", "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--ack-timeout", "2s", "--grace", "2s",
-		"--max-leases-per-guest", "400"}, limits...)}
+		"--max-leases-per-guest", "400"}, limits...)}}
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 		waitGone(t, mnt)
@@ -119,7 +120,7 @@ func TestHostileGuest(t *testing.T) {
 		close(stop)
 		<-done
 		if err := syscall.Kill(pid, 0); err != nil {
-			t.Fatalf("%s: the agent is gone: %v\n%s", name, err, a.log)
+			t.Fatalf("%s: the agent is gone: %v\n%s", name, err, a.Log)
 		}
 	}
 	g := &evilGuest{t: t, addr: evil}
@@ -373,7 +374,7 @@ func TestHostileGuest(t *testing.T) {
 		t.Error(err)
 	}
 	if t.Failed() {
-		log := a.log.String()
+		log := a.Log.String()
 		t.Logf("the agent's log (tail):\n%s", log[max(0, len(log)-6000):])
 	}
 }
@@ -732,8 +733,8 @@ func fdCount(pid int) int {
 
 // agentPid is the pid of the agent a started (through sh and prlimit,
 // both of which exec it).
-func agentPid(t *testing.T, a *supervised) int {
-	return a.cmd.Process.Pid
+func agentPid(t *testing.T, a *hostProc) int {
+	return a.Pid()
 }
 
 // forkedConnections starts n processes that each connect to addr and

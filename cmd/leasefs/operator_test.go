@@ -46,7 +46,7 @@ func hostFails(t *testing.T, args ...string) string {
 func TestOneAgentPerExportAndSocket(t *testing.T) {
 	h, mnt, dev := startHostCmd(t)
 	run := filepath.Dir(strings.TrimPrefix(h.control, "unix:"))
-	pid := fmt.Sprintf("pid %d", h.cmd.Process.Pid)
+	pid := fmt.Sprintf("pid %d", h.Pid())
 	fresh := func() (args []string, state string) {
 		d := t.TempDir()
 		state = filepath.Join(d, "state")
@@ -129,12 +129,12 @@ func TestOneAgentPerExportAndSocket(t *testing.T) {
 	}
 
 	t.Run("SIGHUP", func(t *testing.T) {
-		if err := h.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		if err := h.Signal(syscall.SIGHUP); err != nil {
 			t.Fatal(err)
 		}
-		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(h.log.String(), "SIGHUP"); time.Sleep(10 * time.Millisecond) {
+		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(h.Log.String(), "SIGHUP"); time.Sleep(10 * time.Millisecond) {
 			if time.Now().After(deadline) {
-				t.Fatalf("no word of the SIGHUP:\n%s", h.log)
+				t.Fatalf("no word of the SIGHUP:\n%s", h.Log)
 			}
 		}
 		if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
@@ -177,8 +177,8 @@ func TestStaleSocketsAreReplaced(t *testing.T) {
 	}
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock"), guest: "unix:" + filepath.Join(run, "guest.sock")}
 	runHostCmd(t, h, mnt, args...)
-	if n := strings.Count(h.log.String(), "replaced a stale socket"); n != 2 {
-		t.Errorf("%d stale sockets reported, want 2:\n%s", n, h.log)
+	if n := strings.Count(h.Log.String(), "replaced a stale socket"); n != 2 {
+		t.Errorf("%d stale sockets reported, want 2:\n%s", n, h.Log)
 	}
 	if out, err := leasefs(t, "status", "--control", h.control); err != nil || !strings.Contains(out, "mirror") {
 		t.Fatalf("status: %v\n%s", err, out)
@@ -275,7 +275,7 @@ func TestVMsComeAndGo(t *testing.T) {
 	h := &hostProc{control: "unix:" + filepath.Join(run, "control.sock")}
 	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "hvsock-dir:"+vms+":5000",
 		"--control", h.control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	pid := h.cmd.Process.Pid
+	pid := h.Pid()
 	waitFor(t, "vm1 served", func() bool { return exists(vm1 + "_5000") })
 
 	vm2 := filepath.Join(vms, "vm2.sock")
@@ -322,21 +322,21 @@ func TestVMsComeAndGo(t *testing.T) {
 	// vm1 comes back (a restart of the VM): served again.
 	vmSocket(t, vm1)
 	waitFor(t, "vm1 served again", func() bool { return exists(vm1 + "_5000") })
-	if h.cmd.Process.Pid != pid || h.cmd.ProcessState != nil {
+	if h.Pid() != pid || h.Exited() {
 		t.Fatal("the agent restarted")
 	}
 	for _, want := range []string{"VM appeared: serving it", "VM gone: stopped serving it"} {
-		if !strings.Contains(h.log.String(), want) {
-			t.Errorf("the log does not say %q:\n%s", want, h.log)
+		if !strings.Contains(h.Log.String(), want) {
+			t.Errorf("the log does not say %q:\n%s", want, h.Log)
 		}
 	}
 	// The whole directory goes: the agent says so and serves on.
 	if err := os.RemoveAll(vms); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.log.String(), "the VM directory "+vms+" is gone"); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.Log.String(), "the VM directory "+vms+" is gone"); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the directory's end is not logged:\n%s", h.log)
+			t.Fatalf("the directory's end is not logged:\n%s", h.Log)
 		}
 	}
 	if s := status(); !strings.Contains(s, `"name": "mirror"`) {
@@ -401,7 +401,7 @@ func TestSeeingLeases(t *testing.T) {
 		t.Fatal("the writer still waits after the ack deadline")
 	}
 	waitFor(t, "the revocation logged", func() bool {
-		return regexp.MustCompile(`revoking: export=mirror guest="pid \d+ uid 0" path=/held`).MatchString(h.log.String())
+		return regexp.MustCompile(`revoking: export=mirror guest="pid \d+ uid 0" path=/held`).MatchString(h.Log.String())
 	})
 
 	m, err := leasefs(t, "metrics", "--control", h.control)
@@ -705,7 +705,7 @@ func TestHostRunsWithTheUnitsCapabilities(t *testing.T) {
 		wrap: []string{"setpriv", "--bounding-set", "-all," + strings.Join(caps, ","), "--"}}
 	runHostCmd(t, h, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", h.guest, "--control", h.control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid))
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.Pid()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -715,7 +715,7 @@ func TestHostRunsWithTheUnitsCapabilities(t *testing.T) {
 	dir := guestMount(t, "--connect", h.guest, "--export", "mirror", "--device", dev)
 	f, err := os.Open(filepath.Join(dir, "private"))
 	if err != nil {
-		t.Fatalf("a guest's open of another user's file: %v\n%s", err, h.log)
+		t.Fatalf("a guest's open of another user's file: %v\n%s", err, h.Log)
 	}
 	defer f.Close()
 	if b, err := io.ReadAll(f); err != nil || string(b) != "only its owner reads this" {
@@ -747,8 +747,8 @@ func TestHostRunsWithTheUnitsCapabilities(t *testing.T) {
 		t.Fatalf("publish: %v %s", err, out)
 	}
 	for _, bad := range []string{"cannot expedite", "ERROR", "operation not permitted"} {
-		if strings.Contains(h.log.String(), bad) {
-			t.Errorf("the agent's log says %q:\n%s", bad, h.log)
+		if strings.Contains(h.Log.String(), bad) {
+			t.Errorf("the agent's log says %q:\n%s", bad, h.Log)
 		}
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
@@ -112,8 +113,8 @@ func TestCheckConfigAndReloadOutcome(t *testing.T) {
 			t.Fatalf("a refused reload changed the agent")
 		}
 	}
-	if !strings.Contains(h.log.String(), "give each setting in one place") {
-		t.Errorf("the conflicting reload was not logged as such:\n%s", h.log)
+	if !strings.Contains(h.Log.String(), "give each setting in one place") {
+		t.Errorf("the conflicting reload was not logged as such:\n%s", h.Log)
 	}
 }
 
@@ -135,7 +136,7 @@ func TestNoEmptyAutomaticPublish(t *testing.T) {
 	time.Sleep(3 * time.Second) // past quiet and max
 	out, err := leasefs(t, "status", "--control", control)
 	if err != nil || !regexpMatch(`mirror\s+2\s+r1\s`, out) {
-		t.Fatalf("after the quiet period, want generation 2 labelled r1:\n%s%v\n%s", out, err, h.log)
+		t.Fatalf("after the quiet period, want generation 2 labelled r1:\n%s%v\n%s", out, err, h.Log)
 	}
 	// A change after it is published on its own.
 	if err := os.WriteFile(filepath.Join(mnt, "other"), []byte("x\n"), 0o644); err != nil {
@@ -160,12 +161,12 @@ func TestExportVanishes(t *testing.T) {
 	hostConfig(t, conf, fmt.Sprintf("state_dir = %q", filepath.Join(run, "state")), fmt.Sprintf("control = %q", control),
 		`auto_publish = "quiet=500ms,max=1s"`, `listen = ["unix:`+filepath.Join(run, "guest.sock")+`"]`,
 		"[export.mirror]", fmt.Sprintf("device = %q", dev), fmt.Sprintf("mount = %q", mnt))
-	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &hostProc{t: t, mnt: mnt, Agent: &hosttest.Agent{}}
 	prog, argv, env, extra := sd.Start(leasefsBin, []string{"host", "--config", conf}, true)
-	a.prog, a.args, a.env, a.extra = prog, argv, env, extra
+	a.Prog, a.Args, a.Env, a.Extra = prog, argv, env, extra
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 	})
@@ -186,8 +187,8 @@ func TestExportVanishes(t *testing.T) {
 	if d := time.Since(lost); d > 3*time.Second {
 		t.Errorf("noticed after %v", d)
 	}
-	if !strings.Contains(a.log.String(), "export lost") {
-		t.Errorf("no log line:\n%s", a.log)
+	if !strings.Contains(a.Log.String(), "export lost") {
+		t.Errorf("no log line:\n%s", a.Log)
 	}
 	if m, _ := leasefs(t, "metrics", "--control", control); !strings.Contains(m, `leasefs_export_lost{export="mirror"} 1`) {
 		t.Errorf("metrics:\n%s", m)
@@ -229,7 +230,7 @@ func TestExportKeptWhileUnsure(t *testing.T) {
 	control := "unix:" + filepath.Join(run, "control.sock")
 	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--control", control,
 		"--listen", "unix:"+filepath.Join(run, "guest.sock"), "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	pid := strconv.Itoa(a.cmd.Process.Pid)
+	pid := strconv.Itoa(a.Pid())
 	out, err := exec.Command("prlimit", "--pid", pid, "--nofile", "--noheadings", "--output", "SOFT,HARD").Output()
 	lim := strings.Fields(string(out))
 	if err != nil || len(lim) != 2 {
@@ -243,13 +244,13 @@ func TestExportKeptWhileUnsure(t *testing.T) {
 	if out, err := exec.Command("prlimit", "--pid", pid, fmt.Sprintf("--nofile=%d:%s", free, lim[1])).CombinedOutput(); err != nil {
 		t.Fatalf("prlimit: %v %s", err, out)
 	}
-	waitFor(t, "the agent saying it cannot check", func() bool { return strings.Contains(a.log.String(), "cannot check an export's mount") })
+	waitFor(t, "the agent saying it cannot check", func() bool { return strings.Contains(a.Log.String(), "cannot check an export's mount") })
 	time.Sleep(1500 * time.Millisecond) // another check or two
 	if out, err := exec.Command("prlimit", "--pid", pid, "--nofile="+lim[0]+":"+lim[1]).CombinedOutput(); err != nil {
 		t.Fatalf("prlimit: %v %s", err, out)
 	}
-	if strings.Contains(a.log.String(), "export lost") {
-		t.Errorf("the export was given up:\n%s", a.log)
+	if strings.Contains(a.Log.String(), "export lost") {
+		t.Errorf("the export was given up:\n%s", a.Log)
 	}
 	if out, err := leasefs(t, "publish", "--control", control, "mirror"); err != nil {
 		t.Errorf("publish after: %v\n%s", err, out)
@@ -269,7 +270,7 @@ func TestSystemdNotificationsAndJournal(t *testing.T) {
 	run := t.TempDir()
 	sd := newFakeSystemd(t)
 	control := "unix:" + filepath.Join(run, "control.sock")
-	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &hostProc{t: t, mnt: mnt, Agent: &hosttest.Agent{}}
 	stream, err := os.Create(filepath.Join(run, "journal-stream"))
 	if err != nil {
 		t.Fatal(err)
@@ -283,17 +284,17 @@ func TestSystemdNotificationsAndJournal(t *testing.T) {
 		"--listen", "unix:" + filepath.Join(run, "guest.sock"), "--control", control, "--state-dir", filepath.Join(run, "state"),
 		"--auto-publish", "off"}, false) // --fd-store: the flag, as the unit gives it
 	// Its stderr is the stream, as under systemd.
-	a.prog, a.args = "/bin/sh", append([]string{"-c", `f=$1; shift; exec 2>>"$f"; exec "$@"`, "sh", stream.Name(), prog}, argv...)
-	a.env, a.extra = append(env, fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino)), extra
+	a.Prog, a.Args = "/bin/sh", append([]string{"-c", `f=$1; shift; exec 2>>"$f"; exec "$@"`, "sh", stream.Name(), prog}, argv...)
+	a.Env, a.Extra = append(env, fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino)), extra
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 	})
 	waitFor(t, "READY=1 with a status", func() bool { return strings.Contains(sd.Messages(), "READY=1\nSTATUS=serving mirror generation 1") })
 
-	_ = a.cmd.Process.Signal(syscall.SIGHUP)
+	_ = a.Signal(syscall.SIGHUP)
 	waitFor(t, "RELOADING=1 then READY=1", func() bool {
 		m := sd.Messages()
 		i := strings.Index(m, "RELOADING=1\nMONOTONIC_USEC=")
@@ -304,7 +305,7 @@ func TestSystemdNotificationsAndJournal(t *testing.T) {
 	// the fd store, which needs $NOTIFY_SOCKET).
 	before := strings.Count(sd.Messages(), "READY=1")
 	if out, err := leasefs(t, "host", "--upgrade", "--control", control); err != nil {
-		t.Fatalf("upgrade: %v\n%s\n%s", err, out, a.log)
+		t.Fatalf("upgrade: %v\n%s\n%s", err, out, a.Log)
 	}
 	waitFor(t, "READY=1 from the upgraded run", func() bool { return strings.Count(sd.Messages(), "READY=1") > before })
 
@@ -317,7 +318,7 @@ func TestSystemdNotificationsAndJournal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := string(b) + a.log.String()
+	log := string(b) + a.Log.String()
 	for _, want := range []string{"<6>leasefs-host: starting", "<6>leasefs-host: ready", "<6>leasefs-host: stopping", "<6>leasefs-host: stopped"} {
 		if !strings.Contains(log, want) {
 			t.Errorf("no %q in the journal's stream:\n%s", want, log)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/leasefs/leasefs/guestagent"
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
@@ -132,16 +133,16 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 	install(leasefsBin)
 	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
-	a := &supervised{t: t, prog: bin, mnt: mnt, log: &testenv.SyncBuffer{}, args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
-		"--listen", guest, "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}
+	a := &hostProc{t: t, mnt: mnt, Agent: &hosttest.Agent{Prog: bin, Args: []string{"host", "--export", "mirror=" + dev + ":" + mnt,
+		"--listen", guest, "--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off"}}}
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 		waitGone(t, mnt)
 	})
-	pid := a.cmd.Process.Pid
+	pid := a.Pid()
 	dirs := []string{
 		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
 		guestMount(t, "--connect", guest, "--export", "mirror"),
@@ -168,7 +169,7 @@ func TestUpgradeInPlace(t *testing.T) {
 			b := make([]byte, chunk)
 			n, err := io.ReadFull(f, b)
 			if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.log)
+				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.Log)
 			}
 			got[i] = append(got[i], b[:n]...)
 		}
@@ -189,7 +190,7 @@ func TestUpgradeInPlace(t *testing.T) {
 				return &st
 			}
 		}
-		t.Fatalf("the agent did not come back as a new run:\n%s", a.log)
+		t.Fatalf("the agent did not come back as a new run:\n%s", a.Log)
 		return nil
 	}
 	for round := 1; round <= 4; round++ {
@@ -204,14 +205,14 @@ func TestUpgradeInPlace(t *testing.T) {
 			t.Fatalf("round %d: the agent holds %d files before the upgrade, want big and hello", round, before.Exports[0].Files)
 		}
 		if round%2 == 1 {
-			if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+			if err := a.Signal(syscall.SIGUSR2); err != nil {
 				t.Fatal(err)
 			}
 			if round == 3 {
 				// A reload asked for at once: in the moment of the exec
 				// it must not end the agent.
 				for range 20 {
-					_ = a.cmd.Process.Signal(syscall.SIGHUP)
+					_ = a.Signal(syscall.SIGHUP)
 					time.Sleep(5 * time.Millisecond)
 				}
 			}
@@ -222,7 +223,7 @@ func TestUpgradeInPlace(t *testing.T) {
 			}
 		}
 		after := upgraded(before.Started)
-		if a.cmd.Process.Pid != pid || after.Exports[0].Generation != before.Exports[0].Generation ||
+		if a.Pid() != pid || after.Exports[0].Generation != before.Exports[0].Generation ||
 			after.Exports[0].Kept != before.Exports[0].Kept || after.Exports[0].Files != before.Exports[0].Files ||
 			after.Exports[0].Leases != before.Exports[0].Leases {
 			t.Fatalf("round %d: before %+v\nafter %+v", round, before.Exports[0], after.Exports[0])
@@ -244,8 +245,8 @@ func TestUpgradeInPlace(t *testing.T) {
 			t.Errorf("round %d: %d exited children not reaped (the old watchdogs)", round, n)
 		}
 	}
-	if strings.Count(a.log.String(), "taking over from the agent before the upgrade") != 4 {
-		t.Errorf("the log does not show 4 takeovers:\n%s", a.log)
+	if strings.Count(a.Log.String(), "taking over from the agent before the upgrade") != 4 {
+		t.Errorf("the log does not show 4 takeovers:\n%s", a.Log)
 	}
 	for len(got[0]) < len(data) || len(got[1]) < len(data) {
 		readChunk("to the end")
@@ -283,12 +284,12 @@ func TestUpgradeInPlace(t *testing.T) {
 	if err == nil || !strings.Contains(out, "does not run") {
 		t.Fatalf("an upgrade to a broken binary: %v\n%s", err, out)
 	}
-	if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+	if err := a.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(a.log.String(), "upgrade refused"); time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(a.Log.String(), "upgrade refused"); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("no word of the refused upgrade:\n%s", a.log)
+			t.Fatalf("no word of the refused upgrade:\n%s", a.Log)
 		}
 	}
 	if st := hostStatus(t, control); !st.Started.Equal(before.Started) {
@@ -311,8 +312,8 @@ func TestUpgradeInPlace(t *testing.T) {
 }
 
 // prepare sets up a's next start as systemd would (testenv.FakeSystemd).
-func (s *fakeSystemd) prepare(a *supervised, bin string, args []string, v254 bool) {
-	a.prog, a.args, a.env, a.extra = s.Start(bin, args, v254)
+func (s *fakeSystemd) prepare(a *hostProc, bin string, args []string, v254 bool) {
+	a.Prog, a.Args, a.Env, a.Extra = s.Start(bin, args, v254)
 }
 
 type fakeSystemd struct{ *testenv.FakeSystemd }
@@ -346,11 +347,11 @@ func TestRestartWithFDStore(t *testing.T) {
 	control, guest := "unix:"+filepath.Join(run, "control.sock"), "unix:"+filepath.Join(run, "guest.sock")
 	args := []string{"host", "--export", "mirror=" + dev + ":" + mnt, "--listen", guest, "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off", "--grace", "60s"}
-	a := &supervised{t: t, mnt: mnt, log: &testenv.SyncBuffer{}}
+	a := &hostProc{t: t, mnt: mnt, Agent: &hosttest.Agent{}}
 	sd.prepare(a, leasefsBin, args, true)
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 		waitGone(t, mnt)
@@ -395,7 +396,7 @@ func TestRestartWithFDStore(t *testing.T) {
 			b := make([]byte, 1<<20)
 			n, err := io.ReadFull(f, b)
 			if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.log)
+				t.Fatalf("%s: guest %d reading the deleted file: %v\nagent log:\n%s", what, i, err, a.Log)
 			}
 			got[i] = append(got[i], b[:n]...)
 		}
@@ -450,7 +451,7 @@ func TestRestartWithFDStore(t *testing.T) {
 		select {
 		case r := <-waiting:
 			if r.err != nil || !bytes.Equal(r.b, data[off:off+len(r.b)]) {
-				t.Fatalf("the read that waited for the host: %d bytes, %v\nagent log:\n%s", len(r.b), r.err, a.log)
+				t.Fatalf("the read that waited for the host: %d bytes, %v\nagent log:\n%s", len(r.b), r.err, a.Log)
 			}
 		case <-time.After(20 * time.Second):
 			t.Fatal("the read that waited for the host still waits with the host back")
@@ -462,7 +463,7 @@ func TestRestartWithFDStore(t *testing.T) {
 					t.Fatal(err)
 				}
 			case <-time.After(10 * time.Second):
-				t.Fatalf("the writer still waits after the restart:\n%s", a.log)
+				t.Fatalf("the writer still waits after the restart:\n%s", a.Log)
 			}
 		}
 		readChunk("after restart " + strconv.Itoa(round))
@@ -472,7 +473,7 @@ func TestRestartWithFDStore(t *testing.T) {
 				st = guestStatus(t, dir)
 			}
 			if st.Resumes <= round || len(st.Fenced) != 1 || !strings.HasSuffix(st.Fenced[0].Path, "/wanted") {
-				t.Fatalf("round %d: guest %d: %d resumes, fenced %+v; want %d resumes and wanted fenced\nagent:\n%s", round, i, st.Resumes, st.Fenced, round+1, a.log)
+				t.Fatalf("round %d: guest %d: %d resumes, fenced %+v; want %d resumes and wanted fenced\nagent:\n%s", round, i, st.Resumes, st.Fenced, round+1, a.Log)
 			}
 		}
 	}
@@ -489,8 +490,8 @@ func TestRestartWithFDStore(t *testing.T) {
 			t.Fatalf("guest %d read %d bytes, not the deleted file's", i, len(got[i]))
 		}
 	}
-	if !strings.Contains(a.log.String(), "took over the last run's leases") {
-		t.Errorf("the log does not say what was taken over:\n%s", a.log)
+	if !strings.Contains(a.Log.String(), "took over the last run's leases") {
+		t.Errorf("the log does not say what was taken over:\n%s", a.Log)
 	}
 	for _, f := range files {
 		f.Close()
@@ -522,10 +523,10 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 	exportA := fmt.Sprintf("[export.a]\ndevice = %q\nmount = %q", devA, mntA)
 	exportB := fmt.Sprintf("[export.b]\ndevice = %q\nmount = %q", devB, mntB)
 	write(fmt.Sprintf("%q, %q", "unix:"+guest1, "unix:"+guest2), exportA, exportB)
-	a := &supervised{t: t, mnt: mntA, log: &testenv.SyncBuffer{}, args: []string{"host", "--config", conf}}
+	a := &hostProc{t: t, mnt: mntA, Agent: &hosttest.Agent{Args: []string{"host", "--config", conf}}}
 	a.start()
 	t.Cleanup(func() {
-		if a.cmd != nil {
+		if a.Pid() != 0 {
 			a.stop(syscall.SIGTERM)
 		}
 		waitGone(t, mntA)
@@ -599,7 +600,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	tt.Populate(t)
 	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", guest, "--control", control,
 		"--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	pid := a.cmd.Process.Pid
+	pid := a.Pid()
 	tt.Readers = []string{
 		guestMount(t, "--connect", guest, "--export", "mirror", "--device", dev),
 		guestMount(t, "--connect", guest, "--export", "mirror"),
@@ -607,7 +608,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	// The clients, which run many times, without the race detector.
 	tt.Publish = func() error {
 		if out, err := exec.Command(leasefsBinNoRace, "publish", "--control", control, "mirror").CombinedOutput(); err != nil {
-			return fmt.Errorf("%v\n%s\nagent log:\n%s", err, out, a.log)
+			return fmt.Errorf("%v\n%s\nagent log:\n%s", err, out, a.Log)
 		}
 		return nil
 	}
@@ -628,13 +629,13 @@ func TestUpgradeUnderLoad(t *testing.T) {
 				return
 			case <-time.After(1500 * time.Millisecond):
 			}
-			if err := a.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+			if err := a.Signal(syscall.SIGUSR2); err != nil {
 				t.Error(err)
 				return
 			}
 			for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 				if time.Now().After(deadline) {
-					t.Errorf("upgrade %d: the agent did not come back as a new run:\n%s", n+1, a.log)
+					t.Errorf("upgrade %d: the agent did not come back as a new run:\n%s", n+1, a.Log)
 					return
 				}
 				var st hostagent.Status
@@ -655,7 +656,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 						break
 					}
 					if time.Now().After(deadline) {
-						t.Errorf("upgrade %d: guest %d did not resume its session (%d resumes):\n%s", n, i, st.Resumes, a.log)
+						t.Errorf("upgrade %d: guest %d did not resume its session (%d resumes):\n%s", n, i, st.Resumes, a.Log)
 						return
 					}
 				}
@@ -668,8 +669,8 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	if n < 2 {
 		t.Fatalf("%d upgrades during the load, want at least 2", n)
 	}
-	if n := unreaped(pid); a.cmd.Process.Pid != pid || n > 0 {
-		t.Fatalf("after the upgrades: pid %d (was %d), %d unreaped children", a.cmd.Process.Pid, pid, n)
+	if n := unreaped(pid); a.Pid() != pid || n > 0 {
+		t.Fatalf("after the upgrades: pid %d (was %d), %d unreaped children", a.Pid(), pid, n)
 	}
 	// Their sessions were resumed each time: nothing was fenced.
 	for i, dir := range tt.Readers {
@@ -733,13 +734,13 @@ func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
 			}
 		}
 		if len(failed) > 0 {
-			t.Fatalf("%v\nagent log:\n%s", errors.Join(failed...), a.log)
+			t.Fatalf("%v\nagent log:\n%s", errors.Join(failed...), a.Log)
 		}
 		if st := hostStatus(t, control); st.Started.Equal(before) {
 			t.Fatalf("round %d: no new run", round)
 		}
 	}
-	if n := strings.Count(a.log.String(), "taking over from the agent before the upgrade"); n < rounds || n > 2*rounds {
+	if n := strings.Count(a.Log.String(), "taking over from the agent before the upgrade"); n < rounds || n > 2*rounds {
 		t.Fatalf("%d takeovers in %d rounds of two upgrades each", n, rounds)
 	}
 }
@@ -769,7 +770,7 @@ func TestUpgradeWithSixteenVMs(t *testing.T) {
 	control := "unix:" + filepath.Join(run, "control.sock")
 	a := newAgent(t, mnt, "host", "--export", "mirror="+dev+":"+mnt, "--listen", "hvsock-dir:"+dir+":5000",
 		"--control", control, "--state-dir", filepath.Join(run, "state"), "--auto-publish", "off")
-	pid := a.cmd.Process.Pid
+	pid := a.Pid()
 	mounts := make([]string, vms)
 	files := make([]*os.File, vms)
 	for i := range vms {
@@ -809,12 +810,12 @@ func TestUpgradeWithSixteenVMs(t *testing.T) {
 				st = guestStatus(t, m)
 			}
 			if st.Resumes < round || len(st.Fenced) > 0 {
-				t.Fatalf("upgrade %d: guest %d: %d resumes, fenced %+v\nagent log:\n%s", round, i, st.Resumes, st.Fenced, a.log)
+				t.Fatalf("upgrade %d: guest %d: %d resumes, fenced %+v\nagent log:\n%s", round, i, st.Resumes, st.Fenced, a.Log)
 			}
 		}
 	}
-	if st := hostStatus(t, control); len(st.Exports[0].Guests) != vms || st.Exports[0].Leases != vms || a.cmd.Process.Pid != pid {
-		t.Fatalf("after: %d guests, %d leases, pid %d (was %d)", len(st.Exports[0].Guests), st.Exports[0].Leases, a.cmd.Process.Pid, pid)
+	if st := hostStatus(t, control); len(st.Exports[0].Guests) != vms || st.Exports[0].Leases != vms || a.Pid() != pid {
+		t.Fatalf("after: %d guests, %d leases, pid %d (was %d)", len(st.Exports[0].Guests), st.Exports[0].Leases, a.Pid(), pid)
 	}
 	for i, f := range files {
 		got, err := io.ReadAll(f)

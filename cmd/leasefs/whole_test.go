@@ -137,7 +137,7 @@ func keptFilesBudget(t *testing.T, budget []string) {
 	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
 		t.Fatalf("publish: %v\n%s", err, out)
 	}
-	waitFor(t, "the budget's warning", func() bool { return strings.Contains(h.log.String(), "exceed their budget") })
+	waitFor(t, "the budget's warning", func() bool { return strings.Contains(h.Log.String(), "exceed their budget") })
 	if st := hostStatus(t, h.control).Exports[0]; st.KeptReplaced != 0 || st.Kept != 1 {
 		t.Errorf("after the publish past the budget: %d replaced files kept, %d generations", st.KeptReplaced, st.Kept)
 	}

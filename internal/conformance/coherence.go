@@ -28,29 +28,8 @@ type Live struct {
 // the change still reads its bytes from before it, whole.
 func Coherence(t *testing.T, live Live, mounts ...string) {
 	t.Helper()
-	// A directory of its own, so that the step can run again on the
-	// same export.
-	name := fmt.Sprintf("coherence-%d", time.Now().UnixNano())
-	w := func(n string) string { return filepath.Join(live.Writer, name, n) }
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	held := map[string][]byte{
-		"replaced": bytes.Repeat([]byte("the replaced file's old bytes\n"), 3000),
-		"deleted":  bytes.Repeat([]byte("deleted, and still read\n"), 5000),
-		"kept":     []byte("unchanged\n"),
-	}
-	must(os.Mkdir(filepath.Join(live.Writer, name), 0o755))
-	for n, b := range held {
-		must(os.WriteFile(w(n), b, 0o644))
-	}
-	must(os.WriteFile(w("moved"), []byte("moved\n"), 0o644))
-	live.Publish(t)
-	waitShown(t, mounts, filepath.Join(name, "kept"))
-
+	c := Prepare(t, live)
+	WaitShown(t, mounts, c.Before)
 	type open struct {
 		f    *os.File
 		want []byte
@@ -62,24 +41,16 @@ func Coherence(t *testing.T, live Live, mounts ...string) {
 		}
 	}()
 	for _, m := range mounts {
-		for n, b := range held {
-			f, err := os.Open(filepath.Join(m, name, n))
+		for n, b := range c.Held {
+			f, err := os.Open(filepath.Join(m, c.Dir, n))
 			if err != nil {
 				t.Fatalf("before the change: %v", err)
 			}
 			opens = append(opens, open{f, b})
 		}
 	}
-
-	must(os.WriteFile(w("replaced.new"), []byte("the new version\n"), 0o644))
-	must(os.Rename(w("replaced.new"), w("replaced")))
-	must(os.Remove(w("deleted")))
-	must(os.Rename(w("moved"), w("moved-here")))
-	must(os.Mkdir(w("new-dir"), 0o755))
-	must(os.WriteFile(w("new-dir/child"), []byte("a new child\n"), 0o644))
-	must(os.WriteFile(w("added"), []byte("added\n"), 0o644))
-	live.Publish(t)
-	waitShown(t, mounts, filepath.Join(name, "added"))
+	c.Apply(t)
+	WaitShown(t, mounts, c.After)
 
 	want := imgtest.Snapshot(t, live.Oracle)
 	for i, m := range mounts {
@@ -96,9 +67,69 @@ func Coherence(t *testing.T, live Live, mounts ...string) {
 	}
 }
 
-// waitShown waits until every mount shows rel: each has moved to the
+// A Change is the coherence step in its parts, for mounts a test reaches
+// only through something else (a VM's): Prepare writes the files to hold
+// and publishes them; once every mount shows Before, the test opens each
+// of Held on every mount (under Dir); Apply changes the tree and
+// publishes; once every mount shows After, each mount's tree under Dir
+// must be the oracle's, and each file held open read its bytes from
+// before, whole.
+type Change struct {
+	Dir           string            // the step's directory, relative to the export's root
+	Held          map[string][]byte // the files to hold open across the change, by name under Dir
+	Before, After string            // a name that shows each publish, relative to the root
+	live          Live
+}
+
+// Prepare writes the step's files in a directory of its own (so that
+// it can run again on the same export) and publishes them.
+func Prepare(t *testing.T, live Live) *Change {
+	t.Helper()
+	c := &Change{Dir: fmt.Sprintf("coherence-%d", time.Now().UnixNano()), live: live, Held: map[string][]byte{
+		"replaced": bytes.Repeat([]byte("the replaced file's old bytes\n"), 3000),
+		"deleted":  bytes.Repeat([]byte("deleted, and still read\n"), 5000),
+		"kept":     []byte("unchanged\n"),
+	}}
+	c.Before, c.After = filepath.Join(c.Dir, "kept"), filepath.Join(c.Dir, "added")
+	must(t, os.Mkdir(filepath.Join(live.Writer, c.Dir), 0o755))
+	for n, b := range c.Held {
+		must(t, os.WriteFile(c.path(n), b, 0o644))
+	}
+	must(t, os.WriteFile(c.path("moved"), []byte("moved\n"), 0o644))
+	live.Publish(t)
+	return c
+}
+
+// Apply makes the change and publishes it.
+func (c *Change) Apply(t *testing.T) {
+	t.Helper()
+	must(t, os.WriteFile(c.path("replaced.new"), []byte("the new version\n"), 0o644))
+	must(t, os.Rename(c.path("replaced.new"), c.path("replaced")))
+	must(t, os.Remove(c.path("deleted")))
+	must(t, os.Rename(c.path("moved"), c.path("moved-here")))
+	must(t, os.Mkdir(c.path("new-dir"), 0o755))
+	must(t, os.WriteFile(c.path("new-dir/child"), []byte("a new child\n"), 0o644))
+	must(t, os.WriteFile(c.path("added"), []byte("added\n"), 0o644))
+	c.live.Publish(t)
+}
+
+// Want is the oracle's tree under Dir.
+func (c *Change) Want(t *testing.T) map[string]imgtest.Entry {
+	return imgtest.Snapshot(t, filepath.Join(c.live.Oracle, c.Dir))
+}
+
+func (c *Change) path(name string) string { return filepath.Join(c.live.Writer, c.Dir, name) }
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// WaitShown waits until every mount shows rel: each has moved to the
 // generation just published.
-func waitShown(t *testing.T, mounts []string, rel string) {
+func WaitShown(t *testing.T, mounts []string, rel string) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for _, m := range mounts {

@@ -18,7 +18,7 @@ type (
 	// it held.
 	Coordinator struct{}
 
-	ExportGenerations struct{} // hostagent.Export.mu: the kept generations
+	ExportGenerations struct{} // hostagent.registry.mu: the kept generations
 	Store             struct{} // hostagent.Store.mu
 	Server            struct{} // hostagent.Server.mu: the connections
 	Served            struct{} // the generation each session is on
@@ -29,7 +29,7 @@ type (
 
 func (ExportPublish) Rank() (int, string)     { return rankPublish, "Export.pub" }
 func (Coordinator) Rank() (int, string)       { return rankCoordinator, "Coordinator.mu" }
-func (ExportGenerations) Rank() (int, string) { return rankLeaf, "Export.mu" }
+func (ExportGenerations) Rank() (int, string) { return rankLeaf, "registry.mu" }
 func (Store) Rank() (int, string)             { return rankLeaf, "Store.mu" }
 func (Server) Rank() (int, string)            { return rankLeaf, "Server.mu" }
 func (Served) Rank() (int, string)            { return rankLeaf, "served.mu" }

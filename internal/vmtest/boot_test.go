@@ -184,7 +184,7 @@ func newBootUsr(t testing.TB) *bootUsr {
 	f := &fleet{t: t, cache: cacheDir(t), bin: bin, cid: 2, export: "usr", initrds: map[string]string{}, vmlinuzes: map[string]string{}}
 	out, err := exec.Command("./debian.sh", "vhost", f.cache).Output()
 	if err != nil {
-		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, stderrOf(err))
+		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, testenv.StderrOf(err))
 	}
 	f.vhost = strings.TrimSpace(string(out))
 	kdir := fetchKernel(t, k, f.cache)
@@ -193,7 +193,7 @@ func newBootUsr(t testing.TB) *bootUsr {
 	buildInitramfs(t, f.initrds[k.name], kdir, busybox, bin, initBootUsr, fleetModules)
 	out, err = exec.Command("./debian.sh", "split", rootSuite, f.cache).Output()
 	if err != nil {
-		testenv.Unavailable(t, "building the Debian root and /usr: %v %s", err, stderrOf(err))
+		testenv.Unavailable(t, "building the Debian root and /usr: %v %s", err, testenv.StderrOf(err))
 	}
 	images := strings.Fields(string(out))
 	tmp := t.TempDir()

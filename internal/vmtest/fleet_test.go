@@ -26,6 +26,8 @@ import (
 
 	"github.com/leasefs/leasefs/guestagent"
 	"github.com/leasefs/leasefs/hostagent"
+	"github.com/leasefs/leasefs/internal/conformance"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
@@ -54,12 +56,10 @@ type fleet struct {
 	export             string            // its name, if not "mirror"
 	initrds, vmlinuzes map[string]string // by kernel name
 
-	mu     sync.Mutex
-	cid    int
-	host   *exec.Cmd
-	log    *testenv.SyncBuffer
-	exited chan error
-	args   []string
+	mu   sync.Mutex
+	cid  int
+	host *hosttest.Agent
+	args []string
 }
 
 // A vm is one VM of the fleet: QEMU and its vhost-device-vsock.
@@ -81,7 +81,7 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 	f := &fleet{t: t, cache: cacheDir(t), bin: bin, cid: 2, initrds: map[string]string{}, vmlinuzes: map[string]string{}}
 	out, err := exec.Command("./debian.sh", "vhost", f.cache).Output()
 	if err != nil {
-		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, stderrOf(err))
+		testenv.Unavailable(t, "fetching vhost-device-vsock: %v %s", err, testenv.StderrOf(err))
 	}
 	f.vhost = strings.TrimSpace(string(out))
 	for _, k := range ks {
@@ -101,8 +101,7 @@ func newFleet(t *testing.T, busybox, bin string, src string, ks []kernel) *fleet
 // in f.vms, with the flags more.
 func (f *fleet) serve(t testing.TB, img string, more ...string) {
 	f.img = img
-	f.mnt = imgtest.KernelMount(t, f.img, "")
-	f.dev = imgtest.LoopDevice(t, f.mnt)
+	f.mnt, f.dev = hosttest.Serve(t, img)
 	f.run = t.TempDir()
 	f.vms, f.sockets = filepath.Join(f.run, "vms"), filepath.Join(f.run, "vhost")
 	for _, d := range []string{f.vms, f.sockets} {
@@ -126,66 +125,23 @@ const fleetGrace = 30 * time.Second
 // store would, if sd is not nil — and waits until it is ready; the
 // fleet's end stops it (SIGTERM) unless a test did.
 func (f *fleet) startHost(t testing.TB, sd *testenv.FakeSystemd) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.log = &testenv.SyncBuffer{}
-	cmd := exec.Command(filepath.Join(f.bin, "leasefs"), f.args...)
+	a := &hosttest.Agent{Prog: filepath.Join(f.bin, "leasefs"), Args: f.args, Ready: 60 * time.Second, StopWait: 30 * time.Second}
 	if sd != nil {
-		prog, argv, env, extra := sd.Start(cmd.Path, f.args, true)
-		cmd = exec.Command(prog, argv...)
-		cmd.Env, cmd.ExtraFiles = append(os.Environ(), env...), extra
+		a.Prog, a.Args, a.Env, a.Extra = sd.Start(a.Prog, f.args, true)
 	}
-	cmd.Stderr = f.log
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = cmd.Start()
-	for _, x := range cmd.ExtraFiles {
-		x.Close() // the agent's now; ours would keep the export busy
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.host, f.exited = cmd, make(chan error, 1)
-	ready := make(chan struct{})
-	go func(exited chan error) {
-		sc := bufio.NewScanner(out)
-		said := false
-		for sc.Scan() {
-			if sc.Text() == "ready" && !said {
-				close(ready) // once: an upgraded run says it again
-				said = true
-			}
-		}
-		exited <- cmd.Wait()
-	}(f.exited)
-	select {
-	case <-ready:
-	case err := <-f.exited:
-		t.Fatalf("the host agent exited before it was ready: %v\n%s", err, f.log)
-	case <-time.After(60 * time.Second):
-		t.Fatalf("the host agent is not ready after 60s\n%s", f.log)
-	}
+	f.mu.Lock()
+	f.host = a
+	f.mu.Unlock()
 	f.t.Cleanup(func() { f.stopHost(f.t, syscall.SIGTERM) })
+	a.Start(t)
 }
 
 // stopHost sends the host agent sig and waits for it to exit.
 func (f *fleet) stopHost(t testing.TB, sig syscall.Signal) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.host == nil {
-		return
-	}
-	_ = f.host.Process.Signal(sig)
-	select {
-	case <-f.exited:
-	case <-time.After(30 * time.Second):
-		t.Errorf("the host agent did not exit on %v within 30s; killing it\n%s", sig, f.log)
-		_ = f.host.Process.Kill()
-		<-f.exited
-	}
-	f.host = nil
+	a := f.host
+	f.mu.Unlock()
+	_ = a.Stop(t, sig)
 }
 
 func (f *fleet) leasefs(args ...string) (string, error) {
@@ -204,23 +160,14 @@ func (f *fleet) publish(t testing.TB) uint64 {
 }
 
 func (f *fleet) publishGen() (uint64, error) {
-	out, err := f.leasefs("publish", "--control", f.control, cmp.Or(f.export, "mirror"))
-	var gen uint64
-	if _, serr := fmt.Sscanf(out, cmp.Or(f.export, "mirror")+": generation %d,", &gen); err != nil || serr != nil {
-		return 0, fmt.Errorf("leasefs publish: %v %s", err, out)
-	}
-	return gen, nil
+	return hosttest.Publish(filepath.Join(f.bin, "leasefs"), f.control, cmp.Or(f.export, "mirror"))
 }
 
 func (f *fleet) status(t testing.TB) hostagent.ExportStatus {
 	t.Helper()
-	out, err := exec.Command(filepath.Join(f.bin, "leasefs"), "status", "--json", "--control", f.control).Output()
-	var st hostagent.Status
-	if err == nil {
-		err = json.Unmarshal(out, &st)
-	}
+	st, err := hosttest.Status(filepath.Join(f.bin, "leasefs"), f.control)
 	if err != nil || len(st.Exports) != 1 {
-		t.Fatalf("leasefs status: %v %s\n%s", err, out, f.log)
+		t.Fatalf("%v %+v\n%s", err, st, f.host.Log)
 	}
 	return st.Exports[0]
 }
@@ -529,6 +476,7 @@ func TestFleet(t *testing.T) {
 			return nil
 		})
 	})
+	t.Run("coherence", func(t *testing.T) { fleetCoherence(t, f, vms) })
 	t.Run("torture_while_a_vm_comes_and_goes", func(t *testing.T) { fleetTorture(t, f, vms) })
 	t.Run("figures", func(t *testing.T) { fleetFigures(t, f, vms) })
 	t.Run("paused_shorter_than_the_grace", func(t *testing.T) { fleetPauseShort(t, f, vms) })
@@ -605,6 +553,52 @@ func fleetTorture(t *testing.T, f *fleet, vms []*vm) {
 }
 
 // holdAll opens name in every mount of every VM.
+// The coherence step of the conformance suite (conformance.Change)
+// across VMs: files held open on every mount of every VM, the writer on
+// this machine replaces, deletes and moves them and adds more, and
+// publishes. Then every VM's every mount shows the tree the writer
+// left, and every file held open across the change reads its bytes from
+// before, whole.
+func fleetCoherence(t *testing.T, f *fleet, vms []*vm) {
+	c := conformance.Prepare(t, conformance.Live{Writer: f.mnt, Oracle: hosttest.ReadOnly(t, f.mnt), Publish: func(t *testing.T) { f.publish(t) }})
+	kept := c.Held["kept"]
+	waitCat(t, vms, c.Before, string(kept))
+	type open struct {
+		h    *held
+		want []byte
+	}
+	var opens []open
+	for name, b := range c.Held {
+		for _, h := range holdAll(t, vms, filepath.Join(c.Dir, name)) {
+			opens = append(opens, open{h, b})
+		}
+	}
+	c.Apply(t)
+	waitCat(t, vms, c.After, "added\n")
+	want := c.Want(t)
+	for _, v := range vms {
+		for _, m := range fleetMounts {
+			t.Run(v.name+m.dir, func(t *testing.T) {
+				out, err := v.shErr("/bin/vmtest -test.run '^TestFleetTask$' -test.v 2>&1", taskEnv+"=snapshot", "LEASEFS_VM_DIR="+filepath.Join(m.dir, c.Dir))
+				_, js, ok := strings.Cut(out, snapshotLine)
+				js, _, _ = strings.Cut(js, "\n")
+				var got map[string]imgtest.Entry
+				if err != nil || !ok {
+					t.Fatalf("the snapshot task: %v\n%s", err, out)
+				}
+				if err := json.Unmarshal([]byte(js), &got); err != nil {
+					t.Fatalf("the snapshot task's output: %v\n%s", err, out)
+				}
+				imgtest.Compare(t, want, got)
+			})
+		}
+	}
+	for _, o := range opens {
+		o.h.readAll(t, o.want)
+		o.h.close(t)
+	}
+}
+
 func holdAll(t testing.TB, vms []*vm, name string) []*held {
 	var hs []*held
 	for _, v := range vms {
@@ -613,6 +607,16 @@ func holdAll(t testing.TB, vms []*vm, name string) []*held {
 		}
 	}
 	return hs
+}
+
+// close closes the held file in its VM.
+func (h *held) close(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if rep, err := h.v.call(ctx, request{Op: "close", Handle: h.handle}); err != nil || rep.Err != "" {
+		t.Errorf("%s: close: %v %s", h, err, rep.Err)
+	}
 }
 
 func (h *held) String() string {
@@ -891,7 +895,7 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 	go func() {
 		defer close(done)
 		time.Sleep(3 * time.Second)
-		if err := f.host.Process.Signal(syscall.SIGUSR2); err != nil {
+		if err := f.host.Signal(syscall.SIGUSR2); err != nil {
 			t.Error(err)
 		}
 	}()
@@ -908,10 +912,10 @@ func fleetUpgrade(t *testing.T, f *fleet, vms []*vm) {
 	})
 	<-done
 	if t.Failed() {
-		t.Logf("the host agent's log:\n%s", f.log)
+		t.Logf("the host agent's log:\n%s", f.host.Log)
 	}
 	if now := started(); now.Equal(was) || now.IsZero() {
-		t.Fatalf("no new run of the agent after SIGUSR2 (started %v, was %v)\n%s", now, was, f.log)
+		t.Fatalf("no new run of the agent after SIGUSR2 (started %v, was %v)\n%s", now, was, f.host.Log)
 	}
 	for _, h := range hs {
 		h.readAll(t, want)
@@ -990,7 +994,7 @@ func fleetVMKilled(t *testing.T, f *fleet, vms []*vm) {
 	f.publishSeen(t)
 	before := f.status(t)
 	fds := func() int {
-		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", f.host.Process.Pid))
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", f.host.Pid()))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1047,11 +1051,11 @@ func fleetFigures(t *testing.T, f *fleet, vms []*vm) {
 		out := v.sh(t, `for p in $(pidof leasefs); do grep VmRSS /proc/$p/status; done`)
 		t.Logf("VM %s (%s): guest agents' RSS: %s", v.name, v.k.name, strings.Join(strings.Fields(out), " "))
 	}
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", f.host.Process.Pid))
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", f.host.Pid()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", f.host.Process.Pid))
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", f.host.Pid()))
 	if err != nil {
 		t.Fatal(err)
 	}

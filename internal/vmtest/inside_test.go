@@ -20,6 +20,7 @@ import (
 
 	"github.com/leasefs/leasefs/hostagent"
 	"github.com/leasefs/leasefs/internal/conformance"
+	"github.com/leasefs/leasefs/internal/hosttest"
 	"github.com/leasefs/leasefs/internal/imgtest"
 	"github.com/leasefs/leasefs/internal/testenv"
 )
@@ -66,10 +67,7 @@ func inside(t *testing.T) {
 }
 
 // host is the VM's host agent, exporting the image as "mirror".
-type host struct {
-	cmd *exec.Cmd
-	log testenv.SyncBuffer
-}
+type host struct{ *hosttest.Agent }
 
 func startHost(t *testing.T) *host {
 	if out, err := exec.Command("mount", "-t", "ext4", exportDev, exportDir).CombinedOutput(); err != nil {
@@ -79,11 +77,12 @@ func startHost(t *testing.T) *host {
 	if err := os.MkdirAll("/run/leasefs/state", 0o755); err != nil {
 		t.Fatal(err)
 	}
-	h := &host{}
-	h.cmd = exec.Command(leasefs, "host", "--export", "mirror="+exportDev+":"+exportDir,
-		"--listen", "vsock:"+port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off",
-		"--keep-files", "0") // the scenarios refill the disk to show a freed block reused: nothing is kept from reuse
-	testenv.StartReady(t, h.cmd, &h.log, 60*time.Second, 20*time.Second)
+	h := &host{&hosttest.Agent{Prog: leasefs, Args: []string{"host", "--export", "mirror=" + exportDev + ":" + exportDir,
+		"--listen", "vsock:" + port, "--control", control, "--state-dir", "/run/leasefs/state", "--auto-publish", "off",
+		"--keep-files", "0"}, // the scenarios refill the disk to show a freed block reused: nothing is kept from reuse
+		Ready: 60 * time.Second, StopWait: 20 * time.Second}}
+	h.StopAtEnd(t)
+	h.Start(t)
 	return h
 }
 
@@ -100,14 +99,7 @@ func (h *host) publish(t testing.TB) uint64 {
 // publishErr is publish for a goroutine of the test's.
 func (h *host) publishErr() error { _, err := h.publishGen(); return err }
 
-func (h *host) publishGen() (uint64, error) {
-	out, err := exec.Command(leasefs, "publish", "--control", control, "mirror").CombinedOutput()
-	var gen uint64
-	if _, serr := fmt.Sscanf(string(out), "mirror: generation %d,", &gen); err != nil || serr != nil {
-		return 0, fmt.Errorf("leasefs publish: %v %s", err, out)
-	}
-	return gen, nil
-}
+func (h *host) publishGen() (uint64, error) { return hosttest.Publish(leasefs, control, "mirror") }
 
 func (h *host) write(t testing.TB, name string, b []byte) {
 	t.Helper()
@@ -178,7 +170,7 @@ func (h *host) openInTwoGuests(t *testing.T, name string) []*os.File {
 
 // logs is the host agent's log and g's, for a failure's message.
 func (h *host) logs(g *guest) string {
-	return "host agent's log:\n" + h.log.String() + "guest's log:\n" + g.logText()
+	return "host agent's log:\n" + h.Log.String() + "guest's log:\n" + g.logText()
 }
 
 func (g *guest) logText() string {
@@ -458,7 +450,7 @@ func upgradeInPlace(t *testing.T, h *host) {
 	}
 	h.publish(t)
 	before := h.started(t)
-	if err := h.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+	if err := h.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -466,11 +458,11 @@ func upgradeInPlace(t *testing.T, h *host) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the agent did not come back as a new run:\n%s", h.log.String())
+			t.Fatalf("the agent did not come back as a new run:\n%s", h.Log.String())
 		}
 	}
-	if !strings.Contains(h.log.String(), "took over the last run's leases") {
-		t.Errorf("the new run took over no leases:\n%s", h.log.String())
+	if !strings.Contains(h.Log.String(), "took over the last run's leases") {
+		t.Errorf("the new run took over no leases:\n%s", h.Log.String())
 	}
 	for i, f := range files {
 		b := make([]byte, len(want)-half+10)
@@ -509,11 +501,11 @@ func torture(t *testing.T, h *host) {
 func kernelFeatures(t *testing.T, h *host) {
 	degraded := !atLeast(t, 5, 13)
 	// Once per run of the agent: an upgrade in place begins another.
-	runs := 1 + strings.Count(h.log.String(), "taking over from the agent before the upgrade")
-	if n := strings.Count(h.log.String(), "EXT4_IOC_CHECKPOINT"); n != 0 && !degraded || degraded && n != runs {
-		t.Fatalf("the host's log names EXT4_IOC_CHECKPOINT %d times in %d runs (kernel without it: %v):\n%s", n, runs, degraded, h.log.String())
+	runs := 1 + strings.Count(h.Log.String(), "taking over from the agent before the upgrade")
+	if n := strings.Count(h.Log.String(), "EXT4_IOC_CHECKPOINT"); n != 0 && !degraded || degraded && n != runs {
+		t.Fatalf("the host's log names EXT4_IOC_CHECKPOINT %d times in %d runs (kernel without it: %v):\n%s", n, runs, degraded, h.Log.String())
 	}
-	if strings.Contains(h.log.String(), "rcu_expedited") {
-		t.Fatalf("the host could not expedite RCU:\n%s", h.log.String())
+	if strings.Contains(h.Log.String(), "rcu_expedited") {
+		t.Fatalf("the host could not expedite RCU:\n%s", h.Log.String())
 	}
 }

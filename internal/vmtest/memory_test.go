@@ -124,7 +124,7 @@ func usrMemory(b *testing.B, bu *bootUsr, m memMode) {
 			ram, qemu = ram+r, qemu+other
 		}
 		cache := residentBytes(b, f.img)
-		agent := pss(b, f.host.Process.Pid)
+		agent := pss(b, f.host.Pid())
 		perVM := func(n int64) float64 { return float64(n) / memoryVMs / (1 << 20) }
 		b.ReportMetric(perVM(ram+cache+agent), "host-MiB/VM"+suffix)
 		b.ReportMetric(perVM(ram), "guest-ram-MiB/VM"+suffix)

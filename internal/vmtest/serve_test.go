@@ -177,6 +177,10 @@ func (s *server) do(req request) reply {
 	return rep
 }
 
+// snapshotLine begins the line on which the snapshot task prints what a
+// mount shows.
+const snapshotLine = "LEASEFS-SNAPSHOT "
+
 // TestFleetTask is a task the fleet's test runs in a VM through the
 // command server: $LEASEFS_VM_TASK names it, its arguments follow in
 // the environment. Outside a VM it is not run.
@@ -199,6 +203,14 @@ func TestFleetTask(t *testing.T) {
 		for _, dir := range strings.Fields(os.Getenv("LEASEFS_VM_MOUNTS")) {
 			t.Run(strings.ReplaceAll(strings.Trim(dir, "/"), "/", "_"), func(t *testing.T) { conformance.Run(t, dir, oracle) })
 		}
+	case "snapshot":
+		// What a mount shows of a tree, for the host to compare with
+		// its oracle (fleetCoherence).
+		out, err := json.Marshal(imgtest.Snapshot(t, os.Getenv("LEASEFS_VM_DIR")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Printf("%s%s\n", snapshotLine, out)
 	case "torture":
 		d, err := time.ParseDuration(os.Getenv("LEASEFS_VM_FOR"))
 		if err != nil {

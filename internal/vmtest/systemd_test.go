@@ -96,7 +96,7 @@ func TestSystemd(t *testing.T) {
 	kdir := fetchKernel(t, kernel{"6.1", "bookworm"}, cache)
 	out, err := exec.Command("./debian.sh", "root", rootSuite, cache).Output()
 	if err != nil {
-		testenv.Unavailable(t, "building the Debian root: %v %s", err, stderrOf(err))
+		testenv.Unavailable(t, "building the Debian root: %v %s", err, testenv.StderrOf(err))
 	}
 	root := filepath.Join(t.TempDir(), "root.img")
 	if out, err := exec.Command("cp", "--sparse=always", strings.TrimSpace(string(out)), root).CombinedOutput(); err != nil {

@@ -114,7 +114,7 @@ func programs(t testing.TB) (busybox, bin string) {
 func fetchKernel(t testing.TB, k kernel, cache string) string {
 	out, err := exec.Command("./debian.sh", "kernel", k.release, cache).Output()
 	if err != nil {
-		testenv.Unavailable(t, "fetching the %s kernel: %v %s", k.release, err, stderrOf(err))
+		testenv.Unavailable(t, "fetching the %s kernel: %v %s", k.release, err, testenv.StderrOf(err))
 	}
 	return strings.TrimSpace(string(out))
 }
@@ -155,13 +155,6 @@ func static(path string) bool {
 		}
 	}
 	return true
-}
-
-func stderrOf(err error) string {
-	if ee, ok := err.(*exec.ExitError); ok {
-		return string(ee.Stderr)
-	}
-	return ""
 }
 
 // cacheDir keeps the fetched kernels, the last initramfs and console of
