@@ -194,16 +194,24 @@ func (c *Client) lease(cancel <-chan struct{}, gv *genView, v *ext4ro.FS, in *ex
 	case c.dev != nil:
 		lf.data = c.m.data.WithLabelValues("device")
 	}
+	if err := c.hold(lf, epoch); err != nil {
+		return nil, err
+	}
+	return lf, nil
+}
+
+// hold counts lf among the files held, unless the session of epoch that
+// granted its lease ended, and the next did not resume it, before this:
+// the lost session's fence went through the files held without it, and
+// the host no longer holds its lease.
+func (c *Client) hold(lf *leasedFile, epoch uint64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.sess.epoch != epoch {
-		// The session the lease was granted in ended, and the next did
-		// not resume it, before the file was counted among those held
-		// (which the lost session's fence goes through): it is not held.
-		return nil, errLeaseLost
+		return errLeaseLost
 	}
 	c.files.add(lf)
-	return lf, nil
+	return nil
 }
 
 // errLeaseLost: a lease was granted by a session that is gone.
