@@ -280,7 +280,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 	install(bad)
 	before := hostStatus(t, control)
-	out, err := leasefs(t, "host", "--upgrade", "--control", control)
+	out, err := leasefs(t, "upgrade", "--control", control)
 	if err == nil || !strings.Contains(out, "does not run") {
 		t.Fatalf("an upgrade to a broken binary: %v\n%s", err, out)
 	}
@@ -301,7 +301,7 @@ func TestUpgradeInPlace(t *testing.T) {
 		t.Fatal(err)
 	}
 	install(old)
-	out, err = leasefs(t, "host", "--upgrade", "--control", control)
+	out, err = leasefs(t, "upgrade", "--control", control)
 	if err == nil || !strings.Contains(out, "cannot take over from this one") || !strings.Contains(out, "leasefs 0.9") {
 		t.Fatalf("an upgrade to a binary that cannot take over: %v\n%s", err, out)
 	}
@@ -549,7 +549,7 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 	// Settings the new binary would refuse: the upgrade is refused, and
 	// the agent goes on (the new run would have ended on them).
 	hostConfig(t, conf, "listen = [", "bogus = 1")
-	out, err := leasefs(t, "host", "--upgrade", "--control", control)
+	out, err := leasefs(t, "upgrade", "--control", control)
 	if err == nil || !strings.Contains(out, "refuses the agent's settings") || !strings.Contains(out, conf) {
 		t.Fatalf("an upgrade with broken settings: %v\n%s", err, out)
 	}
@@ -558,9 +558,9 @@ func TestUpgradeWithChangedSettings(t *testing.T) {
 	}
 
 	write(fmt.Sprintf("%q", "unix:"+guest1), exportA)
-	out, err = leasefs(t, "host", "--upgrade", "--control", control)
+	out, err = leasefs(t, "upgrade", "--control", control)
 	if err != nil {
-		t.Fatalf("host --upgrade: %v\n%s", err, out)
+		t.Fatalf("upgrade: %v\n%s", err, out)
 	}
 	after := hostStatus(t, control)
 	if len(after.Exports) != 1 || after.Exports[0].Name != "a" || after.Exports[0].Generation != before.Exports[0].Generation ||
@@ -699,7 +699,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 }
 
-// Operators and cron jobs do not coordinate: two 'host --upgrade', two
+// Operators and cron jobs do not coordinate: two upgrades (in both spellings), two
 // publishes and two status at the same moment all get their answer
 // (none sees its connection end under it), and the two upgrades make
 // one new run.
@@ -713,7 +713,7 @@ func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
 	for round := 1; round <= rounds; round++ {
 		before := hostStatus(t, control).Started
 		reqs := [][]string{
-			{"host", "--upgrade", "--control", control}, {"host", "--upgrade", "--control", control},
+			{"upgrade", "--control", control}, {"host", "--upgrade", "--control", control},
 			{"publish", "--control", control, "mirror"}, {"publish", "--control", control, "mirror"},
 			{"status", "--control", control}, {"status", "--control", control},
 		}

@@ -323,9 +323,9 @@ func reloadRefused(t *testing.T, vm *unitVM) {
 
 func upgradeKeeps(t *testing.T, vm *unitVM) {
 	pid := prop(t, "leasefs-host", "MainPID")
-	out := must(t, "leasefs host --upgrade")
+	out := must(t, "leasefs upgrade")
 	if !strings.Contains(out, "upgraded") {
-		t.Fatalf("leasefs host --upgrade: %s", out)
+		t.Fatalf("leasefs upgrade: %s", out)
 	}
 	if now := prop(t, "leasefs-host", "MainPID"); now != pid {
 		t.Errorf("the upgrade changed the main pid %s -> %s", pid, now)
