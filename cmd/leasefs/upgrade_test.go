@@ -699,10 +699,10 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 }
 
-// Operators and cron jobs do not coordinate: two upgrades (in both spellings), two
-// publishes and two status at the same moment all get their answer
-// (none sees its connection end under it), and the two upgrades make
-// one new run.
+// Operators and cron jobs do not coordinate: two upgrades (in both
+// spellings), two publishes and two status at the same moment all get
+// their answer (none sees its connection end under it), and the two
+// upgrades make one new run.
 func TestUpgradeAnswersEveryControlRequest(t *testing.T) {
 	mnt, dev := hostExport(t)
 	run := t.TempDir()
