@@ -26,7 +26,7 @@ import (
 // publish's freeze: a copy of exactly the state the generation captured.
 func snapshotWhileFrozen(t *testing.T, e *Export) *[]string {
 	var snaps []string
-	e.onFrozen = func() {
+	e.pl.onFrozen = func() {
 		p := filepath.Join(t.TempDir(), "frozen.img")
 		f, err := os.Create(p)
 		if err != nil {
@@ -211,7 +211,7 @@ func TestOverrunIsThawedAndDiscarded(t *testing.T) {
 	x := newExport(t, 64)
 	e := x.open(t, 300*time.Millisecond)
 	frozen, release := make(chan struct{}), make(chan struct{})
-	e.onFrozen = func() { close(frozen); <-release }
+	e.pl.onFrozen = func() { close(frozen); <-release }
 	errc := make(chan error, 1)
 	go func() { _, err := e.Publish(); errc <- err }()
 	<-frozen
@@ -225,7 +225,7 @@ func TestOverrunIsThawedAndDiscarded(t *testing.T) {
 	if e.Current() != nil {
 		t.Fatal("an overrun generation was kept")
 	}
-	e.onFrozen = nil
+	e.pl.onFrozen = nil
 	if _, err := e.Publish(); err != nil {
 		t.Fatal(err)
 	}

@@ -90,7 +90,10 @@ type ExportConfig struct {
 	Held   map[uint32]int
 }
 
-// Export is an exported filesystem and its generations.
+// Export is an exported filesystem and its generations. Its lifecycle
+// (export.go) is what it opens, takes over (handover.go) and closes;
+// its kept generations are a registry (registry.go); its publish
+// pipeline (publishing.go) keeps its own state, guarded by pub.
 type Export struct {
 	cfg       ExportConfig
 	log       hclog.Logger
@@ -99,19 +102,16 @@ type Export struct {
 	dev0      uint64          // st_dev of the export
 	mnt       mountinfo.Mount // its mount, when opened (Mounted)
 	dev       *directio.File
-	cached    *os.File // the device through its page cache, for inode tables
-	store     *Store
-	fr        *freezer
+	cached    *os.File     // the device through its page cache, for inode tables
+	store     *Store       // the generations' blocks
+	fr        *freezer     // freeze.go
+	watch     *treeWatcher // nil without Watch (watch.go)
 	closeOnce sync.Once
-	label     string // the last label published; guarded by pub
 
-	pub       lockrank.Mutex[lockrank.ExportPublish] // one publish at a time
-	onFrozen  func()                                 // tests: runs while frozen
-	watch     *treeWatcher                           // nil without Watch
-	sinceFull int                                    // publishes since the last full scan; guarded by pub
-	needFull  bool                                   // the next publish must be full; guarded by pub
+	gens *registry // the kept generations
 
-	gens *registry // the kept generations (registry.go)
+	pub lockrank.Mutex[lockrank.ExportPublish] // one publish at a time
+	pl  pipelineState                          // guarded by pub
 }
 
 // OpenExport checks the export and takes over a freeze that a previous
@@ -143,7 +143,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 	if mst.Dev == sst.Dev {
 		return nil, fmt.Errorf("export %s: the state directory %s is on the export itself; the agent would wait on its own freeze", cfg.Name, cfg.StateDir)
 	}
-	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: newRegistry(), dev0: mst.Dev, mnt: mnt, onFrozen: cfg.OnFrozen}
+	e := &Export{cfg: cfg, log: cfg.Logger.Named(cfg.Name), gens: newRegistry(), dev0: mst.Dev, mnt: mnt, pl: pipelineState{onFrozen: cfg.OnFrozen}}
 	if cfg.Inherit != nil {
 		if err := e.takeOver(cfg.Inherit); err != nil {
 			cfg.Inherit.CloseKept()
@@ -180,7 +180,7 @@ func OpenExport(cfg ExportConfig) (*Export, error) {
 		return nil, err
 	}
 	if b, err := os.ReadFile(e.path("label")); err == nil && cfg.Inherit == nil {
-		e.label = strings.TrimSpace(string(b))
+		e.pl.label = strings.TrimSpace(string(b))
 	}
 	if b, err := os.ReadFile(e.path("generation")); err == nil && cfg.Inherit == nil {
 		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {

@@ -110,7 +110,7 @@ func (e *Export) handover() (*ExportState, func(), error) {
 		e.pub.Unlock()
 		return nil, nil, err
 	}
-	st := &ExportState{Device: e.cfg.Device, Mount: e.cfg.Mount, MountFD: e.mountFD, Store: store, Label: e.label}
+	st := &ExportState{Device: e.cfg.Device, Mount: e.cfg.Mount, MountFD: e.mountFD, Store: store, Label: e.pl.label}
 	e.gens.state(st)
 	if e.keep != nil {
 		st.Kept = e.keep.handover()
@@ -136,12 +136,12 @@ func (e *Export) takeOver(st *ExportState) error {
 	}
 	e.mountFD = st.MountFD
 	e.store = storeFromState(st.Store)
-	e.label = st.Label
+	e.pl.label = st.Label
 	if err := e.gens.fromState(st, e.store); err != nil {
 		return err
 	}
 	// What changed while nobody watched is not known: the next publish
 	// scans everything.
-	e.needFull = true
+	e.pl.needFull = true
 	return nil
 }

@@ -43,7 +43,7 @@ func hangingAgent(spec string) int {
 		fmt.Println(err)
 		return 1
 	}
-	e.onFrozen = func() {
+	e.pl.onFrozen = func() {
 		fmt.Println("frozen")
 		select {}
 	}

@@ -101,7 +101,7 @@ func TestNarrowedScanEqualsFullScan(t *testing.T) {
 		if narrow.Full {
 			t.Fatalf("round %d: the publish was a full scan", round)
 		}
-		e.needFull = true
+		e.pl.needFull = true
 		full, err := e.Publish()
 		if err != nil {
 			t.Fatal(err)
@@ -150,7 +150,7 @@ func TestCapturesEqualScratchAtScale(t *testing.T) {
 		blocks map[uint64]Hash
 		store  *Store
 	}{}
-	e.onFrozen = func() {
+	e.pl.onFrozen = func() {
 		s, err := NewStore(t.TempDir())
 		if err != nil {
 			t.Error(err)
@@ -222,7 +222,7 @@ func TestCapturesEqualScratchAtScale(t *testing.T) {
 			os.Rename(filepath.Join(x.mnt, "d007"), filepath.Join(x.mnt, "d007-moved"))
 		}
 		full := round%2 == 1
-		e.needFull = full
+		e.pl.needFull = full
 		stop, done := make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(done)

@@ -13,8 +13,18 @@ import (
 )
 
 // The publish pipeline of an export: prepare, captureFrozen, complete,
-// makeCurrent (doc.go). export.go has the export's lifecycle and its
-// kept generations; freeze.go the freeze itself; capture.go the scan.
+// makeCurrent (doc.go). export.go has the export's lifecycle, registry.go
+// its kept generations, freeze.go the freeze itself, capture.go the
+// scan.
+
+// pipelineState is what the publish pipeline keeps from one publish to
+// the next (Export.pl, guarded by Export.pub).
+type pipelineState struct {
+	label     string // the last label published
+	sinceFull int    // publishes since the last full scan
+	needFull  bool   // the next publish must be full
+	onFrozen  func() // runs while frozen (ExportConfig.OnFrozen)
+}
 
 // Publish captures a new generation (capture.go). Before the freeze:
 // syncfs and a journal checkpoint, the names inotify saw change resolved
@@ -61,8 +71,8 @@ func (e *Export) publish(label string, force, ifChanged bool) (*Generation, erro
 	if err := e.Mounted(); err != nil {
 		return nil, fmt.Errorf("export %s: not publishing: %w", e.cfg.Name, err)
 	}
-	if label != "" && e.label != "" && !force && compareVersions(label, e.label) < 0 {
-		return nil, fmt.Errorf("%w: %q sorts before the last label %q (force it to roll back)", ErrLabelBackwards, label, e.label)
+	if label != "" && e.pl.label != "" && !force && compareVersions(label, e.pl.label) < 0 {
+		return nil, fmt.Errorf("%w: %q sorts before the last label %q (force it to roll back)", ErrLabelBackwards, label, e.pl.label)
 	}
 	var ph Phases
 	p, err := e.prepare(&ph)
@@ -122,9 +132,9 @@ func (e *Export) prepare(ph *Phases) (*plannedCapture, error) {
 	}
 	ph.Sync = time.Since(t)
 	p := &plannedCapture{prev: e.Current(), cand: map[uint32]bool{}}
-	p.full = p.prev == nil || e.watch == nil || e.needFull ||
-		(e.cfg.FullScanEvery > 0 && e.sinceFull+1 >= e.cfg.FullScanEvery)
-	e.needFull = true // until this publish succeeds
+	p.full = p.prev == nil || e.watch == nil || e.pl.needFull ||
+		(e.cfg.FullScanEvery > 0 && e.pl.sinceFull+1 >= e.cfg.FullScanEvery)
+	e.pl.needFull = true // until this publish succeeds
 	if e.watch != nil {
 		names, lost := e.watch.take()
 		p.full = p.full || lost
@@ -191,8 +201,8 @@ func (e *Export) captureFrozen(ph *Phases, p *plannedCapture) (*delta, error) {
 		}
 		d, err = capture(sc)
 		ph.Scan = time.Since(t)
-		if e.onFrozen != nil {
-			e.onFrozen()
+		if e.pl.onFrozen != nil {
+			e.pl.onFrozen()
 		}
 		return err
 	})
@@ -231,11 +241,11 @@ func (e *Export) complete(ph *Phases, p *plannedCapture, d *delta) (*Generation,
 	}
 	e.flush()
 	ph.Merge = time.Since(t)
-	e.needFull = false
+	e.pl.needFull = false
 	if p.full {
-		e.sinceFull = 0
+		e.pl.sinceFull = 0
 	} else {
-		e.sinceFull++
+		e.pl.sinceFull++
 	}
 	g.Full, g.Phases = p.full, *ph
 	g.Scan, g.Resolve, g.Ioctls = ph.Scan, ph.Resolve, ph.Freeze+ph.Thaw
@@ -260,7 +270,7 @@ func (e *Export) makeCurrent(g *Generation, label string, ph Phases) {
 		e.log.Error("recording the generation number", "error", err)
 	}
 	if label != "" {
-		e.label = label
+		e.pl.label = label
 		if err := WriteFileSync(e.path("label"), label+"\n"); err != nil {
 			e.log.Error("recording the label", "error", err)
 		}
