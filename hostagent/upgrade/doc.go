@@ -24,7 +24,10 @@
 // (lease takeover.go). Format changes with the document's shape, which a
 // test ties to it (testdata/shape.txt); a binary never reads a document
 // of another form, and before an upgrade Check runs the new binary to
-// see that it takes the form this one hands over.
+// see that it takes the form this one hands over. The descriptors kept
+// open are listed in the environment too (FDsEnv): if the document
+// cannot be read after all, the new run closes them — the state
+// directory's and the exports' locks among them — and starts afresh.
 //
 // # Files
 //

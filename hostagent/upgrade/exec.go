@@ -157,9 +157,17 @@ func Exec(binary string, argv []string, h Handing) (err error) {
 			signal.Notify(c, sig)
 		}
 	})
-	env := append(os.Environ(), Env+"="+strconv.Itoa(mfd))
+	env := append(os.Environ(), Env+"="+strconv.Itoa(mfd), FDsEnv+"="+joinFDs(d.descriptors()))
 	h.Log.Info("executing the new binary", "binary", binary, "files_held", len(d.descriptors()), "exports", len(states))
 	return fmt.Errorf("exec %s: %w", binary, syscall.Exec(binary, argv, env))
+}
+
+func joinFDs(fds []int) string {
+	s := make([]string, len(fds))
+	for i, fd := range fds {
+		s[i] = strconv.Itoa(fd)
+	}
+	return strings.Join(s, ",")
 }
 
 // fdOf is f's descriptor, without making it blocking as f.Fd does: a

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -14,8 +15,12 @@ import (
 )
 
 // Env names the memfd holding the Document, in the environment of the
-// binary an upgrade execs.
-const Env = "LEASEFS_HANDOVER"
+// binary an upgrade execs; FDsEnv lists the descriptors it keeps open
+// for it, so that they can be closed when the document cannot be read.
+const (
+	Env    = "LEASEFS_HANDOVER"
+	FDsEnv = "LEASEFS_HANDOVER_FDS"
+)
 
 // Inherited is what a run takes over from the one before it: everything,
 // from an agent that exec'd it (an upgrade); or the files guests hold,
@@ -32,21 +37,25 @@ type Inherited struct {
 
 // Take reads what this run inherits: the Document an upgrade handed
 // over (Env), and, with store, the held files systemd's store gave
-// back. A document that cannot be read is logged and this run starts
-// afresh; its descriptors stay open, unnamed, until the process ends.
+// back. A document that cannot be read is logged, the descriptors
+// handed over with it are closed (the state directory's and the
+// exports' locks with them), and this run starts afresh.
 func Take(store *FDStore, log hclog.Logger) *Inherited {
 	in := &Inherited{store: store, log: log}
 	if store != nil {
 		in.stored = storedFiles(log)
 	}
 	v, ok := os.LookupEnv(Env)
+	fds := os.Getenv(FDsEnv)
+	os.Unsetenv(FDsEnv)
 	if !ok {
 		return in
 	}
 	os.Unsetenv(Env)
 	doc, err := readDocument(v)
 	if err != nil {
-		log.Error("an upgrade handed over state that cannot be read; starting afresh", "error", err)
+		n := closeHandedOver(fds)
+		log.Error("an upgrade handed over state that cannot be read; starting afresh", "error", err, "descriptors_closed", n)
 		return in
 	}
 	log.Info("taking over from the agent before the upgrade", "from", doc.From)
@@ -55,6 +64,24 @@ func Take(store *FDStore, log hclog.Logger) *Inherited {
 	}
 	in.doc = doc
 	return in
+}
+
+// closeHandedOver closes the descriptors list names that an exec kept
+// open (not close-on-exec, as every descriptor this process opens is),
+// and says how many.
+func closeHandedOver(list string) int {
+	n := 0
+	for _, f := range strings.Split(list, ",") {
+		fd, err := strconv.Atoi(f)
+		if err != nil || fd < 3 {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			unix.Close(fd)
+			n++
+		}
+	}
+	return n
 }
 
 func readDocument(v string) (*Document, error) {

@@ -2,6 +2,7 @@ package upgrade
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -165,4 +166,52 @@ func TestUnreadableHandoverStartsAfresh(t *testing.T) {
 		t.Errorf("the log does not say why: %s", logged.String())
 	}
 	in.Rest() // nothing to let go
+}
+
+// An upgrade whose document cannot be read closes what was handed over
+// with it: the state directory's lock it held is free for this run to
+// take afresh, and a descriptor this process opened itself stays.
+func TestUnreadableHandoverLetsGoOfItsLocks(t *testing.T) {
+	dir := t.TempDir()
+	lock, err := hostagent.LockStateDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	handed, err := unix.Dup(int(lock.Fd())) // kept across the exec: not close-on-exec
+	if err != nil {
+		t.Fatal(err)
+	}
+	lock.Close() // the predecessor's own copy goes with its exec
+	ours, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ours.Close()
+	if _, err := hostagent.LockStateDir(dir); err == nil {
+		t.Fatal("the state directory is not locked by the descriptor handed over")
+	}
+	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Write(mfd, []byte(magic+"2\ngarbage"))
+	unix.Seek(mfd, 0, 0)
+	t.Setenv(Env, strconv.Itoa(mfd))
+	t.Setenv(FDsEnv, fmt.Sprintf("%d,%d,1", handed, ours.Fd()))
+	in := Take(nil, hclog.NewNullLogger())
+	if in.Upgraded() {
+		t.Fatal("a broken document was taken")
+	}
+	relocked, err := hostagent.LockStateDir(dir)
+	if err != nil {
+		t.Fatalf("the state directory after an unreadable handover: %v", err)
+	}
+	relocked.Close()
+	if _, err := ours.Stat(); err != nil {
+		t.Errorf("a descriptor of this process's own was closed: %v", err)
+	}
+	if _, ok := os.LookupEnv(FDsEnv); ok {
+		t.Errorf("%s is left for the children", FDsEnv)
+	}
 }
