@@ -9,7 +9,8 @@
 // symlink targets, xattrs, contents), and reads at odd offsets and
 // across the end give the same bytes. On live mounts, Coherence adds the
 // promise itself: after a publish every mount shows the new tree, and
-// files open across it keep their bytes.
+// files open across it keep their bytes; Change is the same step in its
+// parts, for mounts in VMs (internal/vmtest's fleet).
 package conformance
 
 import (

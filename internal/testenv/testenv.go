@@ -1,7 +1,10 @@
 // Package testenv lets tests require privileges and tools. Without them a
 // test skips with the reason — except under CI=true, where the same
 // situation fails the test, so nothing privileged silently stops being
-// tested.
+// tested. It also has the one helper-process mechanism (helper.go: a
+// test binary doubles as the processes its tests start), processes
+// stopped for real (Stop), a fake systemd (systemd.go) and the torture
+// run (torture.go). The host agent a test runs is internal/hosttest's.
 package testenv
 
 import (

@@ -10,5 +10,6 @@
 // debian.sh fetches and caches the kernels (apt-get download with a
 // private sources list); Initramfs writes the archive; Modules orders
 // the modules by what each depends on. examples/qemu/test-vm.sh is the
-// QEMU command line, the test's and a user's.
+// QEMU command line, the test's and a user's. The host agent, here and
+// in a VM, is internal/hosttest's Agent.
 package vmtest
