@@ -50,13 +50,13 @@ func (c *Client) Open(cancel <-chan struct{}, v *ext4ro.FS, in *ext4ro.Inode, fi
 			return lf, nil
 		}
 		lf, err := c.lease(cancel, gv, v, in)
-		if errors.Is(err, errLeaseLost) {
-			continue // granted by a session that is gone: ask the next one
-		}
 		if errors.Is(err, vsockproto.ErrQuota) && c.dropIdle() > 0 {
 			// The leases kept idle count against this guest's share
 			// of the host's files: they go first.
 			lf, err = c.lease(cancel, gv, v, in)
+		}
+		if errors.Is(err, errLeaseLost) {
+			continue // granted by a session that is gone: ask the next one
 		}
 		if err == nil {
 			return lf, nil
