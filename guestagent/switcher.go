@@ -262,6 +262,9 @@ func (c *Client) switchTo(old *genView, target uint64, label string, lineage uin
 		c.mu.Lock()
 		c.sw.moving = nil
 		c.mu.Unlock()
+		if nv.dead.Load() {
+			return errLineageChanged
+		}
 		return err
 	}
 	c.fs.serve(f, uint32(target), nv)

@@ -217,22 +217,34 @@ func TestHostileGuest(t *testing.T) {
 	})
 	t.Logf("bad-lease flood: %d answers in 5 s", badLeases.Load())
 
+	var digestWindows atomic.Int64
 	phase("metadata abuse", 3*time.Second, func(stop <-chan struct{}) {
 		var wg sync.WaitGroup
 		c, w := g.conn(nil)
 		defer c.Close()
+		// The digests of the most blocks one request may ask for,
+		// again and again (a guest with a device checks its reads
+		// against them).
+		cd, wd := g.connWith(vsockproto.FeatureReadData|vsockproto.FeatureDigests, nil)
+		defer cd.Close()
 		for range 64 {
 			wg.Go(func() {
 				testenv.Until(stop, func(int) bool {
 					c.Call(context.Background(), &vsockproto.ReadMeta{Generation: w.Generation,
 						Blocks: slices.Repeat([]vsockproto.BlockRange{{Start: 0, Count: 1}}, 4096)})
 					c.Call(context.Background(), &vsockproto.ReadMeta{Generation: w.Generation, Blocks: []vsockproto.BlockRange{{Start: 0, Count: 1 << 30}}})
+					if _, err := cd.Call(context.Background(), &vsockproto.ReadDigests{Generation: wd.Generation, Count: vsockproto.MaxDigestBlocks}); err == nil {
+						digestWindows.Add(1)
+					}
 					return true
 				})
 			})
 		}
 		wg.Wait()
 	})
+	if digestWindows.Load() == 0 {
+		t.Error("metadata abuse: no request for digests was answered: the flood did not reach the host's digests")
+	}
 
 	var sessionLeases int
 	phase("session churn", 4*time.Second, func(stop <-chan struct{}) {
@@ -395,6 +407,11 @@ type evilGuest struct {
 // conn connects and runs the handshake; announcements are answered with
 // ack's generation (nil: the one announced).
 func (g *evilGuest) conn(ack func(*vsockproto.Announce) uint64) (*vsockproto.Conn, *vsockproto.Welcome) {
+	return g.connWith(vsockproto.FeatureReadData, ack)
+}
+
+// connWith is conn, the guest asking for features.
+func (g *evilGuest) connWith(features vsockproto.Features, ack func(*vsockproto.Announce) uint64) (*vsockproto.Conn, *vsockproto.Welcome) {
 	h := func(_ context.Context, req vsockproto.Message) (vsockproto.Message, error) {
 		switch m := req.(type) {
 		case *vsockproto.Announce:
@@ -409,7 +426,7 @@ func (g *evilGuest) conn(ack func(*vsockproto.Announce) uint64) (*vsockproto.Con
 		return nil, vsockproto.ErrNotSupported
 	}
 	for {
-		c, w, err := vsockproto.DialHello(context.Background(), g.addr, vsockproto.Hello{Export: "mirror", Features: vsockproto.FeatureReadData},
+		c, w, err := vsockproto.DialHello(context.Background(), g.addr, vsockproto.Hello{Export: "mirror", Features: features},
 			h, vsockproto.Options{MaxFrame: vsockproto.MaxFrame})
 		if err == nil {
 			g.learn(c, w)
