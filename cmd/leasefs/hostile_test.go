@@ -245,6 +245,7 @@ func TestHostileGuest(t *testing.T) {
 	if digestWindows.Load() == 0 {
 		t.Error("metadata abuse: no request for digests was answered: the flood did not reach the host's digests")
 	}
+	t.Logf("metadata abuse: %d windows of %d digests answered in 3 s", digestWindows.Load(), vsockproto.MaxDigestBlocks)
 
 	var sessionLeases int
 	phase("session churn", 4*time.Second, func(stop <-chan struct{}) {
