@@ -40,11 +40,14 @@ func (s *session) begin(conn *vsockproto.Conn, w *vsockproto.Welcome) {
 	}
 }
 
-// end records that conn ended, if it is the session's.
-func (s *session) end(conn *vsockproto.Conn) {
-	if s.conn == conn {
-		s.conn, s.lost = nil, time.Now()
+// end records that conn ended, if it is the session's, and says
+// whether it was.
+func (s *session) end(conn *vsockproto.Conn) bool {
+	if s.conn != conn {
+		return false
 	}
+	s.conn, s.lost = nil, time.Now()
+	return true
 }
 
 func (c *Client) features() vsockproto.Features {
@@ -164,10 +167,9 @@ func (c *Client) Run(ctx context.Context) error {
 			c.log.Warn("lost the host: reads of open files wait for it to come back", "error", conn.Err(), "down", c.cfg.Down)
 			c.noteError(fmt.Errorf("lost the host: %w", conn.Err()))
 			c.mu.Lock()
-			if c.sess.conn == conn {
+			if c.sess.end(conn) {
 				c.live.Store(nil)
 			}
-			c.sess.end(conn)
 			c.changed.Broadcast()
 			c.mu.Unlock()
 		}

@@ -107,8 +107,7 @@ func BenchmarkPublish(b *testing.B) {
 // benchTree is an export of dirs directories of per one-byte files, on
 // an image of sizeMB, with its watchdog; both go when b ends.
 func benchTree(b *testing.B, dirs, per, sizeMB int) (export, *Watchdog) {
-	img := imgtest.Mkfs(b, "ext4", "", sizeMB, "-b", "4096", "-N", strconv.Itoa(dirs*per+20000), "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
+	img := imgtest.Mkfs(b, "ext4", "", sizeMB, "-b", "4096", "-N", strconv.Itoa(dirs*per+20000), "-O", imgtest.Features)
 	mnt := imgtest.KernelMount(b, img, "rw")
 	for d := range dirs {
 		dir := filepath.Join(mnt, "d"+strconv.Itoa(d))

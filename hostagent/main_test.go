@@ -60,8 +60,7 @@ type export struct {
 func newExport(t testing.TB, sizeMB int, args ...string) export {
 	t.Helper()
 	testenv.RequireLoop(t)
-	img := imgtest.Mkfs(t, "ext4", "", sizeMB, append([]string{"-b", "4096", "-O",
-		"has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"}, args...)...)
+	img := imgtest.Mkfs(t, "ext4", "", sizeMB, append([]string{"-b", "4096", "-O", imgtest.Features}, args...)...)
 	mnt := imgtest.KernelMount(t, img, "rw")
 	return export{img: img, dev: imgtest.LoopDevice(t, mnt), mnt: mnt, state: t.TempDir()}
 }

@@ -76,7 +76,7 @@ func (r *registry) labeled(label string) uint64 {
 	return n
 }
 
-// numbers lists the generations kept that keep does not say to keep.
+// numbersBut lists the generations kept that keep does not say to keep.
 func (r *registry) numbersBut(keep func(n uint64) bool) []uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -23,7 +23,7 @@ func TestConformance(t *testing.T) {
 		src := t.TempDir()
 		imgtest.Populate(t, src, spec)
 		conformance.Populate(t, src)
-		img := imgtest.Mkfs(t, "ext4", src, 64, "-b", "4096", "-O", "has_journal,extent,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize")
+		img := imgtest.Mkfs(t, "ext4", src, 64, "-b", "4096", "-O", imgtest.Features)
 		conformance.Run(t, startMount(t, img), imgtest.KernelMount(t, img, "ro"))
 	})
 	t.Run("live", func(t *testing.T) {

@@ -21,10 +21,10 @@ import (
 func (a *Agent) Apply(s *Settings) ([]string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if diff := FixedChanges(a.s, s); len(diff) > 0 {
-		return nil, &FixedError{diff}
+	changes, err := a.plan(s)
+	if err != nil {
+		return nil, err
 	}
-	changes := a.changes(s)
 	return changes, a.apply(s)
 }
 
@@ -73,10 +73,10 @@ func (a *Agent) Reload(dry bool, config string) ([]string, error) {
 func (a *Agent) dryRun(s *Settings) ([]string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if diff := FixedChanges(a.s, s); len(diff) > 0 {
-		return nil, &FixedError{diff}
+	changes, err := a.plan(s)
+	if err != nil {
+		return nil, err
 	}
-	changes := a.changes(s)
 	for _, sp := range s.Exports {
 		if r := a.exports[sp.Name]; r == nil || r.spec != sp {
 			if err := hostagent.CheckExport(sp.Device, sp.Mount); err != nil {
@@ -85,6 +85,15 @@ func (a *Agent) dryRun(s *Settings) ([]string, error) {
 		}
 	}
 	return changes, nil
+}
+
+// plan says what applying s would change, refusing a change to a fixed
+// setting; a.mu held.
+func (a *Agent) plan(s *Settings) ([]string, error) {
+	if diff := FixedChanges(a.s, s); len(diff) > 0 {
+		return nil, &FixedError{diff}
+	}
+	return a.changes(s), nil
 }
 
 // changes says what applying s would change; a.mu held.

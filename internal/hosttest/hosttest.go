@@ -26,17 +26,13 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
-// Features are the ext4 features of an export Export makes: those of
-// mkfs.ext4's defaults that ext4ro reads, and the journal.
-const Features = "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
-
 // Export makes a fresh ext4 image of sizeMiB with 4 KiB blocks, mounts
 // it read-write through a loop device, and returns its image, mount and
 // device; all go when t ends.
 func Export(t testing.TB, sizeMiB int) (img, mnt, dev string) {
 	t.Helper()
 	testenv.RequireLoop(t)
-	img = imgtest.Mkfs(t, "ext4", "", sizeMiB, "-b", "4096", "-O", Features)
+	img = imgtest.Mkfs(t, "ext4", "", sizeMiB, "-b", "4096", "-O", imgtest.Features)
 	mnt, dev = Serve(t, img)
 	return img, mnt, dev
 }

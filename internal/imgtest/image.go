@@ -13,6 +13,10 @@ import (
 	"github.com/leasefs/leasefs/internal/testenv"
 )
 
+// Features are the ext4 features of a live export in the tests: those
+// of mkfs.ext4's defaults that ext4ro reads, and the journal.
+const Features = "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
+
 // Run runs a command and fails t with its output if it fails.
 func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
