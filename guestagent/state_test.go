@@ -2,7 +2,10 @@ package guestagent
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/leasefs/leasefs/ext4ro"
 	"github.com/leasefs/leasefs/vsockproto"
@@ -101,5 +104,78 @@ func TestRecentViews(t *testing.T) {
 	}
 	if r.tagged(0).fs != newest.fs {
 		t.Fatal("tag 0 (a new listing) is not the one served")
+	}
+}
+
+// A switch overtaken by a host that lost the generation served (the
+// lineage changed between the switch's start and its open) is dropped
+// with errLineageChanged: nothing of the generation it moved to, whose
+// number may now name another lineage's, is served, and no switch is
+// left half made.
+func TestSwitchOvertakenByANewLineage(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.Write(t, "v", "1")
+	h.Publish(t)
+	g := startGuestFollowing(t, h, h.Img, Follow{Manual: true})
+	h.Write(t, "w", "new")
+	target := h.Publish(t)
+	c := g.c
+	for i := 0; i < 500 && c.Status().Latest < target; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.mu.Lock()
+	old, ch, lineage := c.sw.cur, c.sw.pending, c.sw.lineage
+	c.sw.lineage++ // what a welcome from a host that lost old's generation does
+	c.mu.Unlock()
+	served := c.fs.View()
+	if err := c.switchTo(old, target, "", lineage, &ch); !errors.Is(err, errLineageChanged) {
+		t.Fatalf("a switch of the lineage before: %v, want errLineageChanged", err)
+	}
+	c.mu.Lock()
+	cur, moving := c.sw.cur, c.sw.moving
+	c.mu.Unlock()
+	if cur != old || moving != nil || c.fs.View() != served {
+		t.Fatalf("after the dropped switch: on %d (want %d), moving %v, reader changed %v", cur.gen, old.gen, moving != nil, c.fs.View() != served)
+	}
+	if _, err := os.Stat(filepath.Join(g.dir, "w")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the dropped switch's generation shows: %v", err)
+	}
+}
+
+// An open that finds the view served dead waits for the switcher to
+// serve another, as long as the open is not interrupted.
+func TestOpenAwaitsTheSwitchFromADeadView(t *testing.T) {
+	h := startHost(t, 3*time.Second)
+	h.Write(t, "v", "1")
+	h.Publish(t)
+	g := startGuestFollowing(t, h, h.Img, Follow{Manual: true})
+	c := g.c
+
+	// Interrupted, it returns then, not at its deadline (10 s).
+	cancel := make(chan struct{})
+	interrupted := make(chan string, 1)
+	go func() { interrupted <- c.awaitSwitchFrom(cancel, c.fs.View()) }()
+	time.Sleep(50 * time.Millisecond)
+	close(cancel)
+	select {
+	case why := <-interrupted:
+		if why != "the open was interrupted" {
+			t.Fatalf("an interrupted wait: %q", why)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the wait did not end when the open was interrupted")
+	}
+
+	h.Write(t, "w", "new")
+	target := h.Publish(t)
+	for i := 0; i < 500 && c.Status().Latest < target; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	served := c.fs.View()
+	done := make(chan string)
+	go func() { done <- c.awaitSwitchFrom(nil, served) }()
+	c.Refresh()
+	if why := <-done; why != "" || c.fs.View() == served {
+		t.Fatalf("a wait across a switch: %q, reader changed %v", why, c.fs.View() != served)
 	}
 }
