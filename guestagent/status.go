@@ -3,11 +3,13 @@ package guestagent
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"os"
 	"time"
 )
 
 // Status is what 'leasefs guest status' shows of a guest.
 type Status struct {
+	Pid         int           `json:"pid"` // of the agent serving the mount: SIGHUP moves a manual one (Client.Refresh)
 	Host        string        `json:"host"`
 	Export      string        `json:"export"`
 	Connected   bool          `json:"connected"`
@@ -64,7 +66,7 @@ type FencedFile struct {
 func (c *Client) Status() *Status {
 	c.mu.Lock()
 	st := &Status{
-		Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.sess.conn != nil, Since: c.started,
+		Pid: os.Getpid(), Host: c.cfg.Addr.String(), Export: c.cfg.Export, Connected: c.sess.conn != nil, Since: c.started,
 		Reconnects: c.sess.reconnects, Resumes: c.sess.resumes, Generation: c.sw.cur.gen, Label: c.sw.cur.label, Latest: c.sw.latest,
 		Switched: c.sw.switched, Follow: c.cfg.Follow.String(), PageCache: c.cfg.PageCache, Publish: c.sess.policy.String(),
 		OpenFiles: len(c.files.leases), LastError: c.lastErr, LastErrorAt: c.lastErrAt,

@@ -64,10 +64,10 @@ changed; a file open here keeps its bytes however the host replaces it.
 ADDR is vsock:2:PORT from a VM (QEMU vhost-vsock or Firecracker), or
 unix:PATH or hvsock:PATH:PORT on one machine. The command returns once the
 mount is ready and serves in the background (--foreground under systemd);
-'umount MOUNTPOINT' ends it. With --follow manual, SIGHUP to the server
-moves it to the newest generation. 'leasefs guest status MOUNTPOINT' shows
-what it serves. 'mount -t fuse.leasefs' does the same (see
-docs/operations.md).
+'umount MOUNTPOINT' ends it; 'mount -t fuse.leasefs' mounts as this does
+(see docs/operations.md). 'leasefs guest status MOUNTPOINT' shows what it
+serves, and its pid: with --follow manual, SIGHUP to it moves the mount to
+the newest generation.
 
 `)
 	fs.StringVar(&connect, "connect", "", "the host agent's address (required)")
@@ -322,6 +322,9 @@ func writeGuestStatus(w io.Writer, st *guestagent.Status, now time.Time) error {
 		gen += fmt.Sprintf("; %d announced", st.Latest)
 	}
 	follows := "follows " + st.Follow
+	if st.Follow == "manual" {
+		follows += fmt.Sprintf(" (kill -HUP %d moves it to the newest)", st.Pid)
+	}
 	if st.Pinned {
 		follows = "PINNED (--generation, --label): stays on it until the host drops it"
 	}

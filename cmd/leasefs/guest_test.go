@@ -347,6 +347,42 @@ func TestGuestStatusAndLogs(t *testing.T) {
 	}
 }
 
+// A guest with --follow manual stays on its generation until SIGHUP to
+// the pid its status shows, and then moves to the newest.
+func TestManualGuestMovesOnSIGHUP(t *testing.T) {
+	h, mnt, _ := startHostCmd(t)
+	t.Setenv("LEASEFS_RUN_DIR", t.TempDir())
+	dir := guestMount(t, "--connect", h.guest, "--export", "mirror", "--follow", "manual")
+	on := guestStatus(t, dir).Generation
+	if err := os.WriteFile(filepath.Join(mnt, "new"), []byte("published\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := leasefs(t, "publish", "--control", h.control, "mirror"); err != nil {
+		t.Fatalf("publish: %v\n%s", err, out)
+	}
+	cur := hostStatus(t, h.control).Exports[0].Generation
+	waitFor(t, "the guest to hear of the new generation", func() bool { return guestStatus(t, dir).Latest == cur })
+	st := guestStatus(t, dir)
+	if _, err := os.Stat(filepath.Join(dir, "new")); st.Generation != on || !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("before SIGHUP: on %d (was %d), the new file: %v", st.Generation, on, err)
+	}
+	out, err := leasefs(t, "guest", "status", dir)
+	if want := fmt.Sprintf("follows manual (kill -HUP %d moves it", st.Pid); err != nil || !strings.Contains(out, want) {
+		t.Fatalf("guest status does not say %q: %v\n%s", want, err, out)
+	}
+	// The pid is the server of this mount, the process this test started.
+	if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st.Pid)); err != nil || !bytes.Contains(cmdline, []byte(dir)) {
+		t.Fatalf("pid %d is not the mount's server: %q %v", st.Pid, cmdline, err)
+	}
+	if err := syscall.Kill(st.Pid, syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the guest to move on SIGHUP", func() bool { return guestStatus(t, dir).Generation == cur })
+	if b, err := os.ReadFile(filepath.Join(dir, "new")); err != nil || string(b) != "published\n" {
+		t.Fatalf("after SIGHUP, the new file: %q %v", b, err)
+	}
+}
+
 // guestMountOut is guestMount, returning what the command said.
 func guestMountOut(t *testing.T, args ...string) string {
 	t.Helper()
