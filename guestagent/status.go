@@ -9,7 +9,7 @@ import (
 
 // Status is what 'leasefs guest status' shows of a guest.
 type Status struct {
-	Pid         int           `json:"pid"` // of the agent serving the mount: SIGHUP moves a manual one (Client.Refresh)
+	Pid         int           `json:"pid"` // of the process serving the mount (leasefs guest calls Refresh on SIGHUP)
 	Host        string        `json:"host"`
 	Export      string        `json:"export"`
 	Connected   bool          `json:"connected"`
