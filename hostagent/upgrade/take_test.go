@@ -21,15 +21,24 @@ import (
 // named by Env.
 func handOver(t *testing.T, d *Document) {
 	t.Helper()
+	var b bytes.Buffer
+	if err := Encode(&b, d); err != nil {
+		t.Fatal(err)
+	}
+	handOverBytes(t, b.Bytes())
+}
+
+// handOverBytes is handOver of a document's bytes, whatever they are.
+func handOverBytes(t *testing.T, doc []byte) {
+	t.Helper()
 	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(mfd), "leasefs-handover")
-	if err := Encode(f, d); err != nil {
+	if _, err := unix.Write(mfd, doc); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.Seek(0, 0); err != nil {
+	if _, err := unix.Seek(mfd, 0, 0); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv(Env, strconv.Itoa(mfd))
@@ -150,13 +159,7 @@ func TestInheritedTakesWhatIsAskedAndLetsGoTheRest(t *testing.T) {
 // TestUnreadableHandoverStartsAfresh: a document of another form is
 // logged, and the run starts as if nothing were handed over.
 func TestUnreadableHandoverStartsAfresh(t *testing.T) {
-	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	unix.Write(mfd, []byte(magic+"1\n"))
-	unix.Seek(mfd, 0, 0)
-	t.Setenv(Env, strconv.Itoa(mfd))
+	handOverBytes(t, []byte(magic+"1\n"))
 	var logged bytes.Buffer
 	in := Take(nil, hclog.New(&hclog.LoggerOptions{Output: &logged}))
 	if in.Upgraded() {
@@ -191,13 +194,7 @@ func TestUnreadableHandoverLetsGoOfItsLocks(t *testing.T) {
 	if _, err := hostagent.LockStateDir(dir); err == nil {
 		t.Fatal("the state directory is not locked by the descriptor handed over")
 	}
-	mfd, err := unix.MemfdCreate("leasefs-handover", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	unix.Write(mfd, []byte(magic+"2\ngarbage"))
-	unix.Seek(mfd, 0, 0)
-	t.Setenv(Env, strconv.Itoa(mfd))
+	handOverBytes(t, []byte(magic+"2\ngarbage"))
 	t.Setenv(FDsEnv, fmt.Sprintf("%d,%d,1", handed, ours.Fd()))
 	in := Take(nil, hclog.NewNullLogger())
 	if in.Upgraded() {
