@@ -35,7 +35,7 @@ type Agent struct {
 }
 
 // Start runs the agent and waits until it is ready; t fails if it exits
-// before, or takes longer than Ready.
+// before, or takes longer than Ready (then it is killed).
 func (a *Agent) Start(t testing.TB) {
 	t.Helper()
 	if a.Log == nil {
@@ -80,6 +80,7 @@ func (a *Agent) Start(t testing.TB) {
 		exited <- err // for Stop
 		t.Fatalf("%s exited before it was ready: %v\n%s", a.Prog, err, a.Log)
 	case <-time.After(cmp.Or(a.Ready, 20*time.Second)):
+		_ = cmd.Process.Kill() // not left running by a caller with no Stop at its end
 		t.Fatalf("%s not ready after %v:\n%s", a.Prog, cmp.Or(a.Ready, 20*time.Second), a.Log)
 	}
 }
