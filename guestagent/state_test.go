@@ -120,9 +120,7 @@ func TestSwitchOvertakenByANewLineage(t *testing.T) {
 	h.Write(t, "w", "new")
 	target := h.Publish(t)
 	c := g.c
-	for i := 0; i < 500 && c.Status().Latest < target; i++ {
-		time.Sleep(10 * time.Millisecond)
-	}
+	awaitAnnounced(t, c, target)
 	c.mu.Lock()
 	old, ch, lineage := c.sw.cur, c.sw.pending, c.sw.lineage
 	c.sw.lineage++ // what a welcome from a host that lost old's generation does
@@ -168,14 +166,23 @@ func TestOpenAwaitsTheSwitchFromADeadView(t *testing.T) {
 
 	h.Write(t, "w", "new")
 	target := h.Publish(t)
-	for i := 0; i < 500 && c.Status().Latest < target; i++ {
-		time.Sleep(10 * time.Millisecond)
-	}
+	awaitAnnounced(t, c, target)
 	served := c.fs.View()
 	done := make(chan string)
 	go func() { done <- c.awaitSwitchFrom(nil, served) }()
 	c.Refresh()
 	if why := <-done; why != "" || c.fs.View() == served {
 		t.Fatalf("a wait across a switch: %q, reader changed %v", why, c.fs.View() != served)
+	}
+}
+
+// awaitAnnounced waits until c has heard of generation gen.
+func awaitAnnounced(t *testing.T, c *Client, gen uint64) {
+	t.Helper()
+	for i := 0; i < 500 && c.Status().Latest < gen; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if latest := c.Status().Latest; latest < gen {
+		t.Fatalf("the guest heard of generation %d, not %d", latest, gen)
 	}
 }
